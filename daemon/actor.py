@@ -1,0 +1,373 @@
+"""Context actors: one trio task owns one llama context and runs its requests one at a time.
+
+Requests wait in a FIFO queue of ``max_queued`` places; when it is full the context answers
+``context_busy``. llama.cpp work runs in a worker thread so the trio loop never blocks, and the
+actor checks for cancellation between tokens (and between prompt batches).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2.sandbox
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+from . import llama
+from .adapters import AdapterCache, LoadedAdapter
+from .registry import LoadedModel
+from .requests import RequestHandle
+from .text import TextAssembler
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One adapter of a stack: how the client named it, the loaded adapter, its scale."""
+
+    ref: str
+    adapter: LoadedAdapter
+    scale: float
+
+    def matches(self, ref: str) -> bool:
+        """Same entry, by the name or path it was given with or its resolved path (no I/O)."""
+        return ref in (self.ref, str(self.adapter.path))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ref": self.ref, "scale": self.scale, **self.adapter.info.to_wire()}
+
+
+@dataclass
+class Job:
+    handle: RequestHandle
+    args: dict[str, Any]
+    stack: list[StackEntry] | None = None
+    """A per-request adapter stack (None: the context's own)."""
+    held: list[LoadedAdapter] | None = None
+    """References taken for ``stack``, released when the job ends."""
+
+
+class ContextActor:
+    """Owns one :class:`llama.Context`; ``run`` is its task, ``submit`` queues work for it."""
+
+    def __init__(self, context_id: str, model: LoadedModel, ctx: llama.Context, *,
+                 seed: int, max_queued: int, persistent: bool, owner: bytes | None,
+                 params: dict[str, Any], adapters: AdapterCache) -> None:
+        self.id = context_id
+        self.model = model
+        self.ctx = ctx
+        self.adapters = adapters
+        self.stack: list[StackEntry] = []
+        """The context's adapter stack, in order; requests without their own stack use it."""
+        self._applied: list[StackEntry] = []  # what the llama context (and its KV cache) has
+        self._held: dict[int, LoadedAdapter] = {}
+        self._ctx_lock = trio.Lock()  # held while llama.cpp works on ctx
+        self.stack_lock = trio.Lock()
+        """Serialises stack changes of this context (held by the server while it builds one)."""
+        self.persistent = persistent
+        self.owner = owner
+        self.params = params
+        self.max_queued = max_queued
+        self._rng = random.Random(seed)
+        self._send, self._recv = trio.open_memory_channel[Job](max_queued)
+        self.queued: list[Job] = []
+        self.current: Job | None = None
+        self.closing = False
+        self.stopped = trio.Event()
+        self.created_at = time.time()
+        self.requests_done = 0
+
+    # -- queue --------------------------------------------------------------------------------
+    def submit(self, handle: RequestHandle, args: dict[str, Any],
+               stack: list[StackEntry] | None = None,
+               held: list[LoadedAdapter] | None = None) -> None:
+        """Queue a generation; the job owns ``held`` (released when it ends) once queued."""
+        if self.closing:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"context {self.id!r} is closing",
+                                context=self.id)
+        job = Job(handle, args, stack, held)
+        try:
+            self._send.send_nowait(job)
+        except trio.WouldBlock:
+            raise ProtocolError(
+                ErrorCode.CONTEXT_BUSY,
+                f"context {self.id!r} is busy and its queue is full",
+                context=self.id, queued=len(self.queued), max_queued=self.max_queued,
+            ) from None
+        self.queued.append(job)
+
+    async def run(self) -> None:
+        try:
+            async for job in self._recv:
+                self.queued.remove(job)
+                if job.handle.cancelled or self.closing:
+                    self._end_cancelled(job.handle)
+                    await self._release(job.held or [])
+                    continue
+                self.current = job
+                try:
+                    async with self._ctx_lock:
+                        await self._generate(job)
+                except ProtocolError as exc:
+                    job.handle.send_error(exc)
+                except Exception as exc:  # a fault in one request must not end the actor
+                    job.handle.send_error(ProtocolError(
+                        ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", context=self.id
+                    ))
+                finally:
+                    self.current = None
+                    self.requests_done += 1
+                    await self._release(job.held or [])
+        finally:
+            self.stopped.set()
+
+    # -- adapter stack ------------------------------------------------------------------------
+    async def _release(self, adapters: list[LoadedAdapter]) -> None:
+        with trio.CancelScope(shield=True):
+            for adapter in adapters:
+                await self.adapters.release(adapter)
+
+    async def _sync_holds(self) -> None:
+        """Hold exactly the adapters of the stack and of the llama context's current stack."""
+        want = {id(e.adapter): e.adapter for e in [*self.stack, *self._applied]}
+        for key, adapter in want.items():
+            if key not in self._held:
+                adapter.refs += 1
+            adapter.contexts.add(self.id)
+        gone = [a for key, a in self._held.items() if key not in want]
+        self._held = want
+        for adapter in gone:
+            adapter.contexts.discard(self.id)
+        await self._release(gone)
+
+    async def set_stack(self, stack: list[StackEntry]) -> None:
+        """Make ``stack`` the context's own stack (its adapters are held by the caller).
+
+        A running generation keeps the stack it started with; the next one uses the new stack.
+        When an adapter leaves the stack of an idle context, the stack is applied at once so
+        that the adapter can be freed; scale changes and additions cost no llama.cpp call.
+        """
+        if self.closing:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"context {self.id!r} is closing",
+                                context=self.id)
+        self.stack = list(stack)
+        await self._sync_holds()
+        kept = {id(e.adapter) for e in self.stack}
+        if all(id(e.adapter) in kept for e in self._applied):
+            return  # nothing to free: the next generation applies the new stack (and scales)
+        try:
+            self._ctx_lock.acquire_nowait()
+        except trio.WouldBlock:
+            return  # busy: the next generation applies it
+        try:
+            await self._apply(self.stack)
+        finally:
+            self._ctx_lock.release()
+
+    async def _apply(self, stack: list[StackEntry]) -> None:
+        pairs = [(e.adapter.adapter, e.scale) for e in stack]
+        ctx = self.ctx
+        await trio.to_thread.run_sync(ctx.set_adapters, pairs)
+        self._applied = list(stack)
+        await self._sync_holds()
+
+    def _end_cancelled(self, handle: RequestHandle) -> None:
+        handle.send_end({"finish_reason": "cancelled", "metrics": {"generated_tokens": 0}})
+
+    async def close(self) -> None:
+        """Cancel what is queued and running, stop the task, free the llama context."""
+        self.closing = True
+        for job in list(self.queued):
+            job.handle.cancel()
+        if self.current is not None:
+            self.current.handle.cancel()
+        self._send.close()
+        await self.stopped.wait()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.ctx.close)
+            self.stack, self._applied = [], []
+            await self._sync_holds()
+
+    def cancel_all(self) -> None:
+        for job in list(self.queued):
+            job.handle.cancel()
+        if self.current is not None:
+            self.current.handle.cancel()
+
+    @property
+    def state(self) -> str:
+        if self.closing:
+            return "closing"
+        return "busy" if self.current is not None else "idle"
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model.id,
+            "n_ctx": self.ctx.n_ctx,
+            "state": self.state,
+            "queued": len(self.queued),
+            "max_queued": self.max_queued,
+            "running": self.current.handle.rid if self.current else None,
+            "cached_tokens": len(self.ctx.tokens),
+            "persistent": self.persistent,
+            "requests_done": self.requests_done,
+            "loras": [e.to_wire() for e in self.stack],
+            "params": self.params,
+        }
+
+    # -- generation ---------------------------------------------------------------------------
+    async def _prompt_tokens(self, h: RequestHandle, args: dict[str, Any]) -> list[int]:
+        model = self.model.model
+        if h.op == "chat":
+            text = render_chat(model, args["messages"], args["add_generation_prompt"],
+                               args["template"])
+            bos_text = model.token_text(model.bos) if model.add_bos else ""
+            add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
+            tokens = await trio.to_thread.run_sync(
+                lambda: ([model.bos] if add_bos else [])
+                + model.tokenize(text, add_special=False, parse_special=True)
+            )
+        elif args["tokens"] is not None:
+            tokens = args["tokens"]
+            bad = next((t for t in tokens if t >= model.n_vocab), None)
+            if bad is not None:
+                raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                    f"token {bad} is outside the vocabulary ({model.n_vocab})",
+                                    field="tokens")
+        else:
+            tokens = await trio.to_thread.run_sync(
+                lambda: model.tokenize(args["prompt"], add_special=args["add_special"])
+            )
+        if not tokens:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the prompt is empty", field="prompt")
+        if len(tokens) >= self.ctx.n_ctx:
+            raise ProtocolError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"prompt of {len(tokens)} tokens does not fit in n_ctx={self.ctx.n_ctx}",
+                prompt_tokens=len(tokens), n_ctx=self.ctx.n_ctx,
+            )
+        return tokens
+
+    async def _generate(self, job: Job) -> None:
+        h, args = job.handle, job.args
+        started = time.perf_counter()
+        prompt = await self._prompt_tokens(h, args)
+        seed = args["seed"] if args["seed"] is not None else self._rng.randrange(2**32)
+        params = llama.SamplingParams(
+            temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
+            min_p=args["min_p"], repeat_penalty=args["repeat_penalty"],
+            repeat_last_n=args["repeat_last_n"], seed=seed, grammar=args["grammar"],
+        )
+        model, ctx = self.model.model, self.ctx
+        stack = job.stack if job.stack is not None else list(self.stack)
+        if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
+            await self._apply(stack)  # clears the KV cache: it was computed under another stack
+        sampler = await trio.to_thread.run_sync(lambda: llama.Sampler(model, params))
+        n_logprobs = args["logprobs"]
+        text = TextAssembler(args["stop"])
+        generated = 0
+        finish = "length"
+        t_first = t_prompt = None
+        try:
+            reused = await trio.to_thread.run_sync(
+                lambda: ctx.eval_prompt(prompt, lambda: h.cancelled)
+            )
+            t_prompt = time.perf_counter()
+            previous: int | None = None
+
+            def step(prev: int | None) -> tuple[int, list[list[float]] | None]:
+                if prev is not None:
+                    ctx.decode_token(prev)
+                logprobs = ctx.top_logprobs(n_logprobs) if n_logprobs else None
+                return sampler.sample(ctx), logprobs
+
+            while True:
+                if h.cancelled:
+                    finish = "cancelled"
+                    break
+                if generated >= args["max_tokens"]:
+                    finish = "length"
+                    break
+                if previous is not None and len(ctx.tokens) >= ctx.n_ctx:
+                    finish = "length"  # the context is full
+                    break
+                token, logprobs = await trio.to_thread.run_sync(step, previous)
+                generated += 1
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if model.is_eog(token):
+                    finish = "stop"
+                    break
+                delta = text.feed(model.piece(token))
+                item: dict[str, Any] = {"text": delta, "token_ids": [token]}
+                if logprobs is not None:
+                    item["logprobs"] = [logprobs]
+                if not await h.send_item(item):
+                    finish = "cancelled"
+                    break
+                if text.stopped:
+                    finish = "stop"
+                    break
+                previous = token
+            if finish != "cancelled":
+                tail = text.finish()
+                if tail:
+                    await h.send_item({"text": tail, "token_ids": []})
+        finally:
+            await trio.to_thread.run_sync(sampler.close)
+        ended = time.perf_counter()
+        prompt_s = (t_prompt or ended) - started
+        gen_s = ended - (t_prompt or ended)
+        evaluated = len(prompt) - (reused if t_prompt else 0)
+        metrics = {
+            "prompt_tokens": len(prompt),
+            "cached_prompt_tokens": reused if t_prompt else 0,
+            "generated_tokens": generated,
+            "queue_ms": round((started - h.received_at) * 1000, 3),
+            "time_to_first_token_ms": round(((t_first or ended) - h.received_at) * 1000, 3),
+            "prompt_tokens_per_s": round(evaluated / prompt_s, 2) if prompt_s > 0 else None,
+            "generation_tokens_per_s": round(generated / gen_s, 2) if gen_s > 0 else None,
+            "total_ms": round((ended - h.received_at) * 1000, 3),
+            "seed": seed,
+            "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
+                      for e in stack],
+        }
+        h.send_end({"finish_reason": finish, "metrics": metrics})
+
+
+_jinja = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+def _raise(message: str) -> None:
+    raise ProtocolError(ErrorCode.BAD_REQUEST, f"chat template: {message}", field="messages")
+
+
+def render_chat(model: llama.Model, messages: list[dict[str, Any]],
+                add_generation_prompt: bool, template: str | None = None) -> str:
+    """Format messages with ``template`` (a llama.cpp built-in name or Jinja source), else
+    with the model's own Jinja chat template."""
+    if template is not None and "{" not in template:
+        return llama.apply_builtin_chat_template(template, messages, add_generation_prompt)
+    source = template or model.chat_template
+    if source is None:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            "this model has no chat template: pass template= (a llama.cpp built-in name or "
+            "Jinja source), or use generate with your own prompt format",
+            field="template", builtin=llama.builtin_chat_templates(),
+        )
+    try:
+        return _jinja.from_string(source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos),
+            raise_exception=_raise,
+        )
+    except ProtocolError:
+        raise
+    except jinja2.TemplateError as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"chat template failed: {exc}",
+                            field="template") from None

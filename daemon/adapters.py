@@ -1,0 +1,148 @@
+"""The adapter cache: one loaded LoRA adapter per (model, file version), shared by contexts.
+
+An adapter is loaded the first time a context (or a request) asks for it on a model, counted
+while stacks hold it, and freed when the last holder lets go (or with its model). A file that
+changed on disk (device, inode, size or mtime) is a new version: it is loaded afresh, never
+served stale. Loading and freeing adapters of one model are serialised (llama.cpp keeps a
+per-model set of adapters).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+from . import llama
+from .logs import log
+from .lora import AdapterInfo, FileIdentity, ModelTensors, incompatibilities, inspect_adapter
+from .registry import LoadedModel
+
+Key = tuple[str, str, FileIdentity]
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """One adapter loaded on one model; ``refs`` counts the stacks and requests holding it."""
+
+    key: Key
+    model: LoadedModel
+    info: AdapterInfo
+    adapter: llama.Adapter
+    refs: int = 0
+    contexts: set[str] = field(default_factory=set)
+    loaded_at: float = field(default_factory=time.time)
+    load_ms: float = 0.0
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "model": self.model.id,
+            "path": str(self.path),
+            "bytes": self.info.nbytes,
+            "refs": self.refs,
+            "contexts": sorted(self.contexts),
+            "load_ms": round(self.load_ms, 3),
+            "loaded_at": self.loaded_at,
+        }
+
+
+class AdapterCache:
+    """Loads, shares and frees adapters; every public method may be called from trio tasks."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Key, LoadedAdapter] = {}
+        self._loading: dict[Key, trio.Event] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._model_tensors: dict[str, ModelTensors] = {}
+
+    def __iter__(self):
+        return iter(list(self._entries.values()))
+
+    def _lock(self, model: LoadedModel) -> trio.Lock:
+        return self._locks.setdefault(model.id, trio.Lock())
+
+    async def model_tensors(self, model: LoadedModel) -> ModelTensors:
+        tensors = self._model_tensors.get(model.id)
+        if tensors is None:
+            tensors = await trio.to_thread.run_sync(ModelTensors.read, model.path)
+            self._model_tensors[model.id] = tensors
+        return tensors
+
+    async def validate(self, model: LoadedModel, path: Path) -> tuple[AdapterInfo,
+                                                                      list[ProtocolError]]:
+        """Inspect ``path`` and list why it does not fit ``model`` (empty: it fits).
+
+        Raises ``lora_file_not_found``/``lora_invalid`` for a file that is not a LoRA adapter.
+        """
+        info = await trio.to_thread.run_sync(inspect_adapter, path)
+        return info, incompatibilities(info, await self.model_tensors(model))
+
+    async def acquire(self, model: LoadedModel, path: Path) -> LoadedAdapter:
+        """The loaded adapter for the current version of ``path``, with one more reference.
+
+        Every check runs before llama.cpp sees the file; the caller must :meth:`release` it.
+        """
+        identity = await trio.to_thread.run_sync(FileIdentity.of, path)
+        key = (model.id, str(path), identity)
+        while key in self._loading:
+            await self._loading[key].wait()
+        entry = self._entries.get(key)
+        if entry is None:
+            done = self._loading[key] = trio.Event()
+            try:
+                entry = await self._load(model, path, key)
+            finally:
+                del self._loading[key]
+                done.set()
+        entry.refs += 1
+        return entry
+
+    async def _load(self, model: LoadedModel, path: Path, key: Key) -> LoadedAdapter:
+        info, problems = await self.validate(model, path)
+        if problems:
+            wire = [p.to_wire() for p in problems]
+            first = problems[0]
+            raise ProtocolError(first.code, first.message, **first.details, problems=wire)
+        if info.identity != key[2]:  # rewritten while we read it: try again later
+            raise ProtocolError(ErrorCode.LORA_LOAD_FAILED,
+                                f"{path.name} changed while it was being read; retry",
+                                path=str(path))
+        started = time.perf_counter()
+        async with self._lock(model):
+            adapter = await trio.to_thread.run_sync(llama.Adapter, model.model, str(path))
+        entry = LoadedAdapter(key, model, info, adapter)
+        entry.load_ms = (time.perf_counter() - started) * 1000
+        if adapter.alora_invocation_tokens is not None and info.alora_invocation_tokens is None:
+            info.alora_invocation_tokens = adapter.alora_invocation_tokens
+        self._entries[key] = entry
+        log.info("adapter_loaded", model=model.id, path=str(path), bytes=info.nbytes,
+                 ms=round(entry.load_ms, 3))
+        return entry
+
+    async def release(self, entry: LoadedAdapter) -> None:
+        """Drop one reference; free the adapter when none is left."""
+        entry.refs -= 1
+        if entry.refs > 0 or self._entries.get(entry.key) is not entry:
+            return
+        del self._entries[entry.key]
+        async with self._lock(entry.model):
+            await trio.to_thread.run_sync(entry.adapter.free)
+        log.info("adapter_freed", model=entry.model.id, path=str(entry.path))
+
+    async def drop_model(self, model: LoadedModel) -> None:
+        """Free every adapter of ``model`` (before the model itself is freed)."""
+        for entry in [e for e in self._entries.values() if e.model is model]:
+            del self._entries[entry.key]
+            async with self._lock(entry.model):
+                await trio.to_thread.run_sync(entry.adapter.free)
+        self._locks.pop(model.id, None)
+        self._model_tensors.pop(model.id, None)

@@ -1,0 +1,425 @@
+"""The one module that calls llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Everything above it works with :class:`Model`, :class:`Context` and :class:`Sampler`. All calls
+here block: the daemon runs them in worker threads, one context in one thread at a time.
+
+Safety decision: models load with ``use_extra_bufts = false``. On the Xeon CPUs we run on, a
+native llama.cpp build (pip's default) crashes in ``llama_decode`` on Q4_K models through the
+AMX "extra buffer" repacking path; without extra buffers the same build runs correctly. This keeps
+``pip install llama-cpp-python`` safe without special ``CMAKE_ARGS``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp.llama_cpp as C
+import numpy as np
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+# -- logging -----------------------------------------------------------------------------------
+_log_lines: deque[str] = deque(maxlen=200)
+_capture = threading.local()
+_LEVELS = {1: "error", 2: "warn", 3: "info", 4: "debug", 5: "cont"}
+
+
+@C.llama_log_callback
+def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", "replace") if text else ""
+    _log_lines.append(line)
+    lines = getattr(_capture, "lines", None)
+    if lines is not None:
+        lines.append(line)
+
+
+class capture_log:
+    """Collect llama.cpp's log lines emitted by this thread while the block runs."""
+
+    def __enter__(self) -> list[str]:
+        self.lines: list[str] = []
+        _capture.lines = self.lines
+        return self.lines
+
+    def __exit__(self, *exc: object) -> None:
+        _capture.lines = None
+
+
+def _relevant(lines: list[str], limit: int = 20) -> list[str]:
+    text = "".join(lines).splitlines()
+    picked = [ln for ln in text if any(w in ln.lower() for w in ("error", "fail", "invalid",
+                                                                  "unknown", "mismatch"))]
+    return (picked or text)[-limit:]
+
+
+_initialised = False
+
+
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its log into lorad."""
+    global _initialised
+    if not _initialised:
+        C.llama_log_set(_on_log, None)
+        C.llama_backend_init()
+        _initialised = True
+
+
+def system_info() -> dict[str, Any]:
+    init_backend()
+    return {
+        "llama_cpp_python": __import__("llama_cpp").__version__,
+        "system_info": C.llama_print_system_info().decode("utf-8", "replace").strip(),
+        "gpu_offload": bool(C.llama_supports_gpu_offload()),
+        "mmap": bool(C.llama_supports_mmap()),
+    }
+
+
+def builtin_chat_templates() -> list[str]:
+    """Names of the chat templates llama.cpp itself implements (``chatml``, ``gemma``, ...)."""
+    n = C.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * n)()
+    C.llama_chat_builtin_templates(names, n)
+    return [name.decode() for name in names]
+
+
+def apply_builtin_chat_template(name: str, messages: list[dict[str, str]],
+                                add_generation_prompt: bool) -> str:
+    """Format ``messages`` with llama.cpp's built-in template ``name``."""
+    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+    chat = (C.llama_chat_message * len(keep))(*[C.llama_chat_message(r, c) for r, c in keep])
+    size = 256 + sum(len(r) + len(c) for r, c in keep) * 2
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = C.llama_chat_apply_template(name.encode(), chat, len(keep), add_generation_prompt,
+                                        buf, size)
+        if n < 0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown chat template {name!r}",
+                                field="template", builtin=builtin_chat_templates())
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = n
+
+
+# -- models ------------------------------------------------------------------------------------
+class Model:
+    """A loaded llama_model: weights shared by every context created on it."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+        init_backend()
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
+        params.use_extra_bufts = False  # see module docstring
+        with capture_log() as lines:
+            ptr = C.llama_model_load_from_file(path.encode(), params)
+        if not ptr:
+            raise ProtocolError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"llama.cpp could not load {path!r}",
+                path=path,
+                log=_relevant(lines),
+            )
+        self.ptr = ptr
+        self.path = path
+        self.vocab = C.llama_model_get_vocab(ptr)
+        self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self.bos = C.llama_vocab_bos(self.vocab)
+        self.eos = C.llama_vocab_eos(self.vocab)
+        self._pieces: dict[int, bytes] = {}
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @property
+    def chat_template(self) -> str | None:
+        tmpl = C.llama_model_chat_template(self.ptr, None)
+        return tmpl.decode("utf-8", "replace") if tmpl else None
+
+    def info(self) -> dict[str, Any]:
+        desc = ctypes.create_string_buffer(256)
+        C.llama_model_desc(self.ptr, desc, len(desc))
+        return {
+            "architecture": self.meta("general.architecture"),
+            "name": self.meta("general.name"),
+            "description": desc.value.decode("utf-8", "replace"),
+            "n_params": int(C.llama_model_n_params(self.ptr)),
+            "size_bytes": int(C.llama_model_size(self.ptr)),
+            "n_ctx_train": int(C.llama_model_n_ctx_train(self.ptr)),
+            "n_vocab": int(self.n_vocab),
+            "n_embd": int(C.llama_model_n_embd(self.ptr)),
+            "n_layer": int(C.llama_model_n_layer(self.ptr)),
+            "chat_template": self.chat_template is not None,
+        }
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (C.llama_token * n_max)()
+            n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special,
+                                 parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (special tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        buf = ctypes.create_string_buffer(64)
+        n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        out = buf.raw[:n]
+        self._pieces[token] = out
+        return out
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary text of a token, specials included (for templates)."""
+        return (C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+# -- LoRA adapters -----------------------------------------------------------------------------
+class Adapter:
+    """A LoRA adapter loaded for one :class:`Model` (``llama_adapter_lora_init``).
+
+    Callers check the file first (``lora.py``); a NULL from llama.cpp anyway becomes
+    ``lora_load_failed`` with llama.cpp's own log lines. Loading and freeing adapters of one
+    model must not run concurrently (llama.cpp keeps them in a per-model set).
+    """
+
+    def __init__(self, model: Model, path: str) -> None:
+        with capture_log() as lines:
+            ptr = C.llama_adapter_lora_init(model.ptr, path.encode())
+        if not ptr:  # a NULL pointer object is falsy, not None
+            raise ProtocolError(
+                ErrorCode.LORA_LOAD_FAILED, f"llama.cpp could not load adapter {path!r}",
+                path=path, log=_relevant(lines),
+            )
+        self.ptr = ptr
+        self.path = path
+        n = int(C.llama_adapter_get_alora_n_invocation_tokens(ptr))
+        tokens = C.llama_adapter_get_alora_invocation_tokens(ptr) if n else None
+        self.alora_invocation_tokens = [int(tokens[i]) for i in range(n)] if n else None
+
+    def free(self) -> None:
+        if self.ptr:
+            C.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+
+
+KV_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_Q8_0}
+"""KV cache element types a context may ask for (f16 is llama.cpp's default)."""
+
+
+# -- contexts ----------------------------------------------------------------------------------
+class Context:
+    """One llama_context (KV cache and compute buffers) on a shared :class:`Model`.
+
+    ``tokens`` mirrors what sequence 0 of the KV cache holds, so that a new prompt that shares a
+    prefix with it re-evaluates only the rest.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int,
+                 kv_type: str = "f16", flash_attn: bool | None = None) -> None:
+        params = C.llama_context_default_params()
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        # None: llama.cpp decides (on for the CPU backend). Flash attention computes in f16,
+        # whatever the KV type: exact-math comparisons need it off and an f32 cache.
+        params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = 1
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.no_perf = True
+        with capture_log() as lines:
+            ptr = C.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise ProtocolError(
+                ErrorCode.INTERNAL, "llama.cpp could not create the context",
+                log=_relevant(lines),
+            )
+        self.ptr = ptr
+        self.model = model
+        self.n_ctx = int(C.llama_n_ctx(ptr))
+        self.n_batch = n_batch
+        self.memory = C.llama_get_memory(ptr)
+        self.tokens: list[int] = []
+        self._batch = C.llama_batch_init(n_batch, 0, 1)
+        self._adapters: tuple[tuple[int, float], ...] = ()
+
+    # LoRA ------------------------------------------------------------------------------------
+    def set_adapters(self, stack: list[tuple[Adapter, float]]) -> bool:
+        """Make ``stack`` the context's adapters (the whole stack at once).
+
+        The KV cache was computed under the previous stack, so it is cleared whenever the stack
+        (an adapter or a scale) changes. Returns whether it changed.
+        """
+        key = tuple((id(a), float(np.float32(s))) for a, s in stack)
+        if key == self._adapters:
+            return False
+        n = len(stack)
+        if n:
+            ptrs = (C.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in stack])
+            scales = (ctypes.c_float * n)(*[s for _, s in stack])
+            rc = C.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
+        else:
+            rc = C.llama_set_adapters_lora(self.ptr, None, 0, None)
+        if rc != 0:
+            raise ProtocolError(ErrorCode.LORA_LOAD_FAILED,
+                                f"llama_set_adapters_lora failed with code {rc}", rc=rc)
+        self.clear()
+        self._adapters = key
+        return True
+
+    # KV cache ------------------------------------------------------------------------------
+    def clear(self) -> None:
+        C.llama_memory_clear(self.memory, True)
+        self.tokens = []
+
+    def _truncate(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens (falls back to a full clear if llama.cpp cannot)."""
+        if n >= len(self.tokens):
+            return
+        if n > 0 and C.llama_memory_seq_rm(self.memory, 0, n, -1):
+            del self.tokens[n:]
+        else:
+            self.clear()
+
+    def _decode(self, tokens: list[int], want_logits: bool) -> None:
+        batch = self._batch
+        start = len(self.tokens)
+        batch.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 0
+        if want_logits:
+            batch.logits[len(tokens) - 1] = 1
+        rc = C.llama_decode(self.ptr, batch)
+        if rc != 0:
+            # The failed ubatch may have left part of the batch in the cache: resynchronise.
+            if not C.llama_memory_seq_rm(self.memory, 0, start, -1):
+                self.clear()
+            code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
+            raise ProtocolError(code, f"llama_decode failed with code {rc}", rc=rc)
+        self.tokens.extend(tokens)
+
+    def eval_prompt(self, prompt: list[int], should_stop: Callable[[], bool]) -> int:
+        """Put ``prompt`` in the KV cache, reusing the longest cached prefix; logits for its last
+        token are ready afterwards. Returns the number of prompt tokens reused."""
+        common = 0
+        limit = min(len(prompt), len(self.tokens))
+        while common < limit and prompt[common] == self.tokens[common]:
+            common += 1
+        reused = min(common, len(prompt) - 1)  # the last token is always evaluated for logits
+        self._truncate(reused)
+        reused = len(self.tokens)
+        rest = prompt[reused:]
+        for i in range(0, len(rest), self.n_batch):
+            if should_stop():
+                return reused
+            chunk = rest[i : i + self.n_batch]
+            self._decode(chunk, want_logits=i + self.n_batch >= len(rest))
+        return reused
+
+    def decode_token(self, token: int) -> None:
+        self._decode([token], want_logits=True)
+
+    def logits(self) -> np.ndarray:
+        ptr = C.llama_get_logits_ith(self.ptr, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def top_logprobs(self, k: int) -> list[list[float]]:
+        """The ``k`` most likely next tokens with their log-probabilities (raw model logits)."""
+        logits = self.logits().astype(np.float64)
+        m = logits.max()
+        logz = m + np.log(np.exp(logits - m).sum())
+        top = np.argpartition(-logits, k - 1)[:k]
+        top = top[np.argsort(-logits[top], kind="stable")]
+        return [[int(t), float(logits[t] - logz)] for t in top]
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_batch_free(self._batch)
+            C.llama_free(self.ptr)
+            self.ptr = None
+
+
+# -- sampling ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = 0
+    grammar: str | None = None
+
+
+class Sampler:
+    """A llama_sampler chain for one request. Temperature 0 is greedy (argmax)."""
+
+    def __init__(self, model: Model, p: SamplingParams) -> None:
+        self.ptr = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        add = lambda s: C.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
+        if p.grammar is not None:
+            with capture_log() as lines:
+                g = C.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
+            if not g:
+                self.close()
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, "invalid GBNF grammar", field="grammar",
+                    log=_relevant(lines),
+                )
+            add(g)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0:
+            add(C.llama_sampler_init_penalties(model.n_vocab, p.repeat_last_n,
+                                               p.repeat_penalty, 0.0, 0.0))
+        if p.temperature == 0:
+            add(C.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                add(C.llama_sampler_init_top_k(p.top_k))
+            add(C.llama_sampler_init_top_p(p.top_p, 1))
+            add(C.llama_sampler_init_min_p(p.min_p, 1))
+            add(C.llama_sampler_init_temp(p.temperature))
+            add(C.llama_sampler_init_dist(p.seed))
+
+    def sample(self, ctx: Context) -> int:
+        """Sample (and accept) the next token from the context's last logits."""
+        return int(C.llama_sampler_sample(self.ptr, ctx.ptr, -1))
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_sampler_free(self.ptr)
+            self.ptr = None

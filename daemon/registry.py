@@ -1,0 +1,117 @@
+"""The model registry: each (file, load parameters) is loaded once and shared by its contexts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+from . import llama
+from .logs import log
+from .paths import AllowedDirs
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    path: Path
+    key: tuple[Any, ...]
+    model: llama.Model
+    params: dict[str, Any]
+    contexts: set[str] = field(default_factory=set)
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+    _info: dict[str, Any] | None = None
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self.model.info()
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            **self._info,
+            "params": self.params,
+            "contexts": sorted(self.contexts),
+            "load_seconds": round(self.load_seconds, 3),
+        }
+
+
+class ModelRegistry:
+    """Loads, shares and frees models. Lookups accept an id, an alias or a file path."""
+
+    def __init__(self, allowed: AllowedDirs) -> None:
+        self.allowed = allowed
+        self._by_id: dict[str, LoadedModel] = {}
+        self._by_key: dict[tuple[Any, ...], LoadedModel] = {}
+        self._loading: dict[tuple[Any, ...], trio.Event] = {}
+
+    def __iter__(self):
+        return iter(list(self._by_id.values()))
+
+    def _new_id(self, path: Path, alias: str | None) -> str:
+        if alias:
+            if alias in self._by_id:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, f"model id {alias!r} is taken", field="alias"
+                )
+            return alias
+        base = path.name.removesuffix(".gguf")
+        candidate, n = base, 2
+        while candidate in self._by_id:
+            candidate, n = f"{base}-{n}", n + 1
+        return candidate
+
+    async def load(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+                   alias: str | None = None) -> LoadedModel:
+        """Load ``path`` or return the model already loaded from it with the same params."""
+        resolved = self.allowed.check(path, "model")
+        params = {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap}
+        key = (str(resolved), n_gpu_layers, use_mmap)
+        while key in self._loading:  # another request loads the same model: share its result
+            await self._loading[key].wait()
+        if key in self._by_key:
+            return self._by_key[key]
+        model_id = self._new_id(resolved, alias)
+        done = self._loading[key] = trio.Event()
+        started = time.perf_counter()
+        try:
+            model = await trio.to_thread.run_sync(
+                lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+            )
+        finally:
+            del self._loading[key]
+            done.set()
+        entry = LoadedModel(model_id, resolved, key, model, params)
+        entry.load_seconds = time.perf_counter() - started
+        self._by_id[model_id] = self._by_key[key] = entry
+        log.info("model_loaded", model=model_id, path=str(resolved),
+                 seconds=round(entry.load_seconds, 3))
+        return entry
+
+    def get(self, ref: str) -> LoadedModel:
+        """A loaded model by id or by path (resolved); ``not_found`` otherwise."""
+        entry = self._by_id.get(ref)
+        if entry is not None:
+            return entry
+        resolved = str(Path(ref).expanduser().resolve())
+        for e in self._by_id.values():
+            if str(e.path) == resolved:
+                return e
+        raise ProtocolError(
+            ErrorCode.NOT_FOUND, f"no loaded model {ref!r}", model=ref, loaded=sorted(self._by_id)
+        )
+
+    def is_path(self, ref: str) -> bool:
+        return ref not in self._by_id and ("/" in ref or ref.endswith(".gguf"))
+
+    async def unload(self, entry: LoadedModel) -> None:
+        """Free the model (the caller has closed its contexts)."""
+        self._by_id.pop(entry.id, None)
+        self._by_key.pop(entry.key, None)
+        await trio.to_thread.run_sync(entry.model.close)
+        log.info("model_unloaded", model=entry.id)

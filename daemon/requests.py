@@ -1,0 +1,86 @@
+"""One in-flight request as the daemon sees it: cancellation, credit and its replies."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from lorad.protocol import ProtocolError, Reply, RequestId, error_reply
+
+from .logs import log
+
+
+class RequestHandle:
+    """Routes one request's replies to its peer; streams wait for credit before each item.
+
+    A stream may send at most ``credit`` items before the client grants more (``credit`` op),
+    so a client that stops reading makes its stream pause instead of the daemon buffering.
+    """
+
+    def __init__(self, peer: bytes, rid: RequestId, op: str, args: dict[str, Any],
+                 send: Callable[[bytes, Reply], None],
+                 on_done: Callable[[RequestHandle], None]) -> None:
+        self.peer = peer
+        self.rid = rid
+        self.op = op
+        self.args = args
+        self.context: str | None = args.get("context") if isinstance(args, dict) else None
+        self._send = send
+        self._on_done = on_done
+        self.credit = int(args.get("credit", 0)) if isinstance(args, dict) else 0
+        self._credit_changed = trio.Event()
+        self.cancelled = False
+        self.finished = False
+        self.seq = 0
+        self.received_at = time.perf_counter()
+        self.outcome: str | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._credit_changed.set()
+
+    def grant(self, n: int) -> None:
+        self.credit += n
+        self._credit_changed.set()
+
+    async def send_item(self, item: dict[str, Any]) -> bool:
+        """Send one stream item once credit allows; False if the request was cancelled."""
+        while self.credit <= 0 and not self.cancelled:
+            self._credit_changed = trio.Event()
+            await self._credit_changed.wait()
+        if self.cancelled:
+            return False
+        self.credit -= 1
+        self._send(self.peer, Reply(kind="item", id=self.rid, seq=self.seq, item=item))
+        self.seq += 1
+        return True
+
+    def send_end(self, result: dict[str, Any]) -> None:
+        self._finish(Reply(kind="end", id=self.rid, seq=self.seq, result=result),
+                     result.get("finish_reason", "stop"))
+
+    def send_result(self, result: Any) -> None:
+        self._finish(Reply(kind="result", id=self.rid, result=result), "ok")
+
+    def send_error(self, exc: ProtocolError) -> None:
+        self._finish(error_reply(self.rid, exc), exc.code.value)
+
+    def _finish(self, reply: Reply, outcome: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.outcome = outcome
+        self._send(self.peer, reply)
+        self._on_done(self)
+        log.info(
+            "request",
+            id=self.rid,
+            op=self.op,
+            peer=self.peer.hex(),
+            context=self.context,
+            duration_ms=round((time.perf_counter() - self.received_at) * 1000, 3),
+            outcome=outcome,
+        )

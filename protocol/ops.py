@@ -1,0 +1,310 @@
+"""Operations, their arguments and validation (sans-IO).
+
+Each operation has a schema: argument name -> :class:`Arg`. :func:`validate_args` checks a
+request's ``args`` against it, fills defaults, and raises ``bad_request`` naming the field for
+anything unknown, missing or malformed. Unknown arguments are refused, never ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ErrorCode, ProtocolError
+from .limits import DEFAULT_LIMITS, Limits
+
+Check = Callable[[Any, Limits], "str | None"]
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: accepted types, whether it is required, its default, an extra check."""
+
+    types: tuple[type, ...]
+    required: bool = False
+    default: Any = None
+    check: Check | None = None
+    nullable: bool = False
+    code: ErrorCode = ErrorCode.BAD_REQUEST
+    """The error code for a value of the wrong type or one that fails ``check``."""
+    parse: Callable[[Any, Limits], Any] | None = None
+    """Turns a valid value into its normal form; may raise ProtocolError itself."""
+
+
+def _range(lo: float | None, hi: float | None) -> Check:
+    def check(v: Any, _limits: Limits) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return "must be finite"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return None
+
+    return check
+
+
+def _max_tokens(v: int, limits: Limits) -> str | None:
+    if not 1 <= v <= limits.max_tokens:
+        return f"must be in 1..{limits.max_tokens}"
+    return None
+
+
+def _logprobs(v: int, limits: Limits) -> str | None:
+    if not 0 <= v <= limits.max_logprobs:
+        return f"must be in 0..{limits.max_logprobs}"
+    return None
+
+
+def _credit(v: int, limits: Limits) -> str | None:
+    if not 1 <= v <= limits.max_credit:
+        return f"must be in 1..{limits.max_credit}"
+    return None
+
+
+def _token_list(v: list, _limits: Limits) -> str | None:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+        return "must be a list of non-negative integers"
+    return None
+
+
+def _stop(v: list, limits: Limits) -> str | None:
+    if len(v) > limits.max_stop_sequences:
+        return f"at most {limits.max_stop_sequences} stop sequences"
+    if not all(isinstance(s, str) and s for s in v):
+        return "must be a list of non-empty strings"
+    return None
+
+
+def _messages(v: list, _limits: Limits) -> str | None:
+    if not v:
+        return "must not be empty"
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"message {i} must be a map with a string 'role'"
+        if not isinstance(m.get("content"), str):
+            return f"message {i} must have a string 'content'"
+    return None
+
+
+def _nonempty(v: str, _limits: Limits) -> str | None:
+    return None if v else "must not be empty"
+
+
+def _one_of(*choices: str) -> Check:
+    def check(v: Any, _limits: Limits) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _finite(v: float, _limits: Limits) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def check_scale(value: Any, field: str = "scale") -> float:
+    """An adapter scale: any finite number (negative too); else ``lora_invalid_scale``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(ErrorCode.LORA_INVALID_SCALE,
+                            f"adapter scale must be a finite number, got {value!r}",
+                            field=field, scale=repr(value))
+    return float(value)
+
+
+def parse_loras(value: list, limits: Limits) -> list[tuple[str, float]]:
+    """A LoRA stack: items ``{"path": str, "scale": number = 1.0}``, ``[path, scale]`` or
+    ``path``; returns ``[(path, scale), ...]`` in order."""
+    if len(value) > limits.max_loras:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {limits.max_loras} adapters in a stack",
+                            field="loras", limit=limits.max_loras)
+    out: list[tuple[str, float]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            path, scale = item, 1.0
+        elif isinstance(item, list) and len(item) == 2:
+            path, scale = item
+        elif isinstance(item, dict) and "path" in item and set(item) <= {"path", "scale"}:
+            path, scale = item["path"], item.get("scale", 1.0)
+        else:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"loras[{i}] must be {{path, scale}}, [path, scale] or a path",
+                                field="loras", index=i)
+        if not isinstance(path, str) or not path:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"loras[{i}]: path must be a non-empty "
+                                "string", field="loras", index=i)
+        out.append((path, check_scale(scale, field="loras")))
+    return out
+
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BOOL = (bool,)
+_ID = (int, str)
+
+_LORAS = Arg((list,), nullable=True, parse=parse_loras)
+_SCALE = Arg(_NUM, default=1.0, check=_finite, code=ErrorCode.LORA_INVALID_SCALE)
+
+SAMPLING: dict[str, Arg] = {
+    "max_tokens": Arg(_INT, default=256, check=_max_tokens),
+    "temperature": Arg(_NUM, default=0.8, check=_range(0.0, 100.0)),
+    "top_k": Arg(_INT, default=40, check=_range(0, None)),
+    "top_p": Arg(_NUM, default=0.95, check=_range(0.0, 1.0)),
+    "min_p": Arg(_NUM, default=0.05, check=_range(0.0, 1.0)),
+    "repeat_penalty": Arg(_NUM, default=1.0, check=_range(0.0, 100.0)),
+    "repeat_last_n": Arg(_INT, default=64, check=_range(0, 1 << 20)),
+    "seed": Arg(_INT, nullable=True, check=_range(0, 2**32 - 1)),
+    "stop": Arg((list,), default=[], check=_stop),
+    "logprobs": Arg(_INT, default=0, check=_logprobs),
+    "grammar": Arg(_STR, nullable=True, check=_nonempty),
+    "credit": Arg(_INT, default=64, check=_credit),
+    "loras": _LORAS,
+}
+
+OPS: dict[str, dict[str, Arg]] = {
+    "ping": {},
+    "status": {},
+    "capabilities": {},
+    "list_models": {},
+    "list_contexts": {},
+    "load_model": {
+        "path": Arg(_STR, required=True, check=_nonempty),
+        "n_gpu_layers": Arg(_INT, default=0, check=_range(-1, 100000)),
+        "use_mmap": Arg(_BOOL, default=True),
+        "alias": Arg(_STR, nullable=True, check=_nonempty),
+    },
+    "unload_model": {
+        "model": Arg(_STR, required=True),
+        "force": Arg(_BOOL, default=False),
+    },
+    "create_context": {
+        "model": Arg(_STR, required=True, check=_nonempty),
+        "n_ctx": Arg(_INT, default=0, check=_range(0, 1 << 20)),
+        "n_batch": Arg(_INT, default=512, check=_range(1, 1 << 16)),
+        "n_threads": Arg(_INT, nullable=True, check=_range(1, 1024)),
+        "seed": Arg(_INT, default=0, check=_range(0, 2**32 - 1)),
+        "max_queued": Arg(_INT, default=8, check=_range(0, 1024)),
+        "persistent": Arg(_BOOL, default=False),
+        "kv_type": Arg(_STR, default="f16", check=_one_of("f16", "f32", "q8_0")),
+        "flash_attn": Arg(_BOOL, nullable=True),
+        "loras": _LORAS,
+    },
+    "close_context": {"context": Arg(_STR, required=True)},
+    "generate": {
+        "context": Arg(_STR, required=True),
+        "prompt": Arg(_STR, nullable=True),
+        "tokens": Arg((list,), nullable=True, check=_token_list),
+        "add_special": Arg(_BOOL, default=True),
+        **SAMPLING,
+    },
+    "chat": {
+        "context": Arg(_STR, required=True),
+        "messages": Arg((list,), required=True, check=_messages),
+        "add_generation_prompt": Arg(_BOOL, default=True),
+        "template": Arg(_STR, nullable=True, check=_nonempty),
+        **SAMPLING,
+    },
+    "tokenize": {
+        "model": Arg(_STR, nullable=True),
+        "context": Arg(_STR, nullable=True),
+        "text": Arg(_STR, required=True),
+        "add_special": Arg(_BOOL, default=True),
+        "parse_special": Arg(_BOOL, default=False),
+    },
+    "detokenize": {
+        "model": Arg(_STR, nullable=True),
+        "context": Arg(_STR, nullable=True),
+        "tokens": Arg((list,), required=True, check=_token_list),
+    },
+    "cancel": {"request": Arg(_ID, required=True)},
+    "set_lora": {
+        "context": Arg(_STR, required=True),
+        "path": Arg(_STR, required=True, check=_nonempty),
+        "scale": _SCALE,
+    },
+    "remove_lora": {
+        "context": Arg(_STR, required=True),
+        "path": Arg(_STR, required=True, check=_nonempty),
+    },
+    "clear_loras": {"context": Arg(_STR, required=True)},
+    "set_loras": {
+        "context": Arg(_STR, required=True),
+        "loras": Arg((list,), required=True, parse=parse_loras),
+    },
+    "list_loras": {"context": Arg(_STR, required=True)},
+    "validate_lora": {
+        "model": Arg(_STR, required=True, check=_nonempty),
+        "path": Arg(_STR, required=True, check=_nonempty),
+    },
+    "credit": {
+        "request": Arg(_ID, required=True),
+        "n": Arg(_INT, required=True, check=_credit),
+    },
+}
+
+STREAMING_OPS: frozenset[str] = frozenset({"generate", "chat"})
+"""Operations answered by ``item`` replies and one ``end`` (or one ``error``)."""
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def validate_args(op: str, args: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Check ``args`` for ``op``; return them with defaults filled in.
+
+    Raises ProtocolError(bad_request) naming the field, or (too_large) for values over limits.
+    """
+    schema = OPS.get(op)
+    if schema is None:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"unknown operation {op!r}", field="op", known=sorted(OPS)
+        )
+    unknown = sorted(set(args) - set(schema), key=str)  # keys may mix str and bytes
+    if unknown:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"{op}: unknown argument {unknown[0]!r}",
+            field=unknown[0],
+            accepted=sorted(schema),
+        )
+    out: dict[str, Any] = {}
+    for name, spec in schema.items():
+        value = args.get(name, _MISSING)
+        if value is _MISSING or (value is None and not spec.required):
+            if spec.required:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, f"{op}: missing argument {name!r}", field=name
+                )
+            out[name] = list(spec.default) if isinstance(spec.default, list) else spec.default
+            continue
+        ok = isinstance(value, spec.types) and not (
+            isinstance(value, bool) and bool not in spec.types
+        )
+        if not ok:
+            raise ProtocolError(
+                spec.code,
+                f"{op}: {name!r} must be {_type_name(spec.types)}, got {type(value).__name__}",
+                field=name,
+            )
+        if spec.check is not None:
+            problem = spec.check(value, limits)
+            if problem:
+                raise ProtocolError(spec.code, f"{op}: {name!r} {problem}", field=name)
+        if spec.parse is not None:
+            value = spec.parse(value, limits)
+        out[name] = float(value) if float in spec.types and isinstance(value, int) else value
+    if op == "generate" and (out["prompt"] is None) == (out["tokens"] is None):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "generate: give exactly one of 'prompt' and 'tokens'",
+            field="prompt",
+        )
+    if op in ("tokenize", "detokenize") and (out["model"] is None) == (out["context"] is None):
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"{op}: give exactly one of 'model' and 'context'", field="model"
+        )
+    return out

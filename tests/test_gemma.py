@@ -1,0 +1,90 @@
+"""The end-to-end path on the real default model (gemma 3 270M Q4_K_M). Opt-in: pytest -m slow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.llama_cpp as C
+import pytest
+
+from conftest import DaemonProcess, start_daemon
+from lorad.client import BadRequest
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Write one sentence about the sea."
+
+
+@pytest.fixture(scope="module")
+def gemma() -> Path:
+    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "default-model"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def gemma_daemon(tmp_path_factory: pytest.TempPathFactory, gemma: Path):
+    d = start_daemon(tmp_path_factory.mktemp("gemma"), [gemma.parent], "--model", str(gemma),
+                     "--n-ctx", "1024")
+    yield d
+    assert d.stop() == 0
+
+
+def in_process_greedy(model: Path, prompt: str, n: int) -> list[int]:
+    """llama-cpp-python in-process, with the same use_extra_bufts=False the daemon uses (the
+    AMX repacking path crashes native builds on these CPUs with Q4_K models)."""
+    original = C.llama_model_default_params
+
+    def safe_params():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    C.llama_model_default_params = safe_params
+    try:
+        llm = llama_cpp.Llama(model_path=str(model), n_ctx=1024, n_batch=512, n_threads=2,
+                              verbose=False)
+    finally:
+        C.llama_model_default_params = original
+    try:
+        out: list[int] = []
+        for tok in llm.generate(llm.tokenize(prompt.encode()), temp=0.0, repeat_penalty=1.0):
+            if C.llama_vocab_is_eog(llm._model.vocab, tok) or len(out) == n:
+                break
+            out.append(tok)
+        return out
+    finally:
+        llm.close()
+
+
+def test_gemma_greedy_through_daemon_equals_in_process(gemma_daemon: DaemonProcess,
+                                                       gemma: Path) -> None:
+    expected = in_process_greedy(gemma, PROMPT, 48)
+    with gemma_daemon.client() as client:
+        stream = client.context("default").generate(PROMPT, max_tokens=48, temperature=0)
+        tokens = [t for chunk in stream for t in chunk.token_ids]
+    assert tokens == expected
+    assert stream.text.strip()
+    assert stream.metrics["generation_tokens_per_s"] > 5
+
+
+def test_gemma_chat_template_and_cancel(gemma_daemon: DaemonProcess) -> None:
+    with gemma_daemon.client() as client:
+        ctx = client.context("default")
+        messages = [{"role": "user", "content": "Say hello in French."}]
+        with pytest.raises(BadRequest) as err:  # this GGUF ships no chat template
+            ctx.chat(messages, max_tokens=4).collect()
+        assert "gemma" in err.value.details["builtin"]
+        stream = ctx.chat(messages, template="gemma", max_tokens=24, temperature=0)
+        text = stream.collect()
+        assert text.strip() and stream.finish_reason in ("stop", "length")
+        long = ctx.generate("Count from one to one thousand:", max_tokens=500, credit=4)
+        it = iter(long)
+        next(it)
+        long.cancel()
+        list(it)
+        assert long.finish_reason == "cancelled"
+        assert long.metrics["generated_tokens"] < 10

@@ -1,0 +1,367 @@
+"""Cancellation, liveness, concurrency, hostile input, paths and shutdown, on real daemons."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+import tinymodels
+from conftest import DaemonProcess, start_daemon
+from lorad.client import (
+    AsyncClient,
+    Client,
+    DaemonUnavailable,
+    ForbiddenPath,
+    InUse,
+    ModelLoadFailed,
+    NotFound,
+)
+from lorad.protocol import TAG
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "the cat and the dog went to the"
+
+
+def spawn_streamer(d: DaemonProcess, context: str, prompt: str, n: int, credit: int = 64,
+                   hang_after: int | None = None) -> subprocess.Popen:
+    args = [sys.executable, str(HERE / "stream_client.py"), d.endpoint, context, prompt, str(n),
+            str(credit)]
+    if hang_after is not None:
+        args.append(str(hang_after))
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+
+
+def expected_tokens(client: Client, model: Path, prompt: str, n: int) -> list[int]:
+    with client.create_context(model, n_ctx=512) as ctx:
+        return [t for c in ctx.generate(prompt, max_tokens=n, temperature=0) for t in c.token_ids]
+
+
+def test_two_client_processes_stream_concurrently(daemon: DaemonProcess, client: Client,
+                                                  tiny_model: Path) -> None:
+    prompts = ["the cat and the dog", "hello world, the café"]
+    expected = [expected_tokens(client, tiny_model, p, 200) for p in prompts]
+    contexts = [client.create_context(tiny_model, n_ctx=512) for _ in prompts]
+    try:
+        procs = [spawn_streamer(daemon, c.id, p, 200, credit=4)
+                 for c, p in zip(contexts, prompts, strict=True)]
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0]
+        finals = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+        assert [f["tokens"] for f in finals] == expected
+        # Both models' weights were loaded once: one model entry with every context on it.
+        (model,) = [m for m in client.list_models() if m["path"] == str(tiny_model)]
+        assert {c.id for c in contexts} <= set(model["contexts"])
+    finally:
+        for c in contexts:
+            c.close()
+
+
+def test_cancel_mid_stream_stops_within_one_token_and_frees_context(
+        client: Client, tiny_model: Path) -> None:
+    expected = expected_tokens(client, tiny_model, PROMPT, 12)
+    with client.create_context(tiny_model, n_ctx=512, max_queued=1) as ctx:
+        stream = ctx.generate(PROMPT, max_tokens=400, temperature=0, credit=4)
+        it = iter(stream)
+        got = [next(it) for _ in range(3)]
+        assert all(c.token_ids for c in got)
+        stream.cancel()
+        rest = list(it)
+        assert stream.finish_reason == "cancelled"
+        # The daemon stopped at once: never more than the granted window was produced.
+        assert stream.metrics["generated_tokens"] <= 3 + len(rest) + 1 <= 4 + 2
+        after = [t for c in ctx.generate(PROMPT, max_tokens=12, temperature=0)
+                 for t in c.token_ids]
+        assert after == expected
+
+
+def test_leaving_the_loop_early_cancels(client: Client, tiny_model: Path) -> None:
+    with client.create_context(tiny_model, n_ctx=512, max_queued=1) as ctx:
+        for _chunk in ctx.generate(PROMPT, max_tokens=400, credit=2):
+            break  # the generator is closed here and sends the cancel
+        info = client.status()
+        stream = ctx.generate(PROMPT, max_tokens=4, temperature=0)
+        assert len(stream.collect()) > 0 and stream.finish_reason == "length"
+        assert info["counters"]["requests"] > 0
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_dead_or_hung_client_frees_its_context(tmp_path: Path, models_dir: Path,
+                                               tiny_model: Path, how: str) -> None:
+    # Heartbeats of 300 ms: a hung peer is dropped after 3 missed intervals (~0.9 s).
+    d = start_daemon(tmp_path, [models_dir], "--heartbeat-ms", "300")
+    try:
+        with d.client() as client:
+            ctx = client.create_context(tiny_model, n_ctx=512, max_queued=1, persistent=True)
+            proc = spawn_streamer(d, ctx.id, PROMPT, 400, credit=2, hang_after=2)
+            lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
+            assert lines[-1] == {"hanging": 2}
+            assert client.context(ctx.id).info["state"] == "busy"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+            # This request queues behind the stuck stream and runs once that is cancelled.
+            tokens = ctx.generate(PROMPT, max_tokens=4, temperature=0, timeout=15).collect()
+            waited = time.monotonic() - started
+            assert tokens
+            # Documented bounds: a dead peer ~1 s, a hung one 3 heartbeats more (+ CI slack).
+            assert waited < (3.0 if how == "sigkill" else 6.0), waited
+            proc.kill()
+            proc.wait()
+            ctx.close()
+        assert d.stop() == 0
+        assert "peer_lost" in d.log()
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+
+
+def test_client_contexts_close_when_the_client_dies(daemon: DaemonProcess, client: Client,
+                                                    tiny_model: Path) -> None:
+    code = (
+        "import sys\nfrom lorad.client import Client\n"
+        f"c = Client({daemon.endpoint!r})\n"
+        f"t = c.create_context({str(tiny_model)!r}, n_ctx=128)\n"
+        f"p = c.create_context({str(tiny_model)!r}, n_ctx=128, persistent=True)\n"
+        "print(t.id, p.id, flush=True)\nsys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    transient, persistent = proc.stdout.readline().split()
+    assert {transient, persistent} <= {c["id"] for c in client.list_contexts()}
+    proc.kill()
+    proc.wait()
+    # Any request after the disconnect is answered after the daemon probed its peers; the
+    # transient context goes, the persistent one stays.
+    # The daemon learns of the disconnect from libzmq's monitor and probes its peers; poll
+    # until it has acted (a condition with a deadline, not a guessed sleep).
+    deadline = time.monotonic() + 5
+    with Client(daemon.endpoint) as other:
+        ids = {c["id"] for c in other.list_contexts()}
+        while transient in ids:
+            assert time.monotonic() < deadline, "transient context not closed"
+            ids = {c["id"] for c in other.list_contexts()}
+    assert persistent in ids
+    client.context(persistent).close()
+
+
+def raw_socket(endpoint: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    return sock
+
+
+def raw_reply(sock: zmq.Socket) -> dict:
+    tag, body = sock.recv_multipart()
+    assert tag == TAG
+    return msgpack.unpackb(body)
+
+
+def test_malformed_and_oversized_messages(tmp_path: Path, models_dir: Path) -> None:
+    config = tmp_path / "lorad.toml"
+    config.write_text("[limits]\nmax_message_bytes = 65536\nmax_depth = 16\n")
+    d = start_daemon(tmp_path, [models_dir], "--config", str(config))
+    sock = raw_socket(d.endpoint)
+    try:
+        body = {"v": 1, "id": 1, "op": "ping", "args": {}}
+        cases = [
+            ([b"garbage"], "bad_request"),
+            ([b"lorad/9", msgpack.packb(body)], "unsupported_version"),
+            ([TAG, b"\xc1\xc1"], "bad_request"),
+            ([TAG, msgpack.packb([1, 2, 3])], "bad_request"),
+            ([TAG, msgpack.packb(body) + b"extra"], "bad_request"),
+            ([TAG, msgpack.packb({**body, "op": "explode"})], "bad_request"),
+            ([TAG, msgpack.packb({**body, "args": {"x": 1}})], "bad_request"),
+            ([TAG, msgpack.packb({**body, "args": {"a": "x" * 67000}})], "too_large"),
+            ([TAG, msgpack.packb({**body, "args": {"a": [[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}})],
+             "too_large"),
+            ([TAG, msgpack.packb({"v": 1, "id": 2, "op": "load_model", "args": {"path": 5}})],
+             "bad_request"),
+        ]
+        for i, (frames, code) in enumerate(cases):
+            sock.send_multipart(frames)
+            try:
+                reply = raw_reply(sock)
+            except zmq.Again:
+                raise AssertionError(f"case {i}: no reply") from None
+            assert reply["kind"] == "error", (frames[:1], reply)
+            assert reply["error"]["code"] == code, (frames[:1], reply)
+        # Above ZMQ_MAXMSGSIZE the daemon drops the connection instead of reading it all.
+        sock.send_multipart([TAG, b"\x00" * 200_000])
+        with d.client() as client:
+            assert client.ping()["pong"] is True
+            assert client.status()["counters"]["errors"] >= len(cases)
+        assert d.stop() == 0
+    finally:
+        sock.close()
+        if d.proc.poll() is None:
+            d.proc.kill()
+
+
+def test_paths_outside_allowed_dirs_are_forbidden(client: Client, models_dir: Path,
+                                                  tmp_path: Path) -> None:
+    with pytest.raises(ForbiddenPath):
+        client.load_model("/etc/hostname")
+    outside = tinymodels.write_tiny_llama(tmp_path / "outside.gguf")
+    link = models_dir / "sneaky.gguf"
+    link.symlink_to(outside)
+    try:
+        with pytest.raises(ForbiddenPath) as err:
+            client.load_model(link)
+        assert err.value.details["resolved"] == str(outside)
+        with pytest.raises(ForbiddenPath):
+            client.create_context(str(models_dir / ".." / outside.parent.name / "outside.gguf"))
+    finally:
+        link.unlink()
+    with pytest.raises(NotFound):
+        client.load_model(models_dir / "missing.gguf")
+    junk = models_dir / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ModelLoadFailed) as err:
+        client.load_model(junk)
+    assert err.value.details["log"]  # llama.cpp's own words about it
+    assert client.ping()["pong"]
+
+
+def test_unload_model_refuses_while_used(client: Client, tiny_model_b: Path) -> None:
+    model = client.load_model(tiny_model_b, alias="b-model")
+    ctx = client.create_context(model, n_ctx=128)
+    with pytest.raises(InUse):
+        client.unload_model(model)
+    result = client.unload_model(model, force=True)
+    assert result["closed_contexts"] == [ctx.id]
+    assert "b-model" not in {m["id"] for m in client.list_models()}
+    with pytest.raises(NotFound):
+        ctx.generate("x").collect()
+
+
+def test_ipc_socket_is_private_and_not_hijacked(daemon: DaemonProcess, tmp_path: Path,
+                                                models_dir: Path) -> None:
+    path = daemon.endpoint.removeprefix("ipc://")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    second = subprocess.run(
+        [sys.executable, "-m", "lorad.daemon", "--endpoint", daemon.endpoint,
+         "--log-format", "json"], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert "another lorad daemon" in second.stderr
+    with Client(daemon.endpoint) as c:
+        assert c.ping()["pong"]
+
+
+def test_no_daemon_is_reported_promptly(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with Client(f"ipc://{tmp_path}/nobody.sock", connect_timeout=0.5) as c:
+        with pytest.raises(DaemonUnavailable):
+            c.ping()
+    assert time.monotonic() - started < 3
+
+
+def test_daemon_killed_mid_stream_gives_daemon_unavailable(fresh_daemon: DaemonProcess,
+                                                           tiny_model: Path) -> None:
+    with fresh_daemon.client() as client:
+        ctx = client.create_context(tiny_model, n_ctx=512)
+        stream = ctx.generate(PROMPT, max_tokens=400, credit=2, timeout=20)
+        it = iter(stream)
+        next(it)
+        started = time.monotonic()
+        fresh_daemon.proc.kill()
+        fresh_daemon.proc.wait()
+        with pytest.raises(DaemonUnavailable):
+            list(it)
+        assert time.monotonic() - started < 5
+
+
+def test_sigterm_drains_running_streams(fresh_daemon: DaemonProcess, tiny_model: Path) -> None:
+    with fresh_daemon.client() as client:
+        ctx = client.create_context(tiny_model, n_ctx=512)
+        stream = ctx.generate(PROMPT, max_tokens=400, credit=2)
+        it = iter(stream)
+        next(it)  # the stream now waits for credit: it is mid-generation
+        fresh_daemon.proc.send_signal(signal.SIGTERM)
+        rest = list(it)
+        assert stream.finish_reason == "cancelled"
+        assert len(rest) <= 2
+    assert fresh_daemon.proc.wait(30) == 0
+    log = fresh_daemon.log()
+    assert "draining" in log and "stopped" in log
+    assert not os.path.exists(fresh_daemon.endpoint.removeprefix("ipc://"))
+
+
+def test_config_file_preloads_models_and_contexts(tmp_path: Path, models_dir: Path,
+                                                  tiny_model: Path) -> None:
+    config = tmp_path / "lorad.toml"
+    config.write_text(
+        f'[[models]]\npath = "{tiny_model}"\nalias = "tiny"\n\n'
+        '[[contexts]]\nmodel = "tiny"\nid = "chat"\nn_ctx = 256\n'
+    )
+    d = start_daemon(tmp_path, [models_dir], "--config", str(config))
+    try:
+        with d.client() as client:
+            ctx = client.context("chat")
+            assert ctx.info["n_ctx"] == 256 and ctx.info["persistent"]
+            assert ctx.model == "tiny"
+            assert ctx.generate("hello", max_tokens=3).collect()
+        assert d.stop() == 0
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+
+
+def rss_anon_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon")
+
+
+def test_contexts_share_the_weights(fresh_daemon: DaemonProcess, models_dir: Path) -> None:
+    big = tinymodels.write_tiny_llama(models_dir / "wide.gguf", n_embd=256, n_ff=1024,
+                                      n_layer=4, n_head=4, n_head_kv=4)
+    weights_kib = big.stat().st_size // 1024
+    with fresh_daemon.client() as client:
+        before = rss_anon_kib(fresh_daemon.pid)
+        model = client.load_model(big, use_mmap=False)  # weights in anonymous memory
+        loaded = rss_anon_kib(fresh_daemon.pid)
+        one = client.create_context(model, n_ctx=256)
+        with_one = rss_anon_kib(fresh_daemon.pid)
+        more = [client.create_context(model, n_ctx=256) for _ in range(3)]
+        with_four = rss_anon_kib(fresh_daemon.pid)
+        assert client.load_model(big, use_mmap=False)["id"] == model["id"]
+        for c in [one, *more]:
+            c.close()
+    assert loaded - before > 0.8 * weights_kib  # the weights are really there
+    per_context = max(with_one - loaded, 1)
+    # Four contexts cost about four contexts, nowhere near another copy of the weights.
+    assert with_four - loaded < 4 * per_context * 1.5 + 2048
+    assert with_four - loaded < weights_kib / 2
+
+
+async def test_async_client_mirrors_sync(daemon: DaemonProcess, client: Client,
+                                         tiny_model: Path) -> None:
+    expected = expected_tokens(client, tiny_model, PROMPT, 16)
+    async with AsyncClient(daemon.endpoint) as aclient:
+        assert (await aclient.ping())["pong"]
+        async with await aclient.create_context(tiny_model, n_ctx=512, max_queued=1) as ctx:
+            stream = await ctx.generate(PROMPT, max_tokens=16, temperature=0)
+            tokens = [t async for c in stream for t in c.token_ids]
+            assert tokens == expected
+            assert stream.finish_reason == "length"
+            assert stream.metrics["generated_tokens"] == 16
+            # Leaving a stream early cancels it: the next request runs.
+            async with await ctx.generate(PROMPT, max_tokens=400, credit=2) as long:
+                async for _ in long:
+                    break
+            again = await ctx.generate(PROMPT, max_tokens=16, temperature=0)
+            assert [t async for c in again for t in c.token_ids] == expected
+        with pytest.raises(NotFound):
+            await aclient.context("no-such-context")
