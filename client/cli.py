@@ -67,6 +67,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ctx_params["loras"] = old.params["loras"]
         config.contexts = [c for c in config.contexts if c.id != "default"]
         config.contexts.append(ContextSpec(model=model_path, id="default", params=ctx_params))
+    speculative = _speculative_option(args)
+    if speculative is not None:
+        default = next((c for c in config.contexts if c.id == "default"), None)
+        if default is None:
+            print("lorad serve: --speculative applies to the context 'default': give --model, "
+                  "or define a context with id = \"default\" in the config file",
+                  file=sys.stderr)
+            return 2
+        default.params["speculative"] = speculative
     if args.lora:
         # An explicit stack replaces the config file's stack of the default context.
         default = next((c for c in config.contexts if c.id == "default"), None)
@@ -208,6 +217,19 @@ def cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speculative_option(args: argparse.Namespace) -> dict[str, Any] | bool | None:
+    """``--speculative prompt_lookup [--draft-max N]``, ``--speculative off``, or None."""
+    mode = getattr(args, "speculative", None)
+    if mode is None:
+        return None
+    if mode == "off":
+        return False
+    spec: dict[str, Any] = {"mode": mode}
+    if getattr(args, "draft_max", None) is not None:
+        spec["max_draft"] = args.draft_max
+    return spec
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {
         "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
@@ -215,6 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "repeat_penalty": args.repeat_penalty, "stop": args.stop or None,
         "logprobs": args.logprobs or None,
         "loras": [parse_lora_option(x) for x in args.lora] if args.lora else None,
+        "speculative": _speculative_option(args),
     }
     with _client(args) as client:
         owned = args.model is not None
@@ -244,9 +267,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         })
     else:
         print()
+        spec = (f", speculative {m['speculative_mode']}: {m['accepted_tokens']}/"
+                f"{m['drafted_tokens']} drafted tokens accepted" if m.get("speculative") else
+                ", speculative off")
         print(f"[{stream.finish_reason}] {m.get('generated_tokens')} tokens, "
               f"{m.get('generation_tokens_per_s')} tok/s, "
-              f"first token {m.get('time_to_first_token_ms')} ms", file=sys.stderr)
+              f"first token {m.get('time_to_first_token_ms')} ms{spec}", file=sys.stderr)
     return 0
 
 
@@ -287,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "replaces the config file's stack for it")
     p.add_argument("--adapter-dir", action="append", help="look adapter names up here first "
                    "(repeatable; files there are allowed)")
+    p.add_argument("--speculative", choices=["prompt_lookup", "draft_model", "mtp", "off"],
+                   help="default speculative decoding of the default context")
+    p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
     p.add_argument("--heartbeat-ms", type=int, help="ZMTP heartbeat interval (default 1000)")
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -343,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=int, help="top-k log-probabilities per token (--json)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="run this request with this adapter stack (repeatable, in order)")
+    p.add_argument("--speculative", choices=["prompt_lookup", "draft_model", "mtp", "off"],
+                   help="speculative decoding for this request (greedy only in this version)")
+    p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
     p.add_argument("--json", action="store_true", help="one JSON object with text and metrics")
     p.set_defaults(func=cmd_generate)
 

@@ -21,6 +21,7 @@ from . import llama
 from .adapters import AdapterCache, LoadedAdapter
 from .registry import LoadedModel
 from .requests import RequestHandle
+from .speculative import OFF_METRICS, Drafter, drafter_for
 from .text import TextAssembler
 
 
@@ -55,8 +56,11 @@ class ContextActor:
 
     def __init__(self, context_id: str, model: LoadedModel, ctx: llama.Context, *,
                  seed: int, max_queued: int, persistent: bool, owner: bytes | None,
-                 params: dict[str, Any], adapters: AdapterCache) -> None:
+                 params: dict[str, Any], adapters: AdapterCache,
+                 speculative: dict[str, Any] | bool | None = None) -> None:
         self.id = context_id
+        self.speculative = speculative
+        """The context's default for requests that do not choose (None/False: off)."""
         self.model = model
         self.ctx = ctx
         self.adapters = adapters
@@ -263,6 +267,8 @@ class ContextActor:
             repeat_last_n=args["repeat_last_n"], seed=seed, grammar=args["grammar"],
         )
         model, ctx = self.model.model, self.ctx
+        spec = args["speculative"] if args["speculative"] is not None else self.speculative
+        drafter = drafter_for(spec, args, model.can_roll_back)
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # clears the KV cache: it was computed under another stack
@@ -279,13 +285,32 @@ class ContextActor:
             t_prompt = time.perf_counter()
             previous: int | None = None
 
-            def step(prev: int | None) -> tuple[int, list[list[float]] | None]:
+            def step(prev: int | None) -> list[tuple[int, list[list[float]] | None]]:
                 if prev is not None:
                     ctx.decode_token(prev)
                 logprobs = ctx.top_logprobs(n_logprobs) if n_logprobs else None
-                return sampler.sample(ctx), logprobs
+                return [(sampler.sample(ctx), logprobs)]
 
-            while True:
+            def spec_step(prev: int, drafter: Drafter, room: int
+                          ) -> list[tuple[int, list[list[float]] | None]]:
+                draft = drafter.draft(room)
+                start = len(ctx.tokens)
+                rows = ctx.decode_rows([prev, *draft])
+                out = []
+                for i, row in enumerate(rows):
+                    token = int(row.argmax())  # greedy, as llama.cpp's greedy sampler
+                    out.append((token, ctx.top_logprobs(n_logprobs, row) if n_logprobs else None))
+                    if i >= len(draft) or draft[i] != token:
+                        break
+                accepted = len(out) - 1
+                ctx.rollback(start + 1 + accepted)  # the KV cache keeps no rejected token
+                drafter.record(len(draft), accepted)
+                return out
+
+            if drafter is not None:
+                drafter.history = list(prompt)
+            done = False
+            while not done:
                 if h.cancelled:
                     finish = "cancelled"
                     break
@@ -295,24 +320,31 @@ class ContextActor:
                 if previous is not None and len(ctx.tokens) >= ctx.n_ctx:
                     finish = "length"  # the context is full
                     break
-                token, logprobs = await trio.to_thread.run_sync(step, previous)
-                generated += 1
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if model.is_eog(token):
-                    finish = "stop"
-                    break
-                delta = text.feed(model.piece(token))
-                item: dict[str, Any] = {"text": delta, "token_ids": [token]}
-                if logprobs is not None:
-                    item["logprobs"] = [logprobs]
-                if not await h.send_item(item):
-                    finish = "cancelled"
-                    break
-                if text.stopped:
-                    finish = "stop"
-                    break
-                previous = token
+                if drafter is not None and previous is not None:
+                    room = min(args["max_tokens"] - generated, ctx.n_ctx - len(ctx.tokens)) - 1
+                    produced = await trio.to_thread.run_sync(spec_step, previous, drafter, room)
+                else:
+                    produced = await trio.to_thread.run_sync(step, previous)
+                for token, logprobs in produced:
+                    generated += 1
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if model.is_eog(token):
+                        finish, done = "stop", True
+                        break
+                    if drafter is not None:
+                        drafter.history.append(token)
+                    delta = text.feed(model.piece(token))
+                    item: dict[str, Any] = {"text": delta, "token_ids": [token]}
+                    if logprobs is not None:
+                        item["logprobs"] = [logprobs]
+                    if not await h.send_item(item):
+                        finish, done = "cancelled", True
+                        break
+                    if text.stopped:
+                        finish, done = "stop", True
+                        break
+                    previous = token
             if finish != "cancelled":
                 tail = text.finish()
                 if tail:
@@ -335,6 +367,7 @@ class ContextActor:
             "seed": seed,
             "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
                       for e in stack],
+            **(drafter.metrics() if drafter is not None else OFF_METRICS),
         }
         h.send_end({"finish_reason": finish, "metrics": metrics})
 

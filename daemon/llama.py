@@ -193,6 +193,11 @@ class Model:
         """The vocabulary text of a token, specials included (for templates)."""
         return (C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
 
+    @property
+    def can_roll_back(self) -> bool:
+        """Whether cached tokens can be removed one by one (not so for recurrent memory)."""
+        return not (C.llama_model_is_recurrent(self.ptr) or C.llama_model_is_hybrid(self.ptr))
+
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self.vocab, token))
 
@@ -353,13 +358,44 @@ class Context:
     def decode_token(self, token: int) -> None:
         self._decode([token], want_logits=True)
 
+    def decode_rows(self, tokens: list[int]) -> np.ndarray:
+        """Decode ``tokens`` in one batch; the logits after each of them, shape (n, n_vocab)."""
+        batch, start = self._batch, len(self.tokens)
+        if len(tokens) > self.n_batch:
+            raise ValueError("more tokens than n_batch")
+        batch.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        rc = C.llama_decode(self.ptr, batch)
+        if rc != 0:
+            if not C.llama_memory_seq_rm(self.memory, 0, start, -1):
+                self.clear()
+            code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
+            raise ProtocolError(code, f"llama_decode failed with code {rc}", rc=rc)
+        self.tokens.extend(tokens)
+        ptr = C.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
+
+    def rollback(self, n: int) -> None:
+        """Drop every cached token after the first ``n`` (rejected draft tokens)."""
+        if n < len(self.tokens):
+            if not C.llama_memory_seq_rm(self.memory, 0, n, -1):
+                raise ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED,
+                                    "this model's memory cannot roll back rejected tokens",
+                                    reason="no_rollback")
+            del self.tokens[n:]
+
     def logits(self) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self.ptr, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
-    def top_logprobs(self, k: int) -> list[list[float]]:
+    def top_logprobs(self, k: int, logits: np.ndarray | None = None) -> list[list[float]]:
         """The ``k`` most likely next tokens with their log-probabilities (raw model logits)."""
-        logits = self.logits().astype(np.float64)
+        logits = (self.logits() if logits is None else logits).astype(np.float64)
         m = logits.max()
         logz = m + np.log(np.exp(logits - m).sum())
         top = np.argpartition(-logits, k - 1)[:k]

@@ -83,4 +83,20 @@ class RequestHandle:
             context=self.context,
             duration_ms=round((time.perf_counter() - self.received_at) * 1000, 3),
             outcome=outcome,
+            **_stream_summary(reply),
         )
+
+
+_SUMMARY_KEYS = ("generated_tokens", "generation_tokens_per_s", "speculative", "speculative_mode",
+                 "drafted_tokens", "accepted_tokens", "acceptance_rate")
+
+
+def _stream_summary(reply: Reply) -> dict[str, Any]:
+    """The end metrics worth a log line (tokens, speed, speculative decoding, adapters)."""
+    if reply.kind != "end" or not isinstance(reply.result, dict):
+        return {}
+    metrics = reply.result.get("metrics") or {}
+    out = {k: metrics[k] for k in _SUMMARY_KEYS if k in metrics}
+    if metrics.get("loras"):
+        out["loras"] = [e["ref"] for e in metrics["loras"]]
+    return out

@@ -374,13 +374,21 @@ class Daemon:
                 "streaming": True, "cancel": True, "credit_flow_control": True,
                 "logprobs": True, "grammar": True, "chat_template": True,
                 "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
-                "alora": False, "speculative": False,
+                "alora": False, "speculative": True,
             },
             "busy_policy": "queue",
             "heartbeat_ms": self.config.heartbeat_ms,
             "limits": self.limits.__dict__,
             "allowed_dirs": [str(d) for d in self.allowed.dirs],
             "adapter_dirs": [str(d) for d in self.adapter_dirs],
+            "speculative": {
+                "modes": ["prompt_lookup"],
+                "sampling": False,
+                "per_model": {m.id: (["prompt_lookup"] if m.model.can_roll_back else [])
+                              for m in self.models},
+                "not_implemented": {"draft_model": "not implemented in this version",
+                                    "mtp": "not implemented in this version"},
+            },
         }
 
     async def _op_list_models(self, h: RequestHandle) -> list[dict[str, Any]]:
@@ -436,10 +444,11 @@ class Daemon:
         context_id = context_id or f"ctx-{secrets.token_hex(4)}"
         params = {"n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
                   "seed": args["seed"], "kv_type": args["kv_type"],
-                  "flash_attn": args["flash_attn"]}
+                  "flash_attn": args["flash_attn"], "speculative": args["speculative"]}
         actor = ContextActor(context_id, entry, ctx, seed=args["seed"],
                              max_queued=args["max_queued"], persistent=owner is None,
-                             owner=owner, params=params, adapters=self.adapters)
+                             owner=owner, params=params, adapters=self.adapters,
+                             speculative=args["speculative"])
         if args["loras"]:
             try:
                 stack, held = await self._build_stack(entry, args["loras"], [])

@@ -145,6 +145,51 @@ _STR = (str,)
 _BOOL = (bool,)
 _ID = (int, str)
 
+SPECULATIVE_MODES = ("prompt_lookup", "draft_model", "mtp")
+_SPEC_KEYS = {"prompt_lookup": {"ngram_min": (1, 1, 8), "ngram_max": (3, 1, 8),
+                                "max_draft": (8, 1, 64)}}
+
+
+def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
+    """``False`` (off) or ``{"mode": ..., parameters}`` with defaults filled in.
+
+    Anything this daemon cannot run as asked is ``speculative_unsupported`` with a reason.
+    """
+    if value is False:
+        return False
+
+    def refuse(reason: str, message: str, **details: Any) -> ProtocolError:
+        return ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED, f"speculative: {message}",
+                             field="speculative", reason=reason, **details)
+
+    if not isinstance(value, dict) or not isinstance(value.get("mode"), str):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "speculative must be false or a map with a "
+                            "string 'mode'", field="speculative")
+    mode = value["mode"]
+    if mode not in _SPEC_KEYS:
+        if mode in SPECULATIVE_MODES:
+            raise refuse("mode_not_implemented", f"mode {mode!r} is not implemented in this "
+                         "version; use 'prompt_lookup'", mode=mode, available=sorted(_SPEC_KEYS))
+        raise refuse("unknown_mode", f"unknown mode {mode!r}", mode=mode,
+                     known=list(SPECULATIVE_MODES))
+    out: dict[str, Any] = {"mode": mode}
+    keys = _SPEC_KEYS[mode]
+    unknown = sorted(set(value) - set(keys) - {"mode"}, key=str)
+    if unknown:
+        raise refuse("unknown_parameter", f"unknown parameter {unknown[0]!r} for {mode}",
+                     parameter=unknown[0], accepted=sorted(keys))
+    for key, (default, lo, hi) in keys.items():
+        v = value.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise refuse("out_of_range", f"{key} must be an integer in {lo}..{hi}, got {v!r}",
+                         parameter=key)
+        out[key] = v
+    if mode == "prompt_lookup" and out["ngram_min"] > out["ngram_max"]:
+        raise refuse("out_of_range", "ngram_min must not exceed ngram_max", parameter="ngram_min")
+    return out
+
+
+_SPECULATIVE = Arg((dict, bool), nullable=True, parse=parse_speculative)
 _LORAS = Arg((list,), nullable=True, parse=parse_loras)
 _SCALE = Arg(_NUM, default=1.0, check=_finite, code=ErrorCode.LORA_INVALID_SCALE)
 
@@ -162,6 +207,7 @@ SAMPLING: dict[str, Arg] = {
     "grammar": Arg(_STR, nullable=True, check=_nonempty),
     "credit": Arg(_INT, default=64, check=_credit),
     "loras": _LORAS,
+    "speculative": _SPECULATIVE,
 }
 
 OPS: dict[str, dict[str, Arg]] = {
@@ -191,6 +237,7 @@ OPS: dict[str, dict[str, Arg]] = {
         "kv_type": Arg(_STR, default="f16", check=_one_of("f16", "f32", "q8_0")),
         "flash_attn": Arg(_BOOL, nullable=True),
         "loras": _LORAS,
+        "speculative": _SPECULATIVE,
     },
     "close_context": {"context": Arg(_STR, required=True)},
     "generate": {

@@ -445,6 +445,7 @@ def test_specific_defaults() -> None:
         "kv_type": "f16",
         "flash_attn": None,
         "loras": None,
+        "speculative": None,
     }
     assert validate_args("load_model", {"path": "/m.gguf"}) == {
         "path": "/m.gguf",
