@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jinja2.sandbox
+import numpy as np
 import trio
 
 from lorad.protocol import ErrorCode, ProtocolError
@@ -21,7 +23,9 @@ from . import llama
 from .adapters import AdapterCache, LoadedAdapter
 from .registry import LoadedModel
 from .requests import RequestHandle
-from .speculative import OFF_METRICS, Drafter, drafter_for
+from .speculative import OFF_METRICS, Drafter, DraftModel, check_request, check_vocabularies
+from .speculative import refuse as refuse_speculative
+from .speculative import verify as verify_draft
 from .text import TextAssembler
 
 
@@ -61,6 +65,10 @@ class ContextActor:
         self.id = context_id
         self.speculative = speculative
         """The context's default for requests that do not choose (None/False: off)."""
+        self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
+        """How a draft model named by id or path is found (set by the server)."""
+        self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
+        """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self.model = model
         self.ctx = ctx
         self.adapters = adapters
@@ -191,9 +199,7 @@ class ContextActor:
         self._send.close()
         await self.stopped.wait()
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.ctx.close)
-            self.stack, self._applied = [], []
-            await self._sync_holds()
+            await self._free()
 
     def cancel_all(self) -> None:
         for job in list(self.queued):
@@ -222,6 +228,69 @@ class ContextActor:
             "loras": [e.to_wire() for e in self.stack],
             "params": self.params,
         }
+
+    # -- speculative decoding -----------------------------------------------------------------
+    async def prepare_speculative(self, spec: dict[str, Any]) -> DraftModel | None:
+        """Check that ``spec`` can run on this context (and set up its draft model)."""
+        model = self.model.model
+        if spec["mode"] == "mtp":
+            if model.n_nextn == 0:
+                raise refuse_speculative(spec, "no_mtp_heads", "this model has no multi-token-"
+                                         "prediction heads (llama_model_n_layer_nextn = 0)")
+            raise refuse_speculative(spec, "mtp_not_implemented", "driving MTP heads through "
+                                     "llama.cpp's C API is not implemented in lorad yet")
+        if not model.can_roll_back:
+            raise refuse_speculative(spec, "no_rollback", "this model's memory (recurrent or "
+                                     "hybrid) cannot roll back rejected draft tokens")
+        if spec["mode"] == "draft_model":
+            return DraftModel(await self.draft_context(spec["model"]), spec["p_min"])
+        return None
+
+    async def drafter(self, spec: dict[str, Any], args: dict[str, Any]) -> Drafter:
+        """The request's drafter; ``speculative_unsupported`` for what cannot run exactly."""
+        source = await self.prepare_speculative(spec)
+        check_request(spec, args, self.model.model.can_roll_back)
+        if source is None:
+            return Drafter("prompt_lookup", spec["max_draft"], spec["ngram_min"],
+                           spec["ngram_max"])
+        return Drafter("draft_model", spec["max_draft"], source=source)
+
+    async def dispose(self) -> None:
+        """Free a context whose task never started (its creation failed)."""
+        with trio.CancelScope(shield=True):
+            await self._free()
+
+    async def _free(self) -> None:
+        await trio.to_thread.run_sync(self.ctx.close)
+        for entry, draft in self.drafts.values():
+            await trio.to_thread.run_sync(draft.close)
+            entry.contexts.discard(self.id)
+        self.drafts.clear()
+        self.stack, self._applied = [], []
+        await self._sync_holds()
+
+    async def draft_context(self, ref: str) -> llama.Context:
+        """This context's llama context on the draft model ``ref`` (created on first use)."""
+        if self.resolve_model is None:
+            raise ProtocolError(ErrorCode.INTERNAL, "no model resolver for draft models")
+        entry = await self.resolve_model(ref)
+        if entry.id in self.drafts:
+            return self.drafts[entry.id][1]
+        if entry is self.model:
+            raise refuse_speculative({"mode": "draft_model"}, "same_model",
+                                     "the draft model is the target model itself; use a "
+                                     "smaller model with the same vocabulary")
+        target = self.model.model
+        await trio.to_thread.run_sync(check_vocabularies, target, entry.model)
+        if not entry.model.can_roll_back:
+            raise refuse_speculative({"mode": "draft_model"}, "no_rollback", "the draft model's "
+                                     "memory cannot roll back rejected tokens")
+        p = self.params
+        draft = await trio.to_thread.run_sync(lambda: llama.Context(
+            entry.model, n_ctx=self.ctx.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
+        self.drafts[entry.id] = (entry, draft)
+        entry.contexts.add(self.id)
+        return draft
 
     # -- generation ---------------------------------------------------------------------------
     async def _prompt_tokens(self, h: RequestHandle, args: dict[str, Any]) -> list[int]:
@@ -268,7 +337,9 @@ class ContextActor:
         )
         model, ctx = self.model.model, self.ctx
         spec = args["speculative"] if args["speculative"] is not None else self.speculative
-        drafter = drafter_for(spec, args, model.can_roll_back)
+        drafter = await self.drafter(spec, args) if spec else None
+        rng = np.random.default_rng(seed)
+        greedy = args["temperature"] == 0
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # clears the KV cache: it was computed under another stack
@@ -293,19 +364,15 @@ class ContextActor:
 
             def spec_step(prev: int, drafter: Drafter, room: int
                           ) -> list[tuple[int, list[list[float]] | None]]:
-                draft = drafter.draft(room)
+                draft, qs = drafter.draft(room, None if greedy else params, rng)
                 start = len(ctx.tokens)
                 rows = ctx.decode_rows([prev, *draft])
-                out = []
-                for i, row in enumerate(rows):
-                    token = int(row.argmax())  # greedy, as llama.cpp's greedy sampler
-                    out.append((token, ctx.top_logprobs(n_logprobs, row) if n_logprobs else None))
-                    if i >= len(draft) or draft[i] != token:
-                        break
-                accepted = len(out) - 1
+                tokens = verify_draft(rows, draft, qs, None if greedy else params, rng)
+                accepted = len(tokens) - 1
                 ctx.rollback(start + 1 + accepted)  # the KV cache keeps no rejected token
                 drafter.record(len(draft), accepted)
-                return out
+                return [(t, ctx.top_logprobs(n_logprobs, rows[i]) if n_logprobs else None)
+                        for i, t in enumerate(tokens)]
 
             if drafter is not None:
                 drafter.history = list(prompt)

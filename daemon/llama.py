@@ -194,6 +194,11 @@ class Model:
         return (C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
 
     @property
+    def n_nextn(self) -> int:
+        """Number of multi-token-prediction (MTP) layers; 0 for most models."""
+        return int(C.llama_model_n_layer_nextn(self.ptr))
+
+    @property
     def can_roll_back(self) -> bool:
         """Whether cached tokens can be removed one by one (not so for recurrent memory)."""
         return not (C.llama_model_is_recurrent(self.ptr) or C.llama_model_is_hybrid(self.ptr))

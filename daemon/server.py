@@ -382,13 +382,23 @@ class Daemon:
             "allowed_dirs": [str(d) for d in self.allowed.dirs],
             "adapter_dirs": [str(d) for d in self.adapter_dirs],
             "speculative": {
-                "modes": ["prompt_lookup"],
-                "sampling": False,
-                "per_model": {m.id: (["prompt_lookup"] if m.model.can_roll_back else [])
-                              for m in self.models},
-                "not_implemented": {"draft_model": "not implemented in this version",
-                                    "mtp": "not implemented in this version"},
+                "modes": ["prompt_lookup", "draft_model"],
+                "sampling": True,
+                "per_model": {m.id: self._speculative_modes(m) for m in self.models},
             },
+        }
+
+    @staticmethod
+    def _speculative_modes(entry: LoadedModel) -> dict[str, Any]:
+        rollback = entry.model.can_roll_back
+        why_not = None if rollback else "its memory cannot roll back rejected tokens"
+        nextn = entry.model.n_nextn
+        return {
+            "prompt_lookup": {"available": rollback, "reason": why_not},
+            "draft_model": {"available": rollback, "reason": why_not},
+            "mtp": {"available": False,
+                    "reason": "driving MTP heads is not implemented in lorad yet" if nextn
+                    else "the model has no MTP heads"},
         }
 
     async def _op_list_models(self, h: RequestHandle) -> list[dict[str, Any]]:
@@ -449,15 +459,19 @@ class Daemon:
                              max_queued=args["max_queued"], persistent=owner is None,
                              owner=owner, params=params, adapters=self.adapters,
                              speculative=args["speculative"])
-        if args["loras"]:
-            try:
+        actor.resolve_model = self._model_for
+        try:
+            if args["speculative"]:  # a context default that cannot run fails here, not later
+                await actor.prepare_speculative(args["speculative"])
+            if args["loras"]:
                 stack, held = await self._build_stack(entry, args["loras"], [])
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(ctx.close)
-                raise
-            await actor.set_stack(stack)
-            await self._release(held)
+                try:
+                    await actor.set_stack(stack)
+                finally:
+                    await self._release(held)
+        except BaseException:
+            await actor.dispose()
+            raise
         self.contexts[context_id] = actor
         entry.contexts.add(context_id)
         if owner is not None:

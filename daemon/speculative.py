@@ -1,10 +1,18 @@
-"""Speculative decoding: n-gram drafting from the prompt and the output (``prompt_lookup``).
+"""Speculative decoding: drafts from n-grams of the prompt and output (``prompt_lookup``) or
+from a smaller model with the same vocabulary (``draft_model``), verified by the target model.
 
-The target model verifies a draft in one batch; with greedy decoding a draft token is kept while
-it equals the target's own argmax, and the first disagreement is replaced by the target's token,
-so the output is the target's own, token for token, whatever the draft depth. The depth adapts:
-it halves after a step that accepted nothing and grows again while drafts are accepted; at
-depth 0 a one-token draft is retried every ``PROBE_EVERY`` steps.
+The target verifies a draft in one batch. Greedy (temperature 0): a draft token is kept while it
+equals the target's argmax, and the first disagreement is replaced by the target's token, so the
+output is the target's own, token for token, whatever the draft depth. Sampling: the standard
+speculative-sampling rule (accept a draft token ``d`` with probability ``min(1, p(d)/q(d))``,
+else sample from ``max(0, p - q)`` renormalised; after a fully accepted draft, sample one more
+token from ``p``), where ``p`` is the target's distribution after the request's own sampler
+chain (top-k, top-p, min-p, temperature, as in ``llama.Sampler``) and ``q`` the draft's (a
+one-hot for n-gram drafts): the output distribution is the target's own.
+
+The depth adapts: it halves after a step that accepted nothing and grows again while drafts are
+accepted; at depth 0 a one-token draft is retried every ``PROBE_EVERY`` steps, so a prompt the
+method cannot help costs almost nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from lorad.protocol import ErrorCode, ProtocolError
+
+from . import llama
 
 PROBE_EVERY = 8
 
@@ -33,14 +45,113 @@ def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int) -> 
     return []
 
 
+def chain_probs(logits: np.ndarray, p: llama.SamplingParams) -> np.ndarray:
+    """The distribution ``llama.Sampler`` samples from for ``logits`` (temperature > 0):
+    top-k, then top-p and min-p on what is left, then temperature, then softmax."""
+    x = logits.astype(np.float64)
+    n = x.shape[0]
+    order = np.argsort(-x, kind="stable")
+    keep = order[: p.top_k] if 0 < p.top_k < n else order
+    if p.top_p < 1.0:
+        probs = np.exp(x[keep] - x[keep[0]])
+        cum = np.cumsum(probs / probs.sum())
+        keep = keep[: int(np.searchsorted(cum, p.top_p)) + 1]  # include the crossing token
+    if p.min_p > 0.0:
+        keep = keep[x[keep] >= x[keep[0]] + np.log(p.min_p)]
+    z = x[keep] / p.temperature
+    w = np.exp(z - z.max())
+    out = np.zeros(n)
+    out[keep] = w / w.sum()
+    return out
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def verify(rows: np.ndarray, draft: list[int], qs: list[np.ndarray] | None,
+           params: llama.SamplingParams | None, rng: np.random.Generator) -> list[int]:
+    """The tokens a verification step produces: accepted draft tokens, then one more.
+
+    ``rows[i]`` are the target's logits after the i-th token of ``[prev, *draft]``; ``qs`` the
+    draft's distributions (None: deterministic drafts); ``params`` None means greedy.
+    """
+    out: list[int] = []
+    for i, d in enumerate(draft):
+        if params is None:
+            token = int(rows[i].argmax())  # as llama.cpp's greedy sampler
+            out.append(token)
+            if token != d:
+                return out
+            continue
+        p = chain_probs(rows[i], params)
+        q_d = 1.0 if qs is None else float(qs[i][d])
+        if q_d > 0 and rng.random() < min(1.0, p[d] / q_d):
+            out.append(d)
+            continue
+        if qs is None:
+            residual = p.copy()
+            residual[d] = 0.0
+        else:
+            residual = np.maximum(p - qs[i], 0.0)
+        out.append(sample(residual if residual.sum() > 0 else p, rng))
+        return out
+    last = rows[len(draft)]
+    out.append(int(last.argmax()) if params is None else sample(chain_probs(last, params), rng))
+    return out
+
+
+class DraftModel:
+    """A draft model's own llama context, kept in step with the target's history."""
+
+    def __init__(self, ctx: llama.Context, p_min: float) -> None:
+        self.ctx = ctx
+        self.p_min = p_min
+
+    def propose(self, history: list[int], n: int, params: llama.SamplingParams | None,
+                rng: np.random.Generator) -> tuple[list[int], list[np.ndarray] | None]:
+        if n <= 0:
+            return [], None
+        ctx = self.ctx
+        if len(history) + n > ctx.n_ctx:
+            return [], None
+        ctx.eval_prompt(history, lambda: False)  # reuses the common prefix of its KV cache
+        tokens: list[int] = []
+        qs: list[np.ndarray] = []
+        for i in range(n):
+            logits = ctx.logits()
+            if params is None:
+                z = logits.astype(np.float64)
+                token = int(z.argmax())
+                prob = 1.0 / np.exp(z - z[token]).sum()
+            else:
+                # Draw from q restricted to tokens of probability >= p_min (renormalised), and
+                # verify against that same distribution: exactness needs the q drawn from.
+                q = chain_probs(logits, params)
+                q[q < self.p_min] = 0.0
+                if q.sum() <= 0:
+                    break
+                q /= q.sum()
+                token, prob = sample(q, rng), 1.0
+                qs.append(q)
+            if prob < self.p_min:
+                break
+            tokens.append(token)
+            if i + 1 < n:
+                ctx.decode_token(token)
+        return tokens, (qs if params is not None else None)
+
+
 @dataclass
 class Drafter:
     """Per-request drafting state: parameters, adaptive depth and counters."""
 
     mode: str
-    ngram_min: int
-    ngram_max: int
     max_draft: int
+    ngram_min: int = 1
+    ngram_max: int = 3
+    source: DraftModel | None = None
     depth: int = 0
     steps: int = 0
     drafted: int = 0
@@ -50,11 +161,15 @@ class Drafter:
     def __post_init__(self) -> None:
         self.depth = self.max_draft
 
-    def draft(self, limit: int) -> list[int]:
-        """The next draft, at most ``limit`` tokens (room left in max_tokens and n_ctx)."""
+    def draft(self, limit: int, params: llama.SamplingParams | None,
+              rng: np.random.Generator) -> tuple[list[int], list[np.ndarray] | None]:
+        """The next draft (at most ``limit`` tokens: room left in max_tokens and n_ctx) and
+        the draft's distributions (None for deterministic drafts)."""
         self.steps += 1
-        depth = self.depth or (1 if self.steps % PROBE_EVERY == 0 else 0)
-        return lookup_draft(self.history, self.ngram_min, self.ngram_max, min(depth, limit))
+        depth = min(self.depth or (1 if self.steps % PROBE_EVERY == 0 else 0), limit)
+        if self.source is not None:
+            return self.source.propose(self.history, depth, params, rng)
+        return lookup_draft(self.history, self.ngram_min, self.ngram_max, depth), None
 
     def record(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
@@ -82,25 +197,31 @@ OFF_METRICS = {"speculative": False, "speculative_mode": None, "drafted_tokens":
                "accepted_tokens": 0, "acceptance_rate": None}
 
 
-def drafter_for(spec: dict[str, Any] | bool | None, args: dict[str, Any],
-                can_roll_back: bool) -> Drafter | None:
-    """The request's drafter, or None when speculative decoding is off; raises
-    ``speculative_unsupported`` for a combination it cannot run exactly."""
-    if not spec:
-        return None
+def refuse(spec: dict[str, Any], reason: str, message: str, **details: Any) -> ProtocolError:
+    return ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED, f"speculative: {message}",
+                         field="speculative", reason=reason, mode=spec["mode"], **details)
 
-    def refuse(reason: str, message: str) -> ProtocolError:
-        return ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED, f"speculative: {message}",
-                             field="speculative", reason=reason, mode=spec["mode"])
 
-    if args["temperature"] != 0:
-        raise refuse("sampling_not_implemented",
-                     "only greedy decoding (temperature 0) is verified exactly in this version; "
-                     "pass speculative=False or temperature=0")
+def check_request(spec: dict[str, Any], args: dict[str, Any], can_roll_back: bool) -> None:
+    """Raise ``speculative_unsupported`` for a combination that cannot run exactly."""
     if args["grammar"] is not None or args["repeat_penalty"] != 1.0:
-        raise refuse("sampler_not_supported",
-                     "grammar and repeat_penalty are not supported with speculative decoding")
+        raise refuse(spec, "sampler_not_supported", "grammar and repeat_penalty are not "
+                     "supported with speculative decoding; pass speculative=False")
     if not can_roll_back:
-        raise refuse("no_rollback", "this model's memory (recurrent) cannot roll back rejected "
-                     "draft tokens")
-    return Drafter(spec["mode"], spec["ngram_min"], spec["ngram_max"], spec["max_draft"])
+        raise refuse(spec, "no_rollback", "this model's memory (recurrent or hybrid) cannot "
+                     "roll back rejected draft tokens")
+
+
+def check_vocabularies(target: llama.Model, draft: llama.Model) -> None:
+    """Raise ``speculative_unsupported`` unless ``draft`` tokenizes exactly like ``target``."""
+    spec = {"mode": "draft_model"}
+    if target.n_vocab != draft.n_vocab:
+        raise refuse(spec, "vocab_mismatch", f"the draft model's vocabulary has {draft.n_vocab} "
+                     f"tokens, the target's {target.n_vocab}",
+                     target_vocab=target.n_vocab, draft_vocab=draft.n_vocab)
+    if (target.add_bos, target.bos, target.eos) != (draft.add_bos, draft.bos, draft.eos):
+        raise refuse(spec, "vocab_mismatch", "the draft model's special tokens differ")
+    for i in range(target.n_vocab):
+        if target.token_text(i) != draft.token_text(i):
+            raise refuse(spec, "vocab_mismatch", f"token {i} is {target.token_text(i)!r} in the "
+                         f"target and {draft.token_text(i)!r} in the draft model", token=i)

@@ -146,14 +146,21 @@ _BOOL = (bool,)
 _ID = (int, str)
 
 SPECULATIVE_MODES = ("prompt_lookup", "draft_model", "mtp")
-_SPEC_KEYS = {"prompt_lookup": {"ngram_min": (1, 1, 8), "ngram_max": (3, 1, 8),
-                                "max_draft": (8, 1, 64)}}
+_REQUIRED = object()
+# mode -> parameter -> (type, default, low, high)
+_SPEC_PARAMS: dict[str, dict[str, tuple[type, Any, Any, Any]]] = {
+    "prompt_lookup": {"ngram_min": (int, 1, 1, 8), "ngram_max": (int, 3, 1, 8),
+                      "max_draft": (int, 8, 1, 64)},
+    "draft_model": {"model": (str, _REQUIRED, None, None), "max_draft": (int, 8, 1, 64),
+                    "p_min": (float, 0.5, 0.0, 1.0)},
+    "mtp": {"max_draft": (int, 1, 1, 8)},
+}
 
 
 def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
     """``False`` (off) or ``{"mode": ..., parameters}`` with defaults filled in.
 
-    Anything this daemon cannot run as asked is ``speculative_unsupported`` with a reason.
+    A request this daemon cannot run as asked is ``speculative_unsupported`` with a reason.
     """
     if value is False:
         return False
@@ -166,26 +173,30 @@ def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "speculative must be false or a map with a "
                             "string 'mode'", field="speculative")
     mode = value["mode"]
-    if mode not in _SPEC_KEYS:
-        if mode in SPECULATIVE_MODES:
-            raise refuse("mode_not_implemented", f"mode {mode!r} is not implemented in this "
-                         "version; use 'prompt_lookup'", mode=mode, available=sorted(_SPEC_KEYS))
+    if mode not in _SPEC_PARAMS:
         raise refuse("unknown_mode", f"unknown mode {mode!r}", mode=mode,
                      known=list(SPECULATIVE_MODES))
-    out: dict[str, Any] = {"mode": mode}
-    keys = _SPEC_KEYS[mode]
-    unknown = sorted(set(value) - set(keys) - {"mode"}, key=str)
+    spec = _SPEC_PARAMS[mode]
+    unknown = sorted(set(value) - set(spec) - {"mode"}, key=str)
     if unknown:
         raise refuse("unknown_parameter", f"unknown parameter {unknown[0]!r} for {mode}",
-                     parameter=unknown[0], accepted=sorted(keys))
-    for key, (default, lo, hi) in keys.items():
+                     mode=mode, parameter=unknown[0], accepted=sorted(spec))
+    out: dict[str, Any] = {"mode": mode}
+    for key, (kind, default, lo, hi) in spec.items():
         v = value.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise refuse("out_of_range", f"{key} must be an integer in {lo}..{hi}, got {v!r}",
+        if v is _REQUIRED:
+            raise refuse("missing_parameter", f"{mode} needs {key!r}", mode=mode, parameter=key)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else kind)
+        if ok and lo is not None:
+            ok = math.isfinite(v) and lo <= v <= hi
+        if not ok or (kind is str and not v):
+            what = f"in {lo}..{hi}" if lo is not None else "a non-empty string"
+            raise refuse("out_of_range", f"{key} must be {what}, got {v!r}", mode=mode,
                          parameter=key)
-        out[key] = v
+        out[key] = float(v) if kind is float else v
     if mode == "prompt_lookup" and out["ngram_min"] > out["ngram_max"]:
-        raise refuse("out_of_range", "ngram_min must not exceed ngram_max", parameter="ngram_min")
+        raise refuse("out_of_range", "ngram_min must not exceed ngram_max", mode=mode,
+                     parameter="ngram_min")
     return out
 
 

@@ -11,11 +11,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tinymodels
 from conftest import DaemonProcess, start_daemon
-from lorad.client import BadRequest, Client, SpeculativeUnsupported
+from lorad.client import BadRequest, Client, NotFound, SpeculativeUnsupported
+from lorad.daemon import llama
+from lorad.daemon.speculative import chain_probs, lookup_draft, verify
 
 # Repetitive, input-grounded: n-gram drafts find matches in it.
 PROMPT = "the cat and the dog and the cat and the dog and the cat and the dog and the"
@@ -28,7 +31,20 @@ def spec_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tinymodels.tiny_llama_tensors(seed=0)
     model = tinymodels.write_tiny_llama(root / "base.gguf", seed=0)
     lora = tinymodels.write_lora(root / "a.gguf", base, rank=4, alpha=8, seed=1, std=0.3).path
-    return {"root": root, "model": model, "lora": lora}
+    rng = np.random.default_rng(5)
+    noisy = {name: base[name] + rng.normal(0, 0.15, base[name].shape).astype(np.float32)
+             for name in ("output.weight", "blk.1.ffn_down.weight")}
+    vocab = tinymodels.default_vocab()
+    other = tinymodels.TinyVocab(tokens=[*vocab.tokens[:-1], "zz-other"], scores=vocab.scores,
+                                 token_types=vocab.token_types)
+    return {
+        "root": root, "model": model, "lora": lora,
+        "copy": tinymodels.write_tiny_llama(root / "draft-copy.gguf", seed=0),
+        "perturbed": tinymodels.write_tiny_llama(root / "draft-perturbed.gguf", seed=0,
+                                                 weights=noisy),
+        "other_vocab": tinymodels.write_tiny_llama(root / "draft-vocab.gguf", seed=0,
+                                                   vocab=other),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -115,44 +131,184 @@ def test_context_default_and_request_override(client: Client, spec_files) -> Non
         assert by_default.metrics["speculative"] is True
         _, _, off = greedy(ctx, max_tokens=30, speculative=False)
         assert off.metrics["speculative"] is False
+        sampled = ctx.generate(PROMPT, max_tokens=30, temperature=0.8, seed=3)
+        sampled.collect()
+        assert sampled.metrics["speculative"] is True  # sampling runs speculatively too
         with pytest.raises(SpeculativeUnsupported) as info:  # the context's choice, refused
-            ctx.generate(PROMPT, max_tokens=4, temperature=0.8).collect()
-        assert info.value.details["reason"] == "sampling_not_implemented"
-        # Off for this request: sampling runs normally.
-        ctx.generate(PROMPT, max_tokens=4, temperature=0.8, speculative=False).collect()
+            ctx.generate(PROMPT, max_tokens=4, temperature=0, repeat_penalty=1.2).collect()
+        assert info.value.details["reason"] == "sampler_not_supported"
+        # Off for this request: the penalty runs normally.
+        ctx.generate(PROMPT, max_tokens=4, temperature=0, repeat_penalty=1.2,
+                     speculative=False).collect()
 
 
 @pytest.mark.parametrize(("spec", "reason"), [
     ({"mode": "telepathy"}, "unknown_mode"),
-    ({"mode": "draft_model", "model": "x"}, "mode_not_implemented"),
-    ({"mode": "mtp"}, "mode_not_implemented"),
+    ({"mode": "draft_model"}, "missing_parameter"),
+    ({"mode": "mtp"}, "no_mtp_heads"),
     ({"mode": "prompt_lookup", "max_draft": 0}, "out_of_range"),
     ({"mode": "prompt_lookup", "max_draft": 65}, "out_of_range"),
+    ({"mode": "draft_model", "model": "x", "p_min": 1.5}, "out_of_range"),
     ({"mode": "prompt_lookup", "ngram_min": 3, "ngram_max": 2}, "out_of_range"),
     ({"mode": "prompt_lookup", "depth": 3}, "unknown_parameter"),
+    ("other_vocab", "vocab_mismatch"),
+    ("model", "same_model"),
 ])
 def test_unsupported_requests_fail_loudly(client: Client, spec_files, spec, reason) -> None:
+    if isinstance(spec, str):
+        spec = {"mode": "draft_model", "model": str(spec_files[spec])}
     with client.create_context(spec_files["model"], n_ctx=128) as ctx:
         with pytest.raises(SpeculativeUnsupported) as info:
             ctx.generate(PROMPT, max_tokens=4, temperature=0, speculative=spec).collect()
         assert info.value.details["reason"] == reason
-        with pytest.raises(SpeculativeUnsupported):
-            client.create_context(spec_files["model"], n_ctx=128, speculative=spec)
+        assert ctx.generate(PROMPT, max_tokens=4, temperature=0).collect()  # still works
+    before = len(client.list_contexts())
+    with pytest.raises(SpeculativeUnsupported):
+        client.create_context(spec_files["model"], n_ctx=128, speculative=spec)
+    assert len(client.list_contexts()) == before
+
+
+def test_other_refusals(client: Client, spec_files) -> None:
     with client.create_context(spec_files["model"], n_ctx=128) as ctx:
-        for params in ({"temperature": 0.5}, {"temperature": 0, "repeat_penalty": 1.1},
-                       {"temperature": 0, "grammar": 'root ::= "a"'}):
+        for params in ({"repeat_penalty": 1.1}, {"grammar": 'root ::= "a"'}):
             with pytest.raises(SpeculativeUnsupported):
-                ctx.generate(PROMPT, max_tokens=4, speculative=LOOKUP, **params).collect()
+                ctx.generate(PROMPT, max_tokens=4, temperature=0, speculative=LOOKUP,
+                             **params).collect()
         with pytest.raises(BadRequest):
             ctx.generate(PROMPT, max_tokens=4, speculative=True).collect()
+        with pytest.raises(NotFound):
+            ctx.generate(PROMPT, max_tokens=4, speculative={"mode": "draft_model",
+                                                            "model": "no-such-model"}).collect()
 
 
 def test_capabilities_list_the_modes(client: Client, spec_files) -> None:
     model = client.load_model(spec_files["model"])
     caps = client.capabilities()["speculative"]
-    assert caps["modes"] == ["prompt_lookup"]
-    assert caps["per_model"][model["id"]] == ["prompt_lookup"]
-    assert set(caps["not_implemented"]) == {"draft_model", "mtp"}
+    assert caps["modes"] == ["prompt_lookup", "draft_model"] and caps["sampling"] is True
+    modes = caps["per_model"][model["id"]]
+    assert modes["prompt_lookup"]["available"] and modes["draft_model"]["available"]
+    assert modes["mtp"] == {"available": False, "reason": "the model has no MTP heads"}
+
+
+# -- draft model -------------------------------------------------------------------------------
+def draft(spec_files, which: str, **params) -> dict:
+    return {"mode": "draft_model", "model": str(spec_files[which]), **params}
+
+
+@pytest.mark.parametrize("which", ["copy", "perturbed"])
+def test_draft_model_greedy_is_identical(client: Client, spec_files, which: str) -> None:
+    with client.create_context(spec_files["model"], n_ctx=512) as ctx:
+        off, _, _ = greedy(ctx, speculative=False)
+        for depth in (1, 4, 16):
+            on, _, stream = greedy(ctx, speculative=draft(spec_files, which, max_draft=depth,
+                                                          p_min=0.0))
+            assert on == off
+            m = stream.metrics
+            assert m["speculative_mode"] == "draft_model" and m["drafted_tokens"] > 0
+            if which == "copy":
+                assert m["acceptance_rate"] == 1.0
+            else:
+                assert 0 < m["acceptance_rate"] < 1
+        cut, _, _ = greedy(ctx, speculative=draft(spec_files, which, max_draft=16), max_tokens=9)
+        assert cut == off[:9]
+        info = [c for c in client.list_contexts() if c["id"] == ctx.id]
+        assert info  # the draft context belongs to this context: no other context appears
+    # Closing the target context frees its draft context.
+    draft_model = next(m for m in client.list_models() if m["path"] == str(spec_files[which]))
+    assert draft_model["contexts"] == []
+
+
+def test_draft_model_with_a_lora_stack(client: Client, spec_files) -> None:
+    stack = [(spec_files["lora"], 0.7)]
+    with client.create_context(spec_files["model"], n_ctx=512, loras=stack) as ctx:
+        off, _, _ = greedy(ctx, speculative=False)
+        on, _, stream = greedy(ctx, speculative=draft(spec_files, "copy", p_min=0.0))
+        assert on == off
+        # The draft runs without the adapters: it now proposes the base model's tokens.
+        assert stream.metrics["acceptance_rate"] < 1
+
+
+# -- sampling: the output distribution is the target's own ------------------------------------
+def test_verify_keeps_the_target_distribution() -> None:
+    """The acceptance rule, on a 5-token vocabulary: the first produced token is distributed as
+    the target's p whatever the draft's q (checked to 3 sigma of the binomial error)."""
+    params = llama.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    p = chain_probs(logits, params)
+    assert np.allclose(p, [0.5, 0.2, 0.15, 0.1, 0.05])
+    rows = np.stack([logits, logits])
+    rng = np.random.default_rng(0)
+    n = 20000
+    for q in (None, np.array([0.05, 0.05, 0.1, 0.2, 0.6]), np.array([0.0, 1.0, 0.0, 0.0, 0.0])):
+        counts = np.zeros(5)
+        for _ in range(n):
+            if q is None:
+                d = 3  # an n-gram draft: deterministic
+            else:
+                d = int(rng.choice(5, p=q))
+            counts[verify(rows, [d], None if q is None else [q], params, rng)[0]] += 1
+        assert np.all(np.abs(counts / n - p) <= 3 * np.sqrt(p * (1 - p) / n) + 1e-9), counts
+
+
+def test_chain_probs_mirror_the_sampler_chain() -> None:
+    params = llama.SamplingParams(temperature=0.5, top_k=3, top_p=0.9, min_p=0.2)
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.06, 0.04]))
+    p = chain_probs(logits, params)
+    # top_k keeps 3; top_p (on those, renormalised: .444 .333 .222) keeps 3 (0.778 < 0.9);
+    # min_p 0.2: .222 >= .2 * .444 keeps all 3; temperature 0.5 squares them.
+    kept = np.array([0.4, 0.3, 0.2]) ** 2
+    assert np.allclose(p[:3], kept / kept.sum()) and p[3] == p[4] == 0
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile; z = 3.09 is p = 0.001."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def test_speculative_sampling_matches_plain_sampling(client: Client, spec_files) -> None:
+    """Token frequencies at the first speculative position over many seeded samples, on
+    (perturbed draft model, every token drafted) versus off: a chi-square homogeneity test at
+    p = 0.001. The draft's own distribution differs enough that accepting drafts blindly fails
+    this test (see the last assertion)."""
+    n = 300
+    spec = draft(spec_files, "perturbed", max_draft=3, p_min=0.0)
+    prompt = "the cat and the"
+
+    def second_tokens(ctx, speculative) -> list[int]:
+        out = []
+        for seed in range(n):
+            stream = ctx.generate(prompt, max_tokens=2, temperature=1.0, seed=seed,
+                                  speculative=speculative)
+            tokens = [t for c in stream for t in c.token_ids]
+            out.append(tokens[1])
+        return out
+
+    with client.create_context(spec_files["model"], n_ctx=128) as ctx:
+        off = second_tokens(ctx, False)
+        on = second_tokens(ctx, spec)
+    with client.create_context(spec_files["perturbed"], n_ctx=128) as draft_ctx:
+        blind = second_tokens(draft_ctx, False)  # what always accepting the draft would give
+
+    def chi2(a: list[int], b: list[int]) -> tuple[float, int]:
+        tokens = sorted(set(a) | set(b))
+        table = np.array([[a.count(t) for t in tokens], [b.count(t) for t in tokens]], float)
+        big = table.sum(axis=0) >= 10  # pool rare tokens so expected counts stay >= 5
+        table = np.column_stack([table[:, big], table[:, ~big].sum(axis=1)])
+        table = table[:, table.sum(axis=0) > 0]
+        expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0) / table.sum()
+        return float(((table - expected) ** 2 / expected).sum()), table.shape[1] - 1
+
+    stat, df = chi2(on, off)
+    assert stat < chi_square_critical(df), (stat, df)
+    stat, df = chi2(blind, off)
+    assert stat > chi_square_critical(df), (stat, df)
+
+
+def test_lookup_draft() -> None:
+    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 5) == [3, 4, 1, 2]
+    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 1) == [3]
+    assert lookup_draft([5, 6, 7], 1, 3, 4) == []
+    assert lookup_draft([1, 2, 3], 1, 3, 0) == []
 
 
 def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path: Path) -> None:
