@@ -330,3 +330,20 @@ def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path
     finally:
         assert d.stop() == 0, d.log()
     assert '"speculative": true' in d.log() and '"drafted_tokens"' in d.log()
+
+
+def test_cancel_mid_stream_leaves_a_clean_cache(client: Client, spec_files) -> None:
+    deep = {"mode": "prompt_lookup", "max_draft": 16}
+    with client.create_context(spec_files["model"], n_ctx=512) as ctx, \
+            client.create_context(spec_files["model"], n_ctx=512) as fresh:
+        stream = ctx.generate(PROMPT, max_tokens=200, temperature=0, speculative=deep, credit=1)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received == 5:
+                stream.cancel()  # the loop goes on to the cancelled end and its metrics
+        assert stream.finish_reason == "cancelled"
+        # Stopped within one verification step: at most one draft (16) + 1 past what we read,
+        # give or take the one item of credit in flight.
+        assert stream.metrics["generated_tokens"] <= received + 17 + 1
+        assert greedy(ctx, prompt=PROMPT + " dog")[0] == greedy(fresh, prompt=PROMPT + " dog")[0]
