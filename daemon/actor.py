@@ -340,6 +340,7 @@ class ContextActor:
         drafter = await self.drafter(spec, args) if spec else None
         rng = np.random.default_rng(seed)
         greedy = args["temperature"] == 0
+        plain_greedy = greedy and args["grammar"] is None and args["repeat_penalty"] == 1.0
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # clears the KV cache: it was computed under another stack
@@ -360,6 +361,8 @@ class ContextActor:
                 if prev is not None:
                     ctx.decode_token(prev)
                 logprobs = ctx.top_logprobs(n_logprobs) if n_logprobs else None
+                if plain_greedy:  # numpy's argmax: the greedy sampler's choice, 10x cheaper
+                    return [(int(ctx.logits().argmax()), logprobs)]
                 return [(sampler.sample(ctx), logprobs)]
 
             def spec_step(prev: int, drafter: Drafter, room: int

@@ -483,3 +483,18 @@ def test_config_stack_and_cli_override(tmp_path: Path, files: Files) -> None:
             assert refs(c.context("default").loras()) == [(str(files.b.path), -0.5)]
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_fast_header_reader_agrees_with_gguf(files: Files) -> None:
+    import gguf
+
+    from lorad.daemon.lora import read_gguf_header
+
+    for path in (files.model, files.a.path, files.alora):
+        reader = gguf.GGUFReader(path)
+        meta, shapes = read_gguf_header(path)
+        assert shapes == {t.name: tuple(int(n) for n in reversed(t.shape.tolist()))
+                          for t in reader.tensors}
+        for key in ("general.architecture", "general.type", "general.name"):
+            field = reader.get_field(key)
+            assert meta.get(key) == (field.contents() if field else None)
