@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow bench lint clean
+.PHONY: serve test test-slow bench bench-lora lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,9 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py
+
+bench-lora: $(VENV)/.installed
+	$(PY) bench/lora.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
