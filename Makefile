@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow bench bench-lora lint clean
+.PHONY: serve test test-slow bench bench-lora bench-speculative lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,9 @@ bench: $(VENV)/.installed
 
 bench-lora: $(VENV)/.installed
 	$(PY) bench/lora.py
+
+bench-speculative: $(VENV)/.installed
+	$(PY) bench/speculative.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
