@@ -63,6 +63,11 @@ class ContextActor:
                  params: dict[str, Any], adapters: AdapterCache,
                  speculative: dict[str, Any] | bool | None = None) -> None:
         self.id = context_id
+        self.creator: bytes | None = owner
+        """The client that created it (None: the config file's); only it may use a private
+        context."""
+        self.shared = owner is None
+        """Whether every client may use it (config contexts, and those created shared=True)."""
         self.speculative = speculative
         """The context's default for requests that do not choose (None/False: off)."""
         self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
@@ -224,6 +229,7 @@ class ContextActor:
             "running": self.current.handle.rid if self.current else None,
             "cached_tokens": len(self.ctx.tokens),
             "persistent": self.persistent,
+            "shared": self.shared,
             "requests_done": self.requests_done,
             "loras": [e.to_wire() for e in self.stack],
             "params": self.params,

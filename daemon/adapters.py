@@ -58,7 +58,9 @@ class LoadedAdapter:
 class AdapterCache:
     """Loads, shares and frees adapters; every public method may be called from trio tasks."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = 4 * 1024**3) -> None:
+        self.max_bytes = max_bytes
+        """Total adapter tensor bytes allowed (``limits.max_adapter_bytes``)."""
         self._entries: dict[Key, LoadedAdapter] = {}
         self._loading: dict[Key, trio.Event] = {}
         self._locks: dict[str, trio.Lock] = {}
@@ -112,6 +114,12 @@ class AdapterCache:
             wire = [p.to_wire() for p in problems]
             first = problems[0]
             raise ProtocolError(first.code, first.message, **first.details, problems=wire)
+        loaded = sum(e.info.nbytes for e in self._entries.values())
+        if loaded + info.nbytes > self.max_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE,
+                                f"{path.name} needs {info.nbytes} bytes; loaded adapters hold "
+                                f"{loaded} of limits.max_adapter_bytes ({self.max_bytes})",
+                                path=str(path), limit="max_adapter_bytes", value=self.max_bytes)
         if info.identity != key[2]:  # rewritten while we read it: try again later
             raise ProtocolError(ErrorCode.LORA_LOAD_FAILED,
                                 f"{path.name} changed while it was being read; retry",

@@ -76,7 +76,7 @@ class Daemon:
         self.adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
         self.allowed_adapters = AllowedDirs([*config.allowed_dirs, *config.adapter_dirs])
         self.models = ModelRegistry(self.allowed)
-        self.adapters = AdapterCache()
+        self.adapters = AdapterCache(config.limits.max_adapter_bytes)
         self.contexts: dict[str, ContextActor] = {}
         self.peers: dict[bytes, Peer] = {}
         self.draining = False
@@ -355,7 +355,7 @@ class Daemon:
                 "time": time.time()}
 
     async def _op_status(self, h: RequestHandle) -> dict[str, Any]:
-        contexts = [a.info() for a in self.contexts.values()]
+        contexts = [a.info() for a in self.contexts.values() if self._visible(a, h.peer)]
         return {
             "version": VERSION,
             "pid": os.getpid(),
@@ -365,6 +365,7 @@ class Daemon:
             "models": [m.info() for m in self.models],
             "contexts": contexts,
             "adapters": [a.to_wire() for a in self.adapters],
+            "contexts_total": len(self.contexts),
             "queued_requests": sum(c["queued"] for c in contexts),
             "running_requests": sum(1 for c in contexts if c["running"] is not None),
             "clients": len(self.peers),
@@ -415,7 +416,7 @@ class Daemon:
         return [m.info() for m in self.models]
 
     async def _op_list_contexts(self, h: RequestHandle) -> list[dict[str, Any]]:
-        return [a.info() for a in self.contexts.values()]
+        return [a.info() for a in self.contexts.values() if self._visible(a, h.peer)]
 
     async def _op_load_model(self, h: RequestHandle) -> dict[str, Any]:
         a = h.args
@@ -440,8 +441,13 @@ class Daemon:
         return {"model": entry.id, "unloaded": True, "closed_contexts": closed}
 
     async def _op_create_context(self, h: RequestHandle) -> dict[str, Any]:
+        if h.args["persistent"] and not h.args["shared"]:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "a persistent context outlives its "
+                                "creator's connection, so a private one would be unreachable: "
+                                "pass shared=True as well", field="persistent")
+        self._check_context_limits(h.peer, h.args)
         owner = None if h.args["persistent"] else h.peer
-        actor = await self._create_context(h.args, owner=owner)
+        actor = await self._create_context(h.args, owner=owner, creator=h.peer)
         if h.cancelled and not actor.persistent:  # the creator went away while we built it
             await self._close_context(actor)
         return actor.info()
@@ -451,10 +457,29 @@ class Daemon:
             return await self.models.load(ref)
         return self.models.get(ref)
 
+    def _check_context_limits(self, peer: bytes, args: dict[str, Any]) -> None:
+        limits = self.limits
+        if len(self.contexts) >= limits.max_contexts:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"the daemon already has "
+                                f"{len(self.contexts)} contexts (limits.max_contexts)",
+                                limit="max_contexts", value=limits.max_contexts)
+        mine = sum(1 for a in self.contexts.values() if a.creator == peer)
+        if mine >= limits.max_contexts_per_client:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"this client already has {mine} contexts "
+                                "(limits.max_contexts_per_client)",
+                                limit="max_contexts_per_client",
+                                value=limits.max_contexts_per_client)
+        if args["n_ctx"] > limits.max_n_ctx:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"n_ctx {args['n_ctx']} is above "
+                                f"limits.max_n_ctx ({limits.max_n_ctx})", field="n_ctx",
+                                limit="max_n_ctx", value=limits.max_n_ctx)
+
     async def _create_context(self, args: dict[str, Any], *, owner: bytes | None,
-                              context_id: str | None = None) -> ContextActor:
+                              context_id: str | None = None,
+                              creator: bytes | None = None) -> ContextActor:
         entry = await self._model_for(args["model"])
-        n_ctx = args["n_ctx"] or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX)
+        n_ctx = args["n_ctx"] or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
+                                     self.limits.max_n_ctx)
         n_threads = args["n_threads"] or os.cpu_count() or 1
         n_batch = min(args["n_batch"], n_ctx)
         ctx = await trio.to_thread.run_sync(
@@ -464,11 +489,14 @@ class Daemon:
         context_id = context_id or f"ctx-{secrets.token_hex(4)}"
         params = {"n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
                   "seed": args["seed"], "kv_type": args["kv_type"],
-                  "flash_attn": args["flash_attn"], "speculative": args["speculative"]}
+                  "flash_attn": args["flash_attn"], "speculative": args["speculative"],
+                  "shared": creator is None or args["shared"]}
         actor = ContextActor(context_id, entry, ctx, seed=args["seed"],
                              max_queued=args["max_queued"], persistent=owner is None,
                              owner=owner, params=params, adapters=self.adapters,
                              speculative=args["speculative"])
+        actor.creator = creator
+        actor.shared = creator is None or args["shared"]
         actor.resolve_model = self._model_for
         try:
             if args["speculative"]:  # a context default that cannot run fails here, not later
@@ -506,20 +534,33 @@ class Daemon:
         await actor.close()
         log.info("context_closed", context=actor.id)
 
-    def _context(self, context_id: str) -> ContextActor:
+    def _visible(self, actor: ContextActor, peer: bytes) -> bool:
+        """A client sees its own contexts and the shared ones (config contexts are shared)."""
+        return actor.shared or actor.creator == peer
+
+    def _context(self, context_id: str, peer: bytes) -> ContextActor:
+        """The context, if ``peer`` may use it; another client's private context is
+        ``not_found`` exactly like one that does not exist."""
         actor = self.contexts.get(context_id)
-        if actor is None or actor.closing:
+        if actor is None or actor.closing or not self._visible(actor, peer):
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no context {context_id!r}",
                                 context=context_id)
         return actor
 
     async def _op_close_context(self, h: RequestHandle) -> dict[str, Any]:
-        actor = self._context(h.args["context"])
+        actor = self._context(h.args["context"], h.peer)
         await self._close_context(actor)
         return {"context": actor.id, "closed": True}
 
     async def _op_generate(self, h: RequestHandle) -> None:
-        actor = self._context(h.args["context"])
+        actor = self._context(h.args["context"], h.peer)
+        peer = self.peers.get(h.peer)
+        streams = sum(1 for r in peer.requests.values() if r.op in STREAMING_OPS) if peer else 0
+        if streams > self.limits.max_streams_per_client:  # this request is counted already
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"this client already has {streams - 1} "
+                                "streams (limits.max_streams_per_client)",
+                                limit="max_streams_per_client",
+                                value=self.limits.max_streams_per_client)
         if h.args["loras"] is None:
             actor.submit(h, h.args)
             return
@@ -532,20 +573,20 @@ class Daemon:
 
     _op_chat = _op_generate
 
-    def _tokenizer(self, args: dict[str, Any]) -> llama.Model:
+    def _tokenizer(self, args: dict[str, Any], peer: bytes) -> llama.Model:
         if args["context"] is not None:
-            return self._context(args["context"]).model.model
+            return self._context(args["context"], peer).model.model
         return self.models.get(args["model"]).model
 
     async def _op_tokenize(self, h: RequestHandle) -> list[int]:
-        model, a = self._tokenizer(h.args), h.args
+        model, a = self._tokenizer(h.args, h.peer), h.args
         return await trio.to_thread.run_sync(
             lambda: model.tokenize(a["text"], add_special=a["add_special"],
                                    parse_special=a["parse_special"])
         )
 
     async def _op_detokenize(self, h: RequestHandle) -> str:
-        model, tokens = self._tokenizer(h.args), h.args["tokens"]
+        model, tokens = self._tokenizer(h.args, h.peer), h.args["tokens"]
         bad = next((t for t in tokens if t >= model.n_vocab), None)
         if bad is not None:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
@@ -600,7 +641,7 @@ class Daemon:
 
     async def _change_stack(self, h: RequestHandle, edit: Callable[[list[StackEntry]], Awaitable[
             tuple[list[StackEntry], list[LoadedAdapter]]]]) -> dict[str, Any]:
-        actor = self._context(h.args["context"])
+        actor = self._context(h.args["context"], h.peer)
         async with actor.stack_lock:
             stack, held = await edit(list(actor.stack))
             try:
@@ -611,7 +652,7 @@ class Daemon:
 
     async def _op_set_lora(self, h: RequestHandle) -> dict[str, Any]:
         ref, scale = h.args["path"], h.args["scale"]
-        model = self._context(h.args["context"]).model
+        model = self._context(h.args["context"], h.peer).model
 
         async def edit(stack: list[StackEntry]):
             i = next((i for i, e in enumerate(stack) if e.matches(ref)), None)
@@ -662,7 +703,7 @@ class Daemon:
         return await self._change_stack(h, edit)
 
     async def _op_set_loras(self, h: RequestHandle) -> dict[str, Any]:
-        model = self._context(h.args["context"]).model
+        model = self._context(h.args["context"], h.peer).model
 
         async def edit(stack: list[StackEntry]):
             return await self._build_stack(model, h.args["loras"], stack)
@@ -670,7 +711,7 @@ class Daemon:
         return await self._change_stack(h, edit)
 
     async def _op_list_loras(self, h: RequestHandle) -> list[dict[str, Any]]:
-        return [e.to_wire() for e in self._context(h.args["context"]).stack]
+        return [e.to_wire() for e in self._context(h.args["context"], h.peer).stack]
 
     async def _op_validate_lora(self, h: RequestHandle) -> dict[str, Any]:
         """Every check of a load, without loading: a report, not an error, for a bad adapter."""

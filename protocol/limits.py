@@ -23,6 +23,16 @@ class Limits:
     """Largest number of stream items a client may grant at once."""
     max_loras: int = 16
     """Most adapters in one stack."""
+    max_contexts: int = 64
+    """Contexts in the whole daemon."""
+    max_contexts_per_client: int = 16
+    """Contexts one client connection may create."""
+    max_n_ctx: int = 131072
+    """Largest ``n_ctx`` of a context."""
+    max_streams_per_client: int = 32
+    """Concurrent (queued or running) generate/chat streams of one client connection."""
+    max_adapter_bytes: int = 4 * 1024**3
+    """Total memory of the loaded LoRA adapters (their tensors), all models together."""
 
 
 DEFAULT_LIMITS = Limits()

@@ -245,6 +245,7 @@ OPS: dict[str, dict[str, Arg]] = {
         "seed": Arg(_INT, default=0, check=_range(0, 2**32 - 1)),
         "max_queued": Arg(_INT, default=8, check=_range(0, 1024)),
         "persistent": Arg(_BOOL, default=False),
+        "shared": Arg(_BOOL, default=False),
         "kv_type": Arg(_STR, default="f16", check=_one_of("f16", "f32", "q8_0")),
         "flash_attn": Arg(_BOOL, nullable=True),
         "loras": _LORAS,

@@ -177,7 +177,8 @@ def test_busy_context_answers_context_busy(client: Client, tiny_model: Path) -> 
     with client.create_context(tiny_model, n_ctx=256, max_queued=0) as ctx:
         # Greedy: a sampled run could draw end-of-generation at once and free the context.
         running = ctx.generate(PROMPT, max_tokens=200, credit=1, temperature=0)
-        first = next(iter(running))  # holds the context: it waits for credit
+        it = iter(running)  # keep it: a dropped iterator cancels its stream
+        first = next(it)  # holds the context: it waits for credit
         assert first.token_ids
         with pytest.raises(ContextBusy) as err:
             ctx.generate(PROMPT, max_tokens=2).collect()

@@ -50,7 +50,8 @@ def test_two_client_processes_stream_concurrently(daemon: DaemonProcess, client:
                                                   tiny_model: Path) -> None:
     prompts = ["the cat and the dog", "hello world, the café"]
     expected = [expected_tokens(client, tiny_model, p, 200) for p in prompts]
-    contexts = [client.create_context(tiny_model, n_ctx=512) for _ in prompts]
+    # shared: other client processes stream from them
+    contexts = [client.create_context(tiny_model, n_ctx=512, shared=True) for _ in prompts]
     try:
         procs = [spawn_streamer(daemon, c.id, p, 200, credit=4)
                  for c, p in zip(contexts, prompts, strict=True)]
@@ -101,7 +102,8 @@ def test_dead_or_hung_client_frees_its_context(tmp_path: Path, models_dir: Path,
     d = start_daemon(tmp_path, [models_dir], "--heartbeat-ms", "300")
     try:
         with d.client() as client:
-            ctx = client.create_context(tiny_model, n_ctx=512, max_queued=1, persistent=True)
+            ctx = client.create_context(tiny_model, n_ctx=512, max_queued=1, persistent=True,
+                                        shared=True)
             proc = spawn_streamer(d, ctx.id, PROMPT, 400, credit=2, hang_after=2)
             lines = [json.loads(proc.stdout.readline()) for _ in range(3)]
             assert lines[-1] == {"hanging": 2}
@@ -129,8 +131,8 @@ def test_client_contexts_close_when_the_client_dies(daemon: DaemonProcess, clien
     code = (
         "import sys\nfrom lorad.client import Client\n"
         f"c = Client({daemon.endpoint!r})\n"
-        f"t = c.create_context({str(tiny_model)!r}, n_ctx=128)\n"
-        f"p = c.create_context({str(tiny_model)!r}, n_ctx=128, persistent=True)\n"
+        f"t = c.create_context({str(tiny_model)!r}, n_ctx=128, shared=True)\n"
+        f"p = c.create_context({str(tiny_model)!r}, n_ctx=128, persistent=True, shared=True)\n"
         "print(t.id, p.id, flush=True)\nsys.stdin.read()\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,

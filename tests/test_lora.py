@@ -217,9 +217,10 @@ def test_per_request_stack_leaves_the_context_stack(client: Client, files: Files
 def test_two_contexts_stream_concurrently_with_their_own_stacks(
     client: Client, lora_daemon: DaemonProcess, files: Files, expected
 ) -> None:
-    with client.create_context(files.model, **EXACT, loras=[files.a.path]) as one, \
-         client.create_context(files.model, **EXACT) as two, \
-         client.create_context(files.model, **EXACT) as three:
+    # shared: each is streamed by a client (and socket) of its own thread
+    with client.create_context(files.model, **EXACT, loras=[files.a.path], shared=True) as one, \
+         client.create_context(files.model, **EXACT, shared=True) as two, \
+         client.create_context(files.model, **EXACT, shared=True) as three:
         one.set_lora(files.a.path, 0.7)
         two.set_lora(files.b.path, 0.5)
         three.set_lora(files.a.path, 0.7)  # shares the adapter loaded for `one`
@@ -433,7 +434,8 @@ def lorad(endpoint: str, *args: str, cwd: Path | None = None) -> subprocess.Comp
 def test_cli_lora_commands(lora_daemon: DaemonProcess, client: Client, files: Files,
                            expected) -> None:
     ep = lora_daemon.endpoint
-    with client.create_context(files.model, **EXACT) as ctx:
+    with client.create_context(files.model, **EXACT, shared=True) as ctx:  # the CLI is another
+        # client process
         out = lorad(ep, "lora", "set", "a.gguf", "--scale", "0.7", "--context", ctx.id,
                     cwd=files.root)  # a relative path is the CLI's, not the daemon's
         assert out.returncode == 0, out.stderr

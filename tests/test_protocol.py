@@ -442,6 +442,7 @@ def test_specific_defaults() -> None:
         "seed": 0,
         "max_queued": 8,
         "persistent": False,
+        "shared": False,
         "kv_type": "f16",
         "flash_attn": None,
         "loras": None,
