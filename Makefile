@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow bench bench-lora bench-speculative lint clean
+.PHONY: serve test test-slow bench bench-lora bench-speculative soak lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -33,6 +33,9 @@ bench-lora: $(VENV)/.installed
 
 bench-speculative: $(VENV)/.installed
 	$(PY) bench/speculative.py
+
+soak: $(VENV)/.installed
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,6 +23,21 @@ import numpy as np
 
 from lorad.protocol import ErrorCode, ProtocolError
 
+# -- memory ------------------------------------------------------------------------------------
+try:
+    _libc = ctypes.CDLL("libc.so.6")
+    _malloc_trim = _libc.malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the system (glibc keeps them otherwise): called after a
+    context or an adapter is freed, so that the daemon's RSS comes back down."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 # -- logging -----------------------------------------------------------------------------------
 _log_lines: deque[str] = deque(maxlen=200)
 _capture = threading.local()
@@ -239,6 +254,7 @@ class Adapter:
         if self.ptr:
             C.llama_adapter_lora_free(self.ptr)
             self.ptr = None
+            release_free_memory()
 
 
 KV_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_Q8_0}
@@ -412,6 +428,7 @@ class Context:
             C.llama_batch_free(self._batch)
             C.llama_free(self.ptr)
             self.ptr = None
+            release_free_memory()
 
 
 # -- sampling ----------------------------------------------------------------------------------
