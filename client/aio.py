@@ -162,6 +162,10 @@ class AsyncClient:
     async def status(self) -> dict[str, Any]:
         return await self._call("status")
 
+    async def metrics(self) -> dict[str, Any]:
+        """Counters and latency summaries: ``total``, per ``models`` and per ``contexts``."""
+        return await self._call("metrics")
+
     async def capabilities(self) -> dict[str, Any]:
         return await self._call("capabilities")
 

@@ -51,6 +51,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.log_format = args.log_format
     if args.log_level:
         config.log_level = args.log_level
+    if args.metrics_address:
+        config.metrics_address = args.metrics_address
     if args.heartbeat_ms:
         config.heartbeat_ms = args.heartbeat_ms
     if args.model:
@@ -173,6 +175,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     for c in status["contexts"]:
         print(f"  context {c['id']} on {c['model']}: {c['state']}, n_ctx {c['n_ctx']}, "
               f"queued {c['queued']}")
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    try:
+        from .top import run_top
+    except ImportError as exc:
+        print(f"lorad top needs rich: pip install 'lorad[top]' ({exc})", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        try:
+            run_top(client, args.interval, args.once)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.metrics())
     return 0
 
 
@@ -340,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default speculative decoding of the default context")
     p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
     p.add_argument("--heartbeat-ms", type=int, help="ZMTP heartbeat interval (default 1000)")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)")
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
@@ -363,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="models, contexts and queues")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("top", help="a live view of contexts, stacks, requests and tokens/s")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("metrics", help="counters and latency summaries (JSON)")
+    p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("models", help="load, unload and list models")
     msub = p.add_subparsers(dest="models_cmd", required=True)

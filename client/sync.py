@@ -184,6 +184,10 @@ class Client:
     def capabilities(self) -> dict[str, Any]:
         return self._call("capabilities")
 
+    def metrics(self) -> dict[str, Any]:
+        """Counters and latency summaries: ``total``, per ``models`` and per ``contexts``."""
+        return self._call("metrics")
+
     def load_model(self, path: str | os.PathLike, **params: Any) -> dict[str, Any]:
         """Load (or reuse) a model; returns its info dict (``id``, ``path``, ...)."""
         args = {"path": os.fspath(path), **drop_none(**params)}

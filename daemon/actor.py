@@ -70,6 +70,7 @@ class ContextActor:
         """Whether every client may use it (config contexts, and those created shared=True)."""
         self.speculative = speculative
         """The context's default for requests that do not choose (None/False: off)."""
+        self.on_stack_change: Callable[[ContextActor], None] | None = None
         self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
         """How a draft model named by id or path is found (set by the server)."""
         self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
@@ -170,6 +171,8 @@ class ContextActor:
         if self.closing:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"context {self.id!r} is closing",
                                 context=self.id)
+        if self.on_stack_change is not None:
+            self.on_stack_change(self)
         self.stack = list(stack)
         await self._sync_holds()
         kept = {id(e.adapter) for e in self.stack}

@@ -21,6 +21,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 from . import llama
 from .logs import log
 from .lora import AdapterInfo, FileIdentity, ModelTensors, incompatibilities, inspect_adapter
+from .metrics import Metrics
 from .registry import LoadedModel
 
 Key = tuple[str, str, FileIdentity]
@@ -58,8 +59,9 @@ class LoadedAdapter:
 class AdapterCache:
     """Loads, shares and frees adapters; every public method may be called from trio tasks."""
 
-    def __init__(self, max_bytes: int = 4 * 1024**3) -> None:
+    def __init__(self, max_bytes: int = 4 * 1024**3, metrics: Metrics | None = None) -> None:
         self.max_bytes = max_bytes
+        self.metrics = metrics
         """Total adapter tensor bytes allowed (``limits.max_adapter_bytes``)."""
         self._entries: dict[Key, LoadedAdapter] = {}
         self._loading: dict[Key, trio.Event] = {}
@@ -132,6 +134,8 @@ class AdapterCache:
         if adapter.alora_invocation_tokens is not None and info.alora_invocation_tokens is None:
             info.alora_invocation_tokens = adapter.alora_invocation_tokens
         self._entries[key] = entry
+        if self.metrics is not None:
+            self.metrics.adapter_loaded(model.id)
         log.info("adapter_loaded", model=model.id, path=str(path), bytes=info.nbytes,
                  ms=round(entry.load_ms, 3))
         return entry

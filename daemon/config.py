@@ -54,6 +54,8 @@ class DaemonConfig:
     limits: Limits = field(default_factory=Limits)
     heartbeat_ms: int = 1000
     """ZMTP heartbeat interval; a silent peer is dropped after 3 intervals."""
+    metrics_address: str | None = None
+    """Serve Prometheus metrics on this loopback HOST:PORT (None: off)."""
     log_format: str = "auto"
     log_level: str = "info"
 
@@ -70,11 +72,11 @@ def load_config(path: str | Path | None) -> DaemonConfig:
     with open(path, "rb") as f:
         data = tomllib.load(f)
     known = {"endpoint", "group", "allowed_dirs", "adapter_dirs", "models", "contexts", "limits",
-             "heartbeat_ms", "log_format", "log_level"}
+             "heartbeat_ms", "log_format", "log_level", "metrics_address"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _config_error(f"unknown key {unknown[0]!r}", field=unknown[0])
-    for key in ("endpoint", "group", "log_format", "log_level"):
+    for key in ("endpoint", "group", "log_format", "log_level", "metrics_address"):
         if key in data:
             setattr(config, key, str(data[key]))
     if "heartbeat_ms" in data:

@@ -37,6 +37,9 @@ class RequestHandle:
         self.seq = 0
         self.received_at = time.perf_counter()
         self.outcome: str | None = None
+        self.end_metrics: dict[str, Any] | None = None
+        """The metrics of a stream's end (None for one-shot requests and errors)."""
+        self.elapsed_ms = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -59,6 +62,8 @@ class RequestHandle:
         return True
 
     def send_end(self, result: dict[str, Any]) -> None:
+        if not self.finished:
+            self.end_metrics = result.get("metrics") or {}
         self._finish(Reply(kind="end", id=self.rid, seq=self.seq, result=result),
                      result.get("finish_reason", "stop"))
 
@@ -73,6 +78,7 @@ class RequestHandle:
             return
         self.finished = True
         self.outcome = outcome
+        self.elapsed_ms = (time.perf_counter() - self.received_at) * 1000
         self._send(self.peer, reply)
         self._on_done(self)
         log.info(

@@ -40,6 +40,7 @@ from .adapters import AdapterCache, LoadedAdapter
 from .config import DaemonConfig
 from .logs import log
 from .lora import resolve_adapter
+from .metrics import Metrics
 from .paths import AllowedDirs
 from .registry import LoadedModel, ModelRegistry
 from .requests import RequestHandle
@@ -51,9 +52,9 @@ PROBE_DELAYS = (0.0, 0.05, 0.25, 1.0)
 """Seconds between the liveness probes sent after a disconnect event."""
 # Operations answered inline; the rest run in their own task.
 _INLINE = {"ping", "status", "capabilities", "list_models", "list_contexts", "cancel", "credit",
-           "generate", "chat", "list_loras"}
+           "generate", "chat", "list_loras", "metrics"}
 _WHILE_DRAINING = {"ping", "status", "capabilities", "list_models", "list_contexts", "cancel",
-                   "credit", "close_context", "list_loras"}
+                   "credit", "close_context", "list_loras", "metrics"}
 
 
 @dataclass
@@ -76,7 +77,8 @@ class Daemon:
         self.adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
         self.allowed_adapters = AllowedDirs([*config.allowed_dirs, *config.adapter_dirs])
         self.models = ModelRegistry(self.allowed)
-        self.adapters = AdapterCache(config.limits.max_adapter_bytes)
+        self.metrics = Metrics()
+        self.adapters = AdapterCache(config.limits.max_adapter_bytes, self.metrics)
         self.contexts: dict[str, ContextActor] = {}
         self.peers: dict[bytes, Peer] = {}
         self.draining = False
@@ -96,6 +98,11 @@ class Daemon:
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         llama.init_backend()
+        if self.config.metrics_address:
+            from .prometheus import start_exporter
+
+            host, port = start_exporter(self.config.metrics_address, self.metrics.snapshot)
+            log.info("metrics_exporter", address=f"http://{host}:{port}/metrics")
         sock = self._bind()
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.pump = ZmqPump(sock, on_unroutable=self._on_unroutable)
@@ -332,6 +339,11 @@ class Daemon:
                 del self.peers[handle.peer]
         if handle.outcome not in ("ok", "stop", "length", "cancelled"):
             self.counters["errors"] += 1
+        actor = self.contexts.get(handle.context) if isinstance(handle.context, str) else None
+        self.metrics.request(model=actor.model.id if actor else None,
+                             context=actor.id if actor else None,
+                             outcome=handle.outcome or "ok", end_metrics=handle.end_metrics,
+                             elapsed_ms=handle.elapsed_ms)
 
     async def _run_op(self, h: RequestHandle) -> None:
         method: Callable[[RequestHandle], Awaitable[Any]] = getattr(self, f"_op_{h.op}")
@@ -412,6 +424,10 @@ class Daemon:
                     else "the model has no MTP heads"},
         }
 
+    async def _op_metrics(self, h: RequestHandle) -> dict[str, Any]:
+        visible = {a.id for a in self.contexts.values() if self._visible(a, h.peer)}
+        return self.metrics.snapshot(visible)
+
     async def _op_list_models(self, h: RequestHandle) -> list[dict[str, Any]]:
         return [m.info() for m in self.models]
 
@@ -438,6 +454,7 @@ class Daemon:
                 await self._close_context(self.contexts[ctx_id])
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
+        self.metrics.forget_model(entry.id)
         return {"model": entry.id, "unloaded": True, "closed_contexts": closed}
 
     async def _op_create_context(self, h: RequestHandle) -> dict[str, Any]:
@@ -498,6 +515,7 @@ class Daemon:
         actor.creator = creator
         actor.shared = creator is None or args["shared"]
         actor.resolve_model = self._model_for
+        actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
         try:
             if args["speculative"]:  # a context default that cannot run fails here, not later
                 await actor.prepare_speculative(args["speculative"])
@@ -532,6 +550,7 @@ class Daemon:
             if not peer.requests and not peer.contexts:
                 del self.peers[actor.owner]
         await actor.close()
+        self.metrics.forget_context(actor.id)
         log.info("context_closed", context=actor.id)
 
     def _visible(self, actor: ContextActor, peer: bytes) -> bool:

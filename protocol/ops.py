@@ -227,6 +227,7 @@ OPS: dict[str, dict[str, Arg]] = {
     "capabilities": {},
     "list_models": {},
     "list_contexts": {},
+    "metrics": {},
     "load_model": {
         "path": Arg(_STR, required=True, check=_nonempty),
         "n_gpu_layers": Arg(_INT, default=0, check=_range(-1, 100000)),

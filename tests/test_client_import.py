@@ -17,7 +17,8 @@ BLOCKED_CLIENT_SCRIPT = textwrap.dedent(
     import sys
     import time
 
-    BLOCKED = {"llama_cpp", "trio", "gguf", "numpy", "structlog", "jinja2"}
+    BLOCKED = {"llama_cpp", "trio", "gguf", "numpy", "structlog", "jinja2", "rich",
+               "prometheus_client"}
 
     class Blocker(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):

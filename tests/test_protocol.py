@@ -65,6 +65,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "capabilities": {},
     "list_models": {},
     "list_contexts": {},
+    "metrics": {},
     "load_model": {"path": "/models/m.gguf"},
     "unload_model": {"model": "m"},
     "create_context": {"model": "m"},
