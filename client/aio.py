@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import trio
@@ -169,9 +169,25 @@ class AsyncClient:
     async def capabilities(self) -> dict[str, Any]:
         return await self._call("capabilities")
 
-    async def load_model(self, path: str | os.PathLike, **params: Any) -> dict[str, Any]:
+    async def load_model(self, path: str | os.PathLike, *,
+                         progress: Callable[[float], None] | None = None,
+                         **params: Any) -> dict[str, Any]:
+        """Load (or reuse) a model (see Client.load_model)."""
         args = {"path": os.fspath(path), **drop_none(**params)}
-        return await self._call("load_model", args, timeout=self.load_timeout)
+        if progress is None:
+            return await self._call("load_model", args, timeout=self.load_timeout)
+        rid, recv = await self._register("load_model", {**args, "progress": True}, buffer=128)
+        try:
+            while True:
+                reply = await self._next_reply(rid, recv, self.load_timeout)
+                if reply.kind == "item":
+                    progress(float((reply.item or {}).get("progress", 0.0)))
+                elif reply.kind == "end":
+                    return (reply.result or {})["model"]
+                else:
+                    return check_result(reply)
+        finally:
+            self._inbox.pop(rid, None)
 
     async def unload_model(self, model: str | dict, *, force: bool = False) -> dict[str, Any]:
         model_id = model["id"] if isinstance(model, dict) else model

@@ -198,10 +198,40 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_printer():
+    """A progress bar on stderr (rich on a terminal; a line per 10 % otherwise)."""
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            pass
+        else:
+            bar = Progress(transient=True)
+            task = bar.add_task("loading", total=1.0)
+            bar.start()
+
+            def show(fraction: float) -> None:
+                bar.update(task, completed=fraction)
+                if fraction >= 1.0:
+                    bar.stop()
+
+            return show
+    shown = [-1]
+
+    def line(fraction: float) -> None:
+        tenth = int(fraction * 10)
+        if tenth != shown[0]:
+            shown[0] = tenth
+            print(f"loading {tenth * 10}%", file=sys.stderr, flush=True)
+
+    return line
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     with _client(args) as client:
         if args.models_cmd == "load":
-            info = client.load_model(args.path, alias=args.alias, n_gpu_layers=args.n_gpu_layers)
+            info = client.load_model(args.path, alias=args.alias, n_gpu_layers=args.n_gpu_layers,
+                                     progress=_progress_printer())
             _print_json(info) if args.json else print(info["id"])
         elif args.models_cmd == "unload":
             _print_json(client.unload_model(args.model, force=args.force))

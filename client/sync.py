@@ -6,7 +6,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import zmq
@@ -188,10 +188,27 @@ class Client:
         """Counters and latency summaries: ``total``, per ``models`` and per ``contexts``."""
         return self._call("metrics")
 
-    def load_model(self, path: str | os.PathLike, **params: Any) -> dict[str, Any]:
-        """Load (or reuse) a model; returns its info dict (``id``, ``path``, ...)."""
+    def load_model(self, path: str | os.PathLike, *,
+                   progress: Callable[[float], None] | None = None,
+                   **params: Any) -> dict[str, Any]:
+        """Load (or reuse) a model; returns its info dict (``id``, ``path``, ...).
+
+        ``progress(fraction)`` is called as llama.cpp loads it (0.0 to 1.0)."""
         args = {"path": os.fspath(path), **drop_none(**params)}
-        return self._call("load_model", args, timeout=self.load_timeout)
+        if progress is None:
+            return self._call("load_model", args, timeout=self.load_timeout)
+        rid = self._register("load_model", {**args, "progress": True})
+        try:
+            while True:
+                reply = self._next_reply(rid, self.load_timeout)
+                if reply.kind == "item":
+                    progress(float((reply.item or {}).get("progress", 0.0)))
+                elif reply.kind == "end":
+                    return (reply.result or {})["model"]
+                else:
+                    return check_result(reply)
+        finally:
+            self._inbox.pop(rid, None)
 
     def unload_model(self, model: str | dict, *, force: bool = False) -> dict[str, Any]:
         model_id = model["id"] if isinstance(model, dict) else model

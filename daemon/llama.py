@@ -124,14 +124,27 @@ def apply_builtin_chat_template(name: str, messages: list[dict[str, str]],
 class Model:
     """A loaded llama_model: weights shared by every context created on it."""
 
-    def __init__(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+    def __init__(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 progress: Callable[[float], bool] | None = None) -> None:
+        """``progress(fraction)`` is called while loading; returning False aborts the load."""
         init_backend()
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
         params.use_extra_bufts = False  # see module docstring
+        aborted = False
+        if progress is not None:
+            def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+                nonlocal aborted
+                aborted = not progress(float(fraction))
+                return not aborted
+
+            callback = C.llama_progress_callback(on_progress)  # alive until the load returns
+            params.progress_callback = callback
         with capture_log() as lines:
             ptr = C.llama_model_load_from_file(path.encode(), params)
+        if not ptr and aborted:
+            raise ProtocolError(ErrorCode.CANCELLED, f"loading {path!r} was cancelled", path=path)
         if not ptr:
             raise ProtocolError(
                 ErrorCode.MODEL_LOAD_FAILED,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ class ModelRegistry:
         return candidate
 
     async def load(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                   alias: str | None = None) -> LoadedModel:
+                   alias: str | None = None,
+                   progress: Callable[[float], bool] | None = None) -> LoadedModel:
         """Load ``path`` or return the model already loaded from it with the same params."""
         resolved = self.allowed.check(path, "model")
         params = {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap}
@@ -81,7 +83,8 @@ class ModelRegistry:
         started = time.perf_counter()
         try:
             model = await trio.to_thread.run_sync(
-                lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+                lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
+                                    progress=progress)
             )
         finally:
             del self._loading[key]

@@ -49,6 +49,12 @@ class RequestHandle:
         self.credit += n
         self._credit_changed.set()
 
+    def send_progress(self, item: dict[str, Any]) -> None:
+        """A progress item of a long one-shot operation (not counted against credit)."""
+        if not self.finished:
+            self._send(self.peer, Reply(kind="item", id=self.rid, seq=self.seq, item=item))
+            self.seq += 1
+
     async def send_item(self, item: dict[str, Any]) -> bool:
         """Send one stream item once credit allows; False if the request was cancelled."""
         while self.credit <= 0 and not self.cancelled:

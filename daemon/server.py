@@ -436,9 +436,28 @@ class Daemon:
 
     async def _op_load_model(self, h: RequestHandle) -> dict[str, Any]:
         a = h.args
+        progress = None
+        if a["progress"]:
+            token = trio.lowlevel.current_trio_token()
+            last = [-1]
+
+            def progress(fraction: float) -> bool:  # in the loading thread
+                percent = int(fraction * 100)
+                if percent != last[0]:  # at most 101 items
+                    last[0] = percent
+                    token.run_sync_soon(h.send_progress, {"progress": round(fraction, 4)})
+                return not h.cancelled  # a cancelled load stops
+
+        started = time.perf_counter()
         entry = await self.models.load(a["path"], n_gpu_layers=a["n_gpu_layers"],
-                                       use_mmap=a["use_mmap"], alias=a["alias"])
-        return entry.info()
+                                       use_mmap=a["use_mmap"], alias=a["alias"],
+                                       progress=progress)
+        info = entry.info()
+        if a["progress"]:  # a stream of progress items, then the end with the model
+            h.send_end({"finish_reason": "stop", "model": info,
+                        "metrics": {"load_ms": round((time.perf_counter() - started) * 1000, 3),
+                                    "progress_items": h.seq}})
+        return info
 
     async def _op_unload_model(self, h: RequestHandle) -> dict[str, Any]:
         entry = self.models.get(h.args["model"])

@@ -233,6 +233,7 @@ OPS: dict[str, dict[str, Arg]] = {
         "n_gpu_layers": Arg(_INT, default=0, check=_range(-1, 100000)),
         "use_mmap": Arg(_BOOL, default=True),
         "alias": Arg(_STR, nullable=True, check=_nonempty),
+        "progress": Arg(_BOOL, default=False),
     },
     "unload_model": {
         "model": Arg(_STR, required=True),

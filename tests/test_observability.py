@@ -93,3 +93,34 @@ def test_metrics_address_must_be_loopback(tmp_path: Path, models_dir: Path) -> N
                           f"ipc://{tmp_path}/x.sock", "--metrics-address", "0.0.0.0:9464"],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 1 and "loopback" in out.stderr
+
+
+def test_model_loading_reports_progress(tmp_path: Path, models_dir: Path) -> None:
+    model = tinymodels.write_tiny_llama(models_dir / "progress.gguf", seed=3)
+    d = start_daemon(tmp_path, [models_dir])
+    try:
+        seen: list[float] = []
+        with d.client() as c:
+            info = c.load_model(model, progress=seen.append)
+            assert info["path"] == str(model)
+            assert seen and seen == sorted(seen) and seen[-1] == 1.0
+            again: list[float] = []
+            assert c.load_model(model, progress=again.append)["id"] == info["id"]
+            assert again == []  # already loaded: nothing to report
+        other = tinymodels.write_tiny_llama(models_dir / "progress-2.gguf", seed=4)
+        out = lorad(d.endpoint, "models", "load", str(other))
+        assert out.returncode == 0, out.stderr
+        assert "loading 100%" in out.stderr and out.stdout.strip() == "progress-2"
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+async def test_async_client_load_progress(daemon: DaemonProcess, models_dir: Path) -> None:
+    from lorad.client import AsyncClient
+
+    model = tinymodels.write_tiny_llama(models_dir / "progress-async.gguf", seed=5)
+    seen: list[float] = []
+    async with AsyncClient(daemon.endpoint) as c:
+        info = await c.load_model(model, progress=seen.append)
+        assert seen[-1] == 1.0 and info["path"] == str(model)
+        await c.unload_model(info)

@@ -454,6 +454,7 @@ def test_specific_defaults() -> None:
         "n_gpu_layers": 0,
         "use_mmap": True,
         "alias": None,
+        "progress": False,
     }
     assert validate_args("unload_model", {"model": "m"}) == {"model": "m", "force": False}
     tok = validate_args("tokenize", {"context": "c", "text": "t"})
