@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import Chunk, default_endpoint
+from .core import Chunk, CurveKeys, default_endpoint
 from .errors import (
     BadRequest,
     Cancelled,
@@ -60,6 +60,7 @@ __all__ = [
     "Context",
     "ContextBusy",
     "ContextOverflow",
+    "CurveKeys",
     "DaemonUnavailable",
     "ForbiddenPath",
     "InUse",

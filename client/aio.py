@@ -19,6 +19,7 @@ from .core import (
     LOAD_TIMEOUT,
     MONITOR_EVENTS,
     Chunk,
+    CurveKeys,
     LoraItem,
     RequestIds,
     StreamState,
@@ -46,11 +47,13 @@ class AsyncClient:
         timeout: float = DEFAULT_TIMEOUT,
         load_timeout: float = LOAD_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.connect_timeout = connect_timeout
+        self.curve = curve if curve is not None else CurveKeys.from_env()
         self._ids = RequestIds()
         self._inbox: dict[RequestId, trio.MemorySendChannel[Reply]] = {}
         self._nursery: trio.Nursery | None = None
@@ -60,7 +63,7 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         zctx = zmq.Context.instance()
         self._sock = zctx.socket(zmq.DEALER)
-        configure_dealer(self._sock)
+        configure_dealer(self._sock, self.curve)
         monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
         self._sock.connect(self.endpoint)
         self._pump = ZmqPump(self._sock)

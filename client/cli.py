@@ -53,6 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.log_level = args.log_level
     if args.metrics_address:
         config.metrics_address = args.metrics_address
+    if args.curve_secret_key:
+        config.curve_secret_key = args.curve_secret_key
+    if args.curve_authorized_keys:
+        config.curve_authorized_keys = args.curve_authorized_keys
     if args.heartbeat_ms:
         config.heartbeat_ms = args.heartbeat_ms
     if args.model:
@@ -103,6 +107,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"lorad serve: [{exc.code.value}] {exc.message}", file=sys.stderr)
             return 1
         raise
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write a CURVE key pair as certificates: NAME.key (public) and NAME.key_secret."""
+    import zmq.auth
+
+    directory = Path(args.dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for suffix in (".key", ".key_secret"):
+        if (directory / f"{args.name}{suffix}").exists():
+            print(f"{directory / (args.name + suffix)} exists; not overwriting it",
+                  file=sys.stderr)
+            return 1
+    public_file, secret_file = zmq.auth.create_certificates(str(directory), args.name)
+    os.chmod(secret_file, 0o600)
+    public, _ = zmq.auth.load_certificate(public_file)
+    print(f"public:  {public_file}\nsecret:  {secret_file}\nkey:     {public.decode()}")
     return 0
 
 
@@ -392,11 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default speculative decoding of the default context")
     p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
     p.add_argument("--heartbeat-ms", type=int, help="ZMTP heartbeat interval (default 1000)")
+    p.add_argument("--curve-secret-key", metavar="FILE", help="the daemon's CURVE certificate "
+                   "(NAME.key_secret from `lorad keys generate`): encrypt and authenticate")
+    p.add_argument("--curve-authorized-keys", metavar="DIR", help="public certificates (*.key) "
+                   "of the clients allowed in; any other key is refused")
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)")
     p.add_argument("--log-format", choices=["auto", "json", "console"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="CURVE keys for TCP beyond this machine")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True)
+    q = ksub.add_parser("generate", help="write NAME.key and NAME.key_secret")
+    q.add_argument("--dir", default=".", help="where to write them")
+    q.add_argument("--name", default="lorad", help="file name stem (e.g. server, or a client)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("install-unit", help="write the systemd unit for this install")
     p.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead "

@@ -30,8 +30,40 @@ def default_endpoint() -> str:
     return f"ipc://{base}/lorad.sock"
 
 
-def configure_dealer(sock: zmq.Socket) -> None:
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE keys of a client: the daemon's public key and the client's own key pair (Z85)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key: str | os.PathLike, client_cert: str | os.PathLike
+                   ) -> CurveKeys:
+        """From the daemon's public certificate (``NAME.key``) and the client's secret one
+        (``NAME.key_secret``), as ``lorad keys generate`` writes them."""
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(os.fspath(server_key))
+        public, secret = zmq.auth.load_certificate(os.fspath(client_cert))
+        if secret is None:
+            raise ValueError(f"{client_cert} holds no secret key (use the .key_secret file)")
+        return cls(server_public, public, secret)
+
+    @classmethod
+    def from_env(cls) -> CurveKeys | None:
+        """``$LORAD_SERVER_KEY`` and ``$LORAD_CLIENT_CERT`` (certificate files), if both set."""
+        server, client = os.environ.get("LORAD_SERVER_KEY"), os.environ.get("LORAD_CLIENT_CERT")
+        return cls.from_files(server, client) if server and client else None
+
+
+def configure_dealer(sock: zmq.Socket, curve: CurveKeys | None = None) -> None:
     """Socket options every client uses (see protocol/README.md, 'Liveness')."""
+    if curve is not None:
+        sock.curve_serverkey = curve.server_public
+        sock.curve_publickey = curve.public
+        sock.curve_secretkey = curve.secret
     sock.setsockopt(zmq.LINGER, 0)
     # Queue only to a live connection: a send with no daemon fails instead of waiting forever.
     sock.setsockopt(zmq.IMMEDIATE, 1)

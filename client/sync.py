@@ -21,6 +21,7 @@ from .core import (
     LOAD_TIMEOUT,
     MONITOR_EVENTS,
     Chunk,
+    CurveKeys,
     LoraItem,
     RequestIds,
     StreamState,
@@ -49,6 +50,7 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         load_timeout: float = LOAD_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
@@ -56,7 +58,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self._zctx = zmq.Context.instance()
         self._sock = self._zctx.socket(zmq.DEALER)
-        configure_dealer(self._sock)
+        configure_dealer(self._sock, curve if curve is not None else CurveKeys.from_env())
         self._monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
         self._sock.connect(self.endpoint)
         self._poller = zmq.Poller()

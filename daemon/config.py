@@ -54,6 +54,10 @@ class DaemonConfig:
     limits: Limits = field(default_factory=Limits)
     heartbeat_ms: int = 1000
     """ZMTP heartbeat interval; a silent peer is dropped after 3 intervals."""
+    curve_secret_key: str | None = None
+    """The daemon's CURVE certificate with its secret key (``NAME.key_secret``)."""
+    curve_authorized_keys: str | None = None
+    """A directory of the public certificates (``*.key``) of the clients allowed in."""
     metrics_address: str | None = None
     """Serve Prometheus metrics on this loopback HOST:PORT (None: off)."""
     log_format: str = "auto"
@@ -72,11 +76,13 @@ def load_config(path: str | Path | None) -> DaemonConfig:
     with open(path, "rb") as f:
         data = tomllib.load(f)
     known = {"endpoint", "group", "allowed_dirs", "adapter_dirs", "models", "contexts", "limits",
-             "heartbeat_ms", "log_format", "log_level", "metrics_address"}
+             "heartbeat_ms", "log_format", "log_level", "metrics_address", "curve_secret_key",
+             "curve_authorized_keys"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _config_error(f"unknown key {unknown[0]!r}", field=unknown[0])
-    for key in ("endpoint", "group", "log_format", "log_level", "metrics_address"):
+    for key in ("endpoint", "group", "log_format", "log_level", "metrics_address",
+                "curve_secret_key", "curve_authorized_keys"):
         if key in data:
             setattr(config, key, str(data[key]))
     if "heartbeat_ms" in data:

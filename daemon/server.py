@@ -89,6 +89,7 @@ class Daemon:
         self.counters = {"requests": 0, "errors": 0, "peers_lost": 0}
         self._probing = False
         self._probe_pending = False
+        self._auth: Any = None  # the ZAP authenticator thread when CURVE is on
 
     # -- lifecycle ----------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -131,6 +132,8 @@ class Daemon:
             sock.disable_monitor()
             monitor_pump.close()
             self.pump.close()
+            if self._auth is not None:
+                self._auth.stop()
             if self._ipc_path:
                 try:
                     os.unlink(self._ipc_path)
@@ -186,6 +189,7 @@ class Daemon:
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.LINGER, 1000)
+        curve = self._setup_curve(sock)
         if scheme == "ipc":
             self._bind_ipc(sock, endpoint[len("ipc://"):])
         elif scheme == "tcp":
@@ -194,16 +198,18 @@ class Daemon:
                 loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
             except ValueError:
                 loopback = False
-            if not loopback:
+            if not loopback and not curve:
                 sock.close(linger=0)
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
-                    f"refusing to serve on non-loopback TCP {endpoint!r} without CURVE "
-                    "encryption, which this version does not support; use ipc:// or 127.0.0.1",
+                    f"refusing to serve on non-loopback TCP {endpoint!r} without CURVE: give "
+                    "--curve-secret-key and --curve-authorized-keys (see `lorad keys "
+                    "generate`), or use ipc:// or 127.0.0.1",
                     field="endpoint",
                 )
-            log.warning("tcp_loopback", endpoint=endpoint,
-                        note="any local user can connect; prefer ipc://")
+            if not curve:
+                log.warning("tcp_loopback", endpoint=endpoint,
+                            note="any local user can connect; prefer ipc://")
             sock.bind(endpoint)
         else:
             sock.close(linger=0)
@@ -211,6 +217,39 @@ class Daemon:
                                 f"unsupported endpoint {endpoint!r} (use ipc:// or tcp://)",
                                 field="endpoint")
         return sock
+
+    def _setup_curve(self, sock: zmq.Socket) -> bool:
+        """CURVE encryption, with ZAP refusing every client key not in the authorized
+        directory (pyzmq's authenticator thread). False when not configured."""
+        secret_file, authorized = self.config.curve_secret_key, self.config.curve_authorized_keys
+        if not secret_file and not authorized:
+            return False
+        if not (secret_file and authorized):
+            sock.close(linger=0)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "CURVE needs both a secret key file and "
+                                "a directory of authorized client keys", field="curve")
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not zmq.has("curve"):
+            sock.close(linger=0)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "this libzmq has no CURVE support",
+                                field="curve")
+        public, secret = zmq.auth.load_certificate(secret_file)
+        if secret is None:
+            sock.close(linger=0)
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{secret_file} holds no secret key "
+                                "(give the .key_secret file)", field="curve_secret_key")
+        self._auth = ThreadAuthenticator(zmq.Context.instance())
+        self._auth.start()
+        self._auth.configure_curve(domain="lorad", location=str(authorized))
+        sock.curve_server = True
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+        sock.zap_domain = b"lorad"
+        log.info("curve", authorized_keys=str(authorized),
+                 server_public_key=public.decode("ascii"))
+        return True
 
     def _bind_ipc(self, sock: zmq.Socket, path: str) -> None:
         group = self.config.group

@@ -68,9 +68,9 @@ class DaemonProcess:
 
 
 def start_daemon(workdir: Path, allow: list[Path], *args: str, env: dict[str, str] | None = None,
-                 ready_timeout: float = 60) -> DaemonProcess:
+                 ready_timeout: float = 60, endpoint: str | None = None) -> DaemonProcess:
     """Start ``python -m lorad.daemon`` and wait for its READY=1 notification."""
-    endpoint = f"ipc://{workdir}/lorad.sock"
+    endpoint = endpoint or f"ipc://{workdir}/lorad.sock"
     # AF_UNIX paths are limited to 108 bytes: keep the notify socket in a short temp dir.
     notify_dir = tempfile.mkdtemp(prefix="lorad-n-")
     notify_path = os.path.join(notify_dir, "notify")
