@@ -229,3 +229,29 @@ def test_thousand_cycles_leak_nothing(fresh_daemon: DaemonProcess, tiny_model: P
     print(f"\n1000 cycles: RSS growth {growth} KiB, fds {fds} -> {fd_count(pid)}")
     assert growth < 16 * 1024, growth  # bound: 16 MiB (about 16 KiB per cycle would fail)
     assert fd_count(pid) <= fds + 2
+
+
+def test_a_client_that_never_reads_pauses_its_stream(daemon: DaemonProcess, client: Client,
+                                                     tiny_model: Path) -> None:
+    """Backpressure: with credit 4 and nobody reading, the daemon generates 4 tokens and waits;
+    it neither runs ahead nor buffers. A 40-token generation on another context is the clock."""
+    stalled = client.create_context(tiny_model, n_ctx=512, shared=True)
+    other = client.create_context(tiny_model, n_ctx=512)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        body = {"v": 1, "id": 1, "op": "generate",
+                "args": {"context": stalled.id, "prompt": PROMPT, "max_tokens": 2000,
+                         "temperature": 0, "credit": 4}}
+        sock.send_multipart([TAG, msgpack.packb(body)])
+        prompt_tokens = len(stalled.tokenize(PROMPT))
+        assert len(other.generate(PROMPT, max_tokens=40, temperature=0).collect()) > 0
+        info = next(c for c in client.list_contexts() if c["id"] == stalled.id)
+        assert info["state"] == "busy" and info["running"] == 1
+        # The prompt, then at most the 4 granted tokens (the last sampled one is not decoded).
+        assert info["cached_tokens"] <= prompt_tokens + 4
+    finally:
+        sock.close()
+        other.close()
+        stalled.close()
