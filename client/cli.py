@@ -73,22 +73,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ctx_params["loras"] = old.params["loras"]
         config.contexts = [c for c in config.contexts if c.id != "default"]
         config.contexts.append(ContextSpec(model=model_path, id="default", params=ctx_params))
+    # Explicit --speculative and --lora replace the config file's settings of 'default'.
     speculative = _speculative_option(args)
-    if speculative is not None:
-        default = next((c for c in config.contexts if c.id == "default"), None)
-        if default is None:
-            print("lorad serve: --speculative applies to the context 'default': give --model, "
-                  "or define a context with id = \"default\" in the config file",
-                  file=sys.stderr)
-            return 2
-        default.params["speculative"] = speculative
-    if args.lora:
-        # An explicit stack replaces the config file's stack of the default context.
-        default = next((c for c in config.contexts if c.id == "default"), None)
-        if default is None:
-            print("lorad serve: --lora applies to the context 'default': give --model, or "
+    for flag, given in (("--speculative", speculative is not None), ("--lora", bool(args.lora))):
+        if given and not any(c.id == "default" for c in config.contexts):
+            print(f"lorad serve: {flag} applies to the context 'default': give --model, or "
                   "define a context with id = \"default\" in the config file", file=sys.stderr)
             return 2
+    default = next((c for c in config.contexts if c.id == "default"), None)
+    if speculative is not None:
+        default.params["speculative"] = speculative
+    if args.lora:
         default.params["loras"] = [
             {"path": str(Path(p).expanduser().resolve()) if "/" in p or p.endswith(".gguf")
              else p, "scale": s}

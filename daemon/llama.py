@@ -350,7 +350,9 @@ class Context:
         else:
             self.clear()
 
-    def _decode(self, tokens: list[int], want_logits: bool) -> None:
+    def _decode(self, tokens: list[int], want_logits: bool, all_logits: bool = False) -> None:
+        """Decode one batch at the next positions: logits for its last token (``want_logits``)
+        or for every token (``all_logits``)."""
         batch = self._batch
         start = len(self.tokens)
         batch.n_tokens = len(tokens)
@@ -359,7 +361,7 @@ class Context:
             batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = 0
+            batch.logits[i] = int(all_logits)
         if want_logits:
             batch.logits[len(tokens) - 1] = 1
         rc = C.llama_decode(self.ptr, batch)
@@ -394,23 +396,9 @@ class Context:
 
     def decode_rows(self, tokens: list[int]) -> np.ndarray:
         """Decode ``tokens`` in one batch; the logits after each of them, shape (n, n_vocab)."""
-        batch, start = self._batch, len(self.tokens)
         if len(tokens) > self.n_batch:
             raise ValueError("more tokens than n_batch")
-        batch.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1
-        rc = C.llama_decode(self.ptr, batch)
-        if rc != 0:
-            if not C.llama_memory_seq_rm(self.memory, 0, start, -1):
-                self.clear()
-            code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
-            raise ProtocolError(code, f"llama_decode failed with code {rc}", rc=rc)
-        self.tokens.extend(tokens)
+        self._decode(tokens, want_logits=True, all_logits=True)
         ptr = C.llama_get_logits(self.ptr)
         return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
 
