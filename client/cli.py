@@ -286,6 +286,21 @@ def _print_stack(stack: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
+    if args.lora_cmd == "convert":  # offline: no daemon needed
+        try:
+            from lorad.daemon.peft import convert_peft
+            from lorad.protocol import ProtocolError
+        except ImportError as exc:
+            print(f"lora convert needs the daemon extra: pip install 'lorad[daemon]' ({exc})",
+                  file=sys.stderr)
+            return 2
+        try:
+            out = convert_peft(Path(args.peft_dir), Path(args.model), Path(args.output))
+        except ProtocolError as exc:
+            print(f"lorad: [{exc.code.value}] {exc.message}", file=sys.stderr)
+            return 1
+        print(out)
+        return 0
     with _client(args) as client:
         if args.lora_cmd == "validate":
             report = client.validate_lora(args.model, args.path)
@@ -512,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--scale", type=float, default=1.0)
         q.add_argument("--context", default="default")
         q.add_argument("--json", action="store_true")
+    q = lsub.add_parser("convert", help="convert a PEFT adapter directory to a llama.cpp LoRA "
+                        "GGUF for a model (offline)")
+    q.add_argument("peft_dir", help="directory with adapter_config.json and "
+                   "adapter_model.safetensors")
+    q.add_argument("--model", required=True, help="the GGUF model it is for")
+    q.add_argument("-o", "--output", required=True, help="the GGUF file to write")
     q = lsub.add_parser("validate", parents=[common],
                         help="check an adapter against a model; exit 1 if it does not fit")
     q.add_argument("path")

@@ -14,7 +14,7 @@ from typing import Any
 
 from lorad.protocol import ErrorCode, Limits, ProtocolError, validate_args
 
-from .paths import adapter_dir, default_endpoint, model_dir
+from .paths import adapter_dir, cache_dir, default_endpoint, model_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,6 +48,8 @@ class DaemonConfig:
     """With a group, the ipc socket is 0660 and owned by that group; else 0600."""
     allowed_dirs: list[str] = field(default_factory=lambda: [str(model_dir()), os.getcwd()])
     adapter_dirs: list[str] = field(default_factory=lambda: [str(adapter_dir())])
+    peft_cache_dir: str = field(default_factory=lambda: str(cache_dir() / "peft"))
+    """Where PEFT adapter directories are converted to GGUF files (once per content)."""
     """Where adapter names are looked up, in order (files there are allowed too)."""
     models: list[ModelSpec] = field(default_factory=list)
     contexts: list[ContextSpec] = field(default_factory=list)
@@ -77,12 +79,12 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         data = tomllib.load(f)
     known = {"endpoint", "group", "allowed_dirs", "adapter_dirs", "models", "contexts", "limits",
              "heartbeat_ms", "log_format", "log_level", "metrics_address", "curve_secret_key",
-             "curve_authorized_keys"}
+             "curve_authorized_keys", "peft_cache_dir"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _config_error(f"unknown key {unknown[0]!r}", field=unknown[0])
     for key in ("endpoint", "group", "log_format", "log_level", "metrics_address",
-                "curve_secret_key", "curve_authorized_keys"):
+                "curve_secret_key", "curve_authorized_keys", "peft_cache_dir"):
         if key in data:
             setattr(config, key, str(data[key]))
     if "heartbeat_ms" in data:

@@ -52,11 +52,17 @@ def looks_like_path(ref: str) -> bool:
     return "/" in ref or ref.startswith("~") or ref.endswith(".gguf")
 
 
-def resolve_adapter(ref: str, adapter_dirs: list[Path], allowed: AllowedDirs) -> Path:
-    """The resolved file for ``ref`` (a path, or a name looked up in ``adapter_dirs``).
+def _is_adapter(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and (path / "adapter_config.json").is_file())
 
-    A name ``N`` is the first existing file among ``<dir>/N.gguf`` and ``<dir>/N`` for each
-    adapter directory, in order. Raises ``lora_file_not_found`` or ``forbidden_path``.
+
+def resolve_adapter(ref: str, adapter_dirs: list[Path], allowed: AllowedDirs) -> Path:
+    """The resolved file (or PEFT directory) for ``ref``: a path, or a name looked up in
+    ``adapter_dirs``.
+
+    A name ``N`` is the first existing candidate among ``<dir>/N.gguf`` and ``<dir>/N`` (a file,
+    or a PEFT adapter directory with ``adapter_config.json``) for each adapter directory, in
+    order. Raises ``lora_file_not_found`` or ``forbidden_path``.
     """
     if looks_like_path(ref):
         candidates = [Path(ref).expanduser()]
@@ -65,11 +71,12 @@ def resolve_adapter(ref: str, adapter_dirs: list[Path], allowed: AllowedDirs) ->
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid adapter name {ref!r}",
                                 field="path")
         candidates = [d / f"{ref}.gguf" for d in adapter_dirs] + [d / ref for d in adapter_dirs]
-    found = next((c for c in candidates if c.is_file()), None)
+    found = next((c for c in candidates if _is_adapter(c)), None)
     if found is None:
         if looks_like_path(ref):
             raise ProtocolError(ErrorCode.LORA_FILE_NOT_FOUND,
-                                f"adapter file {ref!r} does not exist or is not a regular file",
+                                f"adapter {ref!r} is neither a regular file nor a PEFT adapter "
+                                "directory (with adapter_config.json)",
                                 path=ref, searched=[str(c) for c in candidates])
         raise ProtocolError(
             ErrorCode.LORA_FILE_NOT_FOUND,
@@ -78,14 +85,14 @@ def resolve_adapter(ref: str, adapter_dirs: list[Path], allowed: AllowedDirs) ->
             adapter_dirs=[str(d) for d in adapter_dirs],
         )
     try:
-        resolved = allowed.check(found, "adapter")
+        resolved = allowed.check(found, "adapter", directory=found.is_dir())
     except ProtocolError as exc:
         if exc.code is ErrorCode.NOT_FOUND:  # vanished in between
             raise ProtocolError(ErrorCode.LORA_FILE_NOT_FOUND, exc.message, **exc.details) from None
         raise
     if not os.access(resolved, os.R_OK):
         raise ProtocolError(ErrorCode.LORA_FILE_NOT_FOUND,
-                            f"adapter file {str(resolved)!r} is not readable by the daemon",
+                            f"adapter {str(resolved)!r} is not readable by the daemon",
                             path=ref, resolved=str(resolved))
     return resolved
 

@@ -45,8 +45,9 @@ class AllowedDirs:
     def __init__(self, dirs: list[str | Path]) -> None:
         self.dirs = [Path(d).expanduser().resolve() for d in dirs]
 
-    def check(self, path: str | Path, what: str = "file") -> Path:
-        """Return the resolved path, or raise ``forbidden_path`` / ``not_found``."""
+    def check(self, path: str | Path, what: str = "file", *, directory: bool = False) -> Path:
+        """Return the resolved path, or raise ``forbidden_path`` / ``not_found`` (a regular
+        file is expected, or a directory with ``directory=True``)."""
         resolved = Path(path).expanduser().resolve()
         if not any(resolved == d or resolved.is_relative_to(d) for d in self.dirs):
             raise ProtocolError(
@@ -56,7 +57,7 @@ class AllowedDirs:
                 resolved=str(resolved),
                 allowed=[str(d) for d in self.dirs],
             )
-        if not resolved.is_file():
+        if not (resolved.is_dir() if directory else resolved.is_file()):
             raise ProtocolError(
                 ErrorCode.NOT_FOUND,
                 f"{what} {str(path)!r} does not exist or is not a regular file",

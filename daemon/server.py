@@ -42,6 +42,7 @@ from .logs import log
 from .lora import resolve_adapter
 from .metrics import Metrics
 from .paths import AllowedDirs
+from .peft import cached_conversion
 from .registry import LoadedModel, ModelRegistry
 from .requests import RequestHandle
 from .sdnotify import notify, watchdog_interval
@@ -75,7 +76,10 @@ class Daemon:
         self.limits = config.limits
         self.allowed = AllowedDirs(config.allowed_dirs)
         self.adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
-        self.allowed_adapters = AllowedDirs([*config.allowed_dirs, *config.adapter_dirs])
+        self.peft_cache = Path(config.peft_cache_dir).expanduser()
+        """Where PEFT adapter directories are converted to GGUF (once per content)."""
+        self.allowed_adapters = AllowedDirs([*config.allowed_dirs, *config.adapter_dirs,
+                                             self.peft_cache])
         self.models = ModelRegistry(self.allowed)
         self.metrics = Metrics()
         self.adapters = AdapterCache(config.limits.max_adapter_bytes, self.metrics)
@@ -680,6 +684,15 @@ class Daemon:
     def _resolve_adapter(self, ref: str) -> Path:
         return resolve_adapter(ref, self.adapter_dirs, self.allowed_adapters)
 
+    async def _adapter_file(self, ref: str, model: LoadedModel) -> Path:
+        """The GGUF file for ``ref``: the file itself, or a PEFT directory converted for
+        ``model`` (cached by content)."""
+        path = await trio.to_thread.run_sync(self._resolve_adapter, ref)
+        if path.is_dir():
+            path = await trio.to_thread.run_sync(cached_conversion, path, model.path,
+                                                 self.peft_cache)
+        return path
+
     async def _build_stack(self, model: LoadedModel, items: list[tuple[str, float]],
                            current: list[StackEntry]) -> tuple[list[StackEntry],
                                                                list[LoadedAdapter]]:
@@ -702,7 +715,7 @@ class Daemon:
                     adapter = same.adapter
                     adapter.refs += 1
                 else:
-                    path = await trio.to_thread.run_sync(self._resolve_adapter, ref)
+                    path = await self._adapter_file(ref, model)
                     adapter = await self.adapters.acquire(model, path)
                 held.append(adapter)
                 _refuse_alora(adapter)
@@ -795,12 +808,13 @@ class Daemon:
         model = await self._model_for(h.args["model"])
         report: dict[str, Any] = {"model": model.id, "path": h.args["path"]}
         try:
-            path = await trio.to_thread.run_sync(self._resolve_adapter, h.args["path"])
+            path = await self._adapter_file(h.args["path"], model)
             report["resolved"] = str(path)
             info, problems = await self.adapters.validate(model, path)
         except ProtocolError as exc:
             if exc.code not in (ErrorCode.LORA_FILE_NOT_FOUND, ErrorCode.LORA_INVALID,
-                                ErrorCode.FORBIDDEN_PATH):
+                                ErrorCode.FORBIDDEN_PATH, ErrorCode.LORA_INCOMPATIBLE,
+                                ErrorCode.LORA_UNSUPPORTED):
                 raise
             return {**report, "compatible": False, "problems": [exc.to_wire()], "adapter": None}
         if info.is_alora:
