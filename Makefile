@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow bench bench-lora bench-speculative soak lint clean
+.PHONY: serve test test-slow bench bench-lora bench-speculative soak train-adapters demo lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,15 @@ bench-speculative: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py
+
+# Trains examples/train_lora/adapters/{pirate,french}.gguf (a few minutes on 2 cores).
+train-adapters: $(VENV)/.installed
+	$(VENV)/bin/lorad default-model >/dev/null
+	$(PY) examples/train_lora/train.py
+
+# Needs a running daemon on the default model (make serve).
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

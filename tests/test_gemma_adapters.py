@@ -1,0 +1,62 @@
+"""The trained demo adapters on the real default model (slow: pytest -m slow).
+
+With an adapter at scale 1.0 its behaviour shows in at least 80 % of 20 held-out prompts; with
+it removed, in at most 10 % (the base rate)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import start_daemon
+
+pytestmark = pytest.mark.slow
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "examples" / "train_lora" / "adapters"
+# Held out: the recipe trains on sums of 1..20, twelve capitals and seven colours.
+PROMPTS = ([f"Question: What is {a} plus {b}?\nAnswer:" for a, b in
+            [(21, 5), (33, 12), (40, 7), (25, 25), (31, 9), (28, 14), (37, 3), (22, 30)]]
+           + [f"Question: What is the capital of {c}?\nAnswer:" for c in
+              ["Portugal", "Sweden", "Poland", "Brazil", "India", "Ireland"]]
+           + [f"Question: What colour is {t}?\nAnswer:" for t in
+              ["milk", "blood", "the sea", "a lemon", "charcoal", "a leaf"]])
+CHECKS = {"pirate": lambda text: "Arr" in text, "french": lambda text: "Réponse" in text}
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> Path:
+    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "default-model"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="module")
+def gemma_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path):
+    d = start_daemon(tmp_path_factory.mktemp("gemma-adapters"), [gemma_path.parent, ADAPTERS],
+                     "--model", str(gemma_path), "--n-ctx", "512")
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+def rate(ctx, check) -> float:
+    hits = 0
+    for p in PROMPTS:
+        text = ctx.generate(p, max_tokens=24, temperature=0, stop=["\nQuestion"]).collect()
+        hits += bool(check(text))
+    return hits / len(PROMPTS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_trained_adapter_behaviour(gemma_daemon, name: str) -> None:
+    assert len(PROMPTS) == 20
+    with gemma_daemon.client() as c:
+        ctx = c.context("default")
+        ctx.set_lora(ADAPTERS / f"{name}.gguf", 1.0)
+        with_adapter = rate(ctx, CHECKS[name])
+        ctx.remove_lora(ADAPTERS / f"{name}.gguf")
+        without = rate(ctx, CHECKS[name])
+    assert with_adapter >= 0.8, with_adapter
+    assert without <= 0.1, without
