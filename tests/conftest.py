@@ -30,6 +30,14 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma() -> Path:
+    """The default model (gemma 3 270M Q4_K_M), assembled into the model cache (slow tests)."""
+    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "default-model"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+@pytest.fixture(scope="session")
 def tiny_model(models_dir: Path) -> Path:
     return tinymodels.write_tiny_llama(models_dir / "tiny.gguf", seed=0)
 

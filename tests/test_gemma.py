@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import llama_cpp
@@ -16,13 +14,6 @@ from lorad.client import BadRequest
 pytestmark = pytest.mark.slow
 
 PROMPT = "Write one sentence about the sea."
-
-
-@pytest.fixture(scope="module")
-def gemma() -> Path:
-    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "default-model"],
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
 
 
 @pytest.fixture(scope="module")

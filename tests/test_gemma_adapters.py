@@ -5,8 +5,6 @@ it removed, in at most 10 % (the base rate)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,16 +25,9 @@ CHECKS = {"pirate": lambda text: "Arr" in text, "french": lambda text: "Réponse
 
 
 @pytest.fixture(scope="module")
-def gemma_path() -> Path:
-    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "default-model"],
-                         capture_output=True, text=True, check=True)
-    return Path(out.stdout.strip())
-
-
-@pytest.fixture(scope="module")
-def gemma_daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path):
-    d = start_daemon(tmp_path_factory.mktemp("gemma-adapters"), [gemma_path.parent, ADAPTERS],
-                     "--model", str(gemma_path), "--n-ctx", "512")
+def gemma_daemon(tmp_path_factory: pytest.TempPathFactory, gemma: Path):
+    d = start_daemon(tmp_path_factory.mktemp("gemma-adapters"), [gemma.parent, ADAPTERS],
+                     "--model", str(gemma), "--n-ctx", "512")
     yield d
     assert d.stop() == 0, d.log()
 
