@@ -61,8 +61,8 @@ class AdapterCache:
 
     def __init__(self, max_bytes: int = 4 * 1024**3, metrics: Metrics | None = None) -> None:
         self.max_bytes = max_bytes
-        self.metrics = metrics
         """Total adapter tensor bytes allowed (``limits.max_adapter_bytes``)."""
+        self.metrics = metrics
         self._entries: dict[Key, LoadedAdapter] = {}
         self._loading: dict[Key, trio.Event] = {}
         self._locks: dict[str, trio.Lock] = {}
