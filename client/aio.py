@@ -18,6 +18,7 @@ from .core import (
     DEFAULT_TIMEOUT,
     LOAD_TIMEOUT,
     MONITOR_EVENTS,
+    PENDING,
     Chunk,
     CurveKeys,
     LoraItem,
@@ -28,6 +29,7 @@ from .core import (
     context_args,
     default_endpoint,
     drop_none,
+    load_progress_reply,
     lora_ref,
     lora_stack,
 )
@@ -181,14 +183,11 @@ class AsyncClient:
             return await self._call("load_model", args, timeout=self.load_timeout)
         rid, recv = await self._register("load_model", {**args, "progress": True}, buffer=128)
         try:
-            while True:
+            info = PENDING
+            while info is PENDING:
                 reply = await self._next_reply(rid, recv, self.load_timeout)
-                if reply.kind == "item":
-                    progress(float((reply.item or {}).get("progress", 0.0)))
-                elif reply.kind == "end":
-                    return (reply.result or {})["model"]
-                else:
-                    return check_result(reply)
+                info = load_progress_reply(reply, progress)
+            return info
         finally:
             self._inbox.pop(rid, None)
 

@@ -16,6 +16,12 @@ from .sync import Client
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
+def _missing_extra(what: str, extra: str, exc: ImportError) -> int:
+    print(f"{what} needs the {extra} extra: pip install 'lorad[{extra}]' ({exc})",
+          file=sys.stderr)
+    return 2
+
+
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.endpoint, timeout=args.timeout)
 
@@ -32,9 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from lorad.daemon import ContextSpec, ModelSpec, load_config, run_daemon
         from lorad.daemon.logs import configure_logging
     except ImportError as exc:
-        print(f"lorad serve needs the daemon extra: pip install 'lorad[daemon]' ({exc})",
-              file=sys.stderr)
-        return 2
+        return _missing_extra("lorad serve", "daemon", exc)
     config = load_config(args.config)
     # Explicit flags beat the config file.
     if args.endpoint:
@@ -128,9 +132,7 @@ def cmd_install_unit(args: argparse.Namespace) -> int:
     try:
         from lorad.daemon.units import default_unit_path, render_unit
     except ImportError as exc:
-        print(f"install-unit needs the daemon extra: pip install 'lorad[daemon]' ({exc})",
-              file=sys.stderr)
-        return 2
+        return _missing_extra("install-unit", "daemon", exc)
     text = render_unit(user=args.user, python=args.python or sys.executable)
     if args.print:
         sys.stdout.write(text)
@@ -199,8 +201,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     try:
         from .top import run_top
     except ImportError as exc:
-        print(f"lorad top needs rich: pip install 'lorad[top]' ({exc})", file=sys.stderr)
-        return 2
+        return _missing_extra("lorad top", "top", exc)
     with _client(args) as client:
         try:
             run_top(client, args.interval, args.once)
@@ -291,9 +292,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
             from lorad.daemon.peft import convert_peft
             from lorad.protocol import ProtocolError
         except ImportError as exc:
-            print(f"lora convert needs the daemon extra: pip install 'lorad[daemon]' ({exc})",
-                  file=sys.stderr)
-            return 2
+            return _missing_extra("lora convert", "daemon", exc)
         try:
             out = convert_peft(Path(args.peft_dir), Path(args.model), Path(args.output))
         except ProtocolError as exc:
@@ -324,16 +323,28 @@ def cmd_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """Options that do not go together (exit status 2, like argparse's own errors)."""
+
+
 def _speculative_option(args: argparse.Namespace) -> dict[str, Any] | bool | None:
-    """``--speculative prompt_lookup [--draft-max N]``, ``--speculative off``, or None."""
+    """``--speculative MODE [--draft-max N] [--draft-model MODEL]``, ``off``, or None."""
     mode = getattr(args, "speculative", None)
+    draft_max, draft_model = getattr(args, "draft_max", None), getattr(args, "draft_model", None)
+    if mode in (None, "off") and (draft_max is not None or draft_model is not None):
+        raise UsageError("--draft-max and --draft-model need --speculative MODE")
+    if draft_model is not None and mode != "draft_model":
+        raise UsageError("--draft-model goes with --speculative draft_model")
     if mode is None:
         return None
     if mode == "off":
         return False
     spec: dict[str, Any] = {"mode": mode}
-    if getattr(args, "draft_max", None) is not None:
-        spec["max_draft"] = args.draft_max
+    if draft_max is not None:
+        spec["max_draft"] = draft_max
+    if draft_model is not None:  # the daemon says which parameters a mode lacks
+        spec["model"] = str(Path(draft_model).expanduser().resolve()) \
+            if "/" in draft_model or draft_model.endswith(".gguf") else draft_model
     return spec
 
 
@@ -423,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", choices=["prompt_lookup", "draft_model", "mtp", "off"],
                    help="default speculative decoding of the default context")
     p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
+    p.add_argument("--draft-model", help="the draft model, id or path (--speculative "
+                   "draft_model)")
     p.add_argument("--heartbeat-ms", type=int, help="ZMTP heartbeat interval (default 1000)")
     p.add_argument("--curve-secret-key", metavar="FILE", help="the daemon's CURVE certificate "
                    "(NAME.key_secret from `lorad keys generate`): encrypt and authenticate")
@@ -444,10 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("install-unit", help="write the systemd unit for this install")
     p.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead "
                    "of the system unit")
-    p.add_argument("--output", help="where to write it (default: ~/.config/systemd/user/ or "
-                   "/etc/systemd/system/lorad.service)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--output", help="where to write it (default: ~/.config/systemd/user/ "
+                       "or /etc/systemd/system/lorad.service)")
+    where.add_argument("--print", action="store_true", help="print the unit instead of "
+                       "writing it")
     p.add_argument("--python", help="the interpreter ExecStart runs (default: this one)")
-    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     p.set_defaults(func=cmd_install_unit)
 
     p = sub.add_parser("default-model", help="assemble the default model; print its path")
@@ -512,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", choices=["prompt_lookup", "draft_model", "mtp", "off"],
                    help="speculative decoding for this request (greedy only in this version)")
     p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
+    p.add_argument("--draft-model", help="the draft model, id or path (--speculative "
+                   "draft_model)")
     p.add_argument("--json", action="store_true", help="one JSON object with text and metrics")
     p.set_defaults(func=cmd_generate)
 
@@ -551,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoradError as exc:
         print(f"lorad: {exc}", file=sys.stderr)
         return 1
+    except UsageError as exc:
+        print(f"lorad {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,24 @@ class StreamState:
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
+
+
+_PENDING = object()
+
+
+def load_progress_reply(reply: Reply, progress: Callable[[float], None]) -> Any:
+    """Fold one reply of a ``load_model(progress=True)`` stream: report an item's progress
+    and return ``PENDING``, or return the model info at the end (or raise its error)."""
+    if reply.kind == "item":
+        progress(float((reply.item or {}).get("progress", 0.0)))
+        return _PENDING
+    if reply.kind == "end":
+        return (reply.result or {})["model"]
+    return check_result(reply)
+
+
+PENDING = _PENDING
+"""What :func:`load_progress_reply` returns while the load goes on."""
 
 
 def check_result(reply: Reply) -> Any:

@@ -20,6 +20,7 @@ from .core import (
     DEFAULT_TIMEOUT,
     LOAD_TIMEOUT,
     MONITOR_EVENTS,
+    PENDING,
     Chunk,
     CurveKeys,
     LoraItem,
@@ -30,6 +31,7 @@ from .core import (
     context_args,
     default_endpoint,
     drop_none,
+    load_progress_reply,
     lora_ref,
     lora_stack,
 )
@@ -201,14 +203,10 @@ class Client:
             return self._call("load_model", args, timeout=self.load_timeout)
         rid = self._register("load_model", {**args, "progress": True})
         try:
-            while True:
-                reply = self._next_reply(rid, self.load_timeout)
-                if reply.kind == "item":
-                    progress(float((reply.item or {}).get("progress", 0.0)))
-                elif reply.kind == "end":
-                    return (reply.result or {})["model"]
-                else:
-                    return check_result(reply)
+            info = PENDING
+            while info is PENDING:
+                info = load_progress_reply(self._next_reply(rid, self.load_timeout), progress)
+            return info
         finally:
             self._inbox.pop(rid, None)
 

@@ -347,3 +347,21 @@ def test_cancel_mid_stream_leaves_a_clean_cache(client: Client, spec_files) -> N
         # give or take the one item of credit in flight.
         assert stream.metrics["generated_tokens"] <= received + 17 + 1
         assert greedy(ctx, prompt=PROMPT + " dog")[0] == greedy(fresh, prompt=PROMPT + " dog")[0]
+
+
+def test_cli_refuses_orphan_draft_options_and_runs_a_draft_model(spec_daemon: DaemonProcess,
+                                                                 spec_files) -> None:
+    def generate(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lorad.client.cli", "generate", PROMPT, "--endpoint",
+             spec_daemon.endpoint, "--model", str(spec_files["model"]), "--temperature", "0",
+             "--max-tokens", "20", *extra], capture_output=True, text=True, timeout=60)
+
+    for extra in (["--draft-max", "4"], ["--speculative", "off", "--draft-max", "4"],
+                  ["--speculative", "prompt_lookup", "--draft-model", "x"]):
+        out = generate(*extra)
+        assert out.returncode == 2 and "--draft-" in out.stderr, (extra, out.stderr)
+    out = generate("--speculative", "draft_model", "--draft-model",
+                   str(spec_files["copy"]), "--draft-max", "4")
+    assert out.returncode == 0, out.stderr
+    assert "speculative draft_model:" in out.stderr
