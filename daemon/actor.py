@@ -13,19 +13,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2.sandbox
 import numpy as np
 import trio
 
-from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol import DEFAULT_LIMITS, ErrorCode, Limits, ProtocolError
 
 from . import llama
 from .adapters import AdapterCache, LoadedAdapter
+from .grammar import check_grammar
 from .registry import LoadedModel
 from .requests import RequestHandle
 from .speculative import OFF_METRICS, Drafter, DraftModel, check_request, check_vocabularies
 from .speculative import refuse as refuse_speculative
 from .speculative import verify as verify_draft
+from .templates import TemplateRenderer
 from .text import TextAssembler
 
 
@@ -61,8 +62,13 @@ class ContextActor:
     def __init__(self, context_id: str, model: LoadedModel, ctx: llama.Context, *,
                  seed: int, max_queued: int, persistent: bool, owner: bytes | None,
                  params: dict[str, Any], adapters: AdapterCache,
-                 speculative: dict[str, Any] | bool | None = None) -> None:
+                 speculative: dict[str, Any] | bool | None = None,
+                 templates: TemplateRenderer | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.id = context_id
+        self.limits = limits
+        self.templates = templates if templates is not None else TemplateRenderer(limits)
+        """Where Jinja chat templates are rendered (worker processes shared by the daemon)."""
         self.creator: bytes | None = owner
         """The client that created it (None: the config file's); only it may use a private
         context."""
@@ -305,8 +311,8 @@ class ContextActor:
     async def _prompt_tokens(self, h: RequestHandle, args: dict[str, Any]) -> list[int]:
         model = self.model.model
         if h.op == "chat":
-            text = render_chat(model, args["messages"], args["add_generation_prompt"],
-                               args["template"])
+            text = await render_chat(self.templates, model, args["messages"],
+                                     args["add_generation_prompt"], args["template"])
             bos_text = model.token_text(model.bos) if model.add_bos else ""
             add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
             tokens = await trio.to_thread.run_sync(
@@ -353,7 +359,10 @@ class ContextActor:
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # clears the KV cache: it was computed under another stack
-        sampler = await trio.to_thread.run_sync(lambda: llama.Sampler(model, params))
+        if params.grammar is not None:
+            await trio.to_thread.run_sync(check_grammar, params.grammar, self.limits)
+        sampler = await trio.to_thread.run_sync(
+            lambda: llama.Sampler(model, params, self.limits.grammar_ms))
         n_logprobs = args["logprobs"]
         text = TextAssembler(args["stop"])
         generated = 0
@@ -451,19 +460,14 @@ class ContextActor:
         h.send_end({"finish_reason": finish, "metrics": metrics})
 
 
-_jinja = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-
-def _raise(message: str) -> None:
-    raise ProtocolError(ErrorCode.BAD_REQUEST, f"chat template: {message}", field="messages")
-
-
-def render_chat(model: llama.Model, messages: list[dict[str, Any]],
-                add_generation_prompt: bool, template: str | None = None) -> str:
+async def render_chat(templates: TemplateRenderer, model: llama.Model,
+                      messages: list[dict[str, Any]], add_generation_prompt: bool,
+                      template: str | None = None) -> str:
     """Format messages with ``template`` (a llama.cpp built-in name or Jinja source), else
-    with the model's own Jinja chat template."""
+    with the model's own Jinja chat template (rendered by ``templates``, out of process)."""
     if template is not None and "{" not in template:
-        return llama.apply_builtin_chat_template(template, messages, add_generation_prompt)
+        return await trio.to_thread.run_sync(
+            llama.apply_builtin_chat_template, template, messages, add_generation_prompt)
     source = template or model.chat_template
     if source is None:
         raise ProtocolError(
@@ -472,14 +476,7 @@ def render_chat(model: llama.Model, messages: list[dict[str, Any]],
             "Jinja source), or use generate with your own prompt format",
             field="template", builtin=llama.builtin_chat_templates(),
         )
-    try:
-        return _jinja.from_string(source).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos),
-            raise_exception=_raise,
-        )
-    except ProtocolError:
-        raise
-    except jinja2.TemplateError as exc:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"chat template failed: {exc}",
-                            field="template") from None
+    return await templates.render(
+        source, messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos),
+    )

@@ -46,6 +46,7 @@ from .peft import cached_conversion
 from .registry import LoadedModel, ModelRegistry
 from .requests import RequestHandle
 from .sdnotify import notify, watchdog_interval
+from .templates import TemplateRenderer
 
 VERSION = "0.1.0"
 DEFAULT_N_CTX = 4096
@@ -83,6 +84,8 @@ class Daemon:
         self.models = ModelRegistry(self.allowed)
         self.metrics = Metrics()
         self.adapters = AdapterCache(config.limits.max_adapter_bytes, self.metrics)
+        self.templates = TemplateRenderer(config.limits)
+        """Worker processes that render Jinja chat templates (untrusted code)."""
         self.contexts: dict[str, ContextActor] = {}
         self.peers: dict[bytes, Peer] = {}
         self.draining = False
@@ -118,6 +121,7 @@ class Daemon:
                 nursery.start_soon(self.pump.run, self._on_frames)
                 nursery.start_soon(monitor_pump.run, self._on_monitor)
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self.templates.warm_up)
                 interval = watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(self._watchdog, interval)
@@ -131,6 +135,8 @@ class Daemon:
                 await self._drain()
                 nursery.cancel_scope.cancel()
         finally:
+            with trio.CancelScope(shield=True):
+                await self.templates.aclose()
             for entry in self.models:
                 entry.model.close()
             sock.disable_monitor()
@@ -573,7 +579,8 @@ class Daemon:
         actor = ContextActor(context_id, entry, ctx, seed=args["seed"],
                              max_queued=args["max_queued"], persistent=owner is None,
                              owner=owner, params=params, adapters=self.adapters,
-                             speculative=args["speculative"])
+                             speculative=args["speculative"], templates=self.templates,
+                             limits=self.limits)
         actor.creator = creator
         actor.shared = creator is None or args["shared"]
         actor.resolve_model = self._model_for
@@ -705,7 +712,8 @@ class Daemon:
         if len(items) > self.limits.max_loras:
             raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f"at most {self.limits.max_loras} adapters in a stack",
-                                field="loras", limit=self.limits.max_loras)
+                                field="loras", limit="max_loras",
+                                value=self.limits.max_loras)
         stack: list[StackEntry] = []
         held: list[LoadedAdapter] = []
         try:
@@ -758,7 +766,8 @@ class Daemon:
                 await self._release(held)
                 raise ProtocolError(ErrorCode.TOO_LARGE,
                                     f"at most {self.limits.max_loras} adapters in a stack",
-                                    field="path", limit=self.limits.max_loras)
+                                    field="path", limit="max_loras",
+                                    value=self.limits.max_loras)
             else:
                 stack.append(entry)
             return stack, held

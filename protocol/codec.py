@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgpack
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, echo
 from .limits import DEFAULT_LIMITS, Limits
 
 PROTOCOL_VERSION = 1
@@ -166,7 +166,7 @@ def decode_request(frames: list[bytes], limits: Limits = DEFAULT_LIMITS) -> Requ
         if type(version) is not int or version != PROTOCOL_VERSION:
             raise ProtocolError(
                 ErrorCode.UNSUPPORTED_VERSION,
-                f"protocol version {version!r} is not supported",
+                f"protocol version {echo(version)!r} is not supported",
                 supported=[PROTOCOL_VERSION],
             )
         op = body.get("op")

@@ -67,3 +67,10 @@ class ProtocolError(Exception):
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code.value!r}, {self.message!r}, **{self.details!r})"
+
+
+def echo(value: Any, limit: int = 64) -> str:
+    """A client's value as text for an error message or detail, cut to ``limit`` characters
+    (a name echoed whole could make the reply larger than the client can decode)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

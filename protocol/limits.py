@@ -33,6 +33,25 @@ class Limits:
     """Concurrent (queued or running) generate/chat streams of one client connection."""
     max_adapter_bytes: int = 4 * 1024**3
     """Total memory of the loaded LoRA adapters (their tensors), all models together."""
+    max_grammar_bytes: int = 64 * 1024
+    """Largest GBNF grammar (UTF-8 bytes)."""
+    max_grammar_depth: int = 64
+    """Deepest nesting of parenthesised groups in a grammar."""
+    max_grammar_rules: int = 1024
+    """Rules of a grammar, counting those llama.cpp makes for groups and repetitions."""
+    max_grammar_alternatives: int = 512
+    """Alternatives (``|``) in a grammar, all rules together."""
+    grammar_ms: int = 1000
+    """Longest time llama.cpp may spend building a request's grammar sampler or applying it
+    to one token; a request that takes longer ends with ``bad_request``."""
+    template_timeout_ms: int = 1000
+    """Longest time a chat template may take to render."""
+    max_template_output: int = 1024 * 1024
+    """Most characters a chat template may render."""
+    template_memory_bytes: int = 1024**3
+    """Address-space limit of the process that renders chat templates."""
+    template_workers: int = 2
+    """Chat templates rendered at once (each in its own worker process)."""
 
 
 DEFAULT_LIMITS = Limits()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, echo
 from .limits import DEFAULT_LIMITS, Limits
 
 Check = Callable[[Any, Limits], "str | None"]
@@ -105,12 +105,23 @@ def _finite(v: float, _limits: Limits) -> str | None:
     return None if math.isfinite(v) else "must be a finite number"
 
 
+def shown(value: Any, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a refused value, for messages and details."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def invalid_scale(value: Any, field: str) -> ProtocolError:
+    """``lora_invalid_scale`` with ``details: {field, scale}`` (the value as text)."""
+    return ProtocolError(ErrorCode.LORA_INVALID_SCALE,
+                         f"adapter scale must be a finite number, got {shown(value)}",
+                         field=field, scale=shown(value))
+
+
 def check_scale(value: Any, field: str = "scale") -> float:
     """An adapter scale: any finite number (negative too); else ``lora_invalid_scale``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ProtocolError(ErrorCode.LORA_INVALID_SCALE,
-                            f"adapter scale must be a finite number, got {value!r}",
-                            field=field, scale=repr(value))
+        raise invalid_scale(value, field)
     return float(value)
 
 
@@ -119,7 +130,7 @@ def parse_loras(value: list, limits: Limits) -> list[tuple[str, float]]:
     ``path``; returns ``[(path, scale), ...]`` in order."""
     if len(value) > limits.max_loras:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {limits.max_loras} adapters in a stack",
-                            field="loras", limit=limits.max_loras)
+                            field="loras", limit="max_loras", value=limits.max_loras)
     out: list[tuple[str, float]] = []
     for i, item in enumerate(value):
         if isinstance(item, str):
@@ -174,13 +185,13 @@ def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
                             "string 'mode'", field="speculative")
     mode = value["mode"]
     if mode not in _SPEC_PARAMS:
-        raise refuse("unknown_mode", f"unknown mode {mode!r}", mode=mode,
+        raise refuse("unknown_mode", f"unknown mode {echo(mode)!r}", mode=echo(mode),
                      known=list(SPECULATIVE_MODES))
     spec = _SPEC_PARAMS[mode]
     unknown = sorted(set(value) - set(spec) - {"mode"}, key=str)
     if unknown:
-        raise refuse("unknown_parameter", f"unknown parameter {unknown[0]!r} for {mode}",
-                     mode=mode, parameter=unknown[0], accepted=sorted(spec))
+        raise refuse("unknown_parameter", f"unknown parameter {echo(unknown[0])!r} for {mode}",
+                     mode=mode, parameter=echo(unknown[0]), accepted=sorted(spec))
     out: dict[str, Any] = {"mode": mode}
     for key, (kind, default, lo, hi) in spec.items():
         v = value.get(key, default)
@@ -191,7 +202,7 @@ def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
             ok = math.isfinite(v) and lo <= v <= hi
         if not ok or (kind is str and not v):
             what = f"in {lo}..{hi}" if lo is not None else "a non-empty string"
-            raise refuse("out_of_range", f"{key} must be {what}, got {v!r}", mode=mode,
+            raise refuse("out_of_range", f"{key} must be {what}, got {echo(v)}", mode=mode,
                          parameter=key)
         out[key] = float(v) if kind is float else v
     if mode == "prompt_lookup" and out["ngram_min"] > out["ngram_max"]:
@@ -203,6 +214,7 @@ def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
 _SPECULATIVE = Arg((dict, bool), nullable=True, parse=parse_speculative)
 _LORAS = Arg((list,), nullable=True, parse=parse_loras)
 _SCALE = Arg(_NUM, default=1.0, check=_finite, code=ErrorCode.LORA_INVALID_SCALE)
+"""A ``set_lora`` scale; its errors carry ``scale`` too (see :func:`validate_args`)."""
 
 SAMPLING: dict[str, Arg] = {
     "max_tokens": Arg(_INT, default=256, check=_max_tokens),
@@ -323,14 +335,15 @@ def validate_args(op: str, args: dict[str, Any], limits: Limits = DEFAULT_LIMITS
     schema = OPS.get(op)
     if schema is None:
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"unknown operation {op!r}", field="op", known=sorted(OPS)
+            ErrorCode.BAD_REQUEST, f"unknown operation {echo(op)!r}", field="op",
+            known=sorted(OPS),
         )
     unknown = sorted(set(args) - set(schema), key=str)  # keys may mix str and bytes
     if unknown:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
-            f"{op}: unknown argument {unknown[0]!r}",
-            field=unknown[0],
+            f"{op}: unknown argument {echo(unknown[0])!r}",
+            field=echo(unknown[0]),
             accepted=sorted(schema),
         )
     out: dict[str, Any] = {}
@@ -346,6 +359,9 @@ def validate_args(op: str, args: dict[str, Any], limits: Limits = DEFAULT_LIMITS
         ok = isinstance(value, spec.types) and not (
             isinstance(value, bool) and bool not in spec.types
         )
+        if spec.code is ErrorCode.LORA_INVALID_SCALE and not (
+                ok and (spec.check is None or not spec.check(value, limits))):
+            raise invalid_scale(value, name)
         if not ok:
             raise ProtocolError(
                 spec.code,
