@@ -120,7 +120,7 @@ class Daemon:
                 self._nursery = nursery
                 nursery.start_soon(self.pump.run, self._on_frames)
                 nursery.start_soon(monitor_pump.run, self._on_monitor)
-                nursery.start_soon(self._watch_signals)
+                await nursery.start(self._watch_signals)  # handled before READY=1 is sent
                 nursery.start_soon(self.templates.warm_up)
                 interval = watchdog_interval()
                 if interval is not None:
@@ -158,8 +158,10 @@ class Daemon:
             notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("signal", signal=signal.Signals(signum).name)
                 self.shutdown()

@@ -76,8 +76,10 @@ class DaemonProcess:
 
 
 def start_daemon(workdir: Path, allow: list[Path], *args: str, env: dict[str, str] | None = None,
-                 ready_timeout: float = 60, endpoint: str | None = None) -> DaemonProcess:
-    """Start ``python -m lorad.daemon`` and wait for its READY=1 notification."""
+                 ready_timeout: float = 60, endpoint: str | None = None,
+                 signal_on_ready: int | None = None) -> DaemonProcess:
+    """Start ``python -m lorad.daemon`` and wait for its READY=1 notification (and send it
+    ``signal_on_ready`` the instant that notification arrives)."""
     endpoint = endpoint or f"ipc://{workdir}/lorad.sock"
     # AF_UNIX paths are limited to 108 bytes: keep the notify socket in a short temp dir.
     notify_dir = tempfile.mkdtemp(prefix="lorad-n-")
@@ -105,6 +107,8 @@ def start_daemon(workdir: Path, allow: list[Path], *args: str, env: dict[str, st
                     raise RuntimeError(f"daemon not ready: {log_path.read_text()}") from None
                 continue
             if "READY=1" in message.split("\n"):
+                if signal_on_ready is not None:
+                    proc.send_signal(signal_on_ready)
                 break
     finally:
         listener.close()
