@@ -20,6 +20,7 @@ from lorad.protocol import DEFAULT_LIMITS, ErrorCode, Limits, ProtocolError
 
 from . import llama
 from .adapters import AdapterCache, LoadedAdapter
+from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
 from .registry import LoadedModel
 from .requests import RequestHandle
@@ -135,8 +136,8 @@ class ContextActor:
                 try:
                     async with self._ctx_lock:
                         await self._generate(job)
-                except ProtocolError as exc:
-                    job.handle.send_error(exc)
+                except (ProtocolError, DaemonError) as exc:
+                    job.handle.send_error(to_protocol(exc))
                 except Exception as exc:  # a fault in one request must not end the actor
                     job.handle.send_error(ProtocolError(
                         ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", context=self.id

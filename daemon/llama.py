@@ -24,6 +24,8 @@ import numpy as np
 
 from lorad.protocol import ErrorCode, ProtocolError
 
+from .errors import LlamaError
+
 # -- memory ------------------------------------------------------------------------------------
 try:
     _libc = ctypes.CDLL("libc.so.6")
@@ -145,14 +147,10 @@ class Model:
         with capture_log() as lines:
             ptr = C.llama_model_load_from_file(path.encode(), params)
         if not ptr and aborted:
-            raise ProtocolError(ErrorCode.CANCELLED, f"loading {path!r} was cancelled", path=path)
+            raise LlamaError(f"loading {path!r} was cancelled", ErrorCode.CANCELLED, path=path)
         if not ptr:
-            raise ProtocolError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"llama.cpp could not load {path!r}",
-                path=path,
-                log=_relevant(lines),
-            )
+            raise LlamaError(f"llama.cpp could not load {path!r}", ErrorCode.MODEL_LOAD_FAILED,
+                             path=path, log=_relevant(lines))
         self.ptr = ptr
         self.path = path
         self.vocab = C.llama_model_get_vocab(ptr)
@@ -254,10 +252,8 @@ class Adapter:
         with capture_log() as lines:
             ptr = C.llama_adapter_lora_init(model.ptr, path.encode())
         if not ptr:  # a NULL pointer object is falsy, not None
-            raise ProtocolError(
-                ErrorCode.LORA_LOAD_FAILED, f"llama.cpp could not load adapter {path!r}",
-                path=path, log=_relevant(lines),
-            )
+            raise LlamaError(f"llama.cpp could not load adapter {path!r}",
+                             ErrorCode.LORA_LOAD_FAILED, path=path, log=_relevant(lines))
         self.ptr = ptr
         self.path = path
         n = int(C.llama_adapter_get_alora_n_invocation_tokens(ptr))
@@ -300,10 +296,7 @@ class Context:
         with capture_log() as lines:
             ptr = C.llama_init_from_model(model.ptr, params)
         if not ptr:
-            raise ProtocolError(
-                ErrorCode.INTERNAL, "llama.cpp could not create the context",
-                log=_relevant(lines),
-            )
+            raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
         self.ptr = ptr
         self.model = model
         self.n_ctx = int(C.llama_n_ctx(ptr))
@@ -331,8 +324,8 @@ class Context:
         else:
             rc = C.llama_set_adapters_lora(self.ptr, None, 0, None)
         if rc != 0:
-            raise ProtocolError(ErrorCode.LORA_LOAD_FAILED,
-                                f"llama_set_adapters_lora failed with code {rc}", rc=rc)
+            raise LlamaError(f"llama_set_adapters_lora failed with code {rc}",
+                             ErrorCode.LORA_LOAD_FAILED, rc=rc)
         self.clear()
         self._adapters = key
         return True
@@ -371,7 +364,7 @@ class Context:
             if not C.llama_memory_seq_rm(self.memory, 0, start, -1):
                 self.clear()
             code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
-            raise ProtocolError(code, f"llama_decode failed with code {rc}", rc=rc)
+            raise LlamaError(f"llama_decode failed with code {rc}", code, rc=rc)
         self.tokens.extend(tokens)
 
     def eval_prompt(self, prompt: list[int], should_stop: Callable[[], bool]) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import gguf
 
-from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
 from .paths import AllowedDirs
 
@@ -45,11 +45,6 @@ class FileIdentity:
     def of(cls, path: Path) -> FileIdentity:
         st = path.stat()
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def looks_like_path(ref: str) -> bool:
-    """A reference with a slash, a leading ``~`` or a ``.gguf`` suffix is a path, else a name."""
-    return "/" in ref or ref.startswith("~") or ref.endswith(".gguf")
 
 
 def _is_adapter(path: Path) -> bool:
@@ -106,7 +101,7 @@ class LoraPair:
 
     @property
     def rank(self) -> int:
-        return self.a_shape[0] if len(self.a_shape) == 2 else 0
+        return self.b_shape[1] if len(self.b_shape) == 2 else 0  # B's columns, either layout
 
 
 @dataclass
@@ -331,6 +326,13 @@ def incompatibilities(info: AdapterInfo, model: ModelTensors) -> list[ProtocolEr
             continue
         n_out, n_in = w
         rank = pair.rank
+        if base == "token_embd.weight" and "output.weight" not in model.shapes:
+            # Tied output: llama.cpp finds adapters by tensor, so it would apply this LoRA at
+            # the output as well, where its layout does not fit: it aborts at the first decode.
+            add(f"{base!r}: the model's output layer is its token embedding (tied), and "
+                "llama.cpp would apply an embedding LoRA there too, which it cannot (it aborts)",
+                tensor=base)
+            continue
         if base == "token_embd.weight":  # llama.cpp's layout for embeddings: A and B swapped
             expected_a, expected_b = (n_out, pair.a_shape[1]), (n_in, pair.b_shape[1])
         else:

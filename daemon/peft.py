@@ -5,8 +5,24 @@ Names are mapped with the ``gguf`` package's tensor-name maps (``model.layers.0.
 -> ``blk.0.attn_q.weight``). llama.cpp's converter permutes the rows of the query and key
 weights of llama-family models (its RoPE layout differs from Hugging Face's); a LoRA delta
 ``B @ A`` of those weights gets the same row permutation, which is a permutation of ``B``'s rows.
-Per-module ranks and alphas (``rank_pattern``, ``alpha_pattern``) and rsLoRA are folded into
-``B`` so that llama.cpp's single ``alpha / rank`` scaling gives each module its PEFT scaling.
+
+Scaling. PEFT scales each module by ``alpha_m / r_m`` (``alpha_m / sqrt(r_m)`` with rsLoRA),
+where ``r_m`` and ``alpha_m`` come from the first key of ``rank_pattern`` / ``alpha_pattern``
+that matches the module's name as PEFT matches it (``re.match(rf"(.*\\.)?({key})$", name)``),
+else from ``r`` / ``lora_alpha``. llama.cpp scales every pair by the file's one ``alpha`` over
+the pair's rank (or by 1 when ``alpha`` is 0), so the ratio of the two is folded into ``B``.
+
+Embeddings and the output layer. A LoRA of ``embed_tokens`` (``lora_embedding_A`` ``(r,
+n_vocab)``, ``lora_embedding_B`` ``(n_embd, r)``) becomes llama.cpp's ``token_embd`` layout:
+``lora_a = A.T`` ``(n_vocab, r)``, whose rows llama.cpp gathers per token, and ``lora_b = B``,
+which it multiplies them by; llama.cpp adds the delta before an architecture's embedding scale
+(Gemma's ``sqrt(n_embd)``), as PEFT does. A LoRA of ``lm_head`` is a plain ``output`` LoRA. On a
+model whose output layer is its token embedding (no ``output.weight``), llama.cpp applies a
+``token_embd`` LoRA at the output as well, with a layout that does not fit there (it aborts at
+the first decode), and has no separate output tensor an ``lm_head`` LoRA could target: such
+adapters are refused (``tied_embeddings``). The copy of those modules' weights that PEFT saves
+beside them (``base_layer.weight``) is not part of the adapter and is skipped.
+
 What cannot be converted faithfully is refused with ``lora_unsupported`` and the reason.
 """
 
@@ -26,10 +42,25 @@ from lorad.protocol import ErrorCode, ProtocolError
 
 from .lora import read_gguf_header
 
+CONVERTER_VERSION = 2
+"""Part of the cache key: a converted file from an older converter is converted again."""
 PERMUTED_QK_ARCHS = {"llama", "granite"}
 """Architectures whose q/k weights llama.cpp's converter permutes (see module docstring)."""
-_PAIR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?"
-                   r"\.weight$")
+_PREFIX = r"^(?:base_model\.model\.)?(?P<module>.+)\."
+_LINEAR = re.compile(_PREFIX + r"lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING = re.compile(_PREFIX + r"lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+_BASE_LAYER = re.compile(_PREFIX + r"base_layer\.weight$")
+TOKEN_EMBD, OUTPUT = "token_embd.weight", "output.weight"
+
+_VARIANTS = {
+    "use_dora": "dora", "fan_in_fan_out": "fan_in_fan_out", "use_qalora": "qalora",
+    "velora_config": "velora", "monteclora_config": "monteclora", "use_bdlora": "bdlora",
+    "arrow_config": "arrow", "kasa_config": "kasa", "alora_invocation_tokens": "alora",
+    "layer_replication": "layer_replication", "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable_tokens", "lora_bias": "lora_bias",
+}
+"""Config keys that, when set, make PEFT compute something other than ``W x + s B A x`` (or
+change the model itself): such adapters are refused, with the mapped name as the reason."""
 
 
 def is_peft_dir(path: Path) -> bool:
@@ -59,12 +90,43 @@ def _invalid(path: Path, message: str, **details: Any) -> ProtocolError:
                          **details)
 
 
+def _incompatible(path: Path, message: str, **details: Any) -> ProtocolError:
+    return ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"{path.name}: {message}",
+                         path=str(path), **details)
+
+
 def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     """llama.cpp's ``LlamaModel.permute`` of a q/k weight's rows."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def _number(peft_dir: Path, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _invalid(peft_dir, f"{name} must be a finite number, not {value!r}", field=name)
+    return float(value)
+
+
+def _patterns(peft_dir: Path, config: dict[str, Any], name: str) -> list[tuple[re.Pattern, Any]]:
+    """``rank_pattern`` or ``alpha_pattern`` as PEFT matches them, in the file's order."""
+    patterns = config.get(name) or {}
+    if not isinstance(patterns, dict):
+        raise _invalid(peft_dir, f"{name} must be an object, not {patterns!r}", field=name)
+    out = []
+    for key, value in patterns.items():
+        try:
+            out.append((re.compile(rf"(.*\.)?({key})$"), value))
+        except re.error as exc:
+            raise _invalid(peft_dir, f"{name} key {key!r} is not a regular expression ({exc})",
+                           field=name, key=key) from None
+    return out
+
+
+def pattern_value(patterns: list[tuple[re.Pattern, Any]], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the value of the first key that matches ``module``."""
+    return next((v for p, v in patterns if p.match(module)), default)
 
 
 def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
@@ -75,12 +137,14 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
         config = json.loads((peft_dir / "adapter_config.json").read_text())
     except (OSError, ValueError) as exc:
         raise _invalid(peft_dir, f"unreadable adapter_config.json: {exc}") from None
+    if not isinstance(config, dict):
+        raise _invalid(peft_dir, "adapter_config.json is not an object")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise _refuse(peft_dir, "not_lora", f"peft_type is {config.get('peft_type')!r}, not LORA")
-    for key, reason in (("use_dora", "dora"), ("fan_in_fan_out", "fan_in_fan_out")):
+    for key, reason in _VARIANTS.items():
         if config.get(key):
             raise _refuse(peft_dir, reason, f"{key} adapters are not supported (llama.cpp applies "
-                          "plain LoRA deltas to (out, in) weights)")
+                          "plain LoRA deltas W + s * B @ A)")
     if config.get("modules_to_save"):
         raise _refuse(peft_dir, "modules_to_save", "modules_to_save holds whole trained modules "
                       f"({config['modules_to_save']}), which a LoRA GGUF cannot carry")
@@ -104,20 +168,30 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
     n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
     names = gguf.get_tensor_name_map(arch_enum, n_layer)
 
-    r = int(config.get("r", 8))
-    alpha = float(config.get("lora_alpha", r))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    r = _number(peft_dir, "r", config.get("r", 8))
+    alpha = _number(peft_dir, "lora_alpha", config.get("lora_alpha", r))
+    rank_patterns = _patterns(peft_dir, config, "rank_pattern")
+    alpha_patterns = _patterns(peft_dir, config, "alpha_pattern")
     rslora = bool(config.get("use_rslora"))
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    embedding: set[str] = set()
+    base_layers: dict[str, tuple[int, ...]] = {}
     for key, value in tensors.items():
-        m = _PAIR.match(key)
-        if m is None:
-            raise _refuse(peft_dir, "unexpected_tensor", f"tensor {key!r} is not a lora_A/lora_B "
-                          "weight (embedding LoRA, biases and saved modules are not supported)",
-                          tensor=key)
-        pairs.setdefault(m["module"], {})[m["ab"]] = value.astype(np.float32)
+        if m := _LINEAR.match(key):
+            pairs.setdefault(m["module"], {})[m["ab"]] = value.astype(np.float32)
+        elif m := _EMBEDDING.match(key):
+            pairs.setdefault(m["module"], {})[m["ab"]] = value.astype(np.float32)
+            embedding.add(m["module"])
+        elif m := _BASE_LAYER.match(key):
+            base_layers[m["module"]] = tuple(value.shape)
+        elif key.endswith(("embed_tokens.weight", "lm_head.weight")):
+            raise _refuse(peft_dir, "saved_embeddings", f"tensor {key!r} is a whole embedding "
+                          "or output matrix (saved by PEFT when the vocabulary was resized), "
+                          "which a LoRA GGUF cannot carry", tensor=key)
+        else:
+            raise _refuse(peft_dir, "unexpected_tensor", f"tensor {key!r} is not a LoRA A/B "
+                          "weight (biases and saved modules are not supported)", tensor=key)
 
     out_tensors: dict[str, np.ndarray] = {}
     for module, ab in sorted(pairs.items()):
@@ -125,27 +199,65 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
             raise _invalid(peft_dir, f"{module!r} lacks lora_{'B' if 'A' in ab else 'A'}",
                            tensor=module)
         a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise _invalid(peft_dir, f"{module!r}: lora_A {a.shape} and lora_B {b.shape} are not "
+                           "a LoRA pair", tensor=module)
         target = names.get_name(module + ".weight", try_suffixes=(".weight",))
         if target is None:
-            raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"{peft_dir.name}: no {arch} tensor "
-                                f"for module {module!r}", path=str(peft_dir), tensor=module)
+            raise _incompatible(peft_dir, f"no {arch} tensor for module {module!r}",
+                                tensor=module)
+        is_embedding = module in embedding
+        if is_embedding and target != TOKEN_EMBD:
+            raise _refuse(peft_dir, "embedding_target", f"{module!r} is an embedding that is not "
+                          "the token embedding: llama.cpp applies embedding LoRAs to "
+                          f"{TOKEN_EMBD!r} only", tensor=module)
+        if target == TOKEN_EMBD and not is_embedding:
+            raise _invalid(peft_dir, f"{module!r} maps to {TOKEN_EMBD!r} but is not an "
+                           "embedding LoRA (lora_embedding_A/B)", tensor=module)
+        if target in (TOKEN_EMBD, OUTPUT) and OUTPUT not in shapes:
+            raise _refuse(
+                peft_dir, "tied_embeddings",
+                f"{module!r}: the model's output layer is its token embedding (no {OUTPUT!r}); "
+                f"llama.cpp would apply a {TOKEN_EMBD!r} LoRA at the output too, where its "
+                "layout does not fit (it aborts at the first decode), and it has no separate "
+                "output tensor for an lm_head LoRA, so PEFT's result cannot be reproduced",
+                tensor=module, target=target)
         if target not in shapes:
-            raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"{peft_dir.name}: the model has no "
-                                f"tensor {target!r} (module {module!r})", path=str(peft_dir),
-                                tensor=target)
+            raise _incompatible(peft_dir, f"the model has no tensor {target!r} (module "
+                                f"{module!r})", tensor=target)
         rank = a.shape[0]
-        short = module.rsplit(".", 1)[-1]
-        r_m = next((v for k, v in rank_pattern.items() if module.endswith(k)), r)
-        a_m = next((v for k, v in alpha_pattern.items() if module.endswith(k)), alpha)
+        if is_embedding:  # PEFT: A (r, n_vocab), B (n_embd, r); llama.cpp: A.T, B
+            a = a.T
+            expected_a, expected_b = (shapes[target][0], rank), (shapes[target][1], rank)
+        else:
+            expected_a, expected_b = (rank, shapes[target][1]), (shapes[target][0], rank)
+        if a.shape != expected_a or b.shape != expected_b:
+            raise _incompatible(
+                peft_dir, f"{module!r}: the model's {target!r} is {shapes[target]}, which "
+                f"takes lora_a {expected_a} and lora_b {expected_b}; the adapter gives "
+                f"{a.shape} and {b.shape}", tensor=target, model_shape=list(shapes[target]),
+                expected_lora_a=list(expected_a), expected_lora_b=list(expected_b),
+                found_lora_a=list(a.shape), found_lora_b=list(b.shape))
+        if module in base_layers and base_layers[module] != shapes[target]:
+            raise _incompatible(peft_dir, f"{module!r}: the adapter was saved with a "
+                                f"{base_layers[module]} base weight, the model's {target!r} is "
+                                f"{shapes[target]} (a resized vocabulary?)", tensor=target)
+        r_m = _number(peft_dir, "rank_pattern", pattern_value(rank_patterns, module, r))
+        a_m = _number(peft_dir, "alpha_pattern", pattern_value(alpha_patterns, module, alpha))
         if rank != r_m:
             raise _invalid(peft_dir, f"{module!r}: lora_A has rank {rank}, the config says "
-                           f"{r_m}", tensor=module)
+                           f"{r_m:g}", tensor=module)
         peft_scale = a_m / math.sqrt(r_m) if rslora else a_m / r_m
-        b = b * np.float32(peft_scale * rank / alpha)  # llama.cpp scales by alpha / rank
+        llama_scale = alpha / rank if alpha else 1.0  # llama.cpp's, per unit of adapter scale
+        b = b * np.float32(peft_scale / llama_scale)
+        short = module.rsplit(".", 1)[-1]
         if arch in PERMUTED_QK_ARCHS and short in ("q_proj", "k_proj"):
             b = _permute(b, n_head, n_head if short == "q_proj" else n_head_kv)
         out_tensors[f"{target}.lora_a"] = np.ascontiguousarray(a)
         out_tensors[f"{target}.lora_b"] = np.ascontiguousarray(b)
+    if unpaired := sorted(set(base_layers) - set(pairs)):
+        raise _refuse(peft_dir, "unexpected_tensor", f"base_layer weights without a LoRA: "
+                      f"{unpaired}", tensor=unpaired[0])
     if not out_tensors:
         raise _invalid(peft_dir, "the adapter has no LoRA tensors")
 
@@ -167,12 +279,12 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
 
 
 def cached_conversion(peft_dir: Path, model_path: Path, cache: Path) -> Path:
-    """The converted GGUF for (``peft_dir``'s content, the model's architecture and shapes),
-    converted once and kept in ``cache``."""
+    """The converted GGUF for (``peft_dir``'s content, the model's architecture and shapes, the
+    converter's version), converted once and kept in ``cache``."""
     meta, _ = read_gguf_header(model_path)
     st = model_path.stat()
-    key = hashlib.sha256(f"{content_hash(peft_dir)}:{model_path.resolve()}:{st.st_size}:"
-                         f"{st.st_mtime_ns}".encode())
+    key = hashlib.sha256(f"{CONVERTER_VERSION}:{content_hash(peft_dir)}:{model_path.resolve()}:"
+                         f"{st.st_size}:{st.st_mtime_ns}".encode())
     out = cache / f"{peft_dir.name}-{meta.get('general.architecture')}-{key.hexdigest()[:16]}.gguf"
     if not out.is_file():
         convert_peft(peft_dir, model_path, out)

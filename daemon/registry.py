@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
 from . import llama
 from .logs import log
@@ -110,7 +110,7 @@ class ModelRegistry:
         )
 
     def is_path(self, ref: str) -> bool:
-        return ref not in self._by_id and ("/" in ref or ref.endswith(".gguf"))
+        return ref not in self._by_id and looks_like_path(ref)
 
     async def unload(self, entry: LoadedModel) -> None:
         """Free the model (the caller has closed its contexts)."""

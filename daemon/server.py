@@ -38,6 +38,7 @@ from . import llama
 from .actor import ContextActor, StackEntry
 from .adapters import AdapterCache, LoadedAdapter
 from .config import DaemonConfig
+from .errors import DaemonError, to_protocol
 from .logs import log
 from .lora import resolve_adapter
 from .metrics import Metrics
@@ -400,8 +401,8 @@ class Daemon:
         method: Callable[[RequestHandle], Awaitable[Any]] = getattr(self, f"_op_{h.op}")
         try:
             result = await method(h)
-        except ProtocolError as exc:
-            h.send_error(exc)
+        except (ProtocolError, DaemonError) as exc:
+            h.send_error(to_protocol(exc))
         except Exception as exc:
             log.exception("internal_error", op=h.op, id=h.rid)
             h.send_error(ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))

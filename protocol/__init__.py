@@ -19,6 +19,7 @@ from .codec import (
 from .errors import ErrorCode, ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
 from .ops import OPS, STREAMING_OPS, validate_args
+from .refs import looks_like_path
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -40,5 +41,6 @@ __all__ = [
     "encode_reply",
     "encode_request",
     "error_reply",
+    "looks_like_path",
     "validate_args",
 ]

@@ -302,6 +302,30 @@ def test_missing_forbidden_and_unloadable_adapters(client: Client, files: Files,
         assert_close(run(ctx), expected["a"])
 
 
+def test_an_embedding_lora_on_a_tied_model_is_refused_not_an_abort(client: Client,
+                                                                    files: Files) -> None:
+    """llama.cpp would apply a token_embd LoRA at a tied output layer too and abort
+    (GGML_ASSERT in mul_mat) at the first decode: it is refused before llama.cpp sees it."""
+    tied = tinymodels.write_tiny_gemma3(files.root / "tied.gguf", tied=True)
+    untied = tinymodels.write_tiny_gemma3(files.root / "untied.gguf", tied=False)
+    on_tied = tinymodels.write_token_embd_lora(files.root / "embd-tied.gguf", tied)
+    on_untied = tinymodels.write_token_embd_lora(files.root / "embd-untied.gguf", untied)
+    with client.create_context(tied, n_ctx=64) as ctx:
+        with pytest.raises(LoraIncompatible, match="tied") as info:
+            ctx.set_lora(on_tied)
+        assert info.value.details["tensor"] == "token_embd.weight"
+        assert ctx.generate(PROMPT, max_tokens=2, temperature=0).collect() is not None
+    report = client.validate_lora(str(tied), on_tied)
+    assert not report["compatible"] and report["adapter"]["targets"]
+    with client.create_context(untied, n_ctx=64) as ctx:
+        ctx.set_lora(on_untied)
+        assert [e["rank"] for e in ctx.loras()] == [4]  # not n_vocab: B's columns
+        assert ctx.generate(PROMPT, max_tokens=2, temperature=0).collect() is not None
+    assert client.ping()["pong"]
+    for path in (tied, untied):
+        client.unload_model(str(path))
+
+
 def test_alora_is_reported_and_refused(client: Client, files: Files) -> None:
     model = client.load_model(files.model)
     report = client.validate_lora(model, files.alora)

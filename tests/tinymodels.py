@@ -43,6 +43,7 @@ __all__ = [
     "TinyVocab",
     "default_vocab",
     "merge_loras",
+    "tiny_gemma3_tensors",
     "tiny_llama_tensors",
     "write_alora",
     "write_alora_bad_token_type",
@@ -54,7 +55,9 @@ __all__ = [
     "write_lora_unknown_tensor",
     "write_lora_wrong_arch",
     "write_not_lora_gguf",
+    "write_tiny_gemma3",
     "write_tiny_llama",
+    "write_token_embd_lora",
     "write_truncated_gguf",
 ]
 
@@ -275,6 +278,128 @@ def write_tiny_llama(
     return path
 
 
+GEMMA3_LAYER_TENSORS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_q_norm",
+    "attn_k_norm",
+    "attn_output",
+    "post_attention_norm",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+    "post_ffw_norm",
+)
+
+
+def tiny_gemma3_tensors(
+    *,
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_vocab: int | None = None,
+    tied: bool = True,
+) -> dict[str, np.ndarray]:
+    """The f32 tensors :func:`write_tiny_gemma3` writes (numpy shapes, GGUF names).
+
+    Norm weights are stored as llama.cpp's gemma converter stores them: ``1 + w`` of Hugging
+    Face's ``Gemma3RMSNorm.weight``. ``tied``: no ``output.weight`` (the output layer is the
+    token embedding, as in the released gemma 3 models).
+    """
+    if n_vocab is None:
+        n_vocab = len(default_vocab())
+    head_dim = n_embd // n_head
+    rng = np.random.default_rng(seed)
+
+    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + rng.normal(0.0, 0.05, size=(n,))).astype(np.float32)
+
+    # gemma multiplies embeddings by sqrt(n_embd): keep the scaled rows near unit variance.
+    out: dict[str, np.ndarray] = {"token_embd.weight": normal((n_vocab, n_embd), n_embd**-0.5)}
+    shapes = {
+        "attn_q": (n_head * head_dim, n_embd),
+        "attn_k": (n_head_kv * head_dim, n_embd),
+        "attn_v": (n_head_kv * head_dim, n_embd),
+        "attn_output": (n_embd, n_head * head_dim),
+        "ffn_gate": (n_ff, n_embd),
+        "ffn_up": (n_ff, n_embd),
+        "ffn_down": (n_embd, n_ff),
+    }
+    for i in range(n_layer):
+        for name in GEMMA3_LAYER_TENSORS:
+            key = f"blk.{i}.{name}.weight"
+            if name in ("attn_q_norm", "attn_k_norm"):
+                out[key] = norm(head_dim)
+            elif name.endswith("_norm"):
+                out[key] = norm(n_embd)
+            else:
+                out[key] = normal(shapes[name], 1.0 / np.sqrt(shapes[name][1]))
+    out["output_norm.weight"] = norm(n_embd)
+    if not tied:
+        out["output.weight"] = normal((n_vocab, n_embd), 0.5)
+    return out
+
+
+def write_tiny_gemma3(
+    path: StrPath,
+    *,
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 512,
+    tied: bool = True,
+) -> pathlib.Path:
+    """Write a tiny gemma3 GGUF (f32, no sliding window, the tiny SentencePiece vocabulary).
+
+    llama.cpp scales its queries by ``1/sqrt(head_dim)`` (Hugging Face:
+    ``query_pre_attn_scalar = head_dim``), uses one RoPE base (10000) for every layer and the
+    tanh-approximated GELU."""
+    path = pathlib.Path(path)
+    vocab = default_vocab()
+    tensors = tiny_gemma3_tensors(seed=seed, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                  n_head_kv=n_head_kv, n_ff=n_ff, n_vocab=len(vocab), tied=tied)
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(f"tiny-gemma3-s{seed}{'' if tied else '-untied'}")
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(n_embd // n_head)
+    w.add_value_length(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(vocab))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.token_types)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_unk_token_id(vocab.unk_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    _finish(w)
+    return path
+
+
 def _finish(w: gguf.GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -390,6 +515,22 @@ def write_lora(
         out[f"{name}.lora_b"] = b
     _write_adapter(path, out, arch=arch, alpha=alpha)
     return spec
+
+
+def write_token_embd_lora(
+    path: StrPath, model: StrPath, *, rank: int = 4, alpha: float = 4.0, seed: int = 5
+) -> pathlib.Path:
+    """A LoRA of ``token_embd.weight`` for the model GGUF at ``model``, in llama.cpp's
+    embedding layout: ``lora_a`` ``(n_vocab, rank)`` (rows gathered per token), ``lora_b``
+    ``(n_embd, rank)``; the architecture is the model's."""
+    reader = gguf.GGUFReader(model)
+    arch = reader.get_field("general.architecture").contents()
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    n_embd, n_vocab = (int(n) for n in embd.shape)
+    rng = np.random.default_rng(seed)
+    tensors = {"token_embd.weight.lora_a": rng.normal(0.0, 0.1, size=(n_vocab, rank)),
+               "token_embd.weight.lora_b": rng.normal(0.0, 0.1, size=(n_embd, rank))}
+    return _write_adapter(path, tensors, arch=arch, alpha=alpha)
 
 
 # --- purpose-made bad files ---------------------------------------------------------------

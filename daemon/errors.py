@@ -1,0 +1,53 @@
+"""The daemon's own failures, each mapped to a wire error code where a handler answers.
+
+Inside the daemon, a bad configuration, a socket that cannot be bound and a llama.cpp call that
+fails are distinct exception types; only at the edge (the dispatcher, the actor's request loop,
+the command line) do they become a :class:`~lorad.protocol.ProtocolError` or a message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+
+class DaemonError(Exception):
+    """A failure inside the daemon; ``code`` is the wire error it is answered with."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str, code: ErrorCode | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details
+
+    def to_protocol(self) -> ProtocolError:
+        return ProtocolError(self.code, self.message, **self.details)
+
+
+class ConfigError(DaemonError):
+    """The configuration (file or flags) is invalid."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class BindError(DaemonError):
+    """The endpoint cannot be served (refused TCP, taken ipc path, CURVE setup)."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class LlamaError(DaemonError):
+    """A llama.cpp call failed (a model or adapter that does not load, a failed decode)."""
+
+
+def to_protocol(exc: BaseException) -> ProtocolError:
+    """The wire error for any exception raised while answering a request."""
+    if isinstance(exc, ProtocolError):
+        return exc
+    if isinstance(exc, DaemonError):
+        return exc.to_protocol()
+    return ProtocolError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
