@@ -160,7 +160,7 @@ class ContextActor:
         want = {id(e.adapter): e.adapter for e in [*self.stack, *self._applied]}
         for key, adapter in want.items():
             if key not in self._held:
-                adapter.refs += 1
+                self.adapters.hold(adapter)
             adapter.contexts.add(self.id)
         gone = [a for key, a in self._held.items() if key not in want]
         self._held = want

@@ -107,8 +107,7 @@ class AdapterCache:
             finally:
                 del self._loading[key]
                 done.set()
-        entry.refs += 1
-        return entry
+        return self.hold(entry)
 
     async def _load(self, model: LoadedModel, path: Path, key: Key) -> LoadedAdapter:
         info, problems = await self.validate(model, path)
@@ -138,6 +137,11 @@ class AdapterCache:
             self.metrics.adapter_loaded(model.id)
         log.info("adapter_loaded", model=model.id, path=str(path), bytes=info.nbytes,
                  ms=round(entry.load_ms, 3))
+        return entry
+
+    def hold(self, entry: LoadedAdapter) -> LoadedAdapter:
+        """One more reference to an adapter already held (release it with :meth:`release`)."""
+        entry.refs += 1
         return entry
 
     async def release(self, entry: LoadedAdapter) -> None:

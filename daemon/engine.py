@@ -1,0 +1,221 @@
+"""The engine: models, adapters, chat templates and context actors; no sockets, no transport.
+
+Handlers call it; it calls :mod:`lorad.daemon.llama` (through the registry, the adapter cache
+and the actors). Contexts belong to an opaque owner (the transport's peer id, or None for the
+config file's): a private context is visible to its creator alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError, validate_args
+
+from . import llama
+from .actor import ContextActor
+from .adapters import AdapterCache
+from .config import DaemonConfig
+from .logs import log
+from .metrics import Metrics
+from .paths import AllowedDirs
+from .registry import LoadedModel, ModelRegistry
+from .stacks import Stacks
+from .templates import TemplateRenderer
+
+DEFAULT_N_CTX = 4096
+
+
+class Engine:
+    """Owns every model, adapter and context of the daemon."""
+
+    def __init__(self, config: DaemonConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics
+        self.allowed = AllowedDirs(config.allowed_dirs)
+        adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
+        peft_cache = Path(config.peft_cache_dir).expanduser()
+        self.models = ModelRegistry(self.allowed)
+        self.adapters = AdapterCache(config.limits.max_adapter_bytes, metrics)
+        self.stacks = Stacks(
+            self.adapters, adapter_dirs,
+            AllowedDirs([*config.allowed_dirs, *config.adapter_dirs, peft_cache]),
+            peft_cache, config.limits)
+        self.templates = TemplateRenderer(config.limits)
+        self.contexts: dict[str, ContextActor] = {}
+        self.on_closed: Callable[[ContextActor], None] | None = None
+        """Called when a context closes (the sessions forget its owner's claim on it)."""
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def adapter_dirs(self) -> list[Path]:
+        return self.stacks.adapter_dirs
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Host the context actors until cancelled; then free models and template workers."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.templates.warm_up)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.templates.aclose()
+            for entry in self.models:
+                entry.model.close()
+
+    # -- models -------------------------------------------------------------------------------
+    async def model_for(self, ref: str) -> LoadedModel:
+        """A loaded model by id, alias or path; a path not loaded yet is loaded."""
+        if self.models.is_path(ref):
+            return await self.models.load(ref)
+        return self.models.get(ref)
+
+    async def unload_model(self, ref: str, force: bool) -> dict[str, Any]:
+        entry = self.models.get(ref)
+        if entry.contexts and not force:
+            raise ProtocolError(
+                ErrorCode.IN_USE,
+                f"model {entry.id!r} has {len(entry.contexts)} context(s); close them or force",
+                model=entry.id, contexts=sorted(entry.contexts),
+            )
+        closed = sorted(entry.contexts)
+        for ctx_id in closed:
+            if ctx_id in self.contexts:
+                await self.close_context(self.contexts[ctx_id])
+        await self.adapters.drop_model(entry)
+        await self.models.unload(entry)
+        self.metrics.forget_model(entry.id)
+        return {"model": entry.id, "unloaded": True, "closed_contexts": closed}
+
+    def tokenizer(self, args: dict[str, Any], owner: bytes | None) -> llama.Model:
+        """The model of ``args["context"]`` (if ``owner`` may use it) or ``args["model"]``."""
+        if args["context"] is not None:
+            return self.context(args["context"], owner).model.model
+        return self.models.get(args["model"]).model
+
+    # -- contexts -----------------------------------------------------------------------------
+    def created_by(self, owner: bytes) -> int:
+        return sum(1 for a in self.contexts.values() if a.creator == owner)
+
+    def visible(self, actor: ContextActor, owner: bytes | None) -> bool:
+        """A client sees its own contexts and the shared ones (config contexts are shared)."""
+        return actor.shared or actor.creator == owner
+
+    def visible_contexts(self, owner: bytes | None) -> list[ContextActor]:
+        return [a for a in self.contexts.values() if self.visible(a, owner)]
+
+    def context(self, context_id: str, owner: bytes | None) -> ContextActor:
+        """The context, if ``owner`` may use it; another client's private context is
+        ``not_found`` exactly like one that does not exist."""
+        actor = self.contexts.get(context_id)
+        if actor is None or actor.closing or not self.visible(actor, owner):
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no context {context_id!r}",
+                                context=context_id)
+        return actor
+
+    async def create_context(self, args: dict[str, Any], *, creator: bytes | None,
+                             context_id: str | None = None) -> ContextActor:
+        """A new context actor (running); persistent unless ``creator`` owns it."""
+        entry = await self.model_for(args["model"])
+        n_ctx = args["n_ctx"] or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
+                                     self.limits.max_n_ctx)
+        n_threads = args["n_threads"] or os.cpu_count() or 1
+        n_batch = min(args["n_batch"], n_ctx)
+        ctx = await trio.to_thread.run_sync(
+            lambda: llama.Context(entry.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                  kv_type=args["kv_type"], flash_attn=args["flash_attn"])
+        )
+        context_id = context_id or f"ctx-{secrets.token_hex(4)}"
+        persistent = creator is None or args["persistent"]
+        shared = creator is None or args["shared"]
+        params = {"n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
+                  "seed": args["seed"], "kv_type": args["kv_type"],
+                  "flash_attn": args["flash_attn"], "speculative": args["speculative"],
+                  "shared": shared}
+        actor = ContextActor(context_id, entry, ctx, seed=args["seed"],
+                             max_queued=args["max_queued"], persistent=persistent,
+                             owner=None if persistent else creator, params=params,
+                             adapters=self.adapters, speculative=args["speculative"],
+                             templates=self.templates, limits=self.limits)
+        actor.creator = creator
+        actor.shared = shared
+        actor.resolve_model = self.model_for
+        actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
+        try:
+            if args["speculative"]:  # a context default that cannot run fails here, not later
+                await actor.prepare_speculative(args["speculative"])
+            if args["loras"]:
+                stack, held = await self.stacks.build(entry, args["loras"], [])
+                try:
+                    await actor.set_stack(stack)
+                finally:
+                    await self.stacks.release(held)
+        except BaseException:
+            await actor.dispose()
+            raise
+        self.contexts[context_id] = actor
+        entry.contexts.add(context_id)
+        assert self._nursery is not None, "the engine is not running"
+        self._nursery.start_soon(actor.run)
+        log.info("context_created", context=context_id, model=entry.id, **params)
+        return actor
+
+    async def close_context(self, actor: ContextActor) -> None:
+        """Cancel its work, stop its actor, free its llama context (idempotent)."""
+        if self.contexts.get(actor.id) is not actor:
+            return
+        del self.contexts[actor.id]
+        actor.model.contexts.discard(actor.id)
+        if self.on_closed is not None:
+            self.on_closed(actor)
+        await actor.close()
+        self.metrics.forget_context(actor.id)
+        log.info("context_closed", context=actor.id)
+
+    def close_soon(self, actor: ContextActor) -> None:
+        """Close a context in the background (a peer that went away owned it)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.close_context, actor)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def preload(self) -> None:
+        """The config file's models and (persistent, shared) contexts."""
+        for spec in self.config.models:
+            await self.models.load(spec.path, n_gpu_layers=spec.n_gpu_layers,
+                                   use_mmap=spec.use_mmap, alias=spec.alias)
+        for spec in self.config.contexts:
+            args = validate_args("create_context", {"model": spec.model, **spec.params,
+                                                     "persistent": True})
+            await self.create_context(args, creator=None, context_id=spec.id)
+
+    async def drain(self, timeout: float = 30) -> None:
+        """Cancel every request and close every context (within ``timeout`` seconds)."""
+        for actor in list(self.contexts.values()):
+            actor.cancel_all()
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for actor in list(self.contexts.values()):
+                    nursery.start_soon(self.close_context, actor)
+
+    @staticmethod
+    def speculative_modes(entry: LoadedModel) -> dict[str, Any]:
+        """Which speculative modes can run on a model, and why not."""
+        rollback = entry.model.can_roll_back
+        why_not = None if rollback else "its memory cannot roll back rejected tokens"
+        nextn = entry.model.n_nextn
+        return {
+            "prompt_lookup": {"available": rollback, "reason": why_not},
+            "draft_model": {"available": rollback, "reason": why_not},
+            "mtp": {"available": False,
+                    "reason": "driving MTP heads is not implemented in lorad yet" if nextn
+                    else "the model has no MTP heads"},
+        }

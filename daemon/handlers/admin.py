@@ -1,0 +1,78 @@
+"""Administration: ping, status, capabilities, metrics, and the peer's own cancel and credit."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from lorad.protocol import OPS, PROTOCOL_VERSION, STREAMING_OPS
+
+from .. import llama
+from ..requests import RequestHandle
+from ..services import VERSION, Services
+
+
+async def ping(s: Services, h: RequestHandle) -> dict[str, Any]:
+    return {"pong": True, "version": VERSION, "protocol": PROTOCOL_VERSION, "time": time.time()}
+
+
+async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
+    engine = s.engine
+    contexts = [a.info() for a in engine.visible_contexts(h.peer)]
+    return {
+        "version": VERSION,
+        "pid": os.getpid(),
+        "endpoint": s.config.endpoint,
+        "uptime_s": round(time.time() - s.started_at, 3),
+        "draining": s.draining,
+        "models": [m.info() for m in engine.models],
+        "contexts": contexts,
+        "adapters": [a.to_wire() for a in engine.adapters],
+        "contexts_total": len(engine.contexts),
+        "queued_requests": sum(c["queued"] for c in contexts),
+        "running_requests": sum(1 for c in contexts if c["running"] is not None),
+        "clients": len(s.sessions),
+        "counters": {**s.counters, "peers_lost": s.sessions.lost},
+    }
+
+
+async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
+    info = llama.system_info()
+    engine = s.engine
+    return {
+        "version": VERSION,
+        "protocol_version": PROTOCOL_VERSION,
+        "llama_cpp": info,
+        "gpu_offload": info["gpu_offload"],
+        "operations": sorted(OPS),
+        "streaming_operations": sorted(STREAMING_OPS),
+        "features": {
+            "streaming": True, "cancel": True, "credit_flow_control": True,
+            "logprobs": True, "grammar": True, "chat_template": True,
+            "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
+            "alora": False, "speculative": True,
+        },
+        "busy_policy": "queue",
+        "heartbeat_ms": s.config.heartbeat_ms,
+        "limits": s.limits.__dict__,
+        "allowed_dirs": [str(d) for d in engine.allowed.dirs],
+        "adapter_dirs": [str(d) for d in engine.adapter_dirs],
+        "speculative": {
+            "modes": ["prompt_lookup", "draft_model"],
+            "sampling": True,
+            "per_model": {m.id: engine.speculative_modes(m) for m in engine.models},
+        },
+    }
+
+
+async def metrics(s: Services, h: RequestHandle) -> dict[str, Any]:
+    return s.metrics.snapshot({a.id for a in s.engine.visible_contexts(h.peer)})
+
+
+async def cancel(s: Services, h: RequestHandle) -> dict[str, Any]:
+    return s.sessions.cancel(h.peer, h.args["request"], by=h)
+
+
+async def credit(s: Services, h: RequestHandle) -> dict[str, Any]:
+    return s.sessions.credit(h.peer, h.args["request"], h.args["n"])

@@ -1,0 +1,64 @@
+"""Models: load, unload, list; tokenize and detokenize with a model's vocabulary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+from ..requests import RequestHandle
+from ..services import Services
+
+
+async def load_model(s: Services, h: RequestHandle) -> dict[str, Any]:
+    a = h.args
+    progress = None
+    if a["progress"]:
+        token = trio.lowlevel.current_trio_token()
+        last = [-1]
+
+        def progress(fraction: float) -> bool:  # in the loading thread
+            percent = int(fraction * 100)
+            if percent != last[0]:  # at most 101 items
+                last[0] = percent
+                token.run_sync_soon(h.send_progress, {"progress": round(fraction, 4)})
+            return not h.cancelled  # a cancelled load stops
+
+    started = time.perf_counter()
+    entry = await s.engine.models.load(a["path"], n_gpu_layers=a["n_gpu_layers"],
+                                       use_mmap=a["use_mmap"], alias=a["alias"],
+                                       progress=progress)
+    info = entry.info()
+    if a["progress"]:  # a stream of progress items, then the end with the model
+        h.send_end({"finish_reason": "stop", "model": info,
+                    "metrics": {"load_ms": round((time.perf_counter() - started) * 1000, 3),
+                                "progress_items": h.seq}})
+    return info
+
+
+async def unload_model(s: Services, h: RequestHandle) -> dict[str, Any]:
+    return await s.engine.unload_model(h.args["model"], h.args["force"])
+
+
+async def list_models(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
+    return [m.info() for m in s.engine.models]
+
+
+async def tokenize(s: Services, h: RequestHandle) -> list[int]:
+    model, a = s.engine.tokenizer(h.args, h.peer), h.args
+    return await trio.to_thread.run_sync(
+        lambda: model.tokenize(a["text"], add_special=a["add_special"],
+                               parse_special=a["parse_special"]))
+
+
+async def detokenize(s: Services, h: RequestHandle) -> str:
+    model, tokens = s.engine.tokenizer(h.args, h.peer), h.args["tokens"]
+    bad = next((t for t in tokens if t >= model.n_vocab), None)
+    if bad is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f"token {bad} is outside the vocabulary ({model.n_vocab})",
+                            field="tokens")
+    return await trio.to_thread.run_sync(lambda: model.detokenize(tokens))

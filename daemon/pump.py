@@ -1,0 +1,105 @@
+"""ZeroMQ inside trio for the daemon: one pump task owns each socket (see the design notes).
+
+libzmq's FD is edge-triggered and any call on the socket may consume the wake-up, so the pump
+drains while ``EVENTS`` shows work and only then waits on the FD. Senders never touch the
+socket: they queue frames and wake the pump.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+from collections.abc import Awaitable, Callable
+
+import trio
+import zmq
+
+
+class ZmqPump:
+    """Moves messages between one zmq socket and trio tasks.
+
+    ``deliver`` is awaited for each incoming multipart message (frames as bytes); while it
+    blocks, the pump stops reading (backpressure reaches the peer through zmq's HWM).
+    ``on_unroutable(frames, errno)`` is called when a ROUTER send fails for one peer
+    (``EHOSTUNREACH``: the peer is gone; ``EAGAIN``: it is at its high-water mark).
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_unroutable: Callable[[list[bytes], int], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self._out: collections.deque[list[bytes]] = collections.deque()
+        self._wait_scope: trio.CancelScope | None = None
+        self._on_unroutable = on_unroutable
+        self.sent = 0
+        self.received = 0
+        self._empty = trio.Event()
+        self._empty.set()
+
+    def send(self, frames: list[bytes]) -> None:
+        """Queue one multipart message; never blocks. Bounded by the callers' flow control."""
+        self._out.append(frames)
+        if self._empty.is_set():
+            self._empty = trio.Event()
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    @property
+    def queued(self) -> int:
+        return len(self._out)
+
+    async def flushed(self) -> None:
+        """Wait until every queued message has been handed to libzmq."""
+        await self._empty.wait()
+
+    async def run(self, deliver: Callable[[list[bytes]], Awaitable[None]] | None) -> None:
+        sock = self.sock
+        fd = sock.getsockopt(zmq.FD)
+        try:
+            while True:
+                events = sock.getsockopt(zmq.EVENTS)
+                busy = False
+                if events & zmq.POLLIN and deliver is not None:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    self.received += 1
+                    await deliver(frames)
+                    busy = True
+                elif events & zmq.POLLIN:
+                    sock.recv_multipart(zmq.NOBLOCK)
+                    busy = True
+                if self._out and events & zmq.POLLOUT:
+                    self._send_one()
+                    busy = True
+                if busy:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                with trio.CancelScope() as scope:
+                    self._wait_scope = scope
+                    # libzmq makes the FD readable when EVENTS changes (in or out).
+                    await trio.lowlevel.wait_readable(fd)
+                self._wait_scope = None
+        finally:
+            self._wait_scope = None
+
+    def _send_one(self) -> None:
+        frames = self._out.popleft()
+        if not self._out:
+            self._empty.set()
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.ZMQError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN) and self._on_unroutable:
+                self._on_unroutable(frames, exc.errno)
+            elif exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+
+    def close(self) -> None:
+        """Tell trio the FD goes away, then close the socket (call after run() has ended)."""
+        try:
+            trio.lowlevel.notify_closing(self.sock.getsockopt(zmq.FD))
+        except (zmq.ZMQError, OSError):
+            pass
+        self.sock.close(linger=0)

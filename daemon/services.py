@@ -1,0 +1,33 @@
+"""What an operation handler may use: the engine, the sessions and the daemon's own state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lorad.protocol import Limits
+
+from .config import DaemonConfig
+from .engine import Engine
+from .metrics import Metrics
+from .sessions import Sessions
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Services:
+    """Handed to every handler with the request (see :mod:`lorad.daemon.operations`)."""
+
+    config: DaemonConfig
+    engine: Engine
+    sessions: Sessions
+    metrics: Metrics
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"requests": 0, "errors": 0, "peers_lost": 0})
+
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits

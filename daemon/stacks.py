@@ -1,0 +1,189 @@
+"""Adapter stacks: resolving adapter references, building stacks and editing a context's stack.
+
+A reference is a path or a name looked up in the adapter directories; a PEFT directory is
+converted to GGUF once per content. Adapters come from the :class:`AdapterCache` (the only place
+their references are counted); every stack change is atomic: on any error nothing is held and
+the context's stack is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, Limits, ProtocolError
+
+from .actor import ContextActor, StackEntry
+from .adapters import AdapterCache, LoadedAdapter
+from .lora import resolve_adapter
+from .paths import AllowedDirs
+from .peft import cached_conversion
+from .registry import LoadedModel
+
+Edit = Callable[[list[StackEntry]], Awaitable[tuple[list[StackEntry], list[LoadedAdapter]]]]
+VALIDATION_CODES = (ErrorCode.LORA_FILE_NOT_FOUND, ErrorCode.LORA_INVALID,
+                    ErrorCode.FORBIDDEN_PATH, ErrorCode.LORA_INCOMPATIBLE,
+                    ErrorCode.LORA_UNSUPPORTED)
+"""Errors that ``validate_lora`` reports as a problem of the adapter rather than raises."""
+
+
+class Stacks:
+    """Builds adapter stacks for models and applies stack edits to contexts."""
+
+    def __init__(self, adapters: AdapterCache, adapter_dirs: list[Path], allowed: AllowedDirs,
+                 peft_cache: Path, limits: Limits) -> None:
+        self.adapters = adapters
+        self.adapter_dirs = adapter_dirs
+        self.allowed = allowed
+        self.peft_cache = peft_cache
+        self.limits = limits
+
+    async def release(self, held: list[LoadedAdapter]) -> None:
+        with trio.CancelScope(shield=True):
+            for adapter in held:
+                await self.adapters.release(adapter)
+
+    def resolve(self, ref: str) -> Path:
+        return resolve_adapter(ref, self.adapter_dirs, self.allowed)
+
+    async def adapter_file(self, ref: str, model: LoadedModel) -> Path:
+        """The GGUF file for ``ref``: the file itself, or a PEFT directory converted for
+        ``model`` (cached by content)."""
+        path = await trio.to_thread.run_sync(self.resolve, ref)
+        if path.is_dir():
+            path = await trio.to_thread.run_sync(cached_conversion, path, model.path,
+                                                 self.peft_cache)
+        return path
+
+    def _too_many(self, field: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.TOO_LARGE,
+                             f"at most {self.limits.max_loras} adapters in a stack",
+                             field=field, limit="max_loras", value=self.limits.max_loras)
+
+    async def build(self, model: LoadedModel, items: list[tuple[str, float]],
+                    current: list[StackEntry]) -> tuple[list[StackEntry], list[LoadedAdapter]]:
+        """Stack entries for ``items``, each adapter held once (release the second list).
+
+        An item naming an entry of ``current`` reuses its adapter without touching the file
+        system; the others are resolved, checked and loaded (or shared from the cache). On any
+        error nothing stays held.
+        """
+        if len(items) > self.limits.max_loras:
+            raise self._too_many("loras")
+        stack: list[StackEntry] = []
+        held: list[LoadedAdapter] = []
+        try:
+            for ref, scale in items:
+                same = next((e for e in current if e.matches(ref)), None)
+                if same is not None:
+                    adapter = self.adapters.hold(same.adapter)
+                else:
+                    path = await self.adapter_file(ref, model)
+                    adapter = await self.adapters.acquire(model, path)
+                held.append(adapter)
+                refuse_alora(adapter)
+                if any(e.adapter.path == adapter.path for e in stack):
+                    raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                        f"adapter {str(adapter.path)!r} is twice in the stack",
+                                        field="loras", path=str(adapter.path))
+                stack.append(StackEntry(ref, adapter, scale))
+        except BaseException:
+            await self.release(held)
+            raise
+        return stack, held
+
+    async def change(self, actor: ContextActor, edit: Edit) -> dict[str, Any]:
+        """Apply ``edit`` to the context's stack (serialised per context)."""
+        async with actor.stack_lock:
+            stack, held = await edit(list(actor.stack))
+            try:
+                await actor.set_stack(stack)
+            finally:
+                await self.release(held)
+        return {"context": actor.id, "loras": [e.to_wire() for e in actor.stack]}
+
+    # -- the stack operations -----------------------------------------------------------------
+    async def set_one(self, actor: ContextActor, ref: str, scale: float) -> dict[str, Any]:
+        """Add ``ref`` at ``scale``, or change its scale if it is in the stack already."""
+        async def edit(stack: list[StackEntry]):
+            i = next((i for i, e in enumerate(stack) if e.matches(ref)), None)
+            if i is not None:  # a scale change: no file system access, no reload
+                stack[i] = StackEntry(stack[i].ref, stack[i].adapter, scale)
+                return stack, []
+            [entry], held = await self.build(actor.model, [(ref, scale)], [])
+            i = next((i for i, e in enumerate(stack) if e.adapter.path == entry.adapter.path),
+                     None)
+            if i is not None:  # the same file under another name (or a newer version of it)
+                stack[i] = entry
+            elif len(stack) >= self.limits.max_loras:
+                await self.release(held)
+                raise self._too_many("path")
+            else:
+                stack.append(entry)
+            return stack, held
+
+        return await self.change(actor, edit)
+
+    async def remove(self, actor: ContextActor, ref: str) -> dict[str, Any]:
+        async def edit(stack: list[StackEntry]):
+            i = next((i for i, e in enumerate(stack) if e.matches(ref)), None)
+            if i is None and stack:
+                try:
+                    path = await trio.to_thread.run_sync(self.resolve, ref)
+                except ProtocolError:
+                    path = None
+                i = next((i for i, e in enumerate(stack) if e.adapter.path == path), None)
+            if i is None:
+                raise ProtocolError(ErrorCode.NOT_FOUND,
+                                    f"adapter {ref!r} is not in the stack of context "
+                                    f"{actor.id!r}", path=ref, stack=[e.ref for e in stack])
+            del stack[i]
+            return stack, []
+
+        return await self.change(actor, edit)
+
+    async def replace(self, actor: ContextActor, items: list[tuple[str, float]]
+                      ) -> dict[str, Any]:
+        async def edit(stack: list[StackEntry]):
+            return await self.build(actor.model, items, stack)
+
+        return await self.change(actor, edit)
+
+    async def clear(self, actor: ContextActor) -> dict[str, Any]:
+        async def edit(stack: list[StackEntry]):
+            return [], []
+
+        return await self.change(actor, edit)
+
+    async def validate(self, model: LoadedModel, ref: str) -> dict[str, Any]:
+        """Every check of a load, without loading: a report, not an error, for a bad adapter."""
+        report: dict[str, Any] = {"model": model.id, "path": ref}
+        try:
+            path = await self.adapter_file(ref, model)
+            report["resolved"] = str(path)
+            info, problems = await self.adapters.validate(model, path)
+        except ProtocolError as exc:
+            if exc.code not in VALIDATION_CODES:
+                raise
+            return {**report, "compatible": False, "problems": [exc.to_wire()], "adapter": None}
+        if info.is_alora:
+            problems.append(alora_error(str(path)))
+        return {**report, "compatible": not problems, "problems": [p.to_wire() for p in problems],
+                "adapter": info.to_wire()}
+
+
+def alora_error(path: str) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.LORA_UNSUPPORTED,
+        f"{Path(path).name} is an activated LoRA (aLoRA): it must apply only from its invocation "
+        "tokens on, which lorad does not implement yet; it is never applied as a plain LoRA",
+        path=path, reason="alora_activation_not_implemented",
+    )
+
+
+def refuse_alora(adapter: LoadedAdapter) -> None:
+    if adapter.info.is_alora:
+        raise alora_error(str(adapter.path))
