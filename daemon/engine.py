@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import trio
 
 from lorad.protocol import ErrorCode, ProtocolError, validate_args
@@ -29,6 +30,8 @@ from .stacks import Stacks
 from .templates import TemplateRenderer
 
 DEFAULT_N_CTX = 4096
+EMBED_N_CTX = 2048
+"""Context size of the embedding contexts (at most the model's training context)."""
 
 
 class Engine:
@@ -52,6 +55,7 @@ class Engine:
         self.on_closed: Callable[[ContextActor], None] | None = None
         """Called when a context closes (the sessions forget its owner's claim on it)."""
         self._nursery: trio.Nursery | None = None
+        self._embedders: dict[str, tuple[llama.Context, trio.Lock]] = {}
 
     @property
     def adapter_dirs(self) -> list[Path]:
@@ -69,6 +73,8 @@ class Engine:
         finally:
             with trio.CancelScope(shield=True):
                 await self.templates.aclose()
+            for embedder, _lock in self._embedders.values():
+                embedder.close()
             for entry in self.models:
                 entry.model.close()
 
@@ -91,6 +97,10 @@ class Engine:
         for ctx_id in closed:
             if ctx_id in self.contexts:
                 await self.close_context(self.contexts[ctx_id])
+        embedder = self._embedders.pop(entry.id, None)
+        if embedder is not None:
+            async with embedder[1]:
+                await trio.to_thread.run_sync(embedder[0].close)
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
         self.metrics.forget_model(entry.id)
@@ -101,6 +111,64 @@ class Engine:
         if args["context"] is not None:
             return self.context(args["context"], owner).model.model
         return self.models.get(args["model"]).model
+
+    # -- embeddings ---------------------------------------------------------------------------
+    async def embed(self, args: dict[str, Any], owner: bytes | None,
+                    cancelled: Callable[[], bool]) -> dict[str, Any]:
+        """One vector per input, from the model (or a context's model, under its adapter
+        stack), computed in the model's embedding context: never a generation context's KV."""
+        actor = self.context(args["context"], owner) if args["context"] is not None else None
+        entry = actor.model if actor is not None else self.models.get(args["model"])
+        embedder, lock = await self._embedder(entry)
+        model, inputs = entry.model, args["input"]
+        held = [self.adapters.hold(e.adapter) for e in actor.stack] if actor else []
+        stack = [(e.adapter.adapter, e.scale) for e in actor.stack] if actor else []
+
+        def work() -> tuple[list[list[float]], list[int]]:
+            tokenized = [model.tokenize(text, add_special=True) for text in inputs]
+            for i, tokens in enumerate(tokenized):
+                if len(tokens) > embedder.n_ctx:
+                    raise ProtocolError(
+                        ErrorCode.CONTEXT_OVERFLOW, f"input {i} has {len(tokens)} tokens, more "
+                        f"than the embedding context's {embedder.n_ctx}", field="input",
+                        index=i, prompt_tokens=len(tokens), n_ctx=embedder.n_ctx)
+            vectors = []
+            embedder.set_adapters(stack)
+            try:
+                for tokens in tokenized:
+                    if cancelled():
+                        raise ProtocolError(ErrorCode.CANCELLED, "cancelled")
+                    vector = embedder.embed(tokens).astype(np.float64)
+                    norm = float(np.linalg.norm(vector))
+                    if args["normalize"] and norm > 0:
+                        vector /= norm
+                    vectors.append(vector.tolist())
+            finally:  # the context must not keep adapters that may be freed after this
+                embedder.set_adapters([])
+            return vectors, [len(t) for t in tokenized]
+
+        try:
+            async with lock:
+                vectors, counts = await trio.to_thread.run_sync(work)
+        finally:
+            await self.stacks.release(held)
+        return {"model": entry.id, "context": actor.id if actor else None,
+                "embeddings": vectors, "dimensions": model.n_embd, "pooling": embedder.pooling,
+                "normalized": args["normalize"], "prompt_tokens": sum(counts),
+                "input_tokens": counts}
+
+    async def _embedder(self, entry: LoadedModel) -> tuple[llama.Context, trio.Lock]:
+        found = self._embedders.get(entry.id)
+        if found is None:
+            n_ctx = min(entry.info()["n_ctx_train"] or EMBED_N_CTX, EMBED_N_CTX,
+                        self.limits.max_n_ctx)
+            ctx = await trio.to_thread.run_sync(lambda: llama.Context(
+                entry.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
+                embeddings=True))
+            found = self._embedders.setdefault(entry.id, (ctx, trio.Lock()))
+            if found[0] is not ctx:  # another request made one meanwhile
+                await trio.to_thread.run_sync(ctx.close)
+        return found
 
     # -- contexts -----------------------------------------------------------------------------
     def created_by(self, owner: bytes) -> int:

@@ -221,6 +221,16 @@ class Model:
         return (C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
 
     @property
+    def n_embd(self) -> int:
+        return int(C.llama_model_n_embd(self.ptr))
+
+    @property
+    def pooling_type(self) -> int | None:
+        """The pooling type the GGUF declares (``<arch>.pooling_type``), if any."""
+        value = self.meta(f"{self.meta('general.architecture')}.pooling_type")
+        return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+    @property
     def n_nextn(self) -> int:
         """Number of multi-token-prediction (MTP) layers; 0 for most models."""
         return int(C.llama_model_n_layer_nextn(self.ptr))
@@ -280,8 +290,23 @@ class Context:
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int,
-                 kv_type: str = "f16", flash_attn: bool | None = None) -> None:
+                 kv_type: str = "f16", flash_attn: bool | None = None,
+                 embeddings: bool = False) -> None:
         params = C.llama_context_default_params()
+        self.pooling: str | None = None
+        """With ``embeddings``: how token vectors become one (the model's own pooling type
+        where its GGUF declares one, else ``mean``)."""
+        if embeddings:
+            declared = model.pooling_type
+            if declared == C.LLAMA_POOLING_TYPE_RANK:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "this is a reranking model (pooling "
+                                    "type rank): it scores pairs, it has no embeddings",
+                                    field="model")
+            pooling = declared if declared in POOLING_NAMES else C.LLAMA_POOLING_TYPE_MEAN
+            params.embeddings = True
+            params.pooling_type = pooling
+            self.pooling = POOLING_NAMES[pooling]
+            n_batch = n_ctx  # a pooled sequence must fit in one ubatch
         params.type_k = params.type_v = KV_TYPES[kv_type]
         # None: llama.cpp decides (on for the CPU backend). Flash attention computes in f16,
         # whatever the KV type: exact-math comparisons need it off and an f32 cache.
@@ -305,6 +330,19 @@ class Context:
         self.tokens: list[int] = []
         self._batch = C.llama_batch_init(n_batch, 0, 1)
         self._adapters: tuple[tuple[int, float], ...] = ()
+
+    def embed(self, tokens: list[int]) -> np.ndarray:
+        """The pooled embedding of ``tokens`` (a context made with ``embeddings=True``); the
+        KV cache is cleared before and after."""
+        self.clear()
+        try:
+            self._decode(tokens, want_logits=False, all_logits=True)
+            ptr = C.llama_get_embeddings_seq(self.ptr, 0)
+            if not ptr:
+                raise LlamaError("llama.cpp returned no pooled embedding")
+            return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd,)).copy()
+        finally:
+            self.clear()
 
     # LoRA ------------------------------------------------------------------------------------
     def set_adapters(self, stack: list[tuple[Adapter, float]]) -> bool:
@@ -424,6 +462,10 @@ class Context:
             C.llama_free(self.ptr)
             self.ptr = None
             release_free_memory()
+
+
+POOLING_NAMES = {C.LLAMA_POOLING_TYPE_MEAN: "mean", C.LLAMA_POOLING_TYPE_CLS: "cls",
+                 C.LLAMA_POOLING_TYPE_LAST: "last"}
 
 
 # -- sampling ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 from lorad.protocol import OPS, STREAMING_OPS
 from lorad.protocol.ops import Arg
 
-from .handlers import adapters, admin, contexts, generation, models
+from .handlers import adapters, admin, contexts, embeddings, generation, models
 from .requests import RequestHandle
 from .services import Services
 
@@ -76,4 +76,5 @@ OPERATIONS: dict[str, Operation] = _table(
     Operation("validate_lora", adapters.validate_lora),
     Operation("generate", generation.generate, inline=True),
     Operation("chat", generation.chat, inline=True),
+    Operation("embed", embeddings.embed),
 )

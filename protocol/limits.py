@@ -52,6 +52,8 @@ class Limits:
     """Address-space limit of the process that renders chat templates."""
     template_workers: int = 2
     """Chat templates rendered at once (each in its own worker process)."""
+    max_embed_inputs: int = 64
+    """Most inputs of one ``embed`` request."""
 
 
 DEFAULT_LIMITS = Limits()

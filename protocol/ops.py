@@ -211,6 +211,24 @@ def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
     return out
 
 
+def parse_embed_input(value: Any, limits: Limits) -> list[str]:
+    """``embed``'s ``input``: one string or a list of them, each non-empty; at most
+    ``limits.max_embed_inputs``."""
+    items = [value] if isinstance(value, str) else value
+    if not items:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "embed: 'input' is empty", field="input")
+    if len(items) > limits.max_embed_inputs:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"embed: {len(items)} inputs, more than "
+                            f"limits.max_embed_inputs ({limits.max_embed_inputs})",
+                            field="input", limit="max_embed_inputs",
+                            value=limits.max_embed_inputs)
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"embed: input {i} is not a non-empty "
+                                "string", field="input", index=i)
+    return list(items)
+
+
 _SPECULATIVE = Arg((dict, bool), nullable=True, parse=parse_speculative)
 _LORAS = Arg((list,), nullable=True, parse=parse_loras)
 _SCALE = Arg(_NUM, default=1.0, check=_finite, code=ErrorCode.LORA_INVALID_SCALE)
@@ -286,6 +304,12 @@ OPS: dict[str, dict[str, Arg]] = {
         "text": Arg(_STR, required=True),
         "add_special": Arg(_BOOL, default=True),
         "parse_special": Arg(_BOOL, default=False),
+    },
+    "embed": {
+        "model": Arg(_STR, nullable=True),
+        "context": Arg(_STR, nullable=True),
+        "input": Arg((str, list), required=True, parse=parse_embed_input),
+        "normalize": Arg(_BOOL, default=True),
     },
     "detokenize": {
         "model": Arg(_STR, nullable=True),
@@ -380,7 +404,8 @@ def validate_args(op: str, args: dict[str, Any], limits: Limits = DEFAULT_LIMITS
             ErrorCode.BAD_REQUEST, "generate: give exactly one of 'prompt' and 'tokens'",
             field="prompt",
         )
-    if op in ("tokenize", "detokenize") and (out["model"] is None) == (out["context"] is None):
+    if op in ("tokenize", "detokenize", "embed") and (out["model"] is None) == (
+            out["context"] is None):
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"{op}: give exactly one of 'model' and 'context'", field="model"
         )

@@ -73,6 +73,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "generate": {"context": "ctx-1", "prompt": "Once upon a time"},
     "chat": {"context": "ctx-1", "messages": [{"role": "user", "content": "hi"}]},
     "tokenize": {"model": "m", "text": "hello"},
+    "embed": {"model": "m", "input": ["x"]},
     "detokenize": {"model": "m", "tokens": [1, 2, 3]},
     "cancel": {"request": 7},
     "credit": {"request": 7, "n": 32},
