@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow bench bench-lora bench-speculative soak train-adapters demo lint clean
+.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative soak train-adapters demo lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +24,11 @@ test: lint
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# The full fuzzing run of tests/test_fuzz.py (make test runs its fast slice); -s prints the
+# findings and the summary line. LORAD_FUZZ_SEED=N reorders the cases.
+fuzz: $(VENV)/.installed
+	$(PY) -m pytest -q -s -m fuzz tests/test_fuzz.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py

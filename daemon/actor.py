@@ -311,34 +311,41 @@ class ContextActor:
     # -- generation ---------------------------------------------------------------------------
     async def _prompt_tokens(self, h: RequestHandle, args: dict[str, Any]) -> list[int]:
         model = self.model.model
-        if h.op == "chat":
-            text = await render_chat(self.templates, model, args["messages"],
-                                     args["add_generation_prompt"], args["template"])
-            bos_text = model.token_text(model.bos) if model.add_bos else ""
-            add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
-            tokens = await trio.to_thread.run_sync(
-                lambda: ([model.bos] if add_bos else [])
-                + model.tokenize(text, add_special=False, parse_special=True)
-            )
-        elif args["tokens"] is not None:
+        room = self.ctx.n_ctx - 1  # a prompt leaves room for at least one generated token
+
+        def overflow(n: int) -> ProtocolError:
+            return ProtocolError(ErrorCode.CONTEXT_OVERFLOW,
+                                 f"prompt of {n} tokens does not fit in n_ctx={self.ctx.n_ctx}",
+                                 prompt_tokens=n, n_ctx=self.ctx.n_ctx)
+
+        if h.op != "chat" and args["tokens"] is not None:
             tokens = args["tokens"]
+            if len(tokens) > room:
+                raise overflow(len(tokens))
             bad = next((t for t in tokens if t >= model.n_vocab), None)
             if bad is not None:
                 raise ProtocolError(ErrorCode.BAD_REQUEST,
                                     f"token {bad} is outside the vocabulary ({model.n_vocab})",
                                     field="tokens")
+        elif h.op == "chat":
+            text = await render_chat(self.templates, model, args["messages"],
+                                     args["add_generation_prompt"], args["template"])
+            bos_text = model.token_text(model.bos) if model.add_bos else ""
+            bos = [model.bos] if model.add_bos and not (bos_text and text.startswith(bos_text)) \
+                else []
+            try:
+                tokens = bos + await trio.to_thread.run_sync(lambda: model.tokenize(
+                    text, add_special=False, parse_special=True, limit=room - len(bos)))
+            except llama.TooManyTokens as exc:
+                raise overflow(exc.n + len(bos)) from None
         else:
-            tokens = await trio.to_thread.run_sync(
-                lambda: model.tokenize(args["prompt"], add_special=args["add_special"])
-            )
+            try:
+                tokens = await trio.to_thread.run_sync(lambda: model.tokenize(
+                    args["prompt"], add_special=args["add_special"], limit=room))
+            except llama.TooManyTokens as exc:
+                raise overflow(exc.n) from None
         if not tokens:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the prompt is empty", field="prompt")
-        if len(tokens) >= self.ctx.n_ctx:
-            raise ProtocolError(
-                ErrorCode.CONTEXT_OVERFLOW,
-                f"prompt of {len(tokens)} tokens does not fit in n_ctx={self.ctx.n_ctx}",
-                prompt_tokens=len(tokens), n_ctx=self.ctx.n_ctx,
-            )
         return tokens
 
     async def _generate(self, job: Job) -> None:

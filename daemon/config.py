@@ -1,19 +1,22 @@
 """Daemon configuration: a TOML file, overridden by command-line flags.
 
-Precedence, highest first: command-line flags, ``$LORAD_ENDPOINT`` (endpoint only), the config
-file given with ``--config``, built-in defaults.
+Precedence, highest first: command-line flags (:func:`apply_overrides`), ``$LORAD_ENDPOINT``
+(endpoint only), the config file given with ``--config`` (:func:`load_config`), built-in
+defaults.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lorad.protocol import ErrorCode, Limits, ProtocolError, validate_args
+from lorad.protocol import ErrorCode, Limits, ProtocolError, looks_like_path, validate_args
 
+from .errors import ConfigError
 from .paths import adapter_dir, cache_dir, default_endpoint, model_dir
 
 if sys.version_info >= (3, 11):
@@ -109,4 +112,92 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         if bad:
             raise _config_error(f"unknown limit {bad[0]!r}", field=bad[0])
         config.limits = Limits(**data["limits"])
+    return config
+
+
+DEFAULT_CONTEXT = "default"
+"""The context ``--model``, ``--lora`` and ``--speculative`` configure."""
+
+
+def _resolve(ref: str) -> str:
+    """A model or adapter reference given on the command line: a path becomes absolute (the
+    daemon's rule, :func:`~lorad.protocol.looks_like_path`); a name stays a name."""
+    return str(Path(os.path.expanduser(ref)).resolve()) if looks_like_path(ref) else ref
+
+
+def apply_overrides(
+    config: DaemonConfig,
+    *,
+    endpoint: str | None = None,
+    group: str | None = None,
+    allow_dir: Iterable[str] | None = None,
+    adapter_dir: Iterable[str] | None = None,
+    log_format: str | None = None,
+    log_level: str | None = None,
+    metrics_address: str | None = None,
+    curve_secret_key: str | None = None,
+    curve_authorized_keys: str | None = None,
+    heartbeat_ms: int | None = None,
+    model: str | None = None,
+    alias: str | None = None,
+    n_ctx: int | None = None,
+    threads: int | None = None,
+    speculative: dict[str, Any] | bool | None = None,
+    loras: Iterable[tuple[str, float]] | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> DaemonConfig:
+    """Apply ``lorad serve``'s flags to ``config`` (in place; also returned). A flag that is
+    None (or empty) leaves the config file's setting.
+
+    ``allow_dir`` is added to the allowed directories; ``adapter_dir`` comes before the
+    config's adapter directories; ``model`` is preloaded (its directory allowed) with the
+    persistent context ``default`` on it (``n_ctx``, ``threads``; the config's stack of
+    ``default`` is kept); ``speculative`` (a speculative spec, or False for off) and ``loras``
+    (``(path or name, scale)`` pairs, the whole stack) replace the settings of ``default``,
+    which must exist: :class:`ConfigError` otherwise. Without ``endpoint``,
+    ``$LORAD_ENDPOINT`` beats the config file.
+    """
+    if endpoint:
+        config.endpoint = endpoint
+    elif environ.get("LORAD_ENDPOINT"):
+        config.endpoint = environ["LORAD_ENDPOINT"]
+    if group:
+        config.group = group
+    if allow_dir:
+        config.allowed_dirs = [*config.allowed_dirs, *allow_dir]
+    if adapter_dir:
+        config.adapter_dirs = [*adapter_dir, *config.adapter_dirs]
+    for name, value in (("log_format", log_format), ("log_level", log_level),
+                        ("metrics_address", metrics_address),
+                        ("curve_secret_key", curve_secret_key),
+                        ("curve_authorized_keys", curve_authorized_keys),
+                        ("heartbeat_ms", heartbeat_ms)):
+        if value:
+            setattr(config, name, value)
+    if model:
+        model_path = str(Path(model).expanduser().resolve())
+        config.allowed_dirs.append(str(Path(model_path).parent))
+        config.models.append(ModelSpec(path=model_path, alias=alias))
+        ctx_params: dict[str, Any] = {}
+        if n_ctx:
+            ctx_params["n_ctx"] = n_ctx
+        if threads:
+            ctx_params["n_threads"] = threads
+        old = next((c for c in config.contexts if c.id == DEFAULT_CONTEXT), None)
+        if old is not None and "loras" in old.params:
+            ctx_params["loras"] = old.params["loras"]
+        config.contexts = [c for c in config.contexts if c.id != DEFAULT_CONTEXT]
+        config.contexts.append(ContextSpec(model=model_path, id=DEFAULT_CONTEXT,
+                                           params=ctx_params))
+    loras = list(loras or [])
+    default = next((c for c in config.contexts if c.id == DEFAULT_CONTEXT), None)
+    for flag, given in (("--speculative", speculative is not None), ("--lora", bool(loras))):
+        if given and default is None:
+            raise ConfigError(f"{flag} applies to the context 'default': give --model, or "
+                              "define a context with id = \"default\" in the config file",
+                              field=flag.lstrip("-"))
+    if speculative is not None:
+        default.params["speculative"] = speculative
+    if loras:
+        default.params["loras"] = [{"path": _resolve(p), "scale": s} for p, s in loras]
     return config

@@ -125,13 +125,16 @@ class Engine:
         stack = [(e.adapter.adapter, e.scale) for e in actor.stack] if actor else []
 
         def work() -> tuple[list[list[float]], list[int]]:
-            tokenized = [model.tokenize(text, add_special=True) for text in inputs]
-            for i, tokens in enumerate(tokenized):
-                if len(tokens) > embedder.n_ctx:
+            tokenized = []
+            for i, text in enumerate(inputs):
+                try:
+                    tokenized.append(model.tokenize(text, add_special=True,
+                                                    limit=embedder.n_ctx))
+                except llama.TooManyTokens as exc:
                     raise ProtocolError(
-                        ErrorCode.CONTEXT_OVERFLOW, f"input {i} has {len(tokens)} tokens, more "
-                        f"than the embedding context's {embedder.n_ctx}", field="input",
-                        index=i, prompt_tokens=len(tokens), n_ctx=embedder.n_ctx)
+                        ErrorCode.CONTEXT_OVERFLOW, f"input {i} has {exc.n} tokens, more than "
+                        f"the embedding context's {embedder.n_ctx}", field="input", index=i,
+                        prompt_tokens=exc.n, n_ctx=embedder.n_ctx) from None
             vectors = []
             embedder.set_adapters(stack)
             try:

@@ -124,6 +124,14 @@ def apply_builtin_chat_template(name: str, messages: list[dict[str, str]],
 
 
 # -- models ------------------------------------------------------------------------------------
+class TooManyTokens(Exception):
+    """A text has more tokens than the caller's limit (``n``: how many it has)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(f"{n} tokens")
+        self.n = n
+
+
 class Model:
     """A loaded llama_model: weights shared by every context created on it."""
 
@@ -186,14 +194,19 @@ class Model:
             "chat_template": self.chat_template is not None,
         }
 
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False
-                 ) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False,
+                 limit: int | None = None) -> list[int]:
+        """The tokens of ``text``; :class:`TooManyTokens` when there are more than ``limit``
+        (counted in C: no list of millions of tokens is built while holding the GIL)."""
         data = text.encode("utf-8")
-        n_max = len(data) + 8
+        n_max = len(data) + 8 if limit is None else min(len(data) + 8, limit + 1)
         buf = (C.llama_token * n_max)()
         n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
-        if n < 0:
-            n_max = -n
+        if n < 0 or (limit is not None and n > limit):
+            needed = -n if n < 0 else n
+            if limit is not None and needed > limit:
+                raise TooManyTokens(needed)
+            n_max = needed
             buf = (C.llama_token * n_max)()
             n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special,
                                  parse_special)
@@ -320,6 +333,11 @@ class Context:
         params.no_perf = True
         with capture_log() as lines:
             ptr = C.llama_init_from_model(model.ptr, params)
+        if not ptr and kv_type not in ("f16", "f32"):
+            raise LlamaError(
+                f"llama.cpp could not create a context with kv_type={kv_type!r} for this model "
+                "(a quantized KV cache needs head sizes that are a multiple of its block size); "
+                "use f16 or f32", ErrorCode.BAD_REQUEST, field="kv_type", log=_relevant(lines))
         if not ptr:
             raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
         self.ptr = ptr

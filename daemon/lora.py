@@ -27,7 +27,7 @@ import gguf
 
 from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
-from .paths import AllowedDirs
+from .paths import AllowedDirs, check_path_text
 
 SUFFIXES = (".lora_a", ".lora_b")
 
@@ -59,6 +59,7 @@ def resolve_adapter(ref: str, adapter_dirs: list[Path], allowed: AllowedDirs) ->
     or a PEFT adapter directory with ``adapter_config.json``) for each adapter directory, in
     order. Raises ``lora_file_not_found`` or ``forbidden_path``.
     """
+    check_path_text(ref)
     if looks_like_path(ref):
         candidates = [Path(ref).expanduser()]
     else:

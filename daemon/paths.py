@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol.errors import echo
 
 
 def cache_dir() -> Path:
@@ -39,6 +40,27 @@ def default_endpoint() -> str:
     return os.environ.get("LORAD_ENDPOINT") or f"ipc://{runtime_dir() / 'lorad.sock'}"
 
 
+PATH_MAX, NAME_MAX = 4096, 255
+"""Linux's limits on a path and on one of its names, in bytes."""
+
+
+def check_path_text(ref: str, field: str = "path") -> None:
+    """``bad_request`` for a reference no file can have: a NUL byte, a path longer than
+    ``PATH_MAX`` or a name longer than ``NAME_MAX`` (the file system would raise instead)."""
+    problem = None
+    if "\x00" in ref:
+        problem = "contains a NUL byte"
+    else:
+        raw = os.fsencode(ref)
+        if len(raw) > PATH_MAX:
+            problem = f"is longer than {PATH_MAX} bytes"
+        elif any(len(part) > NAME_MAX - len(".gguf") for part in raw.split(b"/")):
+            problem = f"has a name longer than {NAME_MAX - len('.gguf')} bytes"
+    if problem is not None:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field}: {echo(ref)!r} {problem}",
+                            field=field)
+
+
 class AllowedDirs:
     """The directories files may be loaded from; symlinks are resolved before the check."""
 
@@ -48,6 +70,7 @@ class AllowedDirs:
     def check(self, path: str | Path, what: str = "file", *, directory: bool = False) -> Path:
         """Return the resolved path, or raise ``forbidden_path`` / ``not_found`` (a regular
         file is expected, or a directory with ``directory=True``)."""
+        check_path_text(str(path))
         resolved = Path(path).expanduser().resolve()
         if not any(resolved == d or resolved.is_relative_to(d) for d in self.dirs):
             raise ProtocolError(

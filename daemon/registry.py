@@ -14,7 +14,7 @@ from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
 from . import llama
 from .logs import log
-from .paths import AllowedDirs
+from .paths import AllowedDirs, check_path_text
 
 
 @dataclass
@@ -101,6 +101,7 @@ class ModelRegistry:
         entry = self._by_id.get(ref)
         if entry is not None:
             return entry
+        check_path_text(ref, "model")
         resolved = str(Path(ref).expanduser().resolve())
         for e in self._by_id.values():
             if str(e.path) == resolved:

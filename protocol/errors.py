@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from enum import Enum
 from typing import Any
 
@@ -57,10 +58,11 @@ class ProtocolError(Exception):
     """An error with a protocol code, raised by validation and sent back as an error reply."""
 
     def __init__(self, code: ErrorCode | str, message: str, **details: Any) -> None:
+        message = echo(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
-        self.details = details
+        self.details = {k: _bounded(v) for k, v in details.items()}
 
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code.value, "message": self.message, "details": self.details}
@@ -69,8 +71,35 @@ class ProtocolError(Exception):
         return f"ProtocolError({self.code.value!r}, {self.message!r}, **{self.details!r})"
 
 
+MAX_MESSAGE_CHARS = 2048
+"""An error message is cut to this length (it may quote a client's value)."""
+MAX_DETAIL_CHARS = 1024
+"""Each string in an error's details is cut to this length."""
+MAX_DETAIL_ITEMS = 256
+"""Each list in an error's details keeps at most this many items."""
+
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = _short_repr.maxother = 80
+
+
 def echo(value: Any, limit: int = 64) -> str:
     """A client's value as text for an error message or detail, cut to ``limit`` characters
-    (a name echoed whole could make the reply larger than the client can decode)."""
-    text = value if isinstance(value, str) else repr(value)
+    (a value echoed whole could make the reply larger than the client can decode, and
+    rendering it whole could take long: non-strings go through :mod:`reprlib`)."""
+    text = value if isinstance(value, str) else _short_repr.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """``value`` with long strings cut and long lists shortened (details stay decodable)."""
+    if isinstance(value, str):
+        return echo(value, MAX_DETAIL_CHARS)
+    if isinstance(value, bytes):
+        return value[:MAX_DETAIL_CHARS]
+    if depth >= 4:
+        return value if isinstance(value, (int, float, bool)) or value is None else echo(value)
+    if isinstance(value, (list, tuple)):
+        return [_bounded(v, depth + 1) for v in value[:MAX_DETAIL_ITEMS]]
+    if isinstance(value, dict):
+        return {k: _bounded(v, depth + 1) for k, v in list(value.items())[:MAX_DETAIL_ITEMS]}
+    return value

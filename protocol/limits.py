@@ -12,7 +12,9 @@ class Limits:
     max_message_bytes: int = 16 * 1024 * 1024
     max_str_len: int = 4 * 1024 * 1024
     max_bin_len: int = 4 * 1024 * 1024
-    max_array_len: int = 1024 * 1024
+    max_array_len: int = 131072
+    """Elements of one array: a prompt of `max_n_ctx` tokens fits; decoding stays within a few
+    milliseconds of the event loop."""
     max_map_len: int = 1024
     max_depth: int = 32
     max_tokens: int = 32768

@@ -9,6 +9,7 @@ import trio
 
 from lorad.protocol import ErrorCode, ProtocolError
 
+from .. import llama
 from ..requests import RequestHandle
 from ..services import Services
 
@@ -49,9 +50,15 @@ async def list_models(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
 
 async def tokenize(s: Services, h: RequestHandle) -> list[int]:
     model, a = s.engine.tokenizer(h.args, h.peer), h.args
-    return await trio.to_thread.run_sync(
-        lambda: model.tokenize(a["text"], add_special=a["add_special"],
-                               parse_special=a["parse_special"]))
+    limit = s.limits.max_array_len  # what a client can decode
+    try:
+        return await trio.to_thread.run_sync(
+            lambda: model.tokenize(a["text"], add_special=a["add_special"],
+                                   parse_special=a["parse_special"], limit=limit))
+    except llama.TooManyTokens as exc:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"the text has {exc.n} tokens, more than "
+                            f"limits.max_array_len ({limit}) can carry", field="text",
+                            limit="max_array_len", value=limit) from None
 
 
 async def detokenize(s: Services, h: RequestHandle) -> str:
