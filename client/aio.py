@@ -1,42 +1,44 @@
-"""The trio client, mirroring :mod:`lorad.client.sync`. Use it as ``async with AsyncClient()``."""
+"""The trio client, mirroring :mod:`lorad.client.sync`. Use it as ``async with AsyncClient()``.
+
+A thin shell like the sync one: the logic is in :mod:`.core` and :mod:`.calls`; this module
+moves frames between them and an :class:`AsyncTransport` whose ``run`` task lives in the
+client's nursery.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import trio
-import zmq
-from zmq.utils.monitor import parse_monitor_message
 
-from lorad.protocol import Reply, Request, RequestId, decode_reply, encode_request
-from lorad.protocol.errors import ProtocolError
+from lorad.protocol import Reply, RequestId
 
+from . import calls
+from .calls import Call, LoraItem
 from .core import (
     CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     LOAD_TIMEOUT,
-    MONITOR_EVENTS,
     PENDING,
     Chunk,
+    ClientCore,
+    ContextView,
     CurveKeys,
-    LoraItem,
-    RequestIds,
+    Incoming,
+    ProgressState,
     StreamState,
+    StreamView,
     check_result,
-    configure_dealer,
-    context_args,
     default_endpoint,
-    drop_none,
-    load_progress_reply,
-    lora_ref,
-    lora_stack,
 )
-from .errors import DaemonUnavailable, InternalError, NotFound, RequestTimeout
-from .zmqtrio import ZmqPump
+from .transport import AsyncTransport
 
-_LOST = Reply(kind="error", error={"code": "unavailable", "message": "daemon went away"})
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 
 class AsyncClient:
@@ -50,266 +52,225 @@ class AsyncClient:
         load_timeout: float = LOAD_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
         curve: CurveKeys | None = None,
+        transport: AsyncTransport | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self.load_timeout = load_timeout
         self.connect_timeout = connect_timeout
         self.curve = curve if curve is not None else CurveKeys.from_env()
-        self._ids = RequestIds()
-        self._inbox: dict[RequestId, trio.MemorySendChannel[Reply]] = {}
-        self._nursery: trio.Nursery | None = None
-        self._connected = trio.Event()
-        self._sock: zmq.Socket | None = None
+        self._core = ClientCore(self.endpoint)
+        self._transport = transport
+        self._waiters: dict[RequestId, trio.Event] = {}
+        self._exit: AsyncExitStack | None = None
 
     async def __aenter__(self) -> AsyncClient:
-        zctx = zmq.Context.instance()
-        self._sock = zctx.socket(zmq.DEALER)
-        configure_dealer(self._sock, self.curve)
-        monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
-        self._sock.connect(self.endpoint)
-        self._pump = ZmqPump(self._sock)
-        self._monitor_pump = ZmqPump(monitor)
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        self._nursery.start_soon(self._pump.run, self._deliver)
-        self._nursery.start_soon(self._monitor_pump.run, self._on_monitor)
+        if self._transport is None:
+            from .zmqtrio import TrioZmqTransport
+
+            self._transport = TrioZmqTransport(self.endpoint, self.curve)
+        async with AsyncExitStack() as stack:
+            stack.callback(self._transport.close)  # runs last: after the nursery is done
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)  # runs first: stops the transport
+            nursery.start_soon(self._transport.run, self._deliver)
+            self._exit = stack.pop_all()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        await self._nursery_cm.__aexit__(None, None, None)
-        self._sock.disable_monitor()
-        self._monitor_pump.close()
-        self._pump.close()
-
-    async def _deliver(self, frames: list[bytes]) -> None:
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        stack, self._exit = self._exit, None
+        assert stack is not None
         try:
-            reply = decode_reply(frames)
-        except ProtocolError:
-            return
-        chan = self._inbox.get(reply.id) if reply.id is not None else None
-        if chan is not None:
-            try:
-                chan.send_nowait(reply)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # bounded by the stream's credit; a closed waiter means it was abandoned
-
-    async def _on_monitor(self, frames: list[bytes]) -> None:
-        event = parse_monitor_message(frames)["event"]
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._connected.set()
-        elif event == zmq.EVENT_DISCONNECTED:
-            self._connected = trio.Event()
-            for chan in list(self._inbox.values()):
-                try:
-                    chan.send_nowait(_LOST)
-                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-
-    async def _send(self, request: Request) -> None:
-        if not self._connected.is_set():
-            with trio.move_on_after(self.connect_timeout):
-                await self._connected.wait()
-            if not self._connected.is_set():
-                raise DaemonUnavailable(
-                    f"no lorad daemon answers at {self.endpoint} "
-                    "(is `lorad serve` running? see $LORAD_ENDPOINT)",
-                    {"endpoint": self.endpoint},
-                )
-        self._pump.send(encode_request(request))
-
-    async def _register(self, op: str, args: dict[str, Any], buffer: int = 1):
-        rid = self._ids.next()
-        send, recv = trio.open_memory_channel[Reply](buffer + 2)
-        self._inbox[rid] = send
-        try:
-            await self._send(Request(id=rid, op=op, args=args))
-        except BaseException:
-            del self._inbox[rid]
+            return bool(await stack.__aexit__(exc_type, exc, tb))
+        except BaseExceptionGroup as group:
+            # The nursery wraps the body's exception in a group (strict exception groups):
+            # when the group holds nothing else, the body's exception goes on unchanged.
+            if exc is not None:
+                matched, rest = group.split(lambda e: e is exc)
+                if matched is not None and rest is None:
+                    return False
             raise
-        return rid, recv
 
-    async def _next_reply(self, rid: RequestId, recv, timeout: float) -> Reply:
-        with trio.move_on_after(timeout):
-            reply = await recv.receive()
-            if reply is _LOST:
-                self._inbox.pop(rid, None)
-                raise DaemonUnavailable(
-                    f"the daemon at {self.endpoint} went away during the request",
-                    {"endpoint": self.endpoint},
-                )
+    # -- moving frames ----------------------------------------------------------------------------
+    def _deliver(self, event: Incoming) -> None:
+        for rid in self._core.feed(event):
+            waiter = self._waiters.get(rid)
+            if waiter is not None:
+                waiter.set()
+
+    async def _send(self, frames: list[bytes]) -> None:
+        assert self._transport is not None, "use `async with AsyncClient(...)`"
+        if not await self._transport.send(frames, self.connect_timeout):
+            raise self._core.unavailable_error()
+
+    async def _start(self, op: str, args: dict[str, Any]) -> RequestId:
+        rid, frames = self._core.start(op, args)
+        try:
+            await self._send(frames)
+        except BaseException:
+            self._core.forget(rid)
+            raise
+        return rid
+
+    async def _next_reply(self, rid: RequestId, timeout: float) -> Reply:
+        reply = self._core.next_reply(rid)
+        if reply is not None:
+            await trio.lowlevel.checkpoint()
             return reply
-        raise RequestTimeout(
-            f"no answer within {timeout:.1f} s", {"request": rid, "timeout": timeout}
-        )
+        try:
+            with trio.move_on_after(timeout):
+                while reply is None:
+                    waiter = self._waiters[rid] = trio.Event()
+                    await waiter.wait()
+                    reply = self._core.next_reply(rid)
+                return reply
+        finally:
+            self._waiters.pop(rid, None)
+        raise self._core.timeout_error(rid, timeout)
 
     async def _call(
         self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
-        rid, recv = await self._register(op, args or {})
+        rid = await self._start(op, args or {})
         try:
-            reply = await self._next_reply(rid, recv, self.timeout if timeout is None else timeout)
+            reply = await self._next_reply(rid, self.timeout if timeout is None else timeout)
         finally:
-            self._inbox.pop(rid, None)
+            self._core.forget(rid)
         return check_result(reply)
 
+    async def _run(self, call: Call) -> Any:
+        timeout = call.timeout_for(self.timeout, self.load_timeout)
+        return call.pick(await self._call(call.op, call.args, timeout))
+
     def _cancel_nowait(self, rid: RequestId) -> None:
-        if self._connected.is_set():
-            req = Request(id=self._ids.next(), op="cancel", args={"request": rid})
-            self._pump.send(encode_request(req))
+        if self._transport is not None:  # not connected: the daemon cancels by itself
+            self._transport.send_nowait(self._core.cancel(rid))
 
     # -- public API (mirrors Client) ------------------------------------------------------------
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
-        return await self._call("ping", timeout=timeout)
+        return await self._run(calls.simple("ping", timeout))
 
     async def status(self) -> dict[str, Any]:
-        return await self._call("status")
+        return await self._run(calls.simple("status"))
 
     async def metrics(self) -> dict[str, Any]:
         """Counters and latency summaries: ``total``, per ``models`` and per ``contexts``."""
-        return await self._call("metrics")
+        return await self._run(calls.simple("metrics"))
 
     async def capabilities(self) -> dict[str, Any]:
-        return await self._call("capabilities")
+        return await self._run(calls.simple("capabilities"))
 
     async def load_model(self, path: str | os.PathLike, *,
                          progress: Callable[[float], None] | None = None,
                          **params: Any) -> dict[str, Any]:
         """Load (or reuse) a model (see Client.load_model)."""
-        args = {"path": os.fspath(path), **drop_none(**params)}
         if progress is None:
-            return await self._call("load_model", args, timeout=self.load_timeout)
-        rid, recv = await self._register("load_model", {**args, "progress": True}, buffer=128)
+            return await self._run(calls.load_model(path, params))
+        call = calls.load_model(path, params, progress=True)
+        rid = await self._start(call.op, call.args)
         try:
-            info = PENDING
+            state, info = ProgressState(rid, progress), PENDING
             while info is PENDING:
-                reply = await self._next_reply(rid, recv, self.load_timeout)
-                info = load_progress_reply(reply, progress)
+                info = state.apply(await self._next_reply(rid, self.load_timeout))
             return info
         finally:
-            self._inbox.pop(rid, None)
+            self._core.forget(rid)
 
     async def unload_model(self, model: str | dict, *, force: bool = False) -> dict[str, Any]:
-        model_id = model["id"] if isinstance(model, dict) else model
-        return await self._call("unload_model", {"model": model_id, "force": force})
+        return await self._run(calls.unload_model(model, force))
 
     async def list_models(self) -> list[dict[str, Any]]:
-        return await self._call("list_models")
+        return await self._run(calls.simple("list_models"))
 
     async def list_contexts(self) -> list[dict[str, Any]]:
-        return await self._call("list_contexts")
+        return await self._run(calls.simple("list_contexts"))
 
     async def create_context(self, model: str | os.PathLike | dict, **params: Any) -> AsyncContext:
-        info = await self._call(
-            "create_context", context_args(model, params), timeout=self.load_timeout
-        )
-        return AsyncContext(self, info)
+        return AsyncContext(self, await self._run(calls.create_context(model, params)))
 
     async def context(self, context_id: str) -> AsyncContext:
-        for info in await self.list_contexts():
-            if info["id"] == context_id:
-                return AsyncContext(self, info)
-        raise NotFound(f"no context {context_id!r}", {"context": context_id})
+        return AsyncContext(self, calls.find_context(await self.list_contexts(), context_id))
 
     async def tokenize(self, model: str, text: str, **params: Any) -> list[int]:
-        return await self._call("tokenize", {"model": model, "text": text, **drop_none(**params)})
+        return await self._run(calls.tokenize(text, params, model=model))
 
     async def detokenize(self, model: str, tokens: list[int]) -> str:
-        return await self._call("detokenize", {"model": model, "tokens": list(tokens)})
+        return await self._run(calls.detokenize(tokens, model=model))
+
+    async def embed(self, input: str | list[str], *, model: str | dict | None = None,
+              context: str | None = None, normalize: bool = True) -> dict[str, Any]:
+        """One vector per input (``embeddings``), from ``model`` or a context's model."""
+        return await self._run(calls.embed(input, normalize, model, context))
 
     async def validate_lora(self, model: str | dict, path: str | os.PathLike) -> dict[str, Any]:
         """Check an adapter against a model without applying it (see Client.validate_lora)."""
-        model_id = model["id"] if isinstance(model, dict) else os.fspath(model)
-        return await self._call("validate_lora", {"model": model_id, "path": lora_ref(path)},
-                                timeout=self.load_timeout)
+        return await self._run(calls.validate_lora(model, path))
 
     async def cancel(self, request_id: RequestId) -> dict[str, Any]:
-        self._inbox.pop(request_id, None)
-        return await self._call("cancel", {"request": request_id})
+        self._core.forget(request_id)
+        return await self._run(calls.cancel(request_id))
+
+    async def _stream(self, call: Call) -> AsyncStream:
+        rid = await self._start(call.op, call.args)
+        return AsyncStream(self, rid, StreamState.for_args(rid, call.args),
+                           call.timeout_for(self.timeout, self.timeout))
 
 
-class AsyncContext:
+class AsyncContext(ContextView):
     """A handle on one daemon context (trio). ``async with`` closes it."""
 
     def __init__(self, client: AsyncClient, info: dict[str, Any]) -> None:
+        super().__init__(info)
         self._client = client
-        self.info = info
-        self.id: str = info["id"]
-        self.model: str = info["model"]
-        self._streams: list[AsyncStream] = []
 
     async def generate(
         self, prompt: str | None = None, *, tokens: list[int] | None = None,
         timeout: float | None = None, **params: Any,
     ) -> AsyncStream:
-        args = {"context": self.id, **drop_none(prompt=prompt, tokens=tokens, **params)}
-        return await self._start("generate", args, timeout)
+        return self._track(await self._client._stream(
+            calls.generate(self.id, prompt, tokens, params, timeout)))
 
     async def chat(
         self, messages: list[dict[str, str]], *, timeout: float | None = None, **params: Any
     ) -> AsyncStream:
-        args = {"context": self.id, "messages": messages, **drop_none(**params)}
-        return await self._start("chat", args, timeout)
-
-    async def _start(self, op: str, args: dict[str, Any], timeout: float | None) -> AsyncStream:
-        credit = args.get("credit", 64)
-        rid, recv = await self._client._register(op, args, buffer=credit)
-        stream = AsyncStream(self._client, rid, recv, credit,
-                             self._client.timeout if timeout is None else timeout)
-        self._streams = [s for s in self._streams if not s.done]
-        self._streams.append(stream)
-        return stream
+        return self._track(await self._client._stream(
+            calls.chat(self.id, messages, params, timeout)))
 
     async def tokenize(self, text: str, **params: Any) -> list[int]:
-        return await self._client._call(
-            "tokenize", {"context": self.id, "text": text, **drop_none(**params)}
-        )
+        return await self._client._run(calls.tokenize(text, params, context=self.id))
 
     async def detokenize(self, tokens: list[int]) -> str:
-        return await self._client._call(
-            "detokenize", {"context": self.id, "tokens": list(tokens)}
-        )
+        return await self._client._run(calls.detokenize(tokens, context=self.id))
+
+    async def embed(self, input: str | list[str], *, normalize: bool = True) -> dict[str, Any]:
+        """One vector per input, from this context's model under its adapter stack."""
+        return await self._client._run(calls.embed(input, normalize, None, self.id))
 
     # LoRA adapters: each call returns the context's stack afterwards, in order.
     async def set_lora(self, path: str | os.PathLike, scale: float = 1.0) -> list[dict[str, Any]]:
         """Add the adapter to the end of the stack, or change its scale (see Context)."""
-        args = {"context": self.id, "path": lora_ref(path), "scale": scale}
-        result = await self._client._call("set_lora", args, timeout=self._client.load_timeout)
-        return result["loras"]
+        return await self._client._run(calls.set_lora(self.id, path, scale))
 
     async def remove_lora(self, path: str | os.PathLike) -> list[dict[str, Any]]:
         """Take one adapter out of the stack (``NotFound`` if it is not there)."""
-        result = await self._client._call("remove_lora",
-                                          {"context": self.id, "path": lora_ref(path)})
-        return result["loras"]
+        return await self._client._run(calls.remove_lora(self.id, path))
 
     async def clear_loras(self) -> list[dict[str, Any]]:
         """Back to the base model."""
-        return (await self._client._call("clear_loras", {"context": self.id}))["loras"]
+        return await self._client._run(calls.clear_loras(self.id))
 
     async def set_loras(self, loras: Iterable[LoraItem]) -> list[dict[str, Any]]:
         """Replace the whole stack atomically (on any error the stack is unchanged)."""
-        args = {"context": self.id, "loras": lora_stack(loras)}
-        result = await self._client._call("set_loras", args, timeout=self._client.load_timeout)
-        return result["loras"]
+        return await self._client._run(calls.set_loras(self.id, loras))
 
     async def loras(self) -> list[dict[str, Any]]:
         """The stack in order: ref, path, scale, alpha, rank, targets, bytes, alora."""
-        return await self._client._call("list_loras", {"context": self.id})
-
-    def cancel(self) -> None:
-        """Cancel every stream of this handle that is still running."""
-        for stream in self._streams:
-            stream.cancel()
+        return await self._client._run(calls.list_loras(self.id))
 
     async def close(self) -> None:
         """Close the context on the daemon (its running streams end as cancelled)."""
-        for stream in self._streams:
-            stream.close()
-        self._streams.clear()
-        await self._client._call("close_context", {"context": self.id})
+        self._close_streams()
+        await self._client._run(calls.close_context(self.id))
 
     async def __aenter__(self) -> AsyncContext:
         return self
@@ -319,53 +280,36 @@ class AsyncContext:
             await self.close()
 
 
-class AsyncStream:
+class AsyncStream(StreamView):
     """A running generation (trio). ``async for chunk in stream``; leaving early cancels it.
 
     Prefer ``async with await ctx.generate(...) as stream:`` so that an early exit cancels at
     once rather than when the iterator is finalized.
     """
 
-    def __init__(self, client: AsyncClient, rid: RequestId, recv, credit: int,
+    def __init__(self, client: AsyncClient, rid: RequestId, state: StreamState,
                  timeout: float) -> None:
         self._client = client
         self.request_id = rid
-        self._recv = recv
-        self._state = StreamState(rid, credit)
+        self._state = state
         self.timeout = timeout
-        self._iterating = False
-        self._cancel_sent = False
-
-    finish_reason = property(lambda self: self._state.finish_reason)
-    metrics = property(lambda self: self._state.metrics)
-    text = property(lambda self: self._state.text)
-    done = property(lambda self: self._state.done)
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
-        if self._iterating:
-            raise InternalError("a stream can be iterated only once")
-        self._iterating = True
-        finished = False
+        state, client = self._state, self._client
+        state.begin()
         try:
-            while not self._state.done:
-                reply = await self._client._next_reply(self.request_id, self._recv, self.timeout)
-                chunk = self._state.apply(reply)
+            while True:
+                chunk = state.apply(await client._next_reply(self.request_id, self.timeout))
                 if chunk is None:
                     break
-                grant = self._state.credit_to_grant()
-                if grant and not self._cancel_sent:
-                    await self._client._send(Request(
-                        id=self._client._ids.next(), op="credit",
-                        args={"request": self.request_id, "n": grant},
-                    ))
+                grant = state.credit_to_grant()
+                if grant:
+                    await client._send(client._core.credit(self.request_id, grant))
                 yield chunk
-            finished = True
         finally:
-            if not finished:
-                self._abandon()
-            self._client._inbox.pop(self.request_id, None)
-        if self._state.error is not None:
-            raise self._state.error
+            self.close()
+        if state.error is not None:
+            raise state.error
 
     async def collect(self) -> str:
         async for _ in self:
@@ -374,22 +318,14 @@ class AsyncStream:
 
     def cancel(self) -> None:
         """Ask the daemon to stop; iterating on yields the rest and the cancelled end."""
-        if not self._state.done and not self._cancel_sent:
-            self._cancel_sent = True
+        if self._state.request_cancel():
             self._client._cancel_nowait(self.request_id)
 
     def close(self) -> None:
         """Cancel (if still running) and forget the stream's remaining replies."""
-        self._abandon()
-        self._client._inbox.pop(self.request_id, None)
-
-    def _abandon(self) -> None:
-        if not self._state.done:
-            self._state.done = True
-            self._state.finish_reason = "cancelled"
-            if not self._cancel_sent:
-                self._cancel_sent = True
-                self._client._cancel_nowait(self.request_id)
+        if self._state.close():
+            self._client._cancel_nowait(self.request_id)
+        self._client._core.forget(self.request_id)
 
     async def __aenter__(self) -> AsyncStream:
         return self

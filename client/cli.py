@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .core import parse_lora_option
+from lorad.protocol import looks_like_path
+
+from .calls import parse_lora_option
 from .errors import LoradError
 from .sync import Client
 
@@ -35,69 +37,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import trio
 
-        from lorad.daemon import ContextSpec, ModelSpec, load_config, run_daemon
+        from lorad.daemon import load_config, run_daemon
+        from lorad.daemon.config import apply_overrides
+        from lorad.daemon.errors import ConfigError, DaemonError
         from lorad.daemon.logs import configure_logging
     except ImportError as exc:
         return _missing_extra("lorad serve", "daemon", exc)
     config = load_config(args.config)
-    # Explicit flags beat the config file.
-    if args.endpoint:
-        config.endpoint = args.endpoint
-    elif os.environ.get("LORAD_ENDPOINT"):
-        config.endpoint = os.environ["LORAD_ENDPOINT"]
-    if args.group:
-        config.group = args.group
-    if args.allow_dir:
-        config.allowed_dirs = [*config.allowed_dirs, *args.allow_dir]
-    if args.adapter_dir:
-        config.adapter_dirs = [*args.adapter_dir, *config.adapter_dirs]
-    if args.log_format:
-        config.log_format = args.log_format
-    if args.log_level:
-        config.log_level = args.log_level
-    if args.metrics_address:
-        config.metrics_address = args.metrics_address
-    if args.curve_secret_key:
-        config.curve_secret_key = args.curve_secret_key
-    if args.curve_authorized_keys:
-        config.curve_authorized_keys = args.curve_authorized_keys
-    if args.heartbeat_ms:
-        config.heartbeat_ms = args.heartbeat_ms
-    if args.model:
-        model_path = str(Path(args.model).expanduser().resolve())
-        config.allowed_dirs.append(str(Path(model_path).parent))
-        config.models.append(ModelSpec(path=model_path, alias=args.alias))
-        ctx_params: dict[str, Any] = {}
-        if args.n_ctx:
-            ctx_params["n_ctx"] = args.n_ctx
-        if args.threads:
-            ctx_params["n_threads"] = args.threads
-        old = next((c for c in config.contexts if c.id == "default"), None)
-        if old is not None and "loras" in old.params:
-            ctx_params["loras"] = old.params["loras"]
-        config.contexts = [c for c in config.contexts if c.id != "default"]
-        config.contexts.append(ContextSpec(model=model_path, id="default", params=ctx_params))
-    # Explicit --speculative and --lora replace the config file's settings of 'default'.
     speculative = _speculative_option(args)
-    for flag, given in (("--speculative", speculative is not None), ("--lora", bool(args.lora))):
-        if given and not any(c.id == "default" for c in config.contexts):
-            print(f"lorad serve: {flag} applies to the context 'default': give --model, or "
-                  "define a context with id = \"default\" in the config file", file=sys.stderr)
-            return 2
-    default = next((c for c in config.contexts if c.id == "default"), None)
-    if speculative is not None:
-        default.params["speculative"] = speculative
-    if args.lora:
-        default.params["loras"] = [
-            {"path": str(Path(p).expanduser().resolve()) if "/" in p or p.endswith(".gguf")
-             else p, "scale": s}
-            for p, s in map(parse_lora_option, args.lora)
-        ]
+    try:  # explicit flags beat the config file
+        apply_overrides(
+            config, endpoint=args.endpoint, group=args.group, allow_dir=args.allow_dir,
+            adapter_dir=args.adapter_dir, log_format=args.log_format, log_level=args.log_level,
+            metrics_address=args.metrics_address, curve_secret_key=args.curve_secret_key,
+            curve_authorized_keys=args.curve_authorized_keys, heartbeat_ms=args.heartbeat_ms,
+            model=args.model, alias=args.alias, n_ctx=args.n_ctx, threads=args.threads,
+            speculative=speculative,
+            loras=[parse_lora_option(x) for x in args.lora] if args.lora else None,
+        )
+    except ConfigError as exc:
+        print(f"lorad serve: {exc.message}", file=sys.stderr)
+        return 2
     configure_logging(config.log_format, config.log_level)
     try:
         trio.run(run_daemon, config)
     except LoradError as exc:
         print(f"lorad serve: {exc}", file=sys.stderr)
+        return 1
+    except DaemonError as exc:
+        print(f"lorad serve: [{exc.code.value}] {exc.message}", file=sys.stderr)
         return 1
     except Exception as exc:
         from lorad.protocol import ProtocolError
@@ -343,9 +311,19 @@ def _speculative_option(args: argparse.Namespace) -> dict[str, Any] | bool | Non
     if draft_max is not None:
         spec["max_draft"] = draft_max
     if draft_model is not None:  # the daemon says which parameters a mode lacks
-        spec["model"] = str(Path(draft_model).expanduser().resolve()) \
-            if "/" in draft_model or draft_model.endswith(".gguf") else draft_model
+        spec["model"] = str(Path(os.path.expanduser(draft_model)).resolve()) \
+            if looks_like_path(draft_model) else draft_model
     return spec
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.context is None):
+        print("lorad embed: give exactly one of --model and --context", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        _print_json(client.embed(args.text, model=args.model, context=args.context,
+                                 normalize=not args.no_normalize))
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -531,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "draft_model)")
     p.add_argument("--json", action="store_true", help="one JSON object with text and metrics")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("embed", help="embedding vectors of texts (JSON)")
+    p.add_argument("text", nargs="+", help="one input per argument")
+    p.add_argument("--model", help="a loaded model's id or path")
+    p.add_argument("--context", help="a context: its model, under its adapter stack")
+    p.add_argument("--no-normalize", action="store_true", help="keep the vectors' lengths")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("lora", help="the adapter stack of a context; validate an adapter")
     lsub = p.add_subparsers(dest="lora_cmd", required=True)

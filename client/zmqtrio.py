@@ -2,7 +2,8 @@
 
 libzmq's FD is edge-triggered and any call on the socket may consume the wake-up, so the pump
 drains while ``EVENTS`` shows work and only then waits on the FD. Senders never touch the
-socket: they queue frames and wake the pump.
+socket: they queue frames and wake the pump. :class:`TrioZmqTransport` is the trio client's
+transport built on two pumps (the DEALER socket and its monitor).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .core import CONNECTION_LOST, CurveKeys, Incoming
+from .transport import MONITOR_EVENTS, configure_dealer
 
 
 class ZmqPump:
@@ -103,3 +108,56 @@ class ZmqPump:
         except (zmq.ZMQError, OSError):
             pass
         self.sock.close(linger=0)
+
+
+class TrioZmqTransport:
+    """The trio client's ZeroMQ transport: a DEALER socket connected to ``endpoint``.
+
+    :meth:`run` pumps the socket and its monitor; a disconnect is delivered as
+    :data:`~lorad.client.core.CONNECTION_LOST`, and sends wait for a connection."""
+
+    def __init__(self, endpoint: str, curve: CurveKeys | None = None) -> None:
+        self.endpoint = endpoint
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        configure_dealer(sock, curve)
+        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+        sock.connect(endpoint)
+        self._pump = ZmqPump(sock)
+        self._monitor_pump = ZmqPump(monitor)
+        self._connected = trio.Event()
+
+    async def run(self, deliver: Callable[[Incoming], None]) -> None:
+        async def on_message(frames: list[bytes]) -> None:
+            deliver(frames)
+
+        async def on_monitor(frames: list[bytes]) -> None:
+            event = parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected.set()
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._connected = trio.Event()
+                deliver(CONNECTION_LOST)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump.run, on_message)
+            nursery.start_soon(self._monitor_pump.run, on_monitor)
+
+    async def send(self, frames: list[bytes], timeout: float) -> bool:
+        if not self._connected.is_set():
+            with trio.move_on_after(timeout):
+                await self._connected.wait()
+            if not self._connected.is_set():
+                return False
+        self._pump.send(frames)
+        return True
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        if not self._connected.is_set():
+            return False
+        self._pump.send(frames)
+        return True
+
+    def close(self) -> None:
+        self._pump.sock.disable_monitor()
+        self._monitor_pump.close()
+        self._pump.close()

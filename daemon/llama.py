@@ -227,7 +227,34 @@ class Model:
         return out
 
     def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+        """The text of ``tokens``: their pieces joined, nothing stripped (special tokens render
+        as nothing). One C call (``llama_detokenize``) rather than a call per token, so that a
+        long list does not hold the GIL token by token; it drops the first piece's leading space
+        on vocabularies that add a space prefix, which is put back."""
+        if not tokens:
+            return ""
+        if self._cleans_spaces:  # llama_detokenize would also rewrite " ," and the like
+            return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+        text = self._detokenize(tokens)
+        if self._detokenize(tokens[:1]) != self.piece(tokens[0]):
+            text = b" " + text  # the space prefix llama_detokenize removed from the first piece
+        return text.decode("utf-8", "replace")
+
+    def _detokenize(self, tokens: list[int]) -> bytes:
+        n = len(tokens)
+        ids = (C.llama_token * n)(*tokens)
+        size = 8 * n + 16
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            got = C.llama_detokenize(self.vocab, ids, n, buf, size, False, False)
+            if got >= 0:
+                return buf.raw[:got]
+            size = -got
+        raise LlamaError("llama_detokenize failed")
+
+    @property
+    def _cleans_spaces(self) -> bool:
+        return (self.meta("tokenizer.ggml.clean_spaces") or "false").lower() == "true"
 
     def token_text(self, token: int) -> str:
         """The vocabulary text of a token, specials included (for templates)."""

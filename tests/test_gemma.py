@@ -6,10 +6,12 @@ from pathlib import Path
 
 import llama_cpp
 import llama_cpp.llama_cpp as C
+import numpy as np
 import pytest
 
 from conftest import DaemonProcess, start_daemon
 from lorad.client import BadRequest
+from test_embed import TEXTS, reference_mean
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +81,18 @@ def test_gemma_chat_template_and_cancel(gemma_daemon: DaemonProcess) -> None:
         list(it)
         assert long.finish_reason == "cancelled"
         assert long.metrics["generated_tokens"] < 10
+
+
+def test_gemma_embeddings_agree_with_llama_cpp_python(gemma_daemon: DaemonProcess,
+                                                       gemma: Path) -> None:
+    with gemma_daemon.client() as c:
+        got = c.embed(TEXTS, model=str(gemma), normalize=False)
+        assert got["dimensions"] == 640
+        for text, vector in zip(TEXTS, got["embeddings"], strict=True):
+            want = reference_mean(gemma, text)
+            cos = np.array(vector) @ want / (np.linalg.norm(vector) * np.linalg.norm(want))
+            assert cos > 0.9999
+        similar = c.embed(["a cat sat on the mat", "a kitten sat on the rug",
+                           "quarterly tax filing deadlines"], model=str(gemma))["embeddings"]
+        e = np.array(similar)
+        assert e[0] @ e[1] > e[0] @ e[2]

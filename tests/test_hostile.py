@@ -290,3 +290,28 @@ def test_streams_keep_their_pace_while_another_client_is_hostile(
     assert sent["templates"] >= 1 and sent["grammars"] >= 1
     assert p99_attack < 0.05
     assert p50_attack < max(2 * p50_alone, 0.003)
+
+
+def test_detokenize_in_one_call_equals_the_pieces_joined(tiny_model: Path,
+                                                         models_dir: Path) -> None:
+    """``llama_detokenize`` (one C call: a 100k-token list no longer holds the GIL token by
+    token) renders exactly what joining the tokens' pieces did, leading space included."""
+    import random
+
+    from lorad.daemon import llama
+
+    llama.init_backend()
+    gemma3 = tinymodels.write_tiny_gemma3(models_dir / "tiny-gemma3-detok.gguf")
+    for path in (tiny_model, gemma3):
+        model = llama.Model(str(path))
+        try:
+            rng = random.Random(0)
+            cases = [model.tokenize(" hello world, the cat <s> x", parse_special=True), [1, 5]]
+            cases += [[rng.randrange(model.n_vocab) for _ in range(rng.randrange(1, 40))]
+                      for _ in range(300)]
+            for tokens in cases:
+                joined = b"".join(model.piece(t) for t in tokens).decode("utf-8", "replace")
+                assert model.detokenize(tokens) == joined, tokens
+            assert model.detokenize([]) == ""
+        finally:
+            model.close()

@@ -1,0 +1,90 @@
+"""``embed``: one vector per input, checked against llama-cpp-python's own embedding code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DaemonProcess
+from lorad.client import AsyncClient, BadRequest, Client, ContextOverflow, TooLarge
+
+TEXTS = ["hello world, the cat", "the dog and the cat"]
+
+
+def reference_mean(model: Path, text: str) -> np.ndarray:
+    """Mean of the per-token embeddings, computed by llama-cpp-python's ``Llama.embed``."""
+    import llama_cpp
+
+    ref = llama_cpp.Llama(str(model), embedding=True, n_ctx=128, verbose=False,
+                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
+    try:
+        return np.mean(np.array(ref.embed(text, normalize=False)), axis=0)
+    finally:
+        ref.close()
+
+
+def test_embed_is_the_mean_of_the_token_vectors(client: Client, tiny_model: Path) -> None:
+    client.load_model(tiny_model)
+    raw = client.embed(TEXTS, model="tiny", normalize=False)
+    unit = client.embed(TEXTS, model="tiny")
+    assert raw["dimensions"] == 64 and raw["pooling"] == "mean" and raw["model"] == "tiny"
+    assert len(raw["embeddings"]) == 2 and raw["input_tokens"][0] > 1
+    assert raw["prompt_tokens"] == sum(raw["input_tokens"])
+    for text, got, normed in zip(TEXTS, raw["embeddings"], unit["embeddings"], strict=True):
+        want = reference_mean(tiny_model, text)
+        got = np.array(got)
+        assert np.abs(got - want).max() < 2e-3
+        assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) > 0.99999
+        assert np.allclose(normed, got / np.linalg.norm(got), atol=1e-9)
+    single = client.embed(TEXTS[0], model="tiny")  # one string is one input
+    assert np.allclose(single["embeddings"][0], unit["embeddings"][0])
+
+
+def test_embed_never_touches_a_generation_context(client: Client, tiny_model: Path) -> None:
+    with client.create_context(tiny_model, n_ctx=128) as ctx:
+        before = ctx.generate("hello world", max_tokens=8, temperature=0).collect()
+        cached = next(c for c in client.list_contexts() if c["id"] == ctx.id)["cached_tokens"]
+        by_context = ctx.embed(TEXTS)
+        after = next(c for c in client.list_contexts() if c["id"] == ctx.id)["cached_tokens"]
+        assert after == cached > 0
+        assert ctx.generate("hello world", max_tokens=8, temperature=0).collect() == before
+        by_model = client.embed(TEXTS, model=by_context["model"])
+        assert np.allclose(by_context["embeddings"], by_model["embeddings"])
+        assert by_context["context"] == ctx.id
+
+
+def test_embed_errors(client: Client, tiny_model: Path) -> None:
+    client.load_model(tiny_model)
+    with pytest.raises(BadRequest) as err:
+        client.embed([], model="tiny")
+    assert err.value.details["field"] == "input"
+    with pytest.raises(BadRequest) as err:
+        client.embed(["ok", ""], model="tiny")
+    assert err.value.details == {"field": "input", "index": 1}
+    limit = client.capabilities()["limits"]["max_embed_inputs"]
+    with pytest.raises(TooLarge) as err:
+        client.embed(["x"] * (limit + 1), model="tiny")
+    assert err.value.details["limit"] == "max_embed_inputs"
+    with pytest.raises(ContextOverflow) as err:
+        client.embed(["short", "the cat " * 400], model="tiny")
+    assert err.value.details["index"] == 1 and err.value.details["n_ctx"] == 512
+    with pytest.raises(BadRequest):
+        client.embed("x", model="tiny", context="ctx-nope")
+
+
+async def test_async_client_and_cli_embed(daemon: DaemonProcess, tiny_model: Path) -> None:
+    async with AsyncClient(daemon.endpoint) as c:
+        await c.load_model(tiny_model)
+        result = await c.embed(TEXTS, model="tiny")
+        async with await c.create_context(tiny_model, n_ctx=64) as ctx:
+            assert np.allclose((await ctx.embed(TEXTS))["embeddings"], result["embeddings"])
+    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "--endpoint",
+                          daemon.endpoint, "embed", "--model", "tiny", *TEXTS],
+                         capture_output=True, text=True, check=True)
+    printed = json.loads(out.stdout)
+    assert np.allclose(printed["embeddings"], result["embeddings"])
