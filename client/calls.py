@@ -66,17 +66,6 @@ def lora_stack(items: Iterable[LoraItem]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_lora_option(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` (the CLI's ``--lora``): a trailing ``:number`` is the scale."""
-    path, sep, scale = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
 def drop_none(**kwargs: Any) -> dict[str, Any]:
     """Arguments without the ``None`` ones; a ``loras`` stack in its wire form."""
     out = {k: v for k, v in kwargs.items() if v is not None}

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorad.protocol import looks_like_path
+from lorad.daemon.cli import add_serve_arguments
+from lorad.protocol.refs import parse_lora_option, speculative_option
 
-from .calls import parse_lora_option
 from .errors import LoradError
 from .sync import Client
 
@@ -35,46 +35,10 @@ def _print_json(value: Any) -> None:
 # -- serve -------------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import trio
-
-        from lorad.daemon import load_config, run_daemon
-        from lorad.daemon.config import apply_overrides
-        from lorad.daemon.errors import ConfigError, DaemonError
-        from lorad.daemon.logs import configure_logging
+        from lorad.daemon.cli import run_serve
     except ImportError as exc:
         return _missing_extra("lorad serve", "daemon", exc)
-    config = load_config(args.config)
-    speculative = _speculative_option(args)
-    try:  # explicit flags beat the config file
-        apply_overrides(
-            config, endpoint=args.endpoint, group=args.group, allow_dir=args.allow_dir,
-            adapter_dir=args.adapter_dir, log_format=args.log_format, log_level=args.log_level,
-            metrics_address=args.metrics_address, curve_secret_key=args.curve_secret_key,
-            curve_authorized_keys=args.curve_authorized_keys, heartbeat_ms=args.heartbeat_ms,
-            model=args.model, alias=args.alias, n_ctx=args.n_ctx, threads=args.threads,
-            speculative=speculative,
-            loras=[parse_lora_option(x) for x in args.lora] if args.lora else None,
-        )
-    except ConfigError as exc:
-        print(f"lorad serve: {exc.message}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_format, config.log_level)
-    try:
-        trio.run(run_daemon, config)
-    except LoradError as exc:
-        print(f"lorad serve: {exc}", file=sys.stderr)
-        return 1
-    except DaemonError as exc:
-        print(f"lorad serve: [{exc.code.value}] {exc.message}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        from lorad.protocol import ProtocolError
-
-        if isinstance(exc, ProtocolError):
-            print(f"lorad serve: [{exc.code.value}] {exc.message}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    return run_serve(args, _speculative_option(args))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -297,23 +261,12 @@ class UsageError(Exception):
 
 def _speculative_option(args: argparse.Namespace) -> dict[str, Any] | bool | None:
     """``--speculative MODE [--draft-max N] [--draft-model MODEL]``, ``off``, or None."""
-    mode = getattr(args, "speculative", None)
-    draft_max, draft_model = getattr(args, "draft_max", None), getattr(args, "draft_model", None)
-    if mode in (None, "off") and (draft_max is not None or draft_model is not None):
-        raise UsageError("--draft-max and --draft-model need --speculative MODE")
-    if draft_model is not None and mode != "draft_model":
-        raise UsageError("--draft-model goes with --speculative draft_model")
-    if mode is None:
-        return None
-    if mode == "off":
-        return False
-    spec: dict[str, Any] = {"mode": mode}
-    if draft_max is not None:
-        spec["max_draft"] = draft_max
-    if draft_model is not None:  # the daemon says which parameters a mode lacks
-        spec["model"] = str(Path(os.path.expanduser(draft_model)).resolve()) \
-            if looks_like_path(draft_model) else draft_model
-    return spec
+    try:
+        return speculative_option(getattr(args, "speculative", None),
+                                  getattr(args, "draft_max", None),
+                                  getattr(args, "draft_model", None))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -395,34 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
-    p.add_argument("--config", help="TOML config file (flags given here override it)")
-    p.add_argument("--group", help="make the ipc socket 0660 for this group")
-    p.add_argument("--allow-dir", action="append", help="allow models from this directory "
-                   "(repeatable; added to the config's)")
-    p.add_argument("--model", help="preload this model and create the persistent context "
-                   "'default' on it")
-    p.add_argument("--alias", help="model id for --model")
-    p.add_argument("--n-ctx", type=int, help="n_ctx of the default context")
-    p.add_argument("--threads", type=int, help="threads of the default context")
-    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
-                   help="adapter stack of the default context (repeatable, in order); "
-                   "replaces the config file's stack for it")
-    p.add_argument("--adapter-dir", action="append", help="look adapter names up here first "
-                   "(repeatable; files there are allowed)")
-    p.add_argument("--speculative", choices=["prompt_lookup", "draft_model", "mtp", "off"],
-                   help="default speculative decoding of the default context")
-    p.add_argument("--draft-max", type=int, help="maximum draft length (speculative)")
-    p.add_argument("--draft-model", help="the draft model, id or path (--speculative "
-                   "draft_model)")
-    p.add_argument("--heartbeat-ms", type=int, help="ZMTP heartbeat interval (default 1000)")
-    p.add_argument("--curve-secret-key", metavar="FILE", help="the daemon's CURVE certificate "
-                   "(NAME.key_secret from `lorad keys generate`): encrypt and authenticate")
-    p.add_argument("--curve-authorized-keys", metavar="DIR", help="public certificates (*.key) "
-                   "of the clients allowed in; any other key is refused")
-    p.add_argument("--metrics-address", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"])
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keys", help="CURVE keys for TCP beyond this machine")

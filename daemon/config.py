@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lorad.protocol import ErrorCode, Limits, ProtocolError, looks_like_path, validate_args
+from lorad.protocol import Limits, looks_like_path, validate_args
 
 from .errors import ConfigError
 from .paths import adapter_dir, cache_dir, default_endpoint, model_dir
@@ -69,8 +69,8 @@ class DaemonConfig:
     log_level: str = "info"
 
 
-def _config_error(message: str, **details: Any) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_REQUEST, f"config: {message}", **details)
+def _config_error(message: str, **details: Any) -> ConfigError:
+    return ConfigError(f"config: {message}", **details)
 
 
 def load_config(path: str | Path | None) -> DaemonConfig:

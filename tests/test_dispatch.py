@@ -133,3 +133,16 @@ async def test_cancel_and_credit_are_scoped_to_the_peer(core: Core) -> None:
     assert reply.result == {"request": 5, "cancelled": False, "reason": "not running"}
     reply = await core.call("credit", {"request": 5, "n": 3}, rid=2, peer=OTHER)
     assert reply.result == {"request": 5, "granted": False}
+
+
+def test_the_daemon_imports_nothing_of_the_client() -> None:
+    import subprocess
+    import sys
+
+    script = ("import sys, lorad.daemon.server, lorad.daemon.cli, lorad.daemon.operations; "
+              "bad = [m for m in sys.modules if m.startswith('lorad.client')]; "
+              "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    out = subprocess.run([sys.executable, "-m", "lorad.client.cli", "serve", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--curve-authorized-keys" in out and "--endpoint" in out
