@@ -17,6 +17,7 @@ import numpy as np
 import trio
 
 from lorad.protocol import DEFAULT_LIMITS, ErrorCode, Limits, ProtocolError
+from lorad.protocol.args import OpArgs
 
 from . import llama
 from .adapters import AdapterCache, LoadedAdapter
@@ -50,7 +51,7 @@ class StackEntry:
 @dataclass
 class Job:
     handle: RequestHandle
-    args: dict[str, Any]
+    args: OpArgs
     stack: list[StackEntry] | None = None
     """A per-request adapter stack (None: the context's own)."""
     held: list[LoadedAdapter] | None = None
@@ -106,7 +107,7 @@ class ContextActor:
         self.requests_done = 0
 
     # -- queue --------------------------------------------------------------------------------
-    def submit(self, handle: RequestHandle, args: dict[str, Any],
+    def submit(self, handle: RequestHandle, args: OpArgs,
                stack: list[StackEntry] | None = None,
                held: list[LoadedAdapter] | None = None) -> None:
         """Queue a generation; the job owns ``held`` (released when it ends) once queued."""
@@ -262,7 +263,7 @@ class ContextActor:
             return DraftModel(await self.draft_context(spec["model"]), spec["p_min"])
         return None
 
-    async def drafter(self, spec: dict[str, Any], args: dict[str, Any]) -> Drafter:
+    async def drafter(self, spec: dict[str, Any], args: OpArgs) -> Drafter:
         """The request's drafter; ``speculative_unsupported`` for what cannot run exactly."""
         source = await self.prepare_speculative(spec)
         check_request(spec, args, self.model.model.can_roll_back)
@@ -309,7 +310,7 @@ class ContextActor:
         return draft
 
     # -- generation ---------------------------------------------------------------------------
-    async def _prompt_tokens(self, h: RequestHandle, args: dict[str, Any]) -> list[int]:
+    async def _prompt_tokens(self, h: RequestHandle, args: OpArgs) -> list[int]:
         model = self.model.model
         room = self.ctx.n_ctx - 1  # a prompt leaves room for at least one generated token
 
@@ -318,8 +319,8 @@ class ContextActor:
                                  f"prompt of {n} tokens does not fit in n_ctx={self.ctx.n_ctx}",
                                  prompt_tokens=n, n_ctx=self.ctx.n_ctx)
 
-        if h.op != "chat" and args["tokens"] is not None:
-            tokens = args["tokens"]
+        if h.op != "chat" and args.tokens is not None:
+            tokens = args.tokens
             if len(tokens) > room:
                 raise overflow(len(tokens))
             bad = next((t for t in tokens if t >= model.n_vocab), None)
@@ -328,8 +329,8 @@ class ContextActor:
                                     f"token {bad} is outside the vocabulary ({model.n_vocab})",
                                     field="tokens")
         elif h.op == "chat":
-            text = await render_chat(self.templates, model, args["messages"],
-                                     args["add_generation_prompt"], args["template"])
+            text = await render_chat(self.templates, model, args.messages,
+                                     args.add_generation_prompt, args.template)
             bos_text = model.token_text(model.bos) if model.add_bos else ""
             bos = [model.bos] if model.add_bos and not (bos_text and text.startswith(bos_text)) \
                 else []
@@ -341,7 +342,7 @@ class ContextActor:
         else:
             try:
                 tokens = await trio.to_thread.run_sync(lambda: model.tokenize(
-                    args["prompt"], add_special=args["add_special"], limit=room))
+                    args.prompt, add_special=args.add_special, limit=room))
             except llama.TooManyTokens as exc:
                 raise overflow(exc.n) from None
         if not tokens:
@@ -352,18 +353,18 @@ class ContextActor:
         h, args = job.handle, job.args
         started = time.perf_counter()
         prompt = await self._prompt_tokens(h, args)
-        seed = args["seed"] if args["seed"] is not None else self._rng.randrange(2**32)
+        seed = args.seed if args.seed is not None else self._rng.randrange(2**32)
         params = llama.SamplingParams(
-            temperature=args["temperature"], top_k=args["top_k"], top_p=args["top_p"],
-            min_p=args["min_p"], repeat_penalty=args["repeat_penalty"],
-            repeat_last_n=args["repeat_last_n"], seed=seed, grammar=args["grammar"],
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n, seed=seed, grammar=args.grammar,
         )
         model, ctx = self.model.model, self.ctx
-        spec = args["speculative"] if args["speculative"] is not None else self.speculative
+        spec = args.speculative if args.speculative is not None else self.speculative
         drafter = await self.drafter(spec, args) if spec else None
         rng = np.random.default_rng(seed)
-        greedy = args["temperature"] == 0
-        plain_greedy = greedy and args["grammar"] is None and args["repeat_penalty"] == 1.0
+        greedy = args.temperature == 0
+        plain_greedy = greedy and args.grammar is None and args.repeat_penalty == 1.0
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # clears the KV cache: it was computed under another stack
@@ -371,8 +372,8 @@ class ContextActor:
             await trio.to_thread.run_sync(check_grammar, params.grammar, self.limits)
         sampler = await trio.to_thread.run_sync(
             lambda: llama.Sampler(model, params, self.limits.grammar_ms))
-        n_logprobs = args["logprobs"]
-        text = TextAssembler(args["stop"])
+        n_logprobs = args.logprobs
+        text = TextAssembler(args.stop)
         generated = 0
         finish = "length"
         t_first = t_prompt = None
@@ -410,14 +411,14 @@ class ContextActor:
                 if h.cancelled:
                     finish = "cancelled"
                     break
-                if generated >= args["max_tokens"]:
+                if generated >= args.max_tokens:
                     finish = "length"
                     break
                 if previous is not None and len(ctx.tokens) >= ctx.n_ctx:
                     finish = "length"  # the context is full
                     break
                 if drafter is not None and previous is not None:
-                    room = min(args["max_tokens"] - generated, ctx.n_ctx - len(ctx.tokens)) - 1
+                    room = min(args.max_tokens - generated, ctx.n_ctx - len(ctx.tokens)) - 1
                     produced = await trio.to_thread.run_sync(spec_step, previous, drafter, room)
                 else:
                     produced = await trio.to_thread.run_sync(step, previous)

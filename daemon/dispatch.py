@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import trio
 
-from lorad.protocol import ErrorCode, ProtocolError, Reply, Request, error_reply, validate_args
+from lorad.protocol import ErrorCode, ProtocolError, Reply, Request, error_reply
+from lorad.protocol.args import parse_args
 
 from .errors import DaemonError, to_protocol
 from .logs import log
@@ -41,14 +42,14 @@ class Dispatcher:
             op = OPERATIONS.get(request.op)
             if op is not None and s.draining and not op.while_draining:
                 raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-            args = validate_args(request.op, request.args, s.limits)
+            args = parse_args(request.op, request.args, s.limits)
         except ProtocolError as exc:
             s.counters["errors"] += 1
             log.info("request", id=request.id, op=request.op, peer=peer.hex(),
                      outcome=exc.code.value, error=exc.message)
             self.send(peer, error_reply(request.id, exc))
             return
-        operation = OPERATIONS[request.op]  # validate_args knows only the table's operations
+        operation = OPERATIONS[request.op]  # parse_args knows only the table's operations
         handle = RequestHandle(peer, request.id, request.op, args, self.send, self._done)
         s.sessions.add(handle)
         if operation.runs_inline(args):

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from lorad.protocol import ErrorCode, ProtocolError, validate_args
+from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol.args import OpArgs, parse_args
 
 from . import llama
 from .actor import ContextActor
@@ -106,21 +107,21 @@ class Engine:
         self.metrics.forget_model(entry.id)
         return {"model": entry.id, "unloaded": True, "closed_contexts": closed}
 
-    def tokenizer(self, args: dict[str, Any], owner: bytes | None) -> llama.Model:
-        """The model of ``args["context"]`` (if ``owner`` may use it) or ``args["model"]``."""
-        if args["context"] is not None:
-            return self.context(args["context"], owner).model.model
-        return self.models.get(args["model"]).model
+    def tokenizer(self, args: OpArgs, owner: bytes | None) -> llama.Model:
+        """The model of ``args.context`` (if ``owner`` may use it) or ``args.model``."""
+        if args.context is not None:
+            return self.context(args.context, owner).model.model
+        return self.models.get(args.model).model
 
     # -- embeddings ---------------------------------------------------------------------------
-    async def embed(self, args: dict[str, Any], owner: bytes | None,
+    async def embed(self, args: OpArgs, owner: bytes | None,
                     cancelled: Callable[[], bool]) -> dict[str, Any]:
         """One vector per input, from the model (or a context's model, under its adapter
         stack), computed in the model's embedding context: never a generation context's KV."""
-        actor = self.context(args["context"], owner) if args["context"] is not None else None
-        entry = actor.model if actor is not None else self.models.get(args["model"])
+        actor = self.context(args.context, owner) if args.context is not None else None
+        entry = actor.model if actor is not None else self.models.get(args.model)
         embedder, lock = await self._embedder(entry)
-        model, inputs = entry.model, args["input"]
+        model, inputs = entry.model, args.input
         held = [self.adapters.hold(e.adapter) for e in actor.stack] if actor else []
         stack = [(e.adapter.adapter, e.scale) for e in actor.stack] if actor else []
 
@@ -143,7 +144,7 @@ class Engine:
                         raise ProtocolError(ErrorCode.CANCELLED, "cancelled")
                     vector = embedder.embed(tokens).astype(np.float64)
                     norm = float(np.linalg.norm(vector))
-                    if args["normalize"] and norm > 0:
+                    if args.normalize and norm > 0:
                         vector /= norm
                     vectors.append(vector.tolist())
             finally:  # the context must not keep adapters that may be freed after this
@@ -157,7 +158,7 @@ class Engine:
             await self.stacks.release(held)
         return {"model": entry.id, "context": actor.id if actor else None,
                 "embeddings": vectors, "dimensions": model.n_embd, "pooling": embedder.pooling,
-                "normalized": args["normalize"], "prompt_tokens": sum(counts),
+                "normalized": args.normalize, "prompt_tokens": sum(counts),
                 "input_tokens": counts}
 
     async def _embedder(self, entry: LoadedModel) -> tuple[llama.Context, trio.Lock]:
@@ -193,39 +194,39 @@ class Engine:
                                 context=context_id)
         return actor
 
-    async def create_context(self, args: dict[str, Any], *, creator: bytes | None,
+    async def create_context(self, args: OpArgs, *, creator: bytes | None,
                              context_id: str | None = None) -> ContextActor:
         """A new context actor (running); persistent unless ``creator`` owns it."""
-        entry = await self.model_for(args["model"])
-        n_ctx = args["n_ctx"] or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
+        entry = await self.model_for(args.model)
+        n_ctx = args.n_ctx or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
                                      self.limits.max_n_ctx)
-        n_threads = args["n_threads"] or os.cpu_count() or 1
-        n_batch = min(args["n_batch"], n_ctx)
+        n_threads = args.n_threads or os.cpu_count() or 1
+        n_batch = min(args.n_batch, n_ctx)
         ctx = await trio.to_thread.run_sync(
             lambda: llama.Context(entry.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                  kv_type=args["kv_type"], flash_attn=args["flash_attn"])
+                                  kv_type=args.kv_type, flash_attn=args.flash_attn)
         )
         context_id = context_id or f"ctx-{secrets.token_hex(4)}"
-        persistent = creator is None or args["persistent"]
-        shared = creator is None or args["shared"]
+        persistent = creator is None or args.persistent
+        shared = creator is None or args.shared
         params = {"n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
-                  "seed": args["seed"], "kv_type": args["kv_type"],
-                  "flash_attn": args["flash_attn"], "speculative": args["speculative"],
+                  "seed": args.seed, "kv_type": args.kv_type,
+                  "flash_attn": args.flash_attn, "speculative": args.speculative,
                   "shared": shared}
-        actor = ContextActor(context_id, entry, ctx, seed=args["seed"],
-                             max_queued=args["max_queued"], persistent=persistent,
+        actor = ContextActor(context_id, entry, ctx, seed=args.seed,
+                             max_queued=args.max_queued, persistent=persistent,
                              owner=None if persistent else creator, params=params,
-                             adapters=self.adapters, speculative=args["speculative"],
+                             adapters=self.adapters, speculative=args.speculative,
                              templates=self.templates, limits=self.limits)
         actor.creator = creator
         actor.shared = shared
         actor.resolve_model = self.model_for
         actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
         try:
-            if args["speculative"]:  # a context default that cannot run fails here, not later
-                await actor.prepare_speculative(args["speculative"])
-            if args["loras"]:
-                stack, held = await self.stacks.build(entry, args["loras"], [])
+            if args.speculative:  # a context default that cannot run fails here, not later
+                await actor.prepare_speculative(args.speculative)
+            if args.loras:
+                stack, held = await self.stacks.build(entry, args.loras, [])
                 try:
                     await actor.set_stack(stack)
                 finally:
@@ -264,8 +265,8 @@ class Engine:
             await self.models.load(spec.path, n_gpu_layers=spec.n_gpu_layers,
                                    use_mmap=spec.use_mmap, alias=spec.alias)
         for spec in self.config.contexts:
-            args = validate_args("create_context", {"model": spec.model, **spec.params,
-                                                     "persistent": True})
+            args = parse_args("create_context", {"model": spec.model, **spec.params,
+                                                  "persistent": True})
             await self.create_context(args, creator=None, context_id=spec.id)
 
     async def drain(self, timeout: float = 30) -> None:

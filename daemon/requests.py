@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from lorad.protocol import ProtocolError, Reply, RequestId, error_reply
+from lorad.protocol.args import OpArgs
 
 from .logs import log
 
@@ -20,17 +21,17 @@ class RequestHandle:
     so a client that stops reading makes its stream pause instead of the daemon buffering.
     """
 
-    def __init__(self, peer: bytes, rid: RequestId, op: str, args: dict[str, Any],
+    def __init__(self, peer: bytes, rid: RequestId, op: str, args: OpArgs | dict[str, Any],
                  send: Callable[[bytes, Reply], None],
                  on_done: Callable[[RequestHandle], None]) -> None:
         self.peer = peer
         self.rid = rid
         self.op = op
         self.args = args
-        self.context: str | None = args.get("context") if isinstance(args, dict) else None
+        self.context: str | None = args.get("context")
         self._send = send
         self._on_done = on_done
-        self.credit = int(args.get("credit", 0)) if isinstance(args, dict) else 0
+        self.credit = int(args.get("credit", 0) or 0)
         self._credit_changed = trio.Event()
         self.cancelled = False
         self.finished = False

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol.args import OpArgs
 
 from . import llama
 
@@ -202,9 +203,9 @@ def refuse(spec: dict[str, Any], reason: str, message: str, **details: Any) -> P
                          field="speculative", reason=reason, mode=spec["mode"], **details)
 
 
-def check_request(spec: dict[str, Any], args: dict[str, Any], can_roll_back: bool) -> None:
+def check_request(spec: dict[str, Any], args: OpArgs, can_roll_back: bool) -> None:
     """Raise ``speculative_unsupported`` for a combination that cannot run exactly."""
-    if args["grammar"] is not None or args["repeat_penalty"] != 1.0:
+    if args.grammar is not None or args.repeat_penalty != 1.0:
         raise refuse(spec, "sampler_not_supported", "grammar and repeat_penalty are not "
                      "supported with speculative decoding; pass speculative=False")
     if not can_roll_back:

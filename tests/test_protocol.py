@@ -977,3 +977,33 @@ def test_stack_length_is_limited() -> None:
     err = args_error("set_loras", {"context": "c", "loras": ["a", "b", "c"]}, limits)
     assert err.code is ErrorCode.TOO_LARGE
     assert validate_args("set_loras", {"context": "c", "loras": ["a", "b"]}, limits)
+
+
+# -- typed, frozen argument objects ------------------------------------------------------------
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_parse_args_is_a_frozen_object_with_the_schema_fields(op: str) -> None:
+    import dataclasses
+
+    from lorad.protocol.args import ARGS, parse_args
+
+    args = parse_args(op, dict(MINIMAL[op]))
+    assert type(args) is ARGS[op]
+    assert [f.name for f in dataclasses.fields(args)] == list(OPS[op])
+    assert args.to_dict() == validate_args(op, dict(MINIMAL[op]))
+    for name in OPS[op]:
+        assert args[name] == getattr(args, name) == args.get(name)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(args, name, None)
+    assert args.get("no-such-argument", 7) == 7
+    with pytest.raises(KeyError):
+        args["no-such-argument"]
+
+
+def test_parse_args_refuses_like_validate_args() -> None:
+    from lorad.protocol.args import parse_args
+
+    with pytest.raises(ProtocolError) as err:
+        parse_args("no_such_op", {})
+    assert err.value.details["field"] == "op"
+    with pytest.raises(ProtocolError):
+        parse_args("generate", {"context": "c", "prompt": "x", "max_tokens": 0})

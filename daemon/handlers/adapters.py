@@ -9,28 +9,28 @@ from ..services import Services
 
 
 async def set_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
-    actor = s.engine.context(h.args["context"], h.peer)
-    return await s.engine.stacks.set_one(actor, h.args["path"], h.args["scale"])
+    actor = s.engine.context(h.args.context, h.peer)
+    return await s.engine.stacks.set_one(actor, h.args.path, h.args.scale)
 
 
 async def remove_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
-    actor = s.engine.context(h.args["context"], h.peer)
-    return await s.engine.stacks.remove(actor, h.args["path"])
+    actor = s.engine.context(h.args.context, h.peer)
+    return await s.engine.stacks.remove(actor, h.args.path)
 
 
 async def clear_loras(s: Services, h: RequestHandle) -> dict[str, Any]:
-    return await s.engine.stacks.clear(s.engine.context(h.args["context"], h.peer))
+    return await s.engine.stacks.clear(s.engine.context(h.args.context, h.peer))
 
 
 async def set_loras(s: Services, h: RequestHandle) -> dict[str, Any]:
-    actor = s.engine.context(h.args["context"], h.peer)
-    return await s.engine.stacks.replace(actor, h.args["loras"])
+    actor = s.engine.context(h.args.context, h.peer)
+    return await s.engine.stacks.replace(actor, h.args.loras)
 
 
 async def list_loras(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
-    return [e.to_wire() for e in s.engine.context(h.args["context"], h.peer).stack]
+    return [e.to_wire() for e in s.engine.context(h.args.context, h.peer).stack]
 
 
 async def validate_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
-    model = await s.engine.model_for(h.args["model"])
-    return await s.engine.stacks.validate(model, h.args["path"])
+    model = await s.engine.model_for(h.args.model)
+    return await s.engine.stacks.validate(model, h.args.path)

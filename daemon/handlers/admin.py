@@ -71,8 +71,8 @@ async def metrics(s: Services, h: RequestHandle) -> dict[str, Any]:
 
 
 async def cancel(s: Services, h: RequestHandle) -> dict[str, Any]:
-    return s.sessions.cancel(h.peer, h.args["request"], by=h)
+    return s.sessions.cancel(h.peer, h.args.request, by=h)
 
 
 async def credit(s: Services, h: RequestHandle) -> dict[str, Any]:
-    return s.sessions.credit(h.peer, h.args["request"], h.args["n"])
+    return s.sessions.credit(h.peer, h.args.request, h.args.n)

@@ -17,7 +17,7 @@ from ..services import Services
 async def load_model(s: Services, h: RequestHandle) -> dict[str, Any]:
     a = h.args
     progress = None
-    if a["progress"]:
+    if a.progress:
         token = trio.lowlevel.current_trio_token()
         last = [-1]
 
@@ -29,11 +29,11 @@ async def load_model(s: Services, h: RequestHandle) -> dict[str, Any]:
             return not h.cancelled  # a cancelled load stops
 
     started = time.perf_counter()
-    entry = await s.engine.models.load(a["path"], n_gpu_layers=a["n_gpu_layers"],
-                                       use_mmap=a["use_mmap"], alias=a["alias"],
+    entry = await s.engine.models.load(a.path, n_gpu_layers=a.n_gpu_layers,
+                                       use_mmap=a.use_mmap, alias=a.alias,
                                        progress=progress)
     info = entry.info()
-    if a["progress"]:  # a stream of progress items, then the end with the model
+    if a.progress:  # a stream of progress items, then the end with the model
         h.send_end({"finish_reason": "stop", "model": info,
                     "metrics": {"load_ms": round((time.perf_counter() - started) * 1000, 3),
                                 "progress_items": h.seq}})
@@ -41,7 +41,7 @@ async def load_model(s: Services, h: RequestHandle) -> dict[str, Any]:
 
 
 async def unload_model(s: Services, h: RequestHandle) -> dict[str, Any]:
-    return await s.engine.unload_model(h.args["model"], h.args["force"])
+    return await s.engine.unload_model(h.args.model, h.args.force)
 
 
 async def list_models(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
@@ -53,8 +53,8 @@ async def tokenize(s: Services, h: RequestHandle) -> list[int]:
     limit = s.limits.max_array_len  # what a client can decode
     try:
         return await trio.to_thread.run_sync(
-            lambda: model.tokenize(a["text"], add_special=a["add_special"],
-                                   parse_special=a["parse_special"], limit=limit))
+            lambda: model.tokenize(a.text, add_special=a.add_special,
+                                   parse_special=a.parse_special, limit=limit))
     except llama.TooManyTokens as exc:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"the text has {exc.n} tokens, more than "
                             f"limits.max_array_len ({limit}) can carry", field="text",
@@ -62,7 +62,7 @@ async def tokenize(s: Services, h: RequestHandle) -> list[int]:
 
 
 async def detokenize(s: Services, h: RequestHandle) -> str:
-    model, tokens = s.engine.tokenizer(h.args, h.peer), h.args["tokens"]
+    model, tokens = s.engine.tokenizer(h.args, h.peer), h.args.tokens
     bad = next((t for t in tokens if t >= model.n_vocab), None)
     if bad is not None:
         raise ProtocolError(ErrorCode.BAD_REQUEST,
