@@ -410,7 +410,9 @@ def start_daemon(endpoint: str, allow_dirs: list[Path], log_path: Path, *, cwd: 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
     listener.settimeout(0.2)
-    cmd = [sys.executable, "-m", "lorad.daemon", "--endpoint", endpoint, "--log-format", "json"]
+    # --repack off: the in-process reference loads with use_extra_bufts = False (like with like)
+    cmd = [sys.executable, "-m", "lorad.daemon", "--endpoint", endpoint, "--log-format", "json",
+           "--repack", "off"]
     for d in allow_dirs:
         cmd += ["--allow-dir", str(d)]
     cmd += extra_args or []

@@ -18,6 +18,7 @@ from lorad.protocol import Limits, looks_like_path, validate_args
 
 from .errors import ConfigError
 from .paths import adapter_dir, cache_dir, default_endpoint, model_dir
+from .repack import MODES as REPACK_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,6 +68,8 @@ class DaemonConfig:
     """Serve Prometheus metrics on this loopback HOST:PORT (None: off)."""
     log_format: str = "auto"
     log_level: str = "info"
+    repack: str = "auto"
+    """Weight repacking for the CPU: ``auto`` (on unless the CPU has AMX), ``on``, ``off``."""
 
 
 def _config_error(message: str, **details: Any) -> ConfigError:
@@ -82,14 +85,17 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         data = tomllib.load(f)
     known = {"endpoint", "group", "allowed_dirs", "adapter_dirs", "models", "contexts", "limits",
              "heartbeat_ms", "log_format", "log_level", "metrics_address", "curve_secret_key",
-             "curve_authorized_keys", "peft_cache_dir"}
+             "curve_authorized_keys", "peft_cache_dir", "repack"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _config_error(f"unknown key {unknown[0]!r}", field=unknown[0])
     for key in ("endpoint", "group", "log_format", "log_level", "metrics_address",
-                "curve_secret_key", "curve_authorized_keys", "peft_cache_dir"):
+                "curve_secret_key", "curve_authorized_keys", "peft_cache_dir", "repack"):
         if key in data:
             setattr(config, key, str(data[key]))
+    if config.repack not in REPACK_MODES:
+        raise _config_error(f"repack must be one of {', '.join(REPACK_MODES)}",
+                            field="repack")
     if "heartbeat_ms" in data:
         config.heartbeat_ms = int(data["heartbeat_ms"])
     if "allowed_dirs" in data:
@@ -138,6 +144,7 @@ def apply_overrides(
     curve_secret_key: str | None = None,
     curve_authorized_keys: str | None = None,
     heartbeat_ms: int | None = None,
+    repack: str | None = None,
     model: str | None = None,
     alias: str | None = None,
     n_ctx: int | None = None,
@@ -171,7 +178,7 @@ def apply_overrides(
                         ("metrics_address", metrics_address),
                         ("curve_secret_key", curve_secret_key),
                         ("curve_authorized_keys", curve_authorized_keys),
-                        ("heartbeat_ms", heartbeat_ms)):
+                        ("heartbeat_ms", heartbeat_ms), ("repack", repack)):
         if value:
             setattr(config, name, value)
     if model:

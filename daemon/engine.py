@@ -27,6 +27,7 @@ from .logs import log
 from .metrics import Metrics
 from .paths import AllowedDirs
 from .registry import LoadedModel, ModelRegistry
+from .repack import decide as decide_repack
 from .stacks import Stacks
 from .templates import TemplateRenderer
 
@@ -45,7 +46,8 @@ class Engine:
         self.allowed = AllowedDirs(config.allowed_dirs)
         adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
         peft_cache = Path(config.peft_cache_dir).expanduser()
-        self.models = ModelRegistry(self.allowed)
+        self.repack = decide_repack(config.repack)
+        self.models = ModelRegistry(self.allowed, repack=self.repack.enabled)
         self.adapters = AdapterCache(config.limits.max_adapter_bytes, metrics)
         self.stacks = Stacks(
             self.adapters, adapter_dirs,

@@ -3,10 +3,10 @@
 Everything above it works with :class:`Model`, :class:`Context` and :class:`Sampler`. All calls
 here block: the daemon runs them in worker threads, one context in one thread at a time.
 
-Safety decision: models load with ``use_extra_bufts = false``. On the Xeon CPUs we run on, a
-native llama.cpp build (pip's default) crashes in ``llama_decode`` on Q4_K models through the
-AMX "extra buffer" repacking path; without extra buffers the same build runs correctly. This keeps
-``pip install llama-cpp-python`` safe without special ``CMAKE_ARGS``.
+Safety decision: ``use_extra_bufts`` (weight repacking) is decided per CPU at start
+(:mod:`lorad.daemon.repack`). On Xeons with AMX a native llama.cpp build (pip's default)
+crashed in ``llama_decode`` on Q4_K models through the AMX "extra buffer" repacking path, so
+models load without it there; elsewhere (AVX2 EPYCs) repacking is on, about 9 % faster.
 """
 
 from __future__ import annotations
@@ -136,13 +136,14 @@ class Model:
     """A loaded llama_model: weights shared by every context created on it."""
 
     def __init__(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 progress: Callable[[float], bool] | None = None) -> None:
-        """``progress(fraction)`` is called while loading; returning False aborts the load."""
+                 progress: Callable[[float], bool] | None = None, repack: bool = False) -> None:
+        """``progress(fraction)`` is called while loading; returning False aborts the load.
+        ``repack`` lets llama.cpp repack weights for the CPU (see :mod:`.repack`)."""
         init_backend()
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         params.load_mode = C.LLAMA_LOAD_MODE_MMAP if use_mmap else C.LLAMA_LOAD_MODE_NONE
-        params.use_extra_bufts = False  # see module docstring
+        params.use_extra_bufts = repack  # see module docstring
         aborted = False
         if progress is not None:
             def on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:

@@ -45,8 +45,10 @@ class LoadedModel:
 class ModelRegistry:
     """Loads, shares and frees models. Lookups accept an id, an alias or a file path."""
 
-    def __init__(self, allowed: AllowedDirs) -> None:
+    def __init__(self, allowed: AllowedDirs, repack: bool = False) -> None:
         self.allowed = allowed
+        self.repack = repack
+        """Whether llama.cpp may repack weights for this CPU (decided once, at start)."""
         self._by_id: dict[str, LoadedModel] = {}
         self._by_key: dict[tuple[Any, ...], LoadedModel] = {}
         self._loading: dict[tuple[Any, ...], trio.Event] = {}
@@ -84,7 +86,7 @@ class ModelRegistry:
         try:
             model = await trio.to_thread.run_sync(
                 lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
-                                    progress=progress)
+                                    progress=progress, repack=self.repack)
             )
         finally:
             del self._loading[key]

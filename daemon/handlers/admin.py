@@ -53,6 +53,7 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
             "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
             "alora": False, "speculative": True,
         },
+        "repack": engine.repack.to_wire(),
         "busy_policy": "queue",
         "heartbeat_ms": s.config.heartbeat_ms,
         "limits": s.limits.__dict__,
