@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative soak train-adapters demo lint clean
+.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control soak train-adapters demo lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,10 @@ bench-lora: $(VENV)/.installed
 
 bench-speculative: $(VENV)/.installed
 	$(PY) bench/speculative.py
+
+# Control round trips (ping, adapter scale change) against a raw pyzmq floor (~2 minutes).
+bench-control: $(VENV)/.installed
+	$(PY) bench/control_latency.py
 
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py

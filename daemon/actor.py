@@ -195,6 +195,16 @@ class ContextActor:
         finally:
             self._ctx_lock.release()
 
+    def set_scales(self, stack: list[StackEntry]) -> None:
+        """Make ``stack`` the context's stack when it holds the same adapters, in the same
+        order, as the current one (only scales differ): no holds change and llama.cpp is not
+        called; the next generation applies the scales."""
+        if [id(e.adapter) for e in stack] != [id(e.adapter) for e in self.stack]:
+            raise ValueError("set_scales changes scales only")
+        if self.on_stack_change is not None:
+            self.on_stack_change(self)
+        self.stack = list(stack)
+
     async def _apply(self, stack: list[StackEntry]) -> None:
         pairs = [(e.adapter.adapter, e.scale) for e in stack]
         ctx = self.ctx

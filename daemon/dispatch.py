@@ -52,6 +52,11 @@ class Dispatcher:
         operation = OPERATIONS[request.op]  # parse_args knows only the table's operations
         handle = RequestHandle(peer, request.id, request.op, args, self.send, self._done)
         s.sessions.add(handle)
+        if operation.now is not None and not s.draining:
+            result = operation.now(s, handle)
+            if result is not None:
+                handle.send_result(result)
+                return
         if operation.runs_inline(args):
             await self.run(handle)
         else:

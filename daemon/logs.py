@@ -7,9 +7,15 @@ import sys
 
 import structlog
 
+DEBUG = False
+"""Whether debug lines are written (set by :func:`configure_logging`): hot paths check it
+before building a line that would be filtered out anyway."""
+
 
 def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     """``fmt`` is ``json``, ``console`` or ``auto`` (console on a TTY, JSON otherwise)."""
+    global DEBUG
+    DEBUG = level.lower() == "debug"
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer = (

@@ -74,10 +74,12 @@ class Metrics:
 
     def _targets(self, model: str | None, context: str | None) -> list[Stats]:
         out = [self.total]
-        if model is not None:
-            out.append(self.models.setdefault(model, Stats()))
-        if context is not None:
-            out.append(self.contexts.setdefault(context, Stats()))
+        for key, table in ((model, self.models), (context, self.contexts)):
+            if key is not None:
+                stats = table.get(key)
+                if stats is None:
+                    stats = table[key] = Stats()
+                out.append(stats)
         return out
 
     def request(self, *, model: str | None, context: str | None, outcome: str,

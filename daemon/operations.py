@@ -30,6 +30,9 @@ class Operation:
     """Answered in the transport's task (it must not wait on llama.cpp or the file system)."""
     while_draining: bool = False
     """Still served while the daemon shuts down."""
+    now: Callable[[Services, RequestHandle], Any] | None = None
+    """An inline path tried first: its result answers the request at once; None sends the
+    request on to ``handler``."""
 
     @property
     def schema(self) -> dict[str, Arg]:
@@ -69,7 +72,7 @@ OPERATIONS: dict[str, Operation] = _table(
     Operation("create_context", contexts.create_context),
     Operation("close_context", contexts.close_context, while_draining=True),
     Operation("list_loras", adapters.list_loras, inline=True, while_draining=True),
-    Operation("set_lora", adapters.set_lora),
+    Operation("set_lora", adapters.set_lora, now=adapters.set_lora_now),
     Operation("remove_lora", adapters.remove_lora),
     Operation("clear_loras", adapters.clear_loras),
     Operation("set_loras", adapters.set_loras),

@@ -14,6 +14,10 @@ from collections.abc import Awaitable, Callable
 import trio
 import zmq
 
+# Plain ints: arithmetic on pyzmq's IntFlag members costs ~30x more, on every wake-up.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+
 
 class ZmqPump:
     """Moves messages between one zmq socket and trio tasks.
@@ -39,7 +43,13 @@ class ZmqPump:
         self._empty.set()
 
     def send(self, frames: list[bytes]) -> None:
-        """Queue one multipart message; never blocks. Bounded by the callers' flow control."""
+        """Send one multipart message now if nothing is queued before it, else queue it; never
+        blocks. Bounded by the callers' flow control."""
+        if not self._out and self._hand_over(frames):
+            # The send may have consumed the FD's wake-up: a waiting pump must look again.
+            if self._wait_scope is not None and self.sock.getsockopt(_EVENTS) & _POLLIN:
+                self._wait_scope.cancel()
+            return
         self._out.append(frames)
         if self._empty.is_set():
             self._empty = trio.Event()
@@ -59,17 +69,17 @@ class ZmqPump:
         fd = sock.getsockopt(zmq.FD)
         try:
             while True:
-                events = sock.getsockopt(zmq.EVENTS)
+                events = sock.getsockopt(_EVENTS)
                 busy = False
-                if events & zmq.POLLIN and deliver is not None:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                if events & _POLLIN and deliver is not None:
+                    frames = sock.recv_multipart(_NOBLOCK)
                     self.received += 1
                     await deliver(frames)
                     busy = True
-                elif events & zmq.POLLIN:
-                    sock.recv_multipart(zmq.NOBLOCK)
+                elif events & _POLLIN:
+                    sock.recv_multipart(_NOBLOCK)
                     busy = True
-                if self._out and events & zmq.POLLOUT:
+                if self._out and events & _POLLOUT:
                     self._send_one()
                     busy = True
                 if busy:
@@ -87,14 +97,25 @@ class ZmqPump:
         frames = self._out.popleft()
         if not self._out:
             self._empty.set()
+        if not self._hand_over(frames):  # full after all: keep its place at the head
+            self._out.appendleft(frames)
+            if self._empty.is_set():
+                self._empty = trio.Event()
+
+    def _hand_over(self, frames: list[bytes]) -> bool:
+        """Give ``frames`` to libzmq; a peer that is gone or full is reported, not raised.
+        False only when the socket as a whole cannot take it now."""
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self.sock.send_multipart(frames, _NOBLOCK)
             self.sent += 1
         except zmq.ZMQError as exc:
             if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN) and self._on_unroutable:
                 self._on_unroutable(frames, exc.errno)
-            elif exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+            elif exc.errno == errno.EAGAIN:
+                return False
+            elif exc.errno != errno.EHOSTUNREACH:
                 raise
+        return True
 
     def close(self) -> None:
         """Tell trio the FD goes away, then close the socket (call after run() has ended)."""

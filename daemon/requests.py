@@ -11,6 +11,7 @@ import trio
 from lorad.protocol import ProtocolError, Reply, RequestId, error_reply
 from lorad.protocol.args import OpArgs
 
+from . import logs
 from .logs import log
 
 
@@ -88,7 +89,9 @@ class RequestHandle:
         self.elapsed_ms = (time.perf_counter() - self.received_at) * 1000
         self._send(self.peer, reply)
         self._on_done(self)
-        log.info(
+        if outcome == "ok" and not logs.DEBUG:
+            return  # a successful one-shot request is a debug line (it costs ~60 µs at info)
+        (log.debug if outcome == "ok" else log.info)(
             "request",
             id=self.rid,
             op=self.op,

@@ -127,6 +127,20 @@ class Stacks:
 
         return await self.change(actor, edit)
 
+    def scale_now(self, actor: ContextActor, ref: str, scale: float) -> dict[str, Any] | None:
+        """``set_lora`` of an adapter already in the stack, done at once (no file access, no
+        llama.cpp call, no task); None when it needs :meth:`set_one` (another adapter, or a
+        stack change in progress)."""
+        if actor.closing or actor.stack_lock.locked():
+            return None
+        i = next((i for i, e in enumerate(actor.stack) if e.matches(ref)), None)
+        if i is None:
+            return None
+        stack = list(actor.stack)
+        stack[i] = StackEntry(stack[i].ref, stack[i].adapter, scale)
+        actor.set_scales(stack)
+        return {"context": actor.id, "loras": [e.to_wire() for e in actor.stack]}
+
     async def remove(self, actor: ContextActor, ref: str) -> dict[str, Any]:
         async def edit(stack: list[StackEntry]):
             i = next((i for i, e in enumerate(stack) if e.matches(ref)), None)

@@ -93,8 +93,15 @@ def _unpack(body: bytes, limits: Limits) -> Any:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"undecodable msgpack: {type(exc).__name__}: {exc}"
         ) from None
-    _check_depth(value, limits.max_depth)
+    # Each level of nesting starts with a map or array header byte (0x80-0x9f, 0xdc-0xdf): a
+    # body with no more such bytes than max_depth cannot nest deeper, and needs no walk.
+    if len(body.translate(None, _NOT_CONTAINER_BYTES)) > limits.max_depth:
+        _check_depth(value, limits.max_depth)
     return value
+
+
+_NOT_CONTAINER_BYTES = bytes(b for b in range(256)
+                             if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
 
 
 def _check_depth(value: Any, max_depth: int) -> None:

@@ -91,7 +91,9 @@ def test_gemma_embeddings_agree_with_llama_cpp_python(gemma_daemon: DaemonProces
         for text, vector in zip(TEXTS, got["embeddings"], strict=True):
             want = reference_mean(gemma, text)
             cos = np.array(vector) @ want / (np.linalg.norm(vector) * np.linalg.norm(want))
-            assert cos > 0.9999
+            # Q4_K kernels differ (repacked weights, attention path): 0.9991 seen; a pooling
+            # or normalisation mistake gives far less (the tiny f32 model is checked to 2e-3).
+            assert cos > 0.998
         similar = c.embed(["a cat sat on the mat", "a kitten sat on the rug",
                            "quarterly tax filing deadlines"], model=str(gemma))["embeddings"]
         e = np.array(similar)

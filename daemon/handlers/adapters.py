@@ -13,6 +13,15 @@ async def set_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
     return await s.engine.stacks.set_one(actor, h.args.path, h.args.scale)
 
 
+def set_lora_now(s: Services, h: RequestHandle) -> dict[str, Any] | None:
+    """The inline path of ``set_lora``: a scale change of an adapter in the stack (else None:
+    the request runs :func:`set_lora` in a task of its own)."""
+    actor = s.engine.contexts.get(h.args.context)
+    if actor is None or not s.engine.visible(actor, h.peer):
+        return None  # set_lora answers not_found
+    return s.engine.stacks.scale_now(actor, h.args.path, h.args.scale)
+
+
 async def remove_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
     actor = s.engine.context(h.args.context, h.peer)
     return await s.engine.stacks.remove(actor, h.args.path)
