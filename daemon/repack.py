@@ -52,4 +52,4 @@ def decide(mode: str = "auto", flags: set[str] | None = None) -> RepackChoice:
                             "repack path crashed on Q4_K models on such CPUs, so weights are "
                             "not repacked (force with repack = on)")
     return RepackChoice(mode, True, "no AMX on this CPU: weights are repacked for its SIMD "
-                        "kernels (about 9 % more tokens/s on AVX2)")
+                        "kernels")
