@@ -53,7 +53,11 @@ class Dispatcher:
         handle = RequestHandle(peer, request.id, request.op, args, self.send, self._done)
         s.sessions.add(handle)
         if operation.now is not None and not s.draining:
-            result = operation.now(s, handle)
+            try:
+                result = operation.now(s, handle)
+            except Exception:  # the inline path is an optimisation: the handler decides
+                log.exception("inline_path_failed", op=request.op, id=request.id)
+                result = None
             if result is not None:
                 handle.send_result(result)
                 return

@@ -75,17 +75,25 @@ class TemplateRenderer:
         return _Worker(process)
 
     async def warm_up(self) -> None:
-        """Start one worker ahead of the first chat request."""
+        """Start one worker ahead of the first chat request (a failure is logged: the first
+        render tries again, and only that request fails if it cannot)."""
         async with self._slots:
             if not self._idle:
-                self._idle.append(await self._spawn())
+                try:
+                    self._idle.append(await self._spawn())
+                except OSError as exc:
+                    log.warning("template_worker_not_started", error=str(exc))
 
     async def render(self, source: str, **variables: Any) -> str:
         """Render ``source`` with ``variables`` (messages, add_generation_prompt, bos_token,
         eos_token); ``bad_request`` when the template fails, raises or exceeds a limit."""
         timeout = self.limits.template_timeout_ms / 1000
         async with self._slots:
-            worker = self._idle.pop() if self._idle else await self._spawn()
+            try:
+                worker = self._idle.pop() if self._idle else await self._spawn()
+            except OSError as exc:
+                raise ProtocolError(ErrorCode.INTERNAL, "chat template: could not start a "
+                                    f"worker process: {exc}") from None
             reply: dict[str, Any] | None = None
             try:
                 with trio.move_on_after(timeout):
