@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,19 @@ EMBED_N_CTX = 2048
 """Context size of the embedding contexts (at most the model's training context)."""
 
 
+@dataclass(eq=False)
+class _Embedder:
+    """A model's embedding context, and the lock that gives it to one request at a time."""
+
+    model: LoadedModel
+    ctx: llama.Context
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def _unloaded(entry: LoadedModel) -> ProtocolError:
+    return ProtocolError(ErrorCode.NOT_FOUND, f"model {entry.id!r} was unloaded", model=entry.id)
+
+
 class Engine:
     """Owns every model, adapter and context of the daemon."""
 
@@ -58,7 +72,8 @@ class Engine:
         self.on_closed: Callable[[ContextActor], None] | None = None
         """Called when a context closes (the sessions forget its owner's claim on it)."""
         self._nursery: trio.Nursery | None = None
-        self._embedders: dict[str, tuple[llama.Context, trio.Lock]] = {}
+        self._embedders: dict[str, _Embedder] = {}
+        """One embedding context per model id (never a generation context)."""
 
     @property
     def adapter_dirs(self) -> list[Path]:
@@ -76,8 +91,8 @@ class Engine:
         finally:
             with trio.CancelScope(shield=True):
                 await self.templates.aclose()
-            for embedder, _lock in self._embedders.values():
-                embedder.close()
+            for embedder in self._embedders.values():
+                embedder.ctx.close()
             for entry in self.models:
                 entry.model.close()
 
@@ -96,14 +111,15 @@ class Engine:
                 f"model {entry.id!r} has {len(entry.contexts)} context(s); close them or force",
                 model=entry.id, contexts=sorted(entry.contexts),
             )
+        self.models.detach(entry)  # from here no new context, embedding or adapter finds it
         closed = sorted(entry.contexts)
         for ctx_id in closed:
             if ctx_id in self.contexts:
                 await self.close_context(self.contexts[ctx_id])
         embedder = self._embedders.pop(entry.id, None)
         if embedder is not None:
-            async with embedder[1]:
-                await trio.to_thread.run_sync(embedder[0].close)
+            async with embedder.lock:  # an embedding in progress finishes first
+                await trio.to_thread.run_sync(embedder.ctx.close)
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
         self.metrics.forget_model(entry.id)
@@ -122,7 +138,8 @@ class Engine:
         stack), computed in the model's embedding context: never a generation context's KV."""
         actor = self.context(args.context, owner) if args.context is not None else None
         entry = actor.model if actor is not None else self.models.get(args.model)
-        embedder, lock = await self._embedder(entry)
+        found = await self._embedder(entry)
+        embedder = found.ctx
         model, inputs = entry.model, args.input
         held = [self.adapters.hold(e.adapter) for e in actor.stack] if actor else []
         stack = [(e.adapter.adapter, e.scale) for e in actor.stack] if actor else []
@@ -154,7 +171,9 @@ class Engine:
             return vectors, [len(t) for t in tokenized]
 
         try:
-            async with lock:
+            async with found.lock:
+                if self._embedders.get(entry.id) is not found:  # unloaded while we waited
+                    raise _unloaded(entry)
                 vectors, counts = await trio.to_thread.run_sync(work)
         finally:
             await self.stacks.release(held)
@@ -163,18 +182,24 @@ class Engine:
                 "normalized": args.normalize, "prompt_tokens": sum(counts),
                 "input_tokens": counts}
 
-    async def _embedder(self, entry: LoadedModel) -> tuple[llama.Context, trio.Lock]:
+    async def _embedder(self, entry: LoadedModel) -> _Embedder:
+        """The model's embedding context, made on first use."""
         found = self._embedders.get(entry.id)
-        if found is None:
-            n_ctx = min(entry.info()["n_ctx_train"] or EMBED_N_CTX, EMBED_N_CTX,
-                        self.limits.max_n_ctx)
-            ctx = await trio.to_thread.run_sync(lambda: llama.Context(
-                entry.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
-                embeddings=True))
-            found = self._embedders.setdefault(entry.id, (ctx, trio.Lock()))
-            if found[0] is not ctx:  # another request made one meanwhile
-                await trio.to_thread.run_sync(ctx.close)
-        return found
+        if found is not None and found.model is entry:
+            return found
+        n_ctx = min(entry.info()["n_ctx_train"] or EMBED_N_CTX, EMBED_N_CTX,
+                    self.limits.max_n_ctx)
+        ctx = await trio.to_thread.run_sync(lambda: llama.Context(
+            entry.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
+            embeddings=True))
+        found = self._embedders.get(entry.id)
+        if found is None and self.models.holds(entry):
+            found = self._embedders[entry.id] = _Embedder(entry, ctx)
+            return found
+        await trio.to_thread.run_sync(ctx.close)  # made meanwhile, or the model went away
+        if found is not None and found.model is entry:
+            return found
+        raise _unloaded(entry)
 
     # -- contexts -----------------------------------------------------------------------------
     def created_by(self, owner: bytes) -> int:
@@ -201,7 +226,7 @@ class Engine:
         """A new context actor (running); persistent unless ``creator`` owns it."""
         entry = await self.model_for(args.model)
         n_ctx = args.n_ctx or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
-                                     self.limits.max_n_ctx)
+                                  self.limits.max_n_ctx)
         n_threads = args.n_threads or os.cpu_count() or 1
         n_batch = min(args.n_batch, n_ctx)
         ctx = await trio.to_thread.run_sync(

@@ -112,12 +112,22 @@ class ModelRegistry:
             ErrorCode.NOT_FOUND, f"no loaded model {ref!r}", model=ref, loaded=sorted(self._by_id)
         )
 
+    def holds(self, entry: LoadedModel) -> bool:
+        """Whether ``entry`` is still loaded (not unloaded, nor replaced under its id)."""
+        return self._by_id.get(entry.id) is entry
+
     def is_path(self, ref: str) -> bool:
         return ref not in self._by_id and looks_like_path(ref)
 
+    def detach(self, entry: LoadedModel) -> None:
+        """Forget the model: lookups no longer find it (it is still allocated)."""
+        if self._by_id.get(entry.id) is entry:
+            del self._by_id[entry.id]
+        if self._by_key.get(entry.key) is entry:
+            del self._by_key[entry.key]
+
     async def unload(self, entry: LoadedModel) -> None:
-        """Free the model (the caller has closed its contexts)."""
-        self._by_id.pop(entry.id, None)
-        self._by_key.pop(entry.key, None)
+        """Forget and free the model (the caller has closed what uses it)."""
+        self.detach(entry)
         await trio.to_thread.run_sync(entry.model.close)
         log.info("model_unloaded", model=entry.id)

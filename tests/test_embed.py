@@ -88,3 +88,47 @@ async def test_async_client_and_cli_embed(daemon: DaemonProcess, tiny_model: Pat
                          capture_output=True, text=True, check=True)
     printed = json.loads(out.stdout)
     assert np.allclose(printed["embeddings"], result["embeddings"])
+
+
+@pytest.mark.parametrize("first", ["embed", "unload"])
+async def test_embed_racing_an_unload_is_not_found_never_a_freed_context(
+        tmp_path: Path, tiny_model: Path, first: str) -> None:
+    """An embedding waiting for the embedding context while its model is unloaded gets
+    ``not_found`` (it used to run on the freed context), and nothing is left behind."""
+    import trio
+    import trio.testing
+
+    from lorad.daemon.config import DaemonConfig
+    from lorad.daemon.engine import Engine
+    from lorad.daemon.metrics import Metrics
+    from lorad.protocol import ProtocolError
+    from lorad.protocol.args import parse_args
+
+    config = DaemonConfig(endpoint="inproc://unused", allowed_dirs=[str(tiny_model.parent)],
+                          adapter_dirs=[str(tmp_path)], peft_cache_dir=str(tmp_path / "peft"))
+    engine = Engine(config, Metrics())
+    outcomes: dict[str, object] = {}
+
+    async def embed() -> None:
+        try:
+            outcomes["embed"] = await engine.embed(
+                parse_args("embed", {"model": entry.id, "input": ["hello"]}), None,
+                lambda: False)
+        except ProtocolError as exc:
+            outcomes["embed"] = exc.code.value
+
+    async def unload() -> None:
+        outcomes["unload"] = (await engine.unload_model(entry.id, force=True))["unloaded"]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        entry = await engine.models.load(str(tiny_model))
+        busy = await engine._embedder(entry)
+        async with trio.open_nursery() as racers:
+            async with busy.lock:  # an embedding in progress holds the context
+                for task in ((embed, unload) if first == "embed" else (unload, embed)):
+                    racers.start_soon(task)
+                    await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == {"embed": "not_found", "unload": True}
+        assert not engine._embedders and not list(engine.models)
+        nursery.cancel_scope.cancel()
