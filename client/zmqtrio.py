@@ -21,43 +21,24 @@ from .transport import MONITOR_EVENTS, configure_dealer
 
 
 class ZmqPump:
-    """Moves messages between one zmq socket and trio tasks.
+    """Moves messages between one of the client's sockets (its DEALER, its monitor) and trio
+    tasks. The daemon's ROUTER has a pump of its own (``lorad.daemon.pump``: peers that are
+    gone, direct sends), since neither package imports the other.
 
     ``deliver`` is awaited for each incoming multipart message (frames as bytes); while it
     blocks, the pump stops reading (backpressure reaches the peer through zmq's HWM).
-    ``on_unroutable(frames, errno)`` is called when a ROUTER send fails for one peer
-    (``EHOSTUNREACH``: the peer is gone; ``EAGAIN``: it is at its high-water mark).
     """
 
-    def __init__(
-        self,
-        sock: zmq.Socket,
-        on_unroutable: Callable[[list[bytes], int], None] | None = None,
-    ) -> None:
+    def __init__(self, sock: zmq.Socket) -> None:
         self.sock = sock
         self._out: collections.deque[list[bytes]] = collections.deque()
         self._wait_scope: trio.CancelScope | None = None
-        self._on_unroutable = on_unroutable
-        self.sent = 0
-        self.received = 0
-        self._empty = trio.Event()
-        self._empty.set()
 
     def send(self, frames: list[bytes]) -> None:
         """Queue one multipart message; never blocks. Bounded by the callers' flow control."""
         self._out.append(frames)
-        if self._empty.is_set():
-            self._empty = trio.Event()
         if self._wait_scope is not None:
             self._wait_scope.cancel()
-
-    @property
-    def queued(self) -> int:
-        return len(self._out)
-
-    async def flushed(self) -> None:
-        """Wait until every queued message has been handed to libzmq."""
-        await self._empty.wait()
 
     async def run(self, deliver: Callable[[list[bytes]], Awaitable[None]] | None) -> None:
         sock = self.sock
@@ -67,9 +48,7 @@ class ZmqPump:
                 events = sock.getsockopt(zmq.EVENTS)
                 busy = False
                 if events & zmq.POLLIN and deliver is not None:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                    self.received += 1
-                    await deliver(frames)
+                    await deliver(sock.recv_multipart(zmq.NOBLOCK))
                     busy = True
                 elif events & zmq.POLLIN:
                     sock.recv_multipart(zmq.NOBLOCK)
@@ -89,16 +68,10 @@ class ZmqPump:
             self._wait_scope = None
 
     def _send_one(self) -> None:
-        frames = self._out.popleft()
-        if not self._out:
-            self._empty.set()
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
-            self.sent += 1
-        except zmq.ZMQError as exc:
-            if exc.errno in (errno.EHOSTUNREACH, errno.EAGAIN) and self._on_unroutable:
-                self._on_unroutable(frames, exc.errno)
-            elif exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+            self.sock.send_multipart(self._out.popleft(), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # no connection to the daemon: the message is dropped
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import trio
 from lorad.protocol import ErrorCode, ProtocolError, Reply, Request, error_reply
 from lorad.protocol.args import parse_args
 
+from .actor import ContextActor
 from .errors import DaemonError, to_protocol
 from .logs import log
 from .operations import OPERATIONS
@@ -52,7 +53,7 @@ class Dispatcher:
         operation = OPERATIONS[request.op]  # parse_args knows only the table's operations
         handle = RequestHandle(peer, request.id, request.op, args, self.send, self._done)
         s.sessions.add(handle)
-        if operation.now is not None and not s.draining:
+        if operation.now is not None:
             try:
                 result = operation.now(s, handle)
             except Exception:  # the inline path is an optimisation: the handler decides
@@ -115,6 +116,6 @@ class Dispatcher:
                           outcome=handle.outcome or "ok", end_metrics=handle.end_metrics,
                           elapsed_ms=handle.elapsed_ms)
 
-    def _context_closed(self, actor) -> None:
+    def _context_closed(self, actor: ContextActor) -> None:
         if actor.owner is not None:
             self.s.sessions.disown(actor.owner, actor.id)

@@ -1,8 +1,9 @@
 """ZeroMQ inside trio for the daemon: one pump task owns each socket (see the design notes).
 
 libzmq's FD is edge-triggered and any call on the socket may consume the wake-up, so the pump
-drains while ``EVENTS`` shows work and only then waits on the FD. Senders never touch the
-socket: they queue frames and wake the pump.
+drains while ``EVENTS`` shows work and only then waits on the FD. A reply with nothing queued
+before it is handed to libzmq at once (from the trio thread, which owns the socket); a waiting
+pump then looks at ``EVENTS`` again. Otherwise replies are queued and the pump sends them.
 """
 
 from __future__ import annotations
