@@ -64,12 +64,11 @@ class ContextActor:
     def __init__(self, context_id: str, model: LoadedModel, ctx: llama.Context, *,
                  seed: int, max_queued: int, persistent: bool, owner: bytes | None,
                  params: dict[str, Any], adapters: AdapterCache,
-                 speculative: dict[str, Any] | bool | None = None,
-                 templates: TemplateRenderer | None = None,
+                 templates: TemplateRenderer, speculative: dict[str, Any] | bool | None = None,
                  limits: Limits = DEFAULT_LIMITS) -> None:
         self.id = context_id
         self.limits = limits
-        self.templates = templates if templates is not None else TemplateRenderer(limits)
+        self.templates = templates
         """Where Jinja chat templates are rendered (worker processes shared by the daemon)."""
         self.creator: bytes | None = owner
         """The client that created it (None: the config file's); only it may use a private

@@ -63,8 +63,6 @@ class TemplateRenderer:
         self.limits = limits
         self._idle: list[_Worker] = []
         self._slots = trio.Semaphore(max(1, limits.template_workers))
-        self.killed = 0
-        """Workers killed because a render ran past the time limit (or broke the worker)."""
 
     async def _spawn(self) -> _Worker:
         process = await trio.lowlevel.open_process(
@@ -105,7 +103,6 @@ class TemplateRenderer:
                 await worker.kill()  # cancelled mid-render: its reply would be out of step
                 raise
             if reply is None:
-                self.killed += 1
                 await worker.kill()
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
