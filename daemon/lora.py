@@ -63,7 +63,7 @@ def resolve_adapter(ref: str, adapter_dirs: list[Path], allowed: AllowedDirs) ->
     if looks_like_path(ref):
         candidates = [Path(ref).expanduser()]
     else:
-        if not ref or ref in (".", "..") or "\0" in ref:
+        if not ref or ref in (".", ".."):  # (a NUL byte was refused above)
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"invalid adapter name {ref!r}",
                                 field="path")
         candidates = [d / f"{ref}.gguf" for d in adapter_dirs] + [d / ref for d in adapter_dirs]

@@ -82,11 +82,12 @@ _short_repr = reprlib.Repr()
 _short_repr.maxstring = _short_repr.maxother = 80
 
 
-def echo(value: Any, limit: int = 64) -> str:
+def echo(value: Any, limit: int = 64, *, as_repr: bool = False) -> str:
     """A client's value as text for an error message or detail, cut to ``limit`` characters
     (a value echoed whole could make the reply larger than the client can decode, and
-    rendering it whole could take long: non-strings go through :mod:`reprlib`)."""
-    text = value if isinstance(value, str) else _short_repr.repr(value)
+    rendering it whole could take long: non-strings, and strings with ``as_repr``, go through
+    :mod:`reprlib`)."""
+    text = value if isinstance(value, str) and not as_repr else _short_repr.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -105,17 +105,12 @@ def _finite(v: float, _limits: Limits) -> str | None:
     return None if math.isfinite(v) else "must be a finite number"
 
 
-def shown(value: Any, limit: int = 100) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a refused value, for messages and details."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def invalid_scale(value: Any, field: str) -> ProtocolError:
     """``lora_invalid_scale`` with ``details: {field, scale}`` (the value as text)."""
+    shown = echo(value, 100, as_repr=True)
     return ProtocolError(ErrorCode.LORA_INVALID_SCALE,
-                         f"adapter scale must be a finite number, got {shown(value)}",
-                         field=field, scale=shown(value))
+                         f"adapter scale must be a finite number, got {shown}",
+                         field=field, scale=shown)
 
 
 def check_scale(value: Any, field: str = "scale") -> float:
