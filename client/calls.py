@@ -74,19 +74,20 @@ def drop_none(**kwargs: Any) -> dict[str, Any]:
     return out
 
 
+def model_ref(model: str | dict | os.PathLike) -> str:
+    """A model for the daemon: an id, a path, or a load_model() result (its id)."""
+    if isinstance(model, dict):
+        return model["id"]
+    return os.fspath(model)
+
+
 def context_args(model: Any, params: dict[str, Any]) -> dict[str, Any]:
     """Arguments of create_context: ``model`` is an id, a path, or a load_model() result."""
-    if isinstance(model, dict):
-        model = model["id"]
-    args = {"model": os.fspath(model) if isinstance(model, os.PathLike) else model}
+    args = {"model": model_ref(model)}
     args.update({k: v for k, v in params.items() if v is not None})
     if "loras" in args:
         args["loras"] = lora_stack(args["loras"])
     return args
-
-
-def _model_id(model: str | dict) -> str:
-    return model["id"] if isinstance(model, dict) else model
 
 
 # -- the daemon ------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def load_model(path: str | os.PathLike, params: dict[str, Any], progress: bool =
 
 
 def unload_model(model: str | dict, force: bool) -> Call:
-    return Call("unload_model", {"model": _model_id(model), "force": force})
+    return Call("unload_model", {"model": model_ref(model), "force": force})
 
 
 def create_context(model: str | os.PathLike | dict, params: dict[str, Any]) -> Call:
@@ -128,18 +129,14 @@ def detokenize(tokens: Iterable[int], **target: str) -> Call:
 def embed(input: str | Iterable[str], normalize: bool, model: str | dict | os.PathLike | None,
           context: str | None) -> Call:
     """One vector per input, from ``model`` or from ``context``'s model and adapter stack."""
-    if isinstance(model, dict):
-        model = model["id"]
-    elif model is not None:
-        model = lora_ref(model)  # a path becomes absolute; an id stays as it is
     texts = input if isinstance(input, str) else list(input)
-    return Call("embed", drop_none(model=model, context=context, input=texts,
-                                   normalize=normalize))
+    return Call("embed", drop_none(model=None if model is None else model_ref(model),
+                                   context=context, input=texts, normalize=normalize))
 
 
 def validate_lora(model: str | dict | os.PathLike, path: str | os.PathLike) -> Call:
-    model_id = model["id"] if isinstance(model, dict) else os.fspath(model)
-    return Call("validate_lora", {"model": model_id, "path": lora_ref(path)}, slow=True)
+    return Call("validate_lora", {"model": model_ref(model), "path": lora_ref(path)},
+                slow=True)
 
 
 def cancel(request_id: RequestId) -> Call:
