@@ -11,7 +11,8 @@ import os
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from lorad.protocol import RequestId, looks_like_path
+from lorad.protocol import RequestId
+from lorad.protocol.refs import absolute_ref
 
 from .errors import NotFound
 
@@ -42,9 +43,7 @@ def lora_ref(path: str | os.PathLike) -> str:
     """An adapter reference for the daemon: a name stays a name (looked up in the daemon's
     adapter directories); a path (a PathLike, or a string with ``/``, a leading ``~`` or a
     ``.gguf`` suffix) becomes absolute, since the daemon's working directory is not ours."""
-    if isinstance(path, os.PathLike) or looks_like_path(path):
-        return os.path.abspath(os.path.expanduser(os.fspath(path)))
-    return path
+    return absolute_ref(path)
 
 
 LoraItem = Any

@@ -12,6 +12,14 @@ def looks_like_path(ref: str) -> bool:
     return "/" in ref or ref.startswith("~") or ref.endswith(".gguf")
 
 
+def absolute_ref(ref: str | os.PathLike) -> str:
+    """``ref`` for another process: a path (a PathLike, or what :func:`looks_like_path`
+    says is one) becomes absolute, ``~`` expanded; a name stays a name."""
+    if isinstance(ref, os.PathLike) or looks_like_path(ref):
+        return os.path.abspath(os.path.expanduser(os.fspath(ref)))
+    return ref
+
+
 def parse_lora_option(text: str) -> tuple[str, float]:
     """``PATH[:SCALE]`` (the command line's ``--lora``): a trailing ``:number`` is the scale."""
     path, sep, scale = text.rpartition(":")
@@ -40,6 +48,5 @@ def speculative_option(mode: str | None, draft_max: int | None,
     if draft_max is not None:
         spec["max_draft"] = draft_max
     if draft_model is not None:  # the daemon says which parameters a mode lacks
-        spec["model"] = (os.path.abspath(os.path.expanduser(draft_model))
-                         if looks_like_path(draft_model) else draft_model)
+        spec["model"] = absolute_ref(draft_model)
     return spec
