@@ -303,6 +303,18 @@ class ModelTensors:
         return cls(meta.get("general.architecture"), shapes)
 
 
+def expected_pair_shapes(target: str, weight: tuple[int, ...], rank: int
+                         ) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The ``lora_a`` and ``lora_b`` shapes (numpy order) llama.cpp takes for ``target`` whose
+    weight is ``weight`` (``(n_out, n_in)``): ``(rank, n_in)`` and ``(n_out, rank)``, except for
+    the token embedding, whose ``lora_a`` rows are gathered per token: ``(n_vocab, rank)`` and
+    ``(n_embd, rank)``."""
+    n_out, n_in = weight
+    if target == "token_embd.weight":
+        return (n_out, rank), (n_in, rank)
+    return (rank, n_in), (n_out, rank)
+
+
 def incompatibilities(info: AdapterInfo, model: ModelTensors) -> list[ProtocolError]:
     """Every reason ``info`` cannot apply to ``model`` (``lora_incompatible``), in file order."""
     problems: list[ProtocolError] = []
@@ -325,7 +337,6 @@ def incompatibilities(info: AdapterInfo, model: ModelTensors) -> list[ProtocolEr
             add(f"target tensor {base!r} is not a matrix in the model (shape {w})",
                 tensor=base, model_shape=list(w))
             continue
-        n_out, n_in = w
         rank = pair.rank
         if base == "token_embd.weight" and "output.weight" not in model.shapes:
             # Tied output: llama.cpp finds adapters by tensor, so it would apply this LoRA at
@@ -334,10 +345,7 @@ def incompatibilities(info: AdapterInfo, model: ModelTensors) -> list[ProtocolEr
                 "llama.cpp would apply an embedding LoRA there too, which it cannot (it aborts)",
                 tensor=base)
             continue
-        if base == "token_embd.weight":  # llama.cpp's layout for embeddings: A and B swapped
-            expected_a, expected_b = (n_out, pair.a_shape[1]), (n_in, pair.b_shape[1])
-        else:
-            expected_a, expected_b = (rank, n_in), (n_out, rank)
+        expected_a, expected_b = expected_pair_shapes(base, w, rank)
         ok = pair.a_shape == expected_a and pair.b_shape == expected_b
         if not ok:
             add(f"{base!r}: model weight is {w}, so lora_a must be {expected_a} and lora_b "

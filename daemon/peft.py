@@ -40,7 +40,7 @@ import numpy as np
 
 from lorad.protocol import ErrorCode, ProtocolError
 
-from .lora import read_gguf_header
+from .lora import expected_pair_shapes, read_gguf_header
 
 CONVERTER_VERSION = 2
 """Part of the cache key: a converted file from an older converter is converted again."""
@@ -228,9 +228,7 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
         rank = a.shape[0]
         if is_embedding:  # PEFT: A (r, n_vocab), B (n_embd, r); llama.cpp: A.T, B
             a = a.T
-            expected_a, expected_b = (shapes[target][0], rank), (shapes[target][1], rank)
-        else:
-            expected_a, expected_b = (rank, shapes[target][1]), (shapes[target][0], rank)
+        expected_a, expected_b = expected_pair_shapes(target, shapes[target], rank)
         if a.shape != expected_a or b.shape != expected_b:
             raise _incompatible(
                 peft_dir, f"{module!r}: the model's {target!r} is {shapes[target]}, which "
