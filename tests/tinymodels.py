@@ -211,6 +211,30 @@ def tiny_llama_tensors(
     return out
 
 
+def _add_dims(w: gguf.GGUFWriter, n_ctx_train: int, n_embd: int, n_layer: int, n_ff: int,
+              n_head: int, n_head_kv: int) -> None:
+    """The dimensions every tiny model declares (its architecture's keys)."""
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+
+
+def _add_vocab(w: gguf.GGUFWriter, vocab: TinyVocab) -> None:
+    """The SentencePiece-style tokenizer of a tiny model (BOS added, EOS not)."""
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.token_types)
+    w.add_bos_token_id(vocab.bos_id)
+    w.add_eos_token_id(vocab.eos_id)
+    w.add_unk_token_id(vocab.unk_id)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
 def write_tiny_llama(
     path: StrPath,
     *,
@@ -248,27 +272,14 @@ def write_tiny_llama(
     w = gguf.GGUFWriter(path, arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(f"tiny-llama-s{seed}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    _add_dims(w, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(len(vocab))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(vocab.tokens)
-    w.add_token_scores(vocab.scores)
-    w.add_token_types(vocab.token_types)
-    w.add_bos_token_id(vocab.bos_id)
-    w.add_eos_token_id(vocab.eos_id)
-    w.add_unk_token_id(vocab.unk_id)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    _add_vocab(w, vocab)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 
@@ -373,27 +384,14 @@ def write_tiny_gemma3(
     w = gguf.GGUFWriter(path, "gemma3")
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(f"tiny-gemma3-s{seed}{'' if tied else '-untied'}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    _add_dims(w, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv)
     w.add_key_length(n_embd // n_head)
     w.add_value_length(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(len(vocab))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(vocab.tokens)
-    w.add_token_scores(vocab.scores)
-    w.add_token_types(vocab.token_types)
-    w.add_bos_token_id(vocab.bos_id)
-    w.add_eos_token_id(vocab.eos_id)
-    w.add_unk_token_id(vocab.unk_id)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
+    _add_vocab(w, vocab)
     for name, arr in tensors.items():
         w.add_tensor(name, arr)
     _finish(w)
