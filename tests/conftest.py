@@ -117,6 +117,19 @@ def start_daemon(workdir: Path, allow: list[Path], *args: str, env: dict[str, st
     return DaemonProcess(endpoint, proc, log_path, workdir, env or {})
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory in KiB (``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count(pid: int) -> int:
+    """A process's open file descriptors."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, tiny_model: Path,
            tiny_model_b: Path) -> Iterator[DaemonProcess]:

@@ -53,7 +53,7 @@ import pytest
 import zmq
 
 import tinymodels
-from conftest import DaemonProcess, start_daemon
+from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
 from lorad.protocol import (
     DEFAULT_LIMITS,
     OPS,
@@ -305,17 +305,6 @@ def fuzz_files(models_dir: Path, tiny_model: Path, tiny_model_b: Path) -> FuzzFi
     garbage = tinymodels.write_garbage(models_dir / "fuzz-garbage.gguf", seed=3)
     return FuzzFiles(models_dir, tiny_model, tiny_model_b, u, a, b, fifo, garbage,
                      len(tinymodels.default_vocab()))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 PINGER = r"""

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tinymodels
-from conftest import DaemonProcess, start_daemon
+from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
 from lorad.client import Client, DaemonUnavailable, ModelLoadFailed, NotFound
 from lorad.protocol import TAG, decode_reply
 
@@ -157,17 +157,6 @@ def test_clients_survive_a_daemon_restart(tmp_path: Path, models_dir: Path,
 
 
 # -- many clients, cancels and swaps; leaks ----------------------------------------------------
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 @pytest.fixture
 def adapters(models_dir: Path) -> list[Path]:
     base = tinymodels.tiny_llama_tensors(seed=0)
