@@ -72,6 +72,10 @@ class DaemonConfig:
     """Weight repacking for the CPU: ``auto`` (on unless the CPU has AMX), ``on``, ``off``."""
 
 
+_AT_LEAST_ONE = {"template_workers", "template_memory_bytes"}
+"""Limits for which 0 would mean something else than a limit (no worker; no memory bound)."""
+
+
 def _config_error(message: str, **details: Any) -> ConfigError:
     return ConfigError(f"config: {message}", **details)
 
@@ -117,6 +121,12 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         bad = sorted(set(data["limits"]) - names)
         if bad:
             raise _config_error(f"unknown limit {bad[0]!r}", field=bad[0])
+        for name, value in data["limits"].items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _config_error(f"limit {name!r} must be a whole number >= 0",
+                                    field=name)
+            if value == 0 and name in _AT_LEAST_ONE:
+                raise _config_error(f"limit {name!r} must be at least 1", field=name)
         config.limits = Limits(**data["limits"])
     return config
 

@@ -114,8 +114,7 @@ def main(argv: list[str]) -> int:
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
     os.nice(19)  # a template spinning on a core yields it to the daemon's token work
-    if memory > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     renderer = Renderer(max_output)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:

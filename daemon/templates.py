@@ -62,7 +62,7 @@ class TemplateRenderer:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._idle: list[_Worker] = []
-        self._slots = trio.Semaphore(max(1, limits.template_workers))
+        self._slots = trio.Semaphore(limits.template_workers)
 
     async def _spawn(self) -> _Worker:
         process = await trio.lowlevel.open_process(

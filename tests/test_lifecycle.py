@@ -313,6 +313,27 @@ def test_sigterm_right_after_ready_exits_cleanly(tmp_path: Path, models_dir: Pat
     assert codes == [0] * 20
 
 
+@pytest.mark.parametrize(("text", "field"), [
+    ("template_workers = 0", "template_workers"),
+    ("template_memory_bytes = 0", "template_memory_bytes"),
+    ('grammar_ms = "fast"', "grammar_ms"),
+    ("max_grammar_depth = -1", "max_grammar_depth"),
+    ("max_embed_inputs = true", "max_embed_inputs"),
+])
+def test_config_limits_that_mean_nothing_are_refused(tmp_path: Path, text: str,
+                                                     field: str) -> None:
+    from lorad.daemon.config import load_config
+    from lorad.daemon.errors import ConfigError
+
+    path = tmp_path / "lorad.toml"
+    path.write_text(f"[limits]\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.details["field"] == field
+    path.write_text("[limits]\ngrammar_ms = 0\ntemplate_workers = 1\n")  # 0 is a real bound
+    assert load_config(path).limits.grammar_ms == 0
+
+
 def test_config_file_preloads_models_and_contexts(tmp_path: Path, models_dir: Path,
                                                   tiny_model: Path) -> None:
     config = tmp_path / "lorad.toml"
