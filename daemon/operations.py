@@ -1,21 +1,25 @@
 """The table of operations: one record per operation says everything the daemon does with it.
 
-Its argument schema comes from :data:`lorad.protocol.OPS` (shared with the clients); here are
-its handler, whether it streams, whether it is answered inline (in the transport's task: quick
-and never blocking) or in a task of its own, and whether it is served while the daemon drains.
-The table is checked complete when this module is imported.
+What the protocol says of an operation (its argument schema, whether it streams, whether it is
+answered inline, in the transport's task, and whether it is served while the daemon drains) is
+its :class:`lorad.protocol.ops.OpSpec`. Its handler is the coroutine of the same name in one of
+the :mod:`.handlers` modules; a function named ``<op>_now`` there is an inline path tried first.
+The table is checked complete when this module is imported: every operation has exactly one
+handler, and no handler is left without an operation.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lorad.protocol import OPS, STREAMING_OPS
-from lorad.protocol.ops import Arg
+from lorad.protocol.ops import SPECS, Arg, OpSpec
 
-from .handlers import adapters, admin, contexts, embeddings, generation, models
+from . import handlers
 from .requests import RequestHandle
 from .services import Services
 
@@ -26,58 +30,62 @@ Handler = Callable[[Services, RequestHandle], Awaitable[Any]]
 class Operation:
     name: str
     handler: Handler
-    inline: bool = False
-    """Answered in the transport's task (it must not wait on llama.cpp or the file system)."""
-    while_draining: bool = False
-    """Still served while the daemon shuts down."""
+    spec: OpSpec
     now: Callable[[Services, RequestHandle], Any] | None = None
     """An inline path tried first: its result answers the request at once; None sends the
     request on to ``handler``."""
 
     @property
     def schema(self) -> dict[str, Arg]:
-        return OPS[self.name]
+        return self.spec.args
 
     @property
     def streams(self) -> bool:
-        return self.name in STREAMING_OPS
+        return self.spec.streams
+
+    @property
+    def inline(self) -> bool:
+        return self.spec.inline
+
+    @property
+    def while_draining(self) -> bool:
+        return self.spec.while_draining
 
     def runs_inline(self, args: dict[str, Any]) -> bool:
         # A per-request adapter stack may have to load files: that runs in a task of its own.
         return self.inline and not (self.streams and args.get("loras"))
 
 
-def _table(*ops: Operation) -> dict[str, Operation]:
-    table = {op.name: op for op in ops}
-    missing, extra = set(OPS) - set(table), set(table) - set(OPS)
-    if missing or extra or len(table) != len(ops):
-        raise RuntimeError(f"the operation table does not match the protocol's operations: "
-                           f"missing {sorted(missing)}, unknown {sorted(extra)}")
+def _handler_functions() -> dict[str, tuple[str, Callable[..., Any]]]:
+    found: dict[str, tuple[str, Callable[..., Any]]] = {}
+    for info in pkgutil.iter_modules(handlers.__path__):
+        module = importlib.import_module(f"{handlers.__name__}.{info.name}")
+        for name, fn in vars(module).items():
+            if name.startswith("_") or not inspect.isfunction(fn):
+                continue
+            if fn.__module__ != module.__name__:
+                continue  # imported helpers are not handlers
+            if name in found:
+                raise RuntimeError(f"two handlers named {name!r}: {found[name][0]} and "
+                                   f"{module.__name__}")
+            found[name] = (module.__name__, fn)
+    return found
+
+
+def _table() -> dict[str, Operation]:
+    functions = _handler_functions()
+    table: dict[str, Operation] = {}
+    for name, spec in SPECS.items():
+        if name not in functions or not inspect.iscoroutinefunction(functions[name][1]):
+            raise RuntimeError(f"operation {name!r} has no coroutine handler in "
+                               f"{handlers.__name__}")
+        now = functions.get(f"{name}_now")
+        table[name] = Operation(name, functions[name][1], spec, now[1] if now else None)
+    used = set(table) | {f"{name}_now" for name in table}
+    extra = sorted(set(functions) - used)
+    if extra:
+        raise RuntimeError(f"handler functions without an operation: {extra}")
     return table
 
 
-OPERATIONS: dict[str, Operation] = _table(
-    Operation("ping", admin.ping, inline=True, while_draining=True),
-    Operation("status", admin.status, inline=True, while_draining=True),
-    Operation("capabilities", admin.capabilities, inline=True, while_draining=True),
-    Operation("metrics", admin.metrics, inline=True, while_draining=True),
-    Operation("cancel", admin.cancel, inline=True, while_draining=True),
-    Operation("credit", admin.credit, inline=True, while_draining=True),
-    Operation("list_models", models.list_models, inline=True, while_draining=True),
-    Operation("load_model", models.load_model),
-    Operation("unload_model", models.unload_model),
-    Operation("tokenize", models.tokenize),
-    Operation("detokenize", models.detokenize),
-    Operation("list_contexts", contexts.list_contexts, inline=True, while_draining=True),
-    Operation("create_context", contexts.create_context),
-    Operation("close_context", contexts.close_context, while_draining=True),
-    Operation("list_loras", adapters.list_loras, inline=True, while_draining=True),
-    Operation("set_lora", adapters.set_lora, now=adapters.set_lora_now),
-    Operation("remove_lora", adapters.remove_lora),
-    Operation("clear_loras", adapters.clear_loras),
-    Operation("set_loras", adapters.set_loras),
-    Operation("validate_lora", adapters.validate_lora),
-    Operation("generate", generation.generate, inline=True),
-    Operation("chat", generation.chat, inline=True),
-    Operation("embed", embeddings.embed),
-)
+OPERATIONS: dict[str, Operation] = _table()

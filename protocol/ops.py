@@ -246,98 +246,175 @@ SAMPLING: dict[str, Arg] = {
     "speculative": _SPECULATIVE,
 }
 
-OPS: dict[str, dict[str, Arg]] = {
-    "ping": {},
-    "status": {},
-    "capabilities": {},
-    "list_models": {},
-    "list_contexts": {},
-    "metrics": {},
-    "load_model": {
-        "path": Arg(_STR, required=True, check=_nonempty),
-        "n_gpu_layers": Arg(_INT, default=0, check=_range(-1, 100000)),
-        "use_mmap": Arg(_BOOL, default=True),
-        "alias": Arg(_STR, nullable=True, check=_nonempty),
-        "progress": Arg(_BOOL, default=False),
-    },
-    "unload_model": {
-        "model": Arg(_STR, required=True),
-        "force": Arg(_BOOL, default=False),
-    },
-    "create_context": {
-        "model": Arg(_STR, required=True, check=_nonempty),
-        "n_ctx": Arg(_INT, default=0, check=_range(0, 1 << 20)),
-        "n_batch": Arg(_INT, default=512, check=_range(1, 1 << 16)),
-        "n_threads": Arg(_INT, nullable=True, check=_range(1, 1024)),
-        "seed": Arg(_INT, default=0, check=_range(0, 2**32 - 1)),
-        "max_queued": Arg(_INT, default=8, check=_range(0, 1024)),
-        "persistent": Arg(_BOOL, default=False),
-        "shared": Arg(_BOOL, default=False),
-        "kv_type": Arg(_STR, default="f16", check=_one_of("f16", "f32", "q8_0")),
-        "flash_attn": Arg(_BOOL, nullable=True),
-        "loras": _LORAS,
-        "speculative": _SPECULATIVE,
-    },
-    "close_context": {"context": Arg(_STR, required=True)},
-    "generate": {
-        "context": Arg(_STR, required=True),
-        "prompt": Arg(_STR, nullable=True),
-        "tokens": Arg((list,), nullable=True, check=_token_list),
-        "add_special": Arg(_BOOL, default=True),
-        **SAMPLING,
-    },
-    "chat": {
-        "context": Arg(_STR, required=True),
-        "messages": Arg((list,), required=True, check=_messages),
-        "add_generation_prompt": Arg(_BOOL, default=True),
-        "template": Arg(_STR, nullable=True, check=_nonempty),
-        **SAMPLING,
-    },
-    "tokenize": {
-        "model": Arg(_STR, nullable=True),
-        "context": Arg(_STR, nullable=True),
-        "text": Arg(_STR, required=True),
-        "add_special": Arg(_BOOL, default=True),
-        "parse_special": Arg(_BOOL, default=False),
-    },
-    "embed": {
-        "model": Arg(_STR, nullable=True),
-        "context": Arg(_STR, nullable=True),
-        "input": Arg((str, list), required=True, parse=parse_embed_input),
-        "normalize": Arg(_BOOL, default=True),
-    },
-    "detokenize": {
-        "model": Arg(_STR, nullable=True),
-        "context": Arg(_STR, nullable=True),
-        "tokens": Arg((list,), required=True, check=_token_list),
-    },
-    "cancel": {"request": Arg(_ID, required=True)},
-    "set_lora": {
-        "context": Arg(_STR, required=True),
-        "path": Arg(_STR, required=True, check=_nonempty),
-        "scale": _SCALE,
-    },
-    "remove_lora": {
-        "context": Arg(_STR, required=True),
-        "path": Arg(_STR, required=True, check=_nonempty),
-    },
-    "clear_loras": {"context": Arg(_STR, required=True)},
-    "set_loras": {
-        "context": Arg(_STR, required=True),
-        "loras": Arg((list,), required=True, parse=parse_loras),
-    },
-    "list_loras": {"context": Arg(_STR, required=True)},
-    "validate_lora": {
-        "model": Arg(_STR, required=True, check=_nonempty),
-        "path": Arg(_STR, required=True, check=_nonempty),
-    },
-    "credit": {
-        "request": Arg(_ID, required=True),
-        "n": Arg(_INT, required=True, check=_credit),
-    },
-}
+@dataclass(frozen=True)
+class OpSpec:
+    """What the protocol says about one operation (the spec's tables and the daemon follow it)."""
 
-STREAMING_OPS: frozenset[str] = frozenset({"generate", "chat"})
+    args: dict[str, Arg]
+    """Argument name -> :class:`Arg`."""
+    example: dict[str, Any]
+    """Its smallest valid arguments."""
+    streams: bool = False
+    """Answered by ``item`` replies and one ``end`` (or one ``error``)."""
+    inline: bool = False
+    """Answered in the daemon's transport task, in order of arrival: quick and never waiting
+    on a model (a stream's first reply is sent from there too)."""
+    while_draining: bool = False
+    """Still served while the daemon shuts down."""
+
+
+SPECS: dict[str, OpSpec] = {
+    "ping": OpSpec({}, example={}, inline=True, while_draining=True),
+    "status": OpSpec({}, example={}, inline=True, while_draining=True),
+    "capabilities": OpSpec({}, example={}, inline=True, while_draining=True),
+    "list_models": OpSpec({}, example={}, inline=True, while_draining=True),
+    "list_contexts": OpSpec({}, example={}, inline=True, while_draining=True),
+    "metrics": OpSpec({}, example={}, inline=True, while_draining=True),
+    "load_model": OpSpec(
+        {
+            "path": Arg(_STR, required=True, check=_nonempty),
+            "n_gpu_layers": Arg(_INT, default=0, check=_range(-1, 100000)),
+            "use_mmap": Arg(_BOOL, default=True),
+            "alias": Arg(_STR, nullable=True, check=_nonempty),
+            "progress": Arg(_BOOL, default=False),
+        },
+        example={"path": "/models/m.gguf"},
+    ),
+    "unload_model": OpSpec(
+        {
+            "model": Arg(_STR, required=True),
+            "force": Arg(_BOOL, default=False),
+        },
+        example={"model": "m"},
+    ),
+    "create_context": OpSpec(
+        {
+            "model": Arg(_STR, required=True, check=_nonempty),
+            "n_ctx": Arg(_INT, default=0, check=_range(0, 1 << 20)),
+            "n_batch": Arg(_INT, default=512, check=_range(1, 1 << 16)),
+            "n_threads": Arg(_INT, nullable=True, check=_range(1, 1024)),
+            "seed": Arg(_INT, default=0, check=_range(0, 2**32 - 1)),
+            "max_queued": Arg(_INT, default=8, check=_range(0, 1024)),
+            "persistent": Arg(_BOOL, default=False),
+            "shared": Arg(_BOOL, default=False),
+            "kv_type": Arg(_STR, default="f16", check=_one_of("f16", "f32", "q8_0")),
+            "flash_attn": Arg(_BOOL, nullable=True),
+            "loras": _LORAS,
+            "speculative": _SPECULATIVE,
+        },
+        example={"model": "m"},
+    ),
+    "close_context": OpSpec(
+        {"context": Arg(_STR, required=True)},
+        example={"context": "ctx-1"},
+        while_draining=True,
+    ),
+    "generate": OpSpec(
+        {
+            "context": Arg(_STR, required=True),
+            "prompt": Arg(_STR, nullable=True),
+            "tokens": Arg((list,), nullable=True, check=_token_list),
+            "add_special": Arg(_BOOL, default=True),
+            **SAMPLING,
+        },
+        example={"context": "ctx-1", "prompt": "Once upon a time"},
+        streams=True, inline=True,
+    ),
+    "chat": OpSpec(
+        {
+            "context": Arg(_STR, required=True),
+            "messages": Arg((list,), required=True, check=_messages),
+            "add_generation_prompt": Arg(_BOOL, default=True),
+            "template": Arg(_STR, nullable=True, check=_nonempty),
+            **SAMPLING,
+        },
+        example={"context": "ctx-1", "messages": [{"role": "user", "content": "hi"}]},
+        streams=True, inline=True,
+    ),
+    "tokenize": OpSpec(
+        {
+            "model": Arg(_STR, nullable=True),
+            "context": Arg(_STR, nullable=True),
+            "text": Arg(_STR, required=True),
+            "add_special": Arg(_BOOL, default=True),
+            "parse_special": Arg(_BOOL, default=False),
+        },
+        example={"model": "m", "text": "hello"},
+    ),
+    "embed": OpSpec(
+        {
+            "model": Arg(_STR, nullable=True),
+            "context": Arg(_STR, nullable=True),
+            "input": Arg((str, list), required=True, parse=parse_embed_input),
+            "normalize": Arg(_BOOL, default=True),
+        },
+        example={"model": "m", "input": ["x"]},
+    ),
+    "detokenize": OpSpec(
+        {
+            "model": Arg(_STR, nullable=True),
+            "context": Arg(_STR, nullable=True),
+            "tokens": Arg((list,), required=True, check=_token_list),
+        },
+        example={"model": "m", "tokens": [1, 2, 3]},
+    ),
+    "cancel": OpSpec(
+        {"request": Arg(_ID, required=True)},
+        example={"request": 7},
+        inline=True, while_draining=True,
+    ),
+    "set_lora": OpSpec(
+        {
+            "context": Arg(_STR, required=True),
+            "path": Arg(_STR, required=True, check=_nonempty),
+            "scale": _SCALE,
+        },
+        example={"context": "ctx-1", "path": "french"},
+    ),
+    "remove_lora": OpSpec(
+        {
+            "context": Arg(_STR, required=True),
+            "path": Arg(_STR, required=True, check=_nonempty),
+        },
+        example={"context": "ctx-1", "path": "french"},
+    ),
+    "clear_loras": OpSpec(
+        {"context": Arg(_STR, required=True)},
+        example={"context": "ctx-1"},
+    ),
+    "set_loras": OpSpec(
+        {
+            "context": Arg(_STR, required=True),
+            "loras": Arg((list,), required=True, parse=parse_loras),
+        },
+        example={"context": "ctx-1", "loras": []},
+    ),
+    "list_loras": OpSpec(
+        {"context": Arg(_STR, required=True)},
+        example={"context": "ctx-1"},
+        inline=True, while_draining=True,
+    ),
+    "validate_lora": OpSpec(
+        {
+            "model": Arg(_STR, required=True, check=_nonempty),
+            "path": Arg(_STR, required=True, check=_nonempty),
+        },
+        example={"model": "m", "path": "/adapters/a.gguf"},
+    ),
+    "credit": OpSpec(
+        {
+            "request": Arg(_ID, required=True),
+            "n": Arg(_INT, required=True, check=_credit),
+        },
+        example={"request": 7, "n": 32},
+        inline=True, while_draining=True,
+    ),
+}
+"""Every operation of the protocol, one record each (the daemon's table is checked against it)."""
+
+OPS: dict[str, dict[str, Arg]] = {name: spec.args for name, spec in SPECS.items()}
+"""Each operation's argument schema."""
+STREAMING_OPS: frozenset[str] = frozenset(n for n, spec in SPECS.items() if spec.streams)
 """Operations answered by ``item`` replies and one ``end`` (or one ``error``)."""
 
 

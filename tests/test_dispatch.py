@@ -21,6 +21,7 @@ from lorad.daemon.requests import RequestHandle
 from lorad.daemon.services import Services
 from lorad.daemon.sessions import Sessions
 from lorad.protocol import OPS, STREAMING_OPS
+from lorad.protocol.ops import SPECS
 
 PEER, OTHER = b"peer-1", b"peer-2"
 
@@ -32,6 +33,25 @@ def test_every_operation_has_one_record_with_a_coroutine_handler() -> None:
         assert inspect.iscoroutinefunction(op.handler), name
         assert op.streams == (name in STREAMING_OPS)
         assert op.schema is OPS[name]
+
+
+def test_the_table_refuses_an_operation_without_a_handler_and_a_handler_without_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorad.daemon import operations
+
+    monkeypatch.setitem(operations.SPECS, "frobnicate", SPECS["ping"])
+    with pytest.raises(RuntimeError, match="'frobnicate' has no coroutine handler"):
+        operations._table()
+    monkeypatch.delitem(operations.SPECS, "frobnicate")
+    found = operations._handler_functions()
+
+    async def orphan(s, h):
+        return None
+
+    monkeypatch.setattr(operations, "_handler_functions",
+                        lambda: {**found, "orphan": ("x", orphan)})
+    with pytest.raises(RuntimeError, match="without an operation: \\['orphan'\\]"):
+        operations._table()
 
 
 @dataclass
@@ -122,7 +142,7 @@ async def test_a_handler_that_fails_unexpectedly_is_an_internal_error(
     from lorad.daemon import operations
 
     monkeypatch.setitem(operations.OPERATIONS, "status",
-                        operations.Operation("status", broken, inline=True))
+                        operations.Operation("status", broken, SPECS["status"]))
     reply = await core.call("status")
     assert reply.error["code"] == "internal" and "boom" in reply.error["message"]
     assert (await core.call("ping", rid=2)).kind == "result"

@@ -28,6 +28,7 @@ from lorad.protocol import (
     error_reply,
     validate_args,
 )
+from lorad.protocol.ops import SPECS
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -58,32 +59,8 @@ def args_error(op: str, args: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -
     return err.value
 
 
-# The smallest valid arguments of every operation.
-MINIMAL: dict[str, dict[str, Any]] = {
-    "ping": {},
-    "status": {},
-    "capabilities": {},
-    "list_models": {},
-    "list_contexts": {},
-    "metrics": {},
-    "load_model": {"path": "/models/m.gguf"},
-    "unload_model": {"model": "m"},
-    "create_context": {"model": "m"},
-    "close_context": {"context": "ctx-1"},
-    "generate": {"context": "ctx-1", "prompt": "Once upon a time"},
-    "chat": {"context": "ctx-1", "messages": [{"role": "user", "content": "hi"}]},
-    "tokenize": {"model": "m", "text": "hello"},
-    "embed": {"model": "m", "input": ["x"]},
-    "detokenize": {"model": "m", "tokens": [1, 2, 3]},
-    "cancel": {"request": 7},
-    "credit": {"request": 7, "n": 32},
-    "set_lora": {"context": "ctx-1", "path": "french"},
-    "remove_lora": {"context": "ctx-1", "path": "french"},
-    "clear_loras": {"context": "ctx-1"},
-    "set_loras": {"context": "ctx-1", "loras": []},
-    "list_loras": {"context": "ctx-1"},
-    "validate_lora": {"model": "m", "path": "/adapters/a.gguf"},
-}
+# The smallest valid arguments of every operation (each record carries its example).
+MINIMAL: dict[str, dict[str, Any]] = {op: spec.example for op, spec in SPECS.items()}
 
 
 def test_minimal_args_cover_every_op() -> None:

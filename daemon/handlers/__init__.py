@@ -1,3 +1,5 @@
-"""Operation handlers, one module per domain. Each is ``async def op(s: Services, h:
-RequestHandle)``: it returns the result of a one-shot operation, or drives a stream through
-``h``. The table that names them is :mod:`lorad.daemon.operations`."""
+"""Operation handlers, one module per domain. Each is ``async def <op>(s: Services, h:
+RequestHandle)``, named after its operation: it returns the result of a one-shot operation, or
+drives a stream through ``h``. A plain function ``<op>_now`` beside it is an inline path tried
+first (:mod:`lorad.daemon.operations` finds both by name; other functions here start with ``_``).
+"""
