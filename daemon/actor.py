@@ -1,8 +1,11 @@
-"""Context actors: one trio task owns one llama context and runs its requests one at a time.
+"""Context actors: one trio task per context runs its requests one at a time.
 
-Requests wait in a FIFO queue of ``max_queued`` places; when it is full the context answers
-``context_busy``. llama.cpp work runs in a worker thread so the trio loop never blocks, and the
-actor checks for cancellation between tokens (and between prompt batches).
+A context is a sequence of a batched llama context (:mod:`.batching`): the actor owns its
+queue, adapter stack, cancellation and streaming state, and hands each decoding step (a prompt,
+the next token, a draft to verify) to its slab's scheduler, which decodes it together with the
+steps of other contexts. Requests wait in a FIFO queue of ``max_queued`` places; when it is full
+the context answers ``context_busy``. The actor checks for cancellation between steps (and the
+scheduler between a prompt's chunks).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lorad.protocol.args import OpArgs
 
 from . import llama
 from .adapters import AdapterCache, LoadedAdapter
+from .batching import Batcher, SlabScheduler, Step
 from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
 from .registry import LoadedModel
@@ -59,9 +63,11 @@ class Job:
 
 
 class ContextActor:
-    """Owns one :class:`llama.Context`; ``run`` is its task, ``submit`` queues work for it."""
+    """Owns one sequence of a batched llama context; ``run`` is its task, ``submit`` queues
+    work for it."""
 
-    def __init__(self, context_id: str, model: LoadedModel, ctx: llama.Context, *,
+    def __init__(self, context_id: str, model: LoadedModel, batcher: Batcher,
+                 scheduler: SlabScheduler, seq: llama.Sequence, *,
                  seed: int, max_queued: int, persistent: bool, owner: bytes | None,
                  params: dict[str, Any], adapters: AdapterCache,
                  templates: TemplateRenderer, speculative: dict[str, Any] | bool | None = None,
@@ -83,13 +89,15 @@ class ContextActor:
         self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
         """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self.model = model
-        self.ctx = ctx
+        self.batcher = batcher
+        self.scheduler = scheduler
+        self.seq = seq
+        self.n_ctx = seq.n_ctx
         self.adapters = adapters
         self.stack: list[StackEntry] = []
         """The context's adapter stack, in order; requests without their own stack use it."""
-        self._applied: list[StackEntry] = []  # what the llama context (and its KV cache) has
+        self._applied: list[StackEntry] = []  # the stack its cached tokens were computed under
         self._held: dict[int, LoadedAdapter] = {}
-        self._ctx_lock = trio.Lock()  # held while llama.cpp works on ctx
         self.stack_lock = trio.Lock()
         """Serialises stack changes of this context (held by the server while it builds one)."""
         self.persistent = persistent
@@ -134,8 +142,7 @@ class ContextActor:
                     continue
                 self.current = job
                 try:
-                    async with self._ctx_lock:
-                        await self._generate(job)
+                    await self._generate(job)
                 except (ProtocolError, DaemonError) as exc:
                     job.handle.send_error(to_protocol(exc))
                 except Exception as exc:  # a fault in one request must not end the actor
@@ -172,8 +179,9 @@ class ContextActor:
         """Make ``stack`` the context's own stack (its adapters are held by the caller).
 
         A running generation keeps the stack it started with; the next one uses the new stack.
-        When an adapter leaves the stack of an idle context, the stack is applied at once so
-        that the adapter can be freed; scale changes and additions cost no llama.cpp call.
+        When an adapter leaves the stack of an idle context, the tokens cached under it are
+        dropped at once so that the adapter can be freed; scale changes and additions cost no
+        llama.cpp call.
         """
         if self.closing:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"context {self.id!r} is closing",
@@ -185,14 +193,13 @@ class ContextActor:
         kept = {id(e.adapter) for e in self.stack}
         if all(id(e.adapter) in kept for e in self._applied):
             return  # nothing to free: the next generation applies the new stack (and scales)
-        try:
-            self._ctx_lock.acquire_nowait()
-        except trio.WouldBlock:
+        if self.current is not None:
             return  # busy: the next generation applies it
-        try:
-            await self._apply(self.stack)
-        finally:
-            self._ctx_lock.release()
+        seq = self.seq
+        await self.scheduler.run(Step(seq, [], [], then=lambda slab, _i: slab.clear_seq(seq)))
+        if self.current is None:
+            self._applied = []
+            await self._sync_holds()
 
     def set_scales(self, stack: list[StackEntry]) -> None:
         """Make ``stack`` the context's stack when it holds the same adapters, in the same
@@ -205,9 +212,7 @@ class ContextActor:
         self.stack = list(stack)
 
     async def _apply(self, stack: list[StackEntry]) -> None:
-        pairs = [(e.adapter.adapter, e.scale) for e in stack]
-        ctx = self.ctx
-        await trio.to_thread.run_sync(ctx.set_adapters, pairs)
+        """Hold ``stack``'s adapters while tokens cached under it exist."""
         self._applied = list(stack)
         await self._sync_holds()
 
@@ -242,12 +247,12 @@ class ContextActor:
         return {
             "id": self.id,
             "model": self.model.id,
-            "n_ctx": self.ctx.n_ctx,
+            "n_ctx": self.n_ctx,
             "state": self.state,
             "queued": len(self.queued),
             "max_queued": self.max_queued,
             "running": self.current.handle.rid if self.current else None,
-            "cached_tokens": len(self.ctx.tokens),
+            "cached_tokens": len(self.seq.tokens),
             "persistent": self.persistent,
             "shared": self.shared,
             "requests_done": self.requests_done,
@@ -287,7 +292,7 @@ class ContextActor:
             await self._free()
 
     async def _free(self) -> None:
-        await trio.to_thread.run_sync(self.ctx.close)
+        await self.batcher.detach(self.scheduler, self.seq)
         for entry, draft in self.drafts.values():
             await trio.to_thread.run_sync(draft.close)
             entry.contexts.discard(self.id)
@@ -313,7 +318,7 @@ class ContextActor:
                                      "memory cannot roll back rejected tokens")
         p = self.params
         draft = await trio.to_thread.run_sync(lambda: llama.Context(
-            entry.model, n_ctx=self.ctx.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
+            entry.model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
         self.drafts[entry.id] = (entry, draft)
         entry.contexts.add(self.id)
         return draft
@@ -321,12 +326,12 @@ class ContextActor:
     # -- generation ---------------------------------------------------------------------------
     async def _prompt_tokens(self, h: RequestHandle, args: OpArgs) -> list[int]:
         model = self.model.model
-        room = self.ctx.n_ctx - 1  # a prompt leaves room for at least one generated token
+        room = self.n_ctx - 1  # a prompt leaves room for at least one generated token
 
         def overflow(n: int) -> ProtocolError:
             return ProtocolError(ErrorCode.CONTEXT_OVERFLOW,
-                                 f"prompt of {n} tokens does not fit in n_ctx={self.ctx.n_ctx}",
-                                 prompt_tokens=n, n_ctx=self.ctx.n_ctx)
+                                 f"prompt of {n} tokens does not fit in n_ctx={self.n_ctx}",
+                                 prompt_tokens=n, n_ctx=self.n_ctx)
 
         if h.op != "chat" and args.tokens is not None:
             tokens = args.tokens
@@ -368,15 +373,16 @@ class ContextActor:
             min_p=args.min_p, repeat_penalty=args.repeat_penalty,
             repeat_last_n=args.repeat_last_n, seed=seed, grammar=args.grammar,
         )
-        model, ctx = self.model.model, self.ctx
+        model, seq, scheduler = self.model.model, self.seq, self.scheduler
         spec = args.speculative if args.speculative is not None else self.speculative
         drafter = await self.drafter(spec, args) if spec else None
         rng = np.random.default_rng(seed)
         greedy = args.temperature == 0
         plain_greedy = greedy and args.grammar is None and args.repeat_penalty == 1.0
         stack = job.stack if job.stack is not None else list(self.stack)
+        pairs = [(e.adapter.adapter, e.scale) for e in stack]
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
-            await self._apply(stack)  # clears the KV cache: it was computed under another stack
+            await self._apply(stack)  # the scheduler reuses no token cached under another stack
         if params.grammar is not None:
             await trio.to_thread.run_sync(check_grammar, params.grammar, self.limits)
         sampler = await trio.to_thread.run_sync(
@@ -386,51 +392,44 @@ class ContextActor:
         generated = 0
         finish = "length"
         t_first = t_prompt = None
-        try:
-            reused = await trio.to_thread.run_sync(
-                lambda: ctx.eval_prompt(prompt, lambda: h.cancelled)
-            )
-            t_prompt = time.perf_counter()
-            previous: int | None = None
+        Produced = list[tuple[int, list[list[float]] | None]]
 
-            def step(prev: int | None) -> list[tuple[int, list[list[float]] | None]]:
-                if prev is not None:
-                    ctx.decode_token(prev)
-                logprobs = ctx.top_logprobs(n_logprobs) if n_logprobs else None
-                if plain_greedy:  # numpy's argmax: the greedy sampler's choice, 10x cheaper
-                    return [(int(ctx.logits().argmax()), logprobs)]
-                return [(sampler.sample(ctx), logprobs)]
+        def pick(slab: llama.Slab, i: int) -> Produced:  # in the scheduler's thread
+            logits = slab.logits(i)  # in place: no copy of the row
+            logprobs = llama.top_logprobs(logits, n_logprobs) if n_logprobs else None
+            if plain_greedy:  # the greedy sampler's choice without a sampler call
+                return [(int(logits.argmax()), logprobs)]
+            return [(sampler.sample(slab, i), logprobs)]
 
-            def spec_step(prev: int, drafter: Drafter, room: int
-                          ) -> list[tuple[int, list[list[float]] | None]]:
-                draft, qs = drafter.draft(room, None if greedy else params, rng)
-                start = len(ctx.tokens)
-                rows = ctx.decode_rows([prev, *draft])
+        def verifier(draft: list[int], qs: list[np.ndarray] | None
+                     ) -> Callable[[llama.Slab, int], Produced]:
+            def verify(slab: llama.Slab, i: int) -> Produced:  # in the scheduler's thread
+                rows = [slab.logits(i + k) for k in range(len(draft) + 1)]
                 tokens = verify_draft(rows, draft, qs, None if greedy else params, rng)
                 accepted = len(tokens) - 1
-                ctx.rollback(start + 1 + accepted)  # the KV cache keeps no rejected token
+                seq.rollback(len(seq.tokens) - len(draft) + accepted)  # no rejected token stays
                 drafter.record(len(draft), accepted)
-                return [(t, ctx.top_logprobs(n_logprobs, rows[i]) if n_logprobs else None)
-                        for i, t in enumerate(tokens)]
+                return [(t, llama.top_logprobs(rows[k], n_logprobs) if n_logprobs else None)
+                        for k, t in enumerate(tokens)]
+            return verify
 
+        first = Step(seq, prompt, pairs, prompt=True, then=pick,
+                     should_stop=lambda: h.cancelled, chunk=self.params["n_batch"])
+        reused = 0
+        try:
+            produced: Produced = await scheduler.run(first) or []
+            reused = first.reused
+            t_prompt = time.perf_counter()
             if drafter is not None:
                 drafter.history = list(prompt)
-            done = False
+            done = first.stopped
+            if done:
+                finish = "cancelled"
             while not done:
                 if h.cancelled:
                     finish = "cancelled"
                     break
-                if generated >= args.max_tokens:
-                    finish = "length"
-                    break
-                if previous is not None and len(ctx.tokens) >= ctx.n_ctx:
-                    finish = "length"  # the context is full
-                    break
-                if drafter is not None and previous is not None:
-                    room = min(args.max_tokens - generated, ctx.n_ctx - len(ctx.tokens)) - 1
-                    produced = await trio.to_thread.run_sync(spec_step, previous, drafter, room)
-                else:
-                    produced = await trio.to_thread.run_sync(step, previous)
+                previous = None
                 for token, logprobs in produced:
                     generated += 1
                     if t_first is None:
@@ -451,6 +450,21 @@ class ContextActor:
                         finish, done = "stop", True
                         break
                     previous = token
+                if done:
+                    break
+                if generated >= args.max_tokens or len(seq.tokens) >= seq.n_ctx:
+                    finish = "length"  # max_tokens, or the context is full
+                    break
+                assert previous is not None
+                if drafter is not None:
+                    room = min(args.max_tokens - generated, seq.n_ctx - len(seq.tokens)) - 1
+                    draft, qs = await trio.to_thread.run_sync(
+                        drafter.draft, room, None if greedy else params, rng)
+                    step = Step(seq, [previous, *draft], pairs, outputs=len(draft) + 1,
+                                then=verifier(draft, qs))
+                else:
+                    step = Step(seq, [previous], pairs, then=pick)
+                produced = await scheduler.run(step)
             if finish != "cancelled":
                 tail = text.finish()
                 if tail:
@@ -460,10 +474,10 @@ class ContextActor:
         ended = time.perf_counter()
         prompt_s = (t_prompt or ended) - started
         gen_s = ended - (t_prompt or ended)
-        evaluated = len(prompt) - (reused if t_prompt else 0)
+        evaluated = len(prompt) - reused
         metrics = {
             "prompt_tokens": len(prompt),
-            "cached_prompt_tokens": reused if t_prompt else 0,
+            "cached_prompt_tokens": reused,
             "generated_tokens": generated,
             "queue_ms": round((started - h.received_at) * 1000, 3),
             "time_to_first_token_ms": round(((t_first or ended) - h.received_at) * 1000, 3),

@@ -46,6 +46,18 @@ class ContextSpec:
 
 
 @dataclass
+class BatchingConfig:
+    """How contexts of one model share batched llama contexts (``[batching]``)."""
+
+    sequences: int = 4
+    """Contexts per batched llama context (its KV cache is made for this many at once)."""
+    step_tokens: int = 512
+    """Tokens decoded per step at most: a long prompt is fed in chunks of what is left."""
+    kv_unified: bool = False
+    """One KV pool for the sequences of a batched context (True) or a pool each (False)."""
+
+
+@dataclass
 class DaemonConfig:
     endpoint: str = field(default_factory=default_endpoint)
     group: str | None = None
@@ -70,6 +82,7 @@ class DaemonConfig:
     log_level: str = "info"
     repack: str = "auto"
     """Weight repacking for the CPU: ``auto`` (on unless the CPU has AMX), ``on``, ``off``."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 _AT_LEAST_ONE = {"template_workers", "template_memory_bytes"}
@@ -89,7 +102,7 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         data = tomllib.load(f)
     known = {"endpoint", "group", "allowed_dirs", "adapter_dirs", "models", "contexts", "limits",
              "heartbeat_ms", "log_format", "log_level", "metrics_address", "curve_secret_key",
-             "curve_authorized_keys", "peft_cache_dir", "repack"}
+             "curve_authorized_keys", "peft_cache_dir", "repack", "batching"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _config_error(f"unknown key {unknown[0]!r}", field=unknown[0])
@@ -116,6 +129,8 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         validate_args("create_context", c)  # loras: [{path, scale}], [path, scale] or "path"
         model = c.pop("model")
         config.contexts.append(ContextSpec(model=model, id=ctx_id, params=c))
+    if "batching" in data:
+        config.batching = _batching(data["batching"])
     if "limits" in data:
         names = {f.name for f in fields(Limits)}
         bad = sorted(set(data["limits"]) - names)
@@ -129,6 +144,23 @@ def load_config(path: str | Path | None) -> DaemonConfig:
                 raise _config_error(f"limit {name!r} must be at least 1", field=name)
         config.limits = Limits(**data["limits"])
     return config
+
+
+def _batching(table: Any) -> BatchingConfig:
+    if not isinstance(table, dict):
+        raise _config_error("batching must be a table", field="batching")
+    bad = sorted(set(table) - {f.name for f in fields(BatchingConfig)})
+    if bad:
+        raise _config_error(f"unknown batching setting {bad[0]!r}", field=bad[0])
+    out = BatchingConfig(**table)
+    for name, lo, hi in (("sequences", 1, 256), ("step_tokens", 16, 1 << 16)):
+        value = getattr(out, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _config_error(f"batching.{name} must be a whole number in {lo}..{hi}",
+                                field=name)
+    if not isinstance(out.kv_unified, bool):
+        raise _config_error("batching.kv_unified must be true or false", field="kv_unified")
+    return out
 
 
 DEFAULT_CONTEXT = "default"

@@ -23,6 +23,7 @@ from lorad.protocol.args import OpArgs, parse_args
 from . import llama
 from .actor import ContextActor
 from .adapters import AdapterCache
+from .batching import Batcher
 from .config import DaemonConfig
 from .logs import log
 from .metrics import Metrics
@@ -74,6 +75,8 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self._embedders: dict[str, _Embedder] = {}
         """One embedding context per model id (never a generation context)."""
+        self._batchers: dict[int, Batcher] = {}
+        """The batched llama contexts of each model (by ``id`` of its LoadedModel)."""
 
     @property
     def adapter_dirs(self) -> list[Path]:
@@ -93,6 +96,8 @@ class Engine:
                 await self.templates.aclose()
             for embedder in self._embedders.values():
                 embedder.ctx.close()
+            for batcher in self._batchers.values():
+                batcher.close()
             for entry in self.models:
                 entry.model.close()
 
@@ -120,6 +125,7 @@ class Engine:
         if embedder is not None:
             async with embedder.lock:  # an embedding in progress finishes first
                 await trio.to_thread.run_sync(embedder.ctx.close)
+        self._batchers.pop(id(entry), None)  # its contexts are closed: no slab is left
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
         self.metrics.forget_model(entry.id)
@@ -229,10 +235,10 @@ class Engine:
                                   self.limits.max_n_ctx)
         n_threads = args.n_threads or os.cpu_count() or 1
         n_batch = min(args.n_batch, n_ctx)
-        ctx = await trio.to_thread.run_sync(
-            lambda: llama.Context(entry.model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                  kv_type=args.kv_type, flash_attn=args.flash_attn)
-        )
+        batcher = self._batcher(entry)
+        scheduler, seq = await batcher.attach(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                              kv_type=args.kv_type, flash_attn=args.flash_attn)
+        n_ctx = seq.n_ctx
         context_id = context_id or f"ctx-{secrets.token_hex(4)}"
         persistent = creator is None or args.persistent
         shared = creator is None or args.shared
@@ -240,7 +246,7 @@ class Engine:
                   "seed": args.seed, "kv_type": args.kv_type,
                   "flash_attn": args.flash_attn, "speculative": args.speculative,
                   "shared": shared}
-        actor = ContextActor(context_id, entry, ctx, seed=args.seed,
+        actor = ContextActor(context_id, entry, batcher, scheduler, seq, seed=args.seed,
                              max_queued=args.max_queued, persistent=persistent,
                              owner=None if persistent else creator, params=params,
                              adapters=self.adapters, speculative=args.speculative,
@@ -267,6 +273,21 @@ class Engine:
         self._nursery.start_soon(actor.run)
         log.info("context_created", context=context_id, model=entry.id, **params)
         return actor
+
+    def _batcher(self, entry: LoadedModel) -> Batcher:
+        batcher = self._batchers.get(id(entry))
+        if batcher is None or batcher.model is not entry.model:
+            assert self._nursery is not None, "the engine is not running"
+            b = self.config.batching
+            batcher = self._batchers[id(entry)] = Batcher(
+                entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
+                nursery=self._nursery)
+        return batcher
+
+    def batching_info(self) -> list[dict[str, Any]]:
+        """Every batched llama context, with the model it belongs to."""
+        return [{"model": m.id, **slab} for m in self.models
+                for slab in (self._batchers[id(m)].info() if id(m) in self._batchers else [])]
 
     async def close_context(self, actor: ContextActor) -> None:
         """Cancel its work, stop its actor, free its llama context (idempotent)."""

@@ -397,7 +397,7 @@ class Context:
         The KV cache was computed under the previous stack, so it is cleared whenever the stack
         (an adapter or a scale) changes. Returns whether it changed.
         """
-        key = tuple((id(a), float(np.float32(s))) for a, s in stack)
+        key = stack_key(stack)
         if key == self._adapters:
             return False
         n = len(stack)
@@ -489,18 +489,13 @@ class Context:
                                     reason="no_rollback")
             del self.tokens[n:]
 
-    def logits(self) -> np.ndarray:
-        ptr = C.llama_get_logits_ith(self.ptr, -1)
+    def logits(self, i: int = -1) -> np.ndarray:
+        ptr = C.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
     def top_logprobs(self, k: int, logits: np.ndarray | None = None) -> list[list[float]]:
         """The ``k`` most likely next tokens with their log-probabilities (raw model logits)."""
-        logits = (self.logits() if logits is None else logits).astype(np.float64)
-        m = logits.max()
-        logz = m + np.log(np.exp(logits - m).sum())
-        top = np.argpartition(-logits, k - 1)[:k]
-        top = top[np.argsort(-logits[top], kind="stable")]
-        return [[int(t), float(logits[t] - logz)] for t in top]
+        return top_logprobs(self.logits() if logits is None else logits, k)
 
     def close(self) -> None:
         if self.ptr:
@@ -508,6 +503,172 @@ class Context:
             C.llama_free(self.ptr)
             self.ptr = None
             release_free_memory()
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> list[list[float]]:
+    """The ``k`` most likely next tokens with their log-probabilities (raw model logits)."""
+    logits = logits.astype(np.float64)  # only when a request asks for log-probabilities
+    m = logits.max()
+    logz = m + np.log(np.exp(logits - m).sum())
+    top = np.argpartition(-logits, k - 1)[:k]
+    top = top[np.argsort(-logits[top], kind="stable")]
+    return [[int(t), float(logits[t] - logz)] for t in top]
+
+
+class Sequence:
+    """One sequence of a :class:`Slab`: a lorad context's share of a batched llama_context.
+
+    ``tokens`` mirrors what its cells hold and ``stack_key`` the adapter stack they were
+    computed under. Its methods call llama.cpp: only the slab's decode thread calls them.
+    """
+
+    def __init__(self, slab: Slab, seq_id: int, n_ctx: int) -> None:
+        self.slab = slab
+        self.seq_id = seq_id
+        self.n_ctx = n_ctx
+        self.tokens: list[int] = []
+        self.stack_key: tuple[tuple[int, float], ...] = ()
+
+    def keep(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens (clears all when llama.cpp cannot cut there)."""
+        if n >= len(self.tokens):
+            return
+        mem = self.slab.memory
+        if n > 0 and C.llama_memory_seq_rm(mem, self.seq_id, n, -1):
+            del self.tokens[n:]
+        else:
+            C.llama_memory_seq_rm(mem, self.seq_id, -1, -1)
+            self.tokens = []
+
+    def rollback(self, n: int) -> None:
+        """Drop every cached token after the first ``n`` (rejected draft tokens)."""
+        if n < len(self.tokens):
+            if not C.llama_memory_seq_rm(self.slab.memory, self.seq_id, n, -1):
+                raise ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED,
+                                    "this model's memory cannot roll back rejected tokens",
+                                    reason="no_rollback")
+            del self.tokens[n:]
+
+
+class Slab:
+    """A llama_context that holds up to ``n_seq`` sequences and decodes them in one batch.
+
+    Each sequence has ``n_ctx_seq`` cells of its own (``kv_unified`` false: a token attends
+    to its sequence's cells only), or, unified, every sequence draws from one pool of
+    ``n_seq * n_ctx_seq`` cells. The adapter stack applies to a whole batch, so a batch holds
+    sequences of one stack (the scheduler's rule); switching costs llama.cpp a graph reserve.
+    """
+
+    def __init__(self, model: Model, *, n_seq: int, n_ctx_seq: int, n_batch: int,
+                 n_threads: int, kv_type: str = "f16", flash_attn: bool | None = None,
+                 unified: bool = False) -> None:
+        params = C.llama_context_default_params()
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
+        params.n_ctx = n_ctx_seq * n_seq
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.kv_unified = unified
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        params.no_perf = True
+        with capture_log() as lines:
+            ptr = C.llama_init_from_model(model.ptr, params)
+        if not ptr and kv_type not in ("f16", "f32"):
+            raise LlamaError(
+                f"llama.cpp could not create a context with kv_type={kv_type!r} for this model "
+                "(a quantized KV cache needs head sizes that are a multiple of its block size); "
+                "use f16 or f32", ErrorCode.BAD_REQUEST, field="kv_type", log=_relevant(lines))
+        if not ptr:
+            raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
+        self.ptr = ptr
+        self.model = model
+        self.n_seq = n_seq
+        self.n_ctx_seq = int(C.llama_n_ctx_seq(ptr))
+        self.n_batch = n_batch
+        self.memory = C.llama_get_memory(ptr)
+        self._batch = C.llama_batch_init(n_batch, 0, 1)
+        self._adapters: tuple[tuple[int, float], ...] = ()
+
+    def set_adapters(self, stack: list[tuple[Adapter, float]],
+                     key: tuple[tuple[int, float], ...]) -> None:
+        """Make ``stack`` (whose :func:`stack_key` is ``key``) the adapters of the next batch."""
+        if key == self._adapters:
+            return
+        n = len(stack)
+        if n:
+            ptrs = (C.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in stack])
+            scales = (ctypes.c_float * n)(*[s for _, s in stack])
+            rc = C.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
+        else:
+            rc = C.llama_set_adapters_lora(self.ptr, None, 0, None)
+        if rc != 0:
+            raise LlamaError(f"llama_set_adapters_lora failed with code {rc}",
+                             ErrorCode.LORA_LOAD_FAILED, rc=rc)
+        self._adapters = key
+
+    def decode(self, entries: list[tuple[Sequence, list[int], int]]) -> list[int]:
+        """Decode, in one batch, ``tokens`` at the next positions of each sequence; ``outputs``
+        is how many of an entry's last tokens get logits. Returns each entry's batch index of
+        its first token (for :meth:`logits`)."""
+        batch = self._batch
+        i = 0
+        starts = []
+        for seq, tokens, outputs in entries:
+            starts.append(i)
+            pos0 = len(seq.tokens)
+            first_out = len(tokens) - outputs
+            for j, tok in enumerate(tokens):
+                batch.token[i] = tok
+                batch.pos[i] = pos0 + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq.seq_id
+                batch.logits[i] = int(j >= first_out)
+                i += 1
+        batch.n_tokens = i
+        rc = C.llama_decode(self.ptr, batch)
+        if rc != 0:
+            # A failed ubatch may have left part of the batch in the cache: resynchronise.
+            for seq, _, _ in entries:
+                if not C.llama_memory_seq_rm(self.memory, seq.seq_id, len(seq.tokens), -1):
+                    C.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+                    seq.tokens = []
+            code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
+            raise LlamaError(f"llama_decode failed with code {rc}", code, rc=rc)
+        for seq, tokens, _ in entries:
+            seq.tokens.extend(tokens)
+        return starts
+
+    def logits(self, i: int) -> np.ndarray:
+        """The logits after batch token ``i`` (a view: valid until the next decode)."""
+        ptr = C.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def clear_seq(self, seq: Sequence) -> None:
+        C.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
+        seq.tokens = []
+        seq.stack_key = ()
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_batch_free(self._batch)
+            C.llama_free(self.ptr)
+            self.ptr = None
+            release_free_memory()
+
+
+def stack_key(stack: list[tuple[Adapter, float]]) -> tuple[tuple[int, float], ...]:
+    """What identifies an adapter stack for llama.cpp: the adapters' C addresses (as llama.cpp
+    compares them; a Python id could be reused by a new object while llama.cpp still holds
+    the old pointer) and float32 scales."""
+    return tuple((ctypes.cast(a.ptr, ctypes.c_void_p).value or 0, float(np.float32(s)))
+                 for a, s in stack)
+
+
+def padded_n_ctx(n_ctx: int) -> int:
+    """The context size llama.cpp gives a sequence asked for ``n_ctx`` (a multiple of 256)."""
+    return max(256, (n_ctx + 255) // 256 * 256)
 
 
 POOLING_NAMES = {C.LLAMA_POOLING_TYPE_MEAN: "mean", C.LLAMA_POOLING_TYPE_CLS: "cls",
@@ -614,12 +775,12 @@ class Sampler:
             add(C.llama_sampler_init_temp(p.temperature))
             add(C.llama_sampler_init_dist(p.seed))
 
-    def sample(self, ctx: Context) -> int:
-        """Sample (and accept) the next token from the context's last logits."""
+    def sample(self, ctx: Context | Slab, i: int = -1) -> int:
+        """Sample (and accept) the next token from the logits after batch token ``i``."""
         if self.grammar is None:
-            return int(C.llama_sampler_sample(self.ptr, ctx.ptr, -1))
+            return int(C.llama_sampler_sample(self.ptr, ctx.ptr, i))
         started = time.perf_counter()
-        logits = ctx.logits()
+        logits = ctx.logits(i)
         token = self._greedy_within_grammar(logits) if self._greedy else None
         if token is None:
             self._all.fill(logits)

@@ -245,6 +245,45 @@ def test_two_contexts_stream_concurrently_with_their_own_stacks(
     assert client.status()["adapters"] == []  # freed with the last context holding them
 
 
+def test_four_contexts_on_three_stacks_batched_give_their_outputs_alone(
+    client: Client, lora_daemon: DaemonProcess, files: Files, expected
+) -> None:
+    # One batched llama context holds all four; a batch holds one stack, so the scheduler
+    # rotates between the empty stack, a@0.7 (two contexts: batched together) and b@0.5.
+    stacks = {"base": None, "a": [(files.a.path, 0.7)], "b": [(files.b.path, 0.5)],
+              "a-too": [(files.a.path, 0.7)]}
+    want = {"base": expected["base"], "a": expected["a"], "b": expected["b"],
+            "a-too": expected["a"]}
+    ctxs = {name: client.create_context(files.model, **EXACT, loras=stack, shared=True)
+            for name, stack in stacks.items()}
+    try:
+        [slab] = client.status()["batching"]
+        assert slab["used"] == 4
+        before = slab["stack_switches"]
+        results: dict[str, tuple] = {}
+        barrier = threading.Barrier(len(ctxs))
+
+        def stream(name: str, context_id: str) -> None:
+            with lora_daemon.client() as c:
+                barrier.wait(10)
+                results[name] = run(c.context(context_id))
+
+        threads = [threading.Thread(target=stream, args=(name, c.id))
+                   for name, c in ctxs.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for name in stacks:
+            assert results[name][0] == want[name][0], name  # token for token
+            assert_close(results[name], want[name])
+        [slab] = client.status()["batching"]
+        assert slab["stack_switches"] - before >= 3  # the stacks took turns
+    finally:
+        for c in ctxs.values():
+            c.close()
+
+
 # -- errors ------------------------------------------------------------------------------------
 BAD_FILES = [
     ("garbage", LoraInvalid, "not a GGUF"),

@@ -391,7 +391,8 @@ def cancel(peer: Peer, rid: Any, consumed: int = 1) -> dict[str, Any]:
 
 def test_every_table_is_there() -> None:
     expected = {"reply", "error", "operations", "ping", "status", "status.counters",
-                "adapter_record", "capabilities", "capabilities.llama_cpp",
+                "adapter_record", "slab_record", "capabilities", "capabilities.llama_cpp",
+                "capabilities.batching",
                 "capabilities.features", "capabilities.speculative", "speculative_availability",
                 "model", "model.params", "context", "context.params", "metrics", "metrics.stats",
                 "metrics.latency", "load_model.item", "load_model.end", "load_model.end.metrics",
@@ -464,6 +465,7 @@ def test_capabilities(peer: Peer, model: dict[str, Any]) -> None:
     for row in TABLES["capabilities.features"].rows:  # the values too: true or false
         assert caps["features"][row[0].strip("`")] == (row[1].split(":")[0] == "true"), row
     check_keys(caps["speculative"], "capabilities.speculative")
+    check_keys(caps["batching"], "capabilities.batching")
     modes = {row[0].strip("`") for row in TABLES["speculative_modes"].rows}
     assert set(caps["speculative"]["modes"]) <= modes
     assert model["id"] in caps["speculative"]["per_model"]
@@ -493,6 +495,9 @@ def test_status_and_infos(peer: Peer, spec_daemon: DaemonProcess, model: dict[st
         assert status["adapters"], "an adapter is loaded"
         for record in status["adapters"]:
             check_keys(record, "adapter_record")
+        assert status["batching"], "the context is a sequence of a batched llama context"
+        for record in status["batching"]:
+            check_keys(record, "slab_record")
         for info in status["models"]:
             check_keys(info, "model")
         assert ctx["id"] in [c["id"] for c in status["contexts"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -29,6 +30,7 @@ async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
         "models": [m.info() for m in engine.models],
         "contexts": contexts,
         "adapters": [a.to_wire() for a in engine.adapters],
+        "batching": engine.batching_info(),
         "contexts_total": len(engine.contexts),
         "queued_requests": sum(c["queued"] for c in contexts),
         "running_requests": sum(1 for c in contexts if c["running"] is not None),
@@ -51,8 +53,9 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
             "streaming": True, "cancel": True, "credit_flow_control": True,
             "logprobs": True, "grammar": True, "chat_template": True,
             "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
-            "alora": False, "speculative": True,
+            "alora": False, "speculative": True, "batching": True,
         },
+        "batching": dataclasses.asdict(s.config.batching),
         "repack": engine.repack.to_wire(),
         "busy_policy": "queue",
         "heartbeat_ms": s.config.heartbeat_ms,

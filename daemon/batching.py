@@ -1,0 +1,302 @@
+"""Continuous batching: contexts of one model are sequences of shared llama contexts (slabs),
+and one scheduler per slab decodes the work of all of them in one ``llama_decode`` per step.
+
+A context actor hands the scheduler a :class:`Step` (a prompt, the next token, or a token and
+its draft) and waits for it. Each step the scheduler picks one adapter stack (llama.cpp applies
+adapters to a whole batch), takes every waiting decode of that stack, fills the rest of the
+token budget with chunks of that stack's waiting prompts, decodes them in a worker thread, and
+runs each finished step's ``then`` (sampling, verification) in that same thread on the logits
+in place. Stacks with waiting work are served in rotation, so none starves: with k stacks
+waiting, each gets one step in every k. Only the scheduler's thread calls llama.cpp on a slab.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError
+
+from . import llama
+from .logs import log
+
+StackPairs = list[tuple[llama.Adapter, float]]
+
+
+@dataclass(eq=False)
+class Step:
+    """Work for one sequence: ``tokens`` decoded under ``stack``, then ``then`` on the slab and
+    the batch index of the first token (in the decode thread; its result is the step's)."""
+
+    seq: llama.Sequence
+    tokens: list[int]
+    stack: StackPairs
+    prompt: bool = False
+    """A prompt: the longest prefix cached under the same stack is reused, the rest is decoded
+    in chunks of at most ``chunk`` tokens, and only its last token gets logits."""
+    outputs: int = 1
+    """How many of the last tokens get logits (not for prompts)."""
+    then: Callable[[llama.Slab, int], Any] | None = None
+    should_stop: Callable[[], bool] = lambda: False
+    chunk: int = 1 << 30
+    # -- the scheduler's state
+    key: tuple[tuple[int, float], ...] = ()
+    reused: int = 0
+    pending: list[int] = field(default_factory=list)
+    started: bool = False
+    stopped: bool = False
+    finished: bool = False
+    """Set in the decode thread; ``done`` is set from trio's thread after it."""
+    result: Any = None
+    error: Exception | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def __post_init__(self) -> None:
+        self.key = llama.stack_key(self.stack)
+
+
+class SlabScheduler:
+    """Decodes the steps of one slab's sequences, a batch per step (see the module)."""
+
+    def __init__(self, slab: llama.Slab, budget: int) -> None:
+        self.slab = slab
+        self.budget = max(1, min(budget, slab.n_batch))
+        self.free_ids = list(range(slab.n_seq))
+        self.sequences: dict[int, llama.Sequence] = {}
+        self._waiting: list[Step] = []
+        self._order: list[tuple[tuple[int, float], ...]] = []  # stacks, in rotation order
+        self._wake = trio.Event()
+        self.steps = 0
+        self.tokens = 0
+        self.stack_switches = 0
+        self.closed = False
+
+    # -- sequences ------------------------------------------------------------------------------
+    def attach(self, n_ctx: int) -> llama.Sequence:
+        seq = llama.Sequence(self.slab, self.free_ids.pop(0), n_ctx)
+        self.sequences[seq.seq_id] = seq
+        return seq
+
+    async def detach(self, seq: llama.Sequence) -> None:
+        """Free the sequence's cells and its place (after its last step)."""
+        await self.run(Step(seq, [], [], then=lambda slab, _i: slab.clear_seq(seq)))
+        del self.sequences[seq.seq_id]
+        self.free_ids.append(seq.seq_id)
+
+    # -- work -----------------------------------------------------------------------------------
+    async def run(self, step: Step) -> Any:
+        """Queue ``step`` and wait for its result (a cancelled caller still lets the scheduler
+        finish the step, so that the sequence's cells stay in step with its tokens)."""
+        if self.closed:
+            raise ProtocolError(ErrorCode.NOT_FOUND, "the context is closing")
+        self._waiting.append(step)
+        if step.key not in self._order:
+            self._order.append(step.key)
+        self._wake.set()
+        with trio.CancelScope(shield=True):
+            await step.done.wait()
+        if step.error is not None:
+            raise step.error
+        return step.result
+
+    async def loop(self) -> None:
+        """The scheduler task (until cancelled)."""
+        while True:
+            if not self._waiting:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                # Let every actor woken with the last step's results hand in its next step.
+                await trio.lowlevel.checkpoint()
+                continue
+            batch = self._pick()
+            await trio.to_thread.run_sync(self._decode, batch)
+            for step in batch:
+                if step.finished:
+                    step.done.set()
+            self._waiting = [s for s in self._waiting if not s.finished]
+            self.steps += 1
+
+    def _pick(self) -> list[Step]:
+        """The next stack in rotation that has work: all its decodes, then its prompt chunks
+        while the budget lasts."""
+        keys = {s.key for s in self._waiting}
+        self._order = [k for k in self._order if k in keys]
+        key = self._order.pop(0)
+        self._order.append(key)  # the next step serves the next stack
+        mine = [s for s in self._waiting if s.key == key]
+        decodes = [s for s in mine if not s.prompt]
+        prompts = [s for s in mine if s.prompt]
+        batch, used = [], 0
+        for s in decodes:
+            if used and used + len(s.tokens) > self.budget:
+                break
+            batch.append(s)
+            used += len(s.tokens)
+        for s in prompts:
+            if used >= self.budget:
+                break
+            batch.append(s)
+            used += min(s.chunk, len(s.pending) if s.started else len(s.tokens))
+        return batch
+
+    def _decode(self, batch: list[Step]) -> None:
+        """One scheduler step, in a worker thread: the only code that calls llama.cpp here."""
+        slab = self.slab
+        entries: list[tuple[llama.Sequence, list[int], int]] = []
+        stepped: list[tuple[Step, list[int], bool]] = []
+        left = self.budget
+        for step in batch:
+            try:
+                if step.prompt:
+                    if not step.started:
+                        self._start_prompt(step)
+                    if step.should_stop():
+                        step.stopped, step.pending = True, []
+                        step.finished = True
+                        continue
+                    n = min(step.chunk, left, len(step.pending))
+                    tokens, step.pending = step.pending[:n], step.pending[n:]
+                    last = not step.pending
+                    entries.append((step.seq, tokens, 1 if last else 0))
+                    stepped.append((step, tokens, last))
+                    left -= n
+                elif step.tokens:
+                    if step.seq.stack_key != step.key and step.seq.tokens:
+                        raise RuntimeError("a sequence decoded under another stack")
+                    entries.append((step.seq, step.tokens, step.outputs))
+                    stepped.append((step, step.tokens, True))
+                    left -= len(step.tokens)
+                else:  # housekeeping only
+                    step.result = step.then(slab, -1) if step.then else None
+                    step.finished = True
+            except Exception as exc:  # handed to the step's owner
+                step.error = exc
+                step.pending = []
+                step.finished = True
+        if not entries:
+            return
+        key = batch[0].key
+        try:
+            if slab._adapters != key:
+                self.stack_switches += 1
+            slab.set_adapters(batch[0].stack, key)
+            starts = slab.decode(entries)
+            self.tokens += sum(len(t) for _, t, _ in entries)
+        except Exception as exc:
+            for step, _, _ in stepped:
+                step.error, step.pending = exc, []
+                step.finished = True
+            return
+        for (step, tokens, last), start in zip(stepped, starts, strict=True):
+            step.seq.stack_key = key
+            if not last:
+                continue
+            index = start + len(tokens) - (1 if step.prompt else step.outputs)
+            try:
+                step.result = step.then(slab, index) if step.then else None
+            except Exception as exc:
+                step.error = exc
+            step.finished = True
+
+    def _start_prompt(self, step: Step) -> None:
+        seq, prompt = step.seq, step.tokens
+        common = 0
+        if seq.stack_key == step.key:
+            limit = min(len(prompt), len(seq.tokens))
+            while common < limit and prompt[common] == seq.tokens[common]:
+                common += 1
+        reused = min(common, len(prompt) - 1)  # the last token is decoded for its logits
+        seq.keep(reused)
+        step.reused = len(seq.tokens)
+        step.pending = list(prompt[step.reused:])
+        step.started = True
+
+
+@dataclass(frozen=True)
+class SlabKey:
+    """What contexts must share to be sequences of one slab."""
+
+    n_ctx_seq: int
+    kv_type: str
+    flash_attn: bool | None
+    n_threads: int
+
+
+class Batcher:
+    """The slabs of one model: places a new context in a slab of its kind with a free
+    sequence, or makes a new slab (never rebuilding one: other contexts' KV stays)."""
+
+    def __init__(self, model: llama.Model, *, sequences: int, budget: int, unified: bool,
+                 nursery: trio.Nursery) -> None:
+        self.model = model
+        self.sequences = sequences
+        self.budget = budget
+        self.unified = unified
+        self._nursery = nursery
+        self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
+        self._lock = trio.Lock()
+
+    async def attach(self, *, n_ctx: int, n_batch: int, n_threads: int, kv_type: str,
+                     flash_attn: bool | None) -> tuple[SlabScheduler, llama.Sequence]:
+        key = SlabKey(llama.padded_n_ctx(n_ctx), kv_type, flash_attn, n_threads)
+        async with self._lock:
+            for scheduler, _ in self.slabs.get(key, []):
+                if scheduler.free_ids:
+                    return scheduler, scheduler.attach(key.n_ctx_seq)
+            started = time.perf_counter()
+            slab = await trio.to_thread.run_sync(lambda: llama.Slab(
+                self.model, n_seq=self.sequences, n_ctx_seq=key.n_ctx_seq,
+                n_batch=max(self.budget, n_batch), n_threads=n_threads, kv_type=kv_type,
+                flash_attn=flash_attn, unified=self.unified))
+            scheduler = SlabScheduler(slab, self.budget)
+            scope = await self._nursery.start(self._serve, scheduler)
+            self.slabs.setdefault(key, []).append((scheduler, scope))
+            log.info("slab_created", sequences=self.sequences, n_ctx_seq=slab.n_ctx_seq,
+                     kv_type=kv_type, unified=self.unified,
+                     ms=round((time.perf_counter() - started) * 1000, 1))
+            return scheduler, scheduler.attach(key.n_ctx_seq)
+
+    async def _serve(self, scheduler: SlabScheduler, *,
+                     task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await scheduler.loop()
+
+    async def detach(self, scheduler: SlabScheduler, seq: llama.Sequence) -> None:
+        """Free the sequence; a slab left without sequences is freed too."""
+        await scheduler.detach(seq)
+        async with self._lock:
+            if scheduler.sequences:
+                return
+            for key, slabs in list(self.slabs.items()):
+                for pair in slabs:
+                    if pair[0] is scheduler:
+                        slabs.remove(pair)
+                        pair[1].cancel()
+                if not slabs:
+                    del self.slabs[key]
+            scheduler.closed = True
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(scheduler.slab.close)
+
+    def close(self) -> None:
+        """Free every slab (the daemon is stopping: their schedulers are cancelled)."""
+        for slabs in self.slabs.values():
+            for scheduler, scope in slabs:
+                scope.cancel()
+                scheduler.closed = True
+                scheduler.slab.close()
+        self.slabs.clear()
+
+    def info(self) -> list[dict[str, Any]]:
+        """Each slab: its kind, sequences used, and what its scheduler did."""
+        return [{"n_ctx_seq": k.n_ctx_seq, "kv_type": k.kv_type, "flash_attn": k.flash_attn,
+                 "n_threads": k.n_threads, "sequences": s.slab.n_seq, "used": len(s.sequences),
+                 "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches}
+                for k, slabs in self.slabs.items() for s, _ in slabs]
+
+

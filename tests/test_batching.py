@@ -1,0 +1,147 @@
+"""Continuous batching through a real daemon on a tiny model: contexts of one model decode in
+shared batches, and each keeps its promises (output, prefix cache, n_ctx, cancel, credit)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, start_daemon
+from lorad.client import Client, ContextOverflow
+
+PROMPTS = ["Hello world, the cat and the dog", "Once upon a time there was",
+           "The quick brown fox jumps", "In the beginning the"]
+N = 24
+EXACT = {"n_ctx": 256, "kv_type": "f32", "flash_attn": False}
+
+
+@pytest.fixture(scope="module")
+def batch_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+                 tiny_model: Path) -> Iterator[DaemonProcess]:
+    d = start_daemon(tmp_path_factory.mktemp("batching"), [models_dir])
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture
+def client(batch_daemon: DaemonProcess) -> Iterator[Client]:
+    with batch_daemon.client() as c:
+        yield c
+        leftover = [ctx["id"] for ctx in c.list_contexts()]
+    assert leftover == [], "a test left contexts open"
+
+
+def greedy(ctx, prompt: str, n: int = N, **kw) -> list[int]:
+    return [t for chunk in ctx.generate(prompt, max_tokens=n, temperature=0, **kw)
+            for t in chunk.token_ids]
+
+
+def slabs(client: Client) -> list[dict]:
+    return client.status()["batching"]
+
+
+def concurrently(d: DaemonProcess, jobs: dict[str, tuple[str, str]]) -> dict[str, list[int]]:
+    """Greedy output of each (context id, prompt), all streamed at once from their own
+    clients (they start together)."""
+    results: dict[str, list[int]] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def stream(name: str, context_id: str, prompt: str) -> None:
+        with d.client() as c:
+            barrier.wait(10)
+            results[name] = greedy(c.context(context_id), prompt)
+
+    threads = [threading.Thread(target=stream, args=(name, *job)) for name, job in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_contexts_decode_together_and_give_their_output_alone(
+        client: Client, batch_daemon: DaemonProcess, tiny_model: Path) -> None:
+    alone = {}
+    with client.create_context(tiny_model, **EXACT) as ctx:
+        for p in PROMPTS:
+            ctx.generate("x", max_tokens=1).collect()  # nothing of p cached
+            alone[p] = greedy(ctx, p)
+    ctxs = [client.create_context(tiny_model, **EXACT, shared=True) for _ in PROMPTS]
+    try:
+        [slab] = slabs(client)
+        assert slab["used"] == 4 and slab["sequences"] == 4
+        before = slab["steps"], slab["tokens"]
+        got = concurrently(batch_daemon, {p: (c.id, p) for c, p in zip(ctxs, PROMPTS, strict=True)})
+        assert got == alone
+        [slab] = slabs(client)
+        steps, tokens = slab["steps"] - before[0], slab["tokens"] - before[1]
+        assert tokens >= 4 * (N - 1)
+        assert steps < tokens / 2, (steps, tokens)  # several sequences in most batches
+    finally:
+        for c in ctxs:
+            c.close()
+    assert slabs(client) == []  # the last context freed the batched llama context
+
+
+def test_a_fifth_context_gets_a_new_slab_and_leaves_the_others_cache(
+        client: Client, tiny_model: Path) -> None:
+    ctxs = [client.create_context(tiny_model, **EXACT) for _ in range(4)]
+    try:
+        first = ctxs[0]
+        greedy(first, PROMPTS[0], 4)
+        fifth = client.create_context(tiny_model, **EXACT)
+        ctxs.append(fifth)
+        assert [s["used"] for s in slabs(client)] == [4, 1]
+        stream = first.generate(PROMPTS[0], max_tokens=2, temperature=0)
+        stream.collect()
+        n = stream.metrics["prompt_tokens"]
+        assert stream.metrics["cached_prompt_tokens"] == n - 1  # nothing re-evaluated
+        # a context of another kind (n_ctx) is a sequence of a slab of its own kind
+        other = client.create_context(tiny_model, n_ctx=512, kv_type="f32", flash_attn=False)
+        ctxs.append(other)
+        assert sorted(s["n_ctx_seq"] for s in slabs(client)) == [256, 256, 512]
+    finally:
+        for c in ctxs:
+            c.close()
+
+
+def test_each_context_keeps_its_own_n_ctx(client: Client, tiny_model: Path) -> None:
+    with client.create_context(tiny_model, **EXACT) as small, \
+         client.create_context(tiny_model, **EXACT) as other:
+        greedy(other, PROMPTS[1], 8)
+        with pytest.raises(ContextOverflow):
+            small.generate(tokens=list(range(3, 3 + 300)), max_tokens=1).collect()
+        stream = small.generate(tokens=list(range(3, 3 + 250)), max_tokens=50, temperature=0)
+        stream.collect()
+        assert stream.finish_reason == "length"
+        # 256 cells: the prompt and 6 generated tokens; the 7th is sampled from the last cell
+        assert stream.metrics["generated_tokens"] == 7
+
+
+def test_a_stream_that_stops_reading_leaves_the_batch_and_rejoins(
+        client: Client, batch_daemon: DaemonProcess, tiny_model: Path) -> None:
+    with client.create_context(tiny_model, **EXACT) as ctx:
+        want = greedy(ctx, PROMPTS[2], 40)
+    with client.create_context(tiny_model, **EXACT, shared=True) as slow, \
+         client.create_context(tiny_model, **EXACT, shared=True) as fast:
+        stream = slow.generate(PROMPTS[2], max_tokens=40, temperature=0, credit=1)
+        it = iter(stream)
+        got = list(next(it).token_ids)  # it waits for credit now, its KV kept
+        other = greedy(fast, PROMPTS[3], 40)  # decodes alone meanwhile
+        assert len(other) == 40
+        got += [t for chunk in it for t in chunk.token_ids]
+        assert got == want
+
+
+def test_cancel_stops_a_long_prompt_between_chunks(client: Client, tiny_model: Path) -> None:
+    with client.create_context(tiny_model, n_ctx=4096, n_batch=16) as ctx:
+        stream = ctx.generate(tokens=list(range(3, 3 + 4000)), max_tokens=4)
+        stream.cancel()
+        stream.collect()
+        assert stream.finish_reason == "cancelled"
+        assert stream.metrics["generated_tokens"] == 0
+        [info] = [c for c in client.list_contexts() if c["id"] == ctx.id]
+        assert info["cached_tokens"] < 4000
