@@ -110,6 +110,8 @@ class ContextActor:
         self.current: Job | None = None
         self.closing = False
         self.stopped = trio.Event()
+        self.closed = trio.Event()
+        """Set once :meth:`close` has freed everything."""
         self.created_at = time.time()
         self.requests_done = 0
 
@@ -229,7 +231,10 @@ class ContextActor:
         self._send.close()
         await self.stopped.wait()
         with trio.CancelScope(shield=True):
-            await self._free()
+            try:
+                await self._free()
+            finally:
+                self.closed.set()
 
     def cancel_all(self) -> None:
         for job in list(self.queued):
@@ -283,8 +288,10 @@ class ContextActor:
         check_request(spec, args, self.model.model.can_roll_back)
         if source is None:
             return Drafter("prompt_lookup", spec["max_draft"], spec["ngram_min"],
-                           spec["ngram_max"])
-        return Drafter("draft_model", spec["max_draft"], source=source)
+                           spec["ngram_max"], adaptive=spec["adaptive"],
+                           cost=self.scheduler.draft_cost)
+        return Drafter("draft_model", spec["max_draft"], source=source,
+                       adaptive=spec["adaptive"], cost=self.scheduler.draft_cost)
 
     async def dispose(self) -> None:
         """Free a context whose task never started (its creation failed)."""
@@ -416,6 +423,7 @@ class ContextActor:
         first = Step(seq, prompt, pairs, prompt=True, then=pick,
                      should_stop=lambda: h.cancelled, chunk=self.params["n_batch"])
         reused = 0
+        scheduler.join(seq)
         try:
             produced: Produced = await scheduler.run(first) or []
             reused = first.reused
@@ -443,7 +451,11 @@ class ContextActor:
                     item: dict[str, Any] = {"text": delta, "token_ids": [token]}
                     if logprobs is not None:
                         item["logprobs"] = [logprobs]
-                    if not await h.send_item(item):
+                    if h.credit <= 0:  # waits for the client: the batches go on without it
+                        scheduler.leave(seq)
+                    sent = await h.send_item(item)
+                    scheduler.join(seq)
+                    if not sent:
                         finish, done = "cancelled", True
                         break
                     if text.stopped:
@@ -457,7 +469,8 @@ class ContextActor:
                     break
                 assert previous is not None
                 if drafter is not None:
-                    room = min(args.max_tokens - generated, seq.n_ctx - len(seq.tokens)) - 1
+                    room = min(args.max_tokens - generated, seq.n_ctx - len(seq.tokens),
+                               scheduler.budget) - 1
                     draft, qs = await trio.to_thread.run_sync(
                         drafter.draft, room, None if greedy else params, rng)
                     step = Step(seq, [previous, *draft], pairs, outputs=len(draft) + 1,
@@ -470,6 +483,7 @@ class ContextActor:
                 if tail:
                     await h.send_item({"text": tail, "token_ids": []})
         finally:
+            scheduler.leave(seq)
             await trio.to_thread.run_sync(sampler.close)
         ended = time.perf_counter()
         prompt_s = (t_prompt or ended) - started

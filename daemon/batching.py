@@ -25,6 +25,8 @@ from . import llama
 from .logs import log
 
 StackPairs = list[tuple[llama.Adapter, float]]
+GATHER_S = 0.02
+"""How long a batch waits at most for a generating sequence's next step."""
 
 
 @dataclass(eq=False)
@@ -59,6 +61,45 @@ class Step:
         self.key = llama.stack_key(self.stack)
 
 
+class StepCost:
+    """What a decoding step costs, learnt online from the engine's own steps whose tokens all
+    get logits: the mean time of steps of each size (recent steps weighing more), fitted as
+    ``a + b * tokens``; with one size seen so far, the prior that each further token costs
+    half a one-token step."""
+
+    PRIOR = 0.5
+    DECAY = 0.9
+
+    def __init__(self) -> None:
+        self.means: dict[int, float] = {}
+        self.weights: dict[int, float] = {}
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        w = self.weights.get(tokens, 0.0)
+        mean = self.means.get(tokens, seconds)
+        self.weights[tokens] = min(w * self.DECAY + 1, 1 / (1 - self.DECAY))
+        self.means[tokens] = mean + (seconds - mean) / (w * self.DECAY + 1)
+
+    def line(self) -> tuple[float, float]:
+        """``(a, b)``: the fixed and the per-token time of a step (any unit)."""
+        if len(self.means) < 2:
+            x, y = next(iter(self.means.items()), (1, 1.0))
+            unit = y / (1 + self.PRIOR * (x - 1))
+            return unit * (1 - self.PRIOR), unit * self.PRIOR
+        w = sum(self.weights.values())
+        mx = sum(self.weights[x] * x for x in self.means) / w
+        my = sum(self.weights[x] * y for x, y in self.means.items()) / w
+        var = sum(self.weights[x] * (x - mx) ** 2 for x in self.means) / w
+        cov = sum(self.weights[x] * (x - mx) * (y - my) for x, y in self.means.items()) / w
+        b = max(cov / var, 0.0)
+        return max(my - b * mx, 1e-9), b
+
+    def relative(self, extra: int, base: int) -> float:
+        """The time of a step with ``extra`` more tokens than ``base``, relative to it."""
+        a, b = self.line()
+        return (a + b * (base + extra)) / (a + b * base)
+
+
 class SlabScheduler:
     """Decodes the steps of one slab's sequences, a batch per step (see the module)."""
 
@@ -70,6 +111,9 @@ class SlabScheduler:
         self._waiting: list[Step] = []
         self._order: list[tuple[tuple[int, float], ...]] = []  # stacks, in rotation order
         self._wake = trio.Event()
+        self.active: set[int] = set()
+        """Sequences in the middle of a generation: their next step is coming."""
+        self.cost = StepCost()
         self.steps = 0
         self.tokens = 0
         self.stack_switches = 0
@@ -83,11 +127,41 @@ class SlabScheduler:
 
     async def detach(self, seq: llama.Sequence) -> None:
         """Free the sequence's cells and its place (after its last step)."""
-        await self.run(Step(seq, [], [], then=lambda slab, _i: slab.clear_seq(seq)))
+        if not self.closed:  # a stopped scheduler's slab is freed whole
+            try:
+                await self.run(Step(seq, [], [], then=lambda slab, _i: slab.clear_seq(seq)))
+            except ProtocolError:
+                if not self.closed:
+                    raise
         del self.sequences[seq.seq_id]
         self.free_ids.append(seq.seq_id)
 
     # -- work -----------------------------------------------------------------------------------
+    def join(self, seq: llama.Sequence) -> None:
+        """``seq`` generates: the scheduler waits for its steps before decoding a batch."""
+        self.active.add(seq.seq_id)
+
+    def stop(self) -> None:
+        """No more steps: every waiting one fails with ``shutting_down``."""
+        self.closed = True
+        for step in self._waiting:
+            if not step.done.is_set():
+                step.error = ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+                step.finished = True
+                step.done.set()
+        self._waiting = []
+
+    def draft_cost(self, extra: int) -> float:
+        """What ``extra`` draft tokens add to a step of the generating sequences (relative)."""
+        return self.cost.relative(extra, max(1, len(self.active)))
+
+    def leave(self, seq: llama.Sequence) -> None:
+        """``seq`` stops handing in steps for a while (its generation ended, or its client
+        has no credit left): batches go on without waiting for it."""
+        if seq.seq_id in self.active:
+            self.active.discard(seq.seq_id)
+            self._wake.set()
+
     async def run(self, step: Step) -> Any:
         """Queue ``step`` and wait for its result (a cancelled caller still lets the scheduler
         finish the step, so that the sequence's cells stay in step with its tokens)."""
@@ -109,11 +183,23 @@ class SlabScheduler:
             if not self._waiting:
                 self._wake = trio.Event()
                 await self._wake.wait()
-                # Let every actor woken with the last step's results hand in its next step.
-                await trio.lowlevel.checkpoint()
                 continue
+            # Gather: wait until every generating sequence has handed in its next step (their
+            # Python work between steps then never competes with llama.cpp's threads for the
+            # cores, and batches are full); GATHER_S bounds the wait if one is slow.
+            deadline = trio.current_time() + GATHER_S
+            while not self.active <= {s.seq.seq_id for s in self._waiting}:
+                self._wake = trio.Event()
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+                if trio.current_time() >= deadline:
+                    break
             batch = self._pick()
+            started = time.perf_counter()
             await trio.to_thread.run_sync(self._decode, batch)
+            if batch and all(not s.prompt and s.outputs == len(s.tokens) for s in batch):
+                self.cost.observe(sum(len(s.tokens) for s in batch),
+                                  time.perf_counter() - started)
             for step in batch:
                 if step.finished:
                     step.done.set()
@@ -264,7 +350,10 @@ class Batcher:
                      task_status: trio.TaskStatus[trio.CancelScope]) -> None:
         with trio.CancelScope() as scope:
             task_status.started(scope)
-            await scheduler.loop()
+            try:
+                await scheduler.loop()
+            finally:  # stopped (the daemon is ending): nothing may wait for it any more
+                scheduler.stop()
 
     async def detach(self, scheduler: SlabScheduler, seq: llama.Sequence) -> None:
         """Free the sequence; a slab left without sequences is freed too."""

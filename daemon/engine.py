@@ -75,6 +75,8 @@ class Engine:
         self._nursery: trio.Nursery | None = None
         self._embedders: dict[str, _Embedder] = {}
         """One embedding context per model id (never a generation context)."""
+        self._closing: set[ContextActor] = set()
+        """Contexts being closed (out of ``contexts`` already): a drain waits for them too."""
         self._batchers: dict[int, Batcher] = {}
         """The batched llama contexts of each model (by ``id`` of its LoadedModel)."""
 
@@ -292,12 +294,18 @@ class Engine:
     async def close_context(self, actor: ContextActor) -> None:
         """Cancel its work, stop its actor, free its llama context (idempotent)."""
         if self.contexts.get(actor.id) is not actor:
+            if actor in self._closing:  # another task closes it: done when it is
+                await actor.closed.wait()
             return
         del self.contexts[actor.id]
+        self._closing.add(actor)
         actor.model.contexts.discard(actor.id)
         if self.on_closed is not None:
             self.on_closed(actor)
-        await actor.close()
+        try:
+            await actor.close()
+        finally:
+            self._closing.discard(actor)
         self.metrics.forget_context(actor.id)
         log.info("context_closed", context=actor.id)
 
@@ -323,7 +331,7 @@ class Engine:
             actor.cancel_all()
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
-                for actor in list(self.contexts.values()):
+                for actor in [*self.contexts.values(), *self._closing]:
                     nursery.start_soon(self.close_context, actor)
 
     @staticmethod

@@ -613,6 +613,8 @@ class Slab:
         is how many of an entry's last tokens get logits. Returns each entry's batch index of
         its first token (for :meth:`logits`)."""
         batch = self._batch
+        if sum(len(t) for _, t, _ in entries) > self.n_batch:
+            raise ValueError("more tokens than n_batch in one batch")
         i = 0
         starts = []
         for seq, tokens, outputs in entries:

@@ -10,13 +10,19 @@ token from ``p``), where ``p`` is the target's distribution after the request's 
 chain (top-k, top-p, min-p, temperature, as in ``llama.Sampler``) and ``q`` the draft's (a
 one-hot for n-gram drafts): the output distribution is the target's own.
 
-The depth adapts: it halves after a step that accepted nothing and grows again while drafts are
-accepted; at depth 0 a one-token draft is retried every ``PROBE_EVERY`` steps, so a prompt the
-method cannot help costs almost nothing.
+The depth is chosen for speed, step by step: the drafter estimates the chance ``p`` that the
+next draft token is accepted (drafted and accepted tokens of this request, recent ones weighing
+more) and the engine knows what ``d`` more tokens add to a step (``cost(d)``, learnt from its
+own step times). A draft of ``d`` tokens yields ``(1 - p^(d+1)) / (1 - p)`` tokens on average
+for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that maximises their ratio: a
+rejected draft's cost is counted, and where drafting cannot pay, it stops. At depth 0 a one-token
+draft probes now and then (every ``PROBE_EVERY`` steps, the interval doubling after each
+rejected probe up to ``PROBE_MAX``), so that a request whose text starts repeating is noticed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +34,9 @@ from lorad.protocol.args import OpArgs
 from . import llama
 
 PROBE_EVERY = 8
+PROBE_MAX = 64
+DECAY = 0.9
+"""Weight of the acceptance counts of the step before (per step)."""
 
 
 def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int) -> list[int]:
@@ -146,28 +155,58 @@ class DraftModel:
 
 @dataclass
 class Drafter:
-    """Per-request drafting state: parameters, adaptive depth and counters."""
+    """Per-request drafting state: parameters, acceptance estimate and counters."""
 
     mode: str
     max_draft: int
     ngram_min: int = 1
     ngram_max: int = 3
     source: DraftModel | None = None
+    adaptive: bool = True
+    """False: always draft ``max_draft`` tokens."""
+    cost: Callable[[int], float] = lambda d: 1.0 + 0.5 * d
+    """The relative cost of a step with ``d`` draft tokens (the engine's estimate)."""
     depth: int = 0
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
     history: list[int] = field(default_factory=list)
+    _hits: float = 1.2  # prior: p = 0.6 with the weight of two draft tokens
+    _trials: float = 2.0
+    _probe_in: int = PROBE_EVERY
+    _probe_every: int = PROBE_EVERY
+    _probing: bool = False
 
-    def __post_init__(self) -> None:
-        self.depth = self.max_draft
+    def p_accept(self) -> float:
+        """The estimated chance that a draft token is accepted (given its predecessors were)."""
+        return self._hits / self._trials
+
+    def choose_depth(self, limit: int) -> int:
+        """The draft length that maximises expected tokens per unit of step time."""
+        if not self.adaptive:
+            return min(self.max_draft, limit)
+        p = min(self.p_accept(), 0.999)
+        best, best_value = 0, 1.0
+        for d in range(1, min(self.max_draft, limit) + 1):
+            value = (1 - p ** (d + 1)) / (1 - p) / self.cost(d)
+            if value > best_value * 1.001:
+                best, best_value = d, value
+        if best == 0 and limit > 0:
+            self._probe_in -= 1
+            if self._probe_in <= 0:
+                self._probe_in = self._probe_every
+                self._probing = True
+                return 1
+        return best
 
     def draft(self, limit: int, params: llama.SamplingParams | None,
               rng: np.random.Generator) -> tuple[list[int], list[np.ndarray] | None]:
         """The next draft (at most ``limit`` tokens: room left in max_tokens and n_ctx) and
         the draft's distributions (None for deterministic drafts)."""
         self.steps += 1
-        depth = min(self.depth or (1 if self.steps % PROBE_EVERY == 0 else 0), limit)
+        self.depth = depth = self.choose_depth(limit)
+        if depth == 0:
+            return [], None
         if self.source is not None:
             return self.source.propose(self.history, depth, params, rng)
         return lookup_draft(self.history, self.ngram_min, self.ngram_max, depth), None
@@ -177,12 +216,14 @@ class Drafter:
         self.accepted += accepted
         if drafted == 0:
             return
-        if accepted == 0:
-            self.depth //= 2
-        elif accepted == drafted:
-            self.depth = min(self.max_draft, max(1, self.depth) * 2)
-        else:
-            self.depth = max(1, accepted)
+        trials = accepted + (1 if accepted < drafted else 0)
+        self._hits = DECAY * self._hits + accepted
+        self._trials = DECAY * self._trials + trials
+        if self._probing:
+            self._probing = False
+            self._probe_every = PROBE_EVERY if accepted else min(PROBE_MAX,
+                                                                 self._probe_every * 2)
+            self._probe_in = self._probe_every
 
     def metrics(self) -> dict[str, Any]:
         return {

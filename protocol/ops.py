@@ -156,9 +156,9 @@ _REQUIRED = object()
 # mode -> parameter -> (type, default, low, high)
 _SPEC_PARAMS: dict[str, dict[str, tuple[type, Any, Any, Any]]] = {
     "prompt_lookup": {"ngram_min": (int, 1, 1, 8), "ngram_max": (int, 3, 1, 8),
-                      "max_draft": (int, 8, 1, 64)},
+                      "max_draft": (int, 8, 1, 64), "adaptive": (bool, True, None, None)},
     "draft_model": {"model": (str, _REQUIRED, None, None), "max_draft": (int, 8, 1, 64),
-                    "p_min": (float, 0.5, 0.0, 1.0)},
+                    "p_min": (float, 0.5, 0.0, 1.0), "adaptive": (bool, True, None, None)},
     "mtp": {"max_draft": (int, 1, 1, 8)},
 }
 
@@ -192,11 +192,16 @@ def parse_speculative(value: Any, limits: Limits) -> dict[str, Any] | bool:
         v = value.get(key, default)
         if v is _REQUIRED:
             raise refuse("missing_parameter", f"{mode} needs {key!r}", mode=mode, parameter=key)
-        ok = not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else kind)
+        if kind is bool:
+            ok = isinstance(v, bool)
+        else:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float) if kind is float
+                                                        else kind)
         if ok and lo is not None:
             ok = math.isfinite(v) and lo <= v <= hi
         if not ok or (kind is str and not v):
-            what = f"in {lo}..{hi}" if lo is not None else "a non-empty string"
+            what = (f"in {lo}..{hi}" if lo is not None else "true or false" if kind is bool
+                    else "a non-empty string")
             raise refuse("out_of_range", f"{key} must be {what}, got {echo(v)}", mode=mode,
                          parameter=key)
         out[key] = float(v) if kind is float else v

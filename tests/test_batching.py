@@ -138,10 +138,27 @@ def test_a_stream_that_stops_reading_leaves_the_batch_and_rejoins(
 
 def test_cancel_stops_a_long_prompt_between_chunks(client: Client, tiny_model: Path) -> None:
     with client.create_context(tiny_model, n_ctx=4096, n_batch=16) as ctx:
-        stream = ctx.generate(tokens=list(range(3, 3 + 4000)), max_tokens=4)
+        stream = ctx.generate(tokens=[3 + i % 500 for i in range(4000)], max_tokens=4)
         stream.cancel()
         stream.collect()
         assert stream.finish_reason == "cancelled"
         assert stream.metrics["generated_tokens"] == 0
         [info] = [c for c in client.list_contexts() if c["id"] == ctx.id]
         assert info["cached_tokens"] < 4000
+
+
+def test_contexts_closing_as_their_client_leaves_do_not_stall_a_drain(
+        tmp_path: Path, models_dir: Path, tiny_model: Path) -> None:
+    # The contexts are closed by the peer-gone path while SIGTERM drains: the drain waits for
+    # them (their slab's scheduler must outlive their last step), and the daemon exits 0.
+    for i in range(5):
+        workdir = tmp_path / str(i)
+        workdir.mkdir()
+        d = start_daemon(workdir, [models_dir])
+        with d.client() as a, d.client() as b:
+            one = a.create_context(tiny_model, n_ctx=128)
+            a.create_context(tiny_model, n_ctx=128)
+            b.create_context(tiny_model, n_ctx=128)
+            greedy(one, PROMPTS[0], 2)
+        assert d.stop() == 0, d.log()
+        assert d.log().count('"context_closed"') == 3

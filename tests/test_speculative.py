@@ -72,9 +72,11 @@ def greedy(ctx, prompt: str = PROMPT, **params):
 
 @pytest.mark.parametrize("spec", [
     LOOKUP,
-    {"mode": "prompt_lookup", "max_draft": 1},
-    {"mode": "prompt_lookup", "max_draft": 64, "ngram_min": 1, "ngram_max": 1},
-    {"mode": "prompt_lookup", "max_draft": 64, "ngram_min": 4, "ngram_max": 8},
+    {"mode": "prompt_lookup", "max_draft": 1, "adaptive": False},
+    {"mode": "prompt_lookup", "max_draft": 64, "ngram_min": 1, "ngram_max": 1,
+     "adaptive": False},
+    {"mode": "prompt_lookup", "max_draft": 64, "ngram_min": 4, "ngram_max": 8,
+     "adaptive": False},
 ])
 def test_greedy_output_is_identical_at_any_depth(client: Client, spec_files, spec) -> None:
     with client.create_context(spec_files["model"], n_ctx=512) as off_ctx, \
@@ -86,7 +88,7 @@ def test_greedy_output_is_identical_at_any_depth(client: Client, spec_files, spe
     m = s_on.metrics
     assert m["speculative"] is True and m["speculative_mode"] == "prompt_lookup"
     assert m["drafted_tokens"] > 0
-    assert 0 < m["accepted_tokens"] <= m["drafted_tokens"]
+    assert 0 < m["accepted_tokens"] <= m["drafted_tokens"], m
     assert m["acceptance_rate"] == round(m["accepted_tokens"] / m["drafted_tokens"], 4)
     assert m["generated_tokens"] == len(on)
 
@@ -201,7 +203,7 @@ def test_draft_model_greedy_is_identical(client: Client, spec_files, which: str)
         off, _, _ = greedy(ctx, speculative=False)
         for depth in (1, 4, 16):
             on, _, stream = greedy(ctx, speculative=draft(spec_files, which, max_draft=depth,
-                                                          p_min=0.0))
+                                                          p_min=0.0, adaptive=False))
             assert on == off
             m = stream.metrics
             assert m["speculative_mode"] == "draft_model" and m["drafted_tokens"] > 0
@@ -325,7 +327,8 @@ def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path
         with d.client() as c:
             ctx = c.context("default")
             assert ctx.info["params"]["speculative"] == {
-                "mode": "prompt_lookup", "ngram_min": 1, "ngram_max": 3, "max_draft": 5}
+                "mode": "prompt_lookup", "ngram_min": 1, "ngram_max": 3, "max_draft": 5,
+                "adaptive": True}
             assert greedy(ctx, max_tokens=20)[2].metrics["speculative"] is True
     finally:
         assert d.stop() == 0, d.log()
@@ -365,3 +368,45 @@ def test_cli_refuses_orphan_draft_options_and_runs_a_draft_model(spec_daemon: Da
                    str(spec_files["copy"]), "--draft-max", "4")
     assert out.returncode == 0, out.stderr
     assert "speculative draft_model:" in out.stderr
+
+
+# -- the adaptive depth (pure) ---------------------------------------------------------------
+def test_adaptive_depth_weighs_acceptance_against_what_a_draft_token_costs() -> None:
+    from lorad.daemon.speculative import PROBE_EVERY, Drafter
+
+    cheap = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.05 * d)
+    for _ in range(10):
+        cheap.record(4, 4)  # every draft token accepted
+    assert cheap.choose_depth(64) == 8  # drafting pays: as deep as allowed
+    assert cheap.choose_depth(3) == 3  # ... within the room left
+    costly = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 1.0 * d)  # a token = a step
+    for _ in range(10):
+        costly.record(4, 4)
+    assert costly.choose_depth(64) == 0  # never pays: the drafts would cost more than they give
+    rejected = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.2 * d)
+    assert rejected.choose_depth(64) >= 1  # the prior (p = 0.6) drafts
+    for _ in range(5):
+        rejected.record(2, 0)
+    assert rejected.p_accept() < 0.2
+    depths = [rejected.choose_depth(64) for _ in range(PROBE_EVERY)]
+    assert depths == [0] * (PROBE_EVERY - 1) + [1]  # then one probe
+    rejected.record(1, 0)  # the probe failed: the next one comes twice as late
+    depths = [rejected.choose_depth(64) for _ in range(2 * PROBE_EVERY)]
+    assert depths.count(1) == 1 and depths[-1] == 1
+    fixed = Drafter("prompt_lookup", 8, adaptive=False, cost=lambda d: 1 + 1.0 * d)
+    fixed.record(8, 0)
+    assert fixed.choose_depth(64) == 8 and fixed.choose_depth(5) == 5
+
+
+def test_step_cost_is_learnt_from_step_times() -> None:
+    from lorad.daemon.batching import StepCost
+
+    cost = StepCost()
+    assert cost.relative(1, 1) == pytest.approx(1.5)  # the prior: a token is half a step
+    for _ in range(20):
+        cost.observe(1, 0.010)
+    assert cost.relative(1, 1) == pytest.approx(1.5)  # one size seen: the prior's shape
+    for _ in range(20):
+        cost.observe(5, 0.014)  # 10 ms + 1 ms per token: a token is cheap
+    assert cost.relative(1, 1) == pytest.approx(0.011 / 0.010, rel=0.02)
+    assert cost.relative(4, 4) == pytest.approx(0.017 / 0.013, rel=0.02)
