@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control soak train-adapters demo lint clean
+.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control bench-concurrency soak train-adapters demo lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -36,12 +36,24 @@ bench: $(VENV)/.installed
 bench-lora: $(VENV)/.installed
 	$(PY) bench/lora.py
 
+# lorad versus llama-server, n-gram drafts and a draft model (~9 minutes on an idle 2-core
+# machine; writes the F16 target first if absent; llama-server columns skipped if it is absent).
 bench-speculative: $(VENV)/.installed
 	$(PY) bench/speculative.py
+
+# The draft-model benchmark's F16 target (cached in ~/.cache/lorad/models/), checked by llama.cpp.
+.PHONY: bench-target
+bench-target: $(VENV)/.installed
+	$(PY) bench/make_target.py --check
 
 # Control round trips (ping, adapter scale change) against a raw pyzmq floor (~2 minutes).
 bench-control: $(VENV)/.installed
 	$(PY) bench/control_latency.py
+
+# N concurrent client processes, lorad's batching versus llama-server, and adapter stacks
+# (~10-15 minutes on 2 cores; llama-server from ~/.cache/lorad/llama-server, else skipped).
+bench-concurrency: $(VENV)/.installed
+	$(PY) bench/concurrency.py
 
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py
