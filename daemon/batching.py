@@ -12,7 +12,9 @@ waiting, each gets one step in every k. Only the scheduler's thread calls llama.
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,34 +65,32 @@ class Step:
 
 class StepCost:
     """What a decoding step costs, learnt online from the engine's own steps whose tokens all
-    get logits: the mean time of steps of each size (recent steps weighing more), fitted as
-    ``a + b * tokens``; with one size seen so far, the prior that each further token costs
-    half a one-token step."""
+    get logits: the median time of the last steps of each size (robust to the spikes a shared
+    machine adds), fitted as ``a + b * tokens``; with one size seen so far, the prior that each
+    further token costs half a one-token step."""
 
     PRIOR = 0.5
-    DECAY = 0.9
+    KEEP = 15
 
     def __init__(self) -> None:
-        self.means: dict[int, float] = {}
-        self.weights: dict[int, float] = {}
+        self.samples: dict[int, deque[float]] = {}
 
     def observe(self, tokens: int, seconds: float) -> None:
-        w = self.weights.get(tokens, 0.0)
-        mean = self.means.get(tokens, seconds)
-        self.weights[tokens] = min(w * self.DECAY + 1, 1 / (1 - self.DECAY))
-        self.means[tokens] = mean + (seconds - mean) / (w * self.DECAY + 1)
+        self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
 
     def line(self) -> tuple[float, float]:
         """``(a, b)``: the fixed and the per-token time of a step (any unit)."""
-        if len(self.means) < 2:
-            x, y = next(iter(self.means.items()), (1, 1.0))
+        points = {x: statistics.median(ys) for x, ys in self.samples.items()}
+        if len(points) < 2:
+            x, y = next(iter(points.items()), (1, 1.0))
             unit = y / (1 + self.PRIOR * (x - 1))
             return unit * (1 - self.PRIOR), unit * self.PRIOR
-        w = sum(self.weights.values())
-        mx = sum(self.weights[x] * x for x in self.means) / w
-        my = sum(self.weights[x] * y for x, y in self.means.items()) / w
-        var = sum(self.weights[x] * (x - mx) ** 2 for x in self.means) / w
-        cov = sum(self.weights[x] * (x - mx) * (y - my) for x, y in self.means.items()) / w
+        weights = {x: len(self.samples[x]) for x in points}
+        w = sum(weights.values())
+        mx = sum(weights[x] * x for x in points) / w
+        my = sum(weights[x] * y for x, y in points.items()) / w
+        var = sum(weights[x] * (x - mx) ** 2 for x in points) / w
+        cov = sum(weights[x] * (x - mx) * (y - my) for x, y in points.items()) / w
         b = max(cov / var, 0.0)
         return max(my - b * mx, 1e-9), b
 
