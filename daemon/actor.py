@@ -471,8 +471,11 @@ class ContextActor:
                 if drafter is not None:
                     room = min(args.max_tokens - generated, seq.n_ctx - len(seq.tokens),
                                scheduler.budget) - 1
-                    draft, qs = await trio.to_thread.run_sync(
-                        drafter.draft, room, None if greedy else params, rng)
+                    if drafter.source is None:  # n-gram lookup: cheap, no thread hop
+                        draft, qs = drafter.draft(room, None if greedy else params, rng)
+                    else:  # a draft model decodes in its own llama context
+                        draft, qs = await trio.to_thread.run_sync(
+                            drafter.draft, room, None if greedy else params, rng)
                     step = Step(seq, [previous, *draft], pairs, outputs=len(draft) + 1,
                                 then=verifier(draft, qs))
                 else:
