@@ -121,7 +121,11 @@ class SlabScheduler:
 
     # -- sequences ------------------------------------------------------------------------------
     def attach(self, n_ctx: int) -> llama.Sequence:
-        seq = llama.Sequence(self.slab, self.free_ids.pop(0), n_ctx)
+        # The lowest free id: ids stay compact, so that a batch is one run of consecutive ids
+        # as often as possible (see _decode).
+        seq_id = min(self.free_ids)
+        self.free_ids.remove(seq_id)
+        seq = llama.Sequence(self.slab, seq_id, n_ctx)
         self.sequences[seq.seq_id] = seq
         return seq
 
@@ -232,6 +236,10 @@ class SlabScheduler:
     def _decode(self, batch: list[Step]) -> None:
         """One scheduler step, in a worker thread: the only code that calls llama.cpp here."""
         slab = self.slab
+        # By sequence id: with a KV pool per sequence, llama.cpp puts into one ubatch only a
+        # run of consecutive sequence ids in batch order (split_equal, sequential), so any
+        # other order splits the batch into several graph computations.
+        batch = sorted(batch, key=lambda step: step.seq.seq_id)
         entries: list[tuple[llama.Sequence, list[int], int]] = []
         stepped: list[tuple[Step, list[int], bool]] = []
         left = self.budget

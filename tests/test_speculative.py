@@ -88,7 +88,10 @@ def test_greedy_output_is_identical_at_any_depth(client: Client, spec_files, spe
     m = s_on.metrics
     assert m["speculative"] is True and m["speculative_mode"] == "prompt_lookup"
     assert m["drafted_tokens"] > 0
-    assert 0 < m["accepted_tokens"] <= m["drafted_tokens"], m
+    if spec.get("adaptive", True):  # it may stop drafting after rejections: timing decides
+        assert 0 <= m["accepted_tokens"] <= m["drafted_tokens"], m
+    else:  # a fixed length drafts whenever the n-gram matches: some drafts are accepted
+        assert 0 < m["accepted_tokens"] <= m["drafted_tokens"], m
     assert m["acceptance_rate"] == round(m["accepted_tokens"] / m["drafted_tokens"], 4)
     assert m["generated_tokens"] == len(on)
 
