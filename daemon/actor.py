@@ -105,7 +105,10 @@ class ContextActor:
         self.params = params
         self.max_queued = max_queued
         self._rng = random.Random(seed)
-        self._send, self._recv = trio.open_memory_channel[Job](max_queued)
+        # One place more than max_queued: the running request's (whether the actor's task has
+        # reached its receive yet or not: a zero-capacity channel refused the first request
+        # of a context whose task had not started); submit counts the places itself.
+        self._send, self._recv = trio.open_memory_channel[Job](max_queued + 1)
         self.queued: list[Job] = []
         self.current: Job | None = None
         self.closing = False
@@ -125,6 +128,8 @@ class ContextActor:
                                 context=self.id)
         job = Job(handle, args, stack, held)
         try:
+            if len(self.queued) + (self.current is not None) > self.max_queued:
+                raise trio.WouldBlock
             self._send.send_nowait(job)
         except trio.WouldBlock:
             raise ProtocolError(
