@@ -323,6 +323,46 @@ KV_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_
 
 
 # -- contexts ----------------------------------------------------------------------------------
+def _new_context(model: Model, params: Any, *, n_ctx: int, n_seq: int, n_batch: int,
+                 n_threads: int, kv_type: str, flash_attn: bool | None) -> Any:
+    """``llama_init_from_model`` with ``params`` completed; typed errors for a NULL."""
+    params.type_k = params.type_v = KV_TYPES[kv_type]
+    # None: llama.cpp decides (on for the CPU backend). Flash attention computes in f16,
+    # whatever the KV type: exact-math comparisons need it off and an f32 cache.
+    params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = n_seq
+    params.n_threads = n_threads
+    params.n_threads_batch = n_threads
+    params.no_perf = True
+    with capture_log() as lines:
+        ptr = C.llama_init_from_model(model.ptr, params)
+    if not ptr and kv_type not in ("f16", "f32"):
+        raise LlamaError(
+            f"llama.cpp could not create a context with kv_type={kv_type!r} for this model "
+            "(a quantized KV cache needs head sizes that are a multiple of its block size); "
+            "use f16 or f32", ErrorCode.BAD_REQUEST, field="kv_type", log=_relevant(lines))
+    if not ptr:
+        raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
+    return ptr
+
+
+def _set_adapters(ctx_ptr: Any, stack: list[tuple[Adapter, float]]) -> None:
+    """``llama_set_adapters_lora`` with the whole stack (empty: no adapters)."""
+    n = len(stack)
+    if n:
+        ptrs = (C.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in stack])
+        scales = (ctypes.c_float * n)(*[s for _, s in stack])
+        rc = C.llama_set_adapters_lora(ctx_ptr, ptrs, n, scales)
+    else:
+        rc = C.llama_set_adapters_lora(ctx_ptr, None, 0, None)
+    if rc != 0:
+        raise LlamaError(f"llama_set_adapters_lora failed with code {rc}",
+                         ErrorCode.LORA_LOAD_FAILED, rc=rc)
+
+
 class Context:
     """One llama_context (KV cache and compute buffers) on a shared :class:`Model`.
 
@@ -348,26 +388,8 @@ class Context:
             params.pooling_type = pooling
             self.pooling = POOLING_NAMES[pooling]
             n_batch = n_ctx  # a pooled sequence must fit in one ubatch
-        params.type_k = params.type_v = KV_TYPES[kv_type]
-        # None: llama.cpp decides (on for the CPU backend). Flash attention computes in f16,
-        # whatever the KV type: exact-math comparisons need it off and an f32 cache.
-        params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_seq_max = 1
-        params.n_threads = n_threads
-        params.n_threads_batch = n_threads
-        params.no_perf = True
-        with capture_log() as lines:
-            ptr = C.llama_init_from_model(model.ptr, params)
-        if not ptr and kv_type not in ("f16", "f32"):
-            raise LlamaError(
-                f"llama.cpp could not create a context with kv_type={kv_type!r} for this model "
-                "(a quantized KV cache needs head sizes that are a multiple of its block size); "
-                "use f16 or f32", ErrorCode.BAD_REQUEST, field="kv_type", log=_relevant(lines))
-        if not ptr:
-            raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
+        ptr = _new_context(model, params, n_ctx=n_ctx, n_seq=1, n_batch=n_batch,
+                           n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn)
         self.ptr = ptr
         self.model = model
         self.n_ctx = int(C.llama_n_ctx(ptr))
@@ -400,16 +422,7 @@ class Context:
         key = stack_key(stack)
         if key == self._adapters:
             return False
-        n = len(stack)
-        if n:
-            ptrs = (C.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in stack])
-            scales = (ctypes.c_float * n)(*[s for _, s in stack])
-            rc = C.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
-        else:
-            rc = C.llama_set_adapters_lora(self.ptr, None, 0, None)
-        if rc != 0:
-            raise LlamaError(f"llama_set_adapters_lora failed with code {rc}",
-                             ErrorCode.LORA_LOAD_FAILED, rc=rc)
+        _set_adapters(self.ptr, stack)
         self.clear()
         self._adapters = key
         return True
@@ -563,31 +576,15 @@ class Slab:
                  n_threads: int, kv_type: str = "f16", flash_attn: bool | None = None,
                  unified: bool = False) -> None:
         params = C.llama_context_default_params()
-        params.type_k = params.type_v = KV_TYPES[kv_type]
-        params.flash_attn_type = -1 if flash_attn is None else int(flash_attn)
-        params.n_ctx = n_ctx_seq * n_seq
-        params.n_batch = n_batch
-        params.n_ubatch = n_batch
-        params.n_seq_max = n_seq
         params.kv_unified = unified
-        params.n_threads = n_threads
-        params.n_threads_batch = n_threads
-        params.no_perf = True
-        with capture_log() as lines:
-            ptr = C.llama_init_from_model(model.ptr, params)
-        if not ptr and kv_type not in ("f16", "f32"):
-            raise LlamaError(
-                f"llama.cpp could not create a context with kv_type={kv_type!r} for this model "
-                "(a quantized KV cache needs head sizes that are a multiple of its block size); "
-                "use f16 or f32", ErrorCode.BAD_REQUEST, field="kv_type", log=_relevant(lines))
-        if not ptr:
-            raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
-        self.ptr = ptr
+        self.ptr = _new_context(model, params, n_ctx=n_ctx_seq * n_seq, n_seq=n_seq,
+                                n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
+                                flash_attn=flash_attn)
         self.model = model
         self.n_seq = n_seq
-        self.n_ctx_seq = int(C.llama_n_ctx_seq(ptr))
+        self.n_ctx_seq = int(C.llama_n_ctx_seq(self.ptr))
         self.n_batch = n_batch
-        self.memory = C.llama_get_memory(ptr)
+        self.memory = C.llama_get_memory(self.ptr)
         self._batch = C.llama_batch_init(n_batch, 0, 1)
         self._adapters: tuple[tuple[int, float], ...] = ()
 
@@ -596,16 +593,7 @@ class Slab:
         """Make ``stack`` (whose :func:`stack_key` is ``key``) the adapters of the next batch."""
         if key == self._adapters:
             return
-        n = len(stack)
-        if n:
-            ptrs = (C.llama_adapter_lora_p_ctypes * n)(*[a.ptr for a, _ in stack])
-            scales = (ctypes.c_float * n)(*[s for _, s in stack])
-            rc = C.llama_set_adapters_lora(self.ptr, ptrs, n, scales)
-        else:
-            rc = C.llama_set_adapters_lora(self.ptr, None, 0, None)
-        if rc != 0:
-            raise LlamaError(f"llama_set_adapters_lora failed with code {rc}",
-                             ErrorCode.LORA_LOAD_FAILED, rc=rc)
+        _set_adapters(self.ptr, stack)
         self._adapters = key
 
     def decode(self, entries: list[tuple[Sequence, list[int], int]]) -> list[int]:
