@@ -95,7 +95,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -109,6 +108,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_server import DEFAULT_LLAMA_SERVER, free_port, llama_server_version
 from throughput import (
     _HZ,
     CONTENDED,
@@ -126,7 +126,6 @@ from throughput import (
 REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = REPO / "examples" / "train_lora" / "adapters"
 STACK_ADAPTERS = ("pirate.gguf", "french.gguf")
-DEFAULT_LLAMA_SERVER = Path("~/.cache/lorad/llama-server/llama-server").expanduser()
 LORAD = "lorad"
 SERVER = "llama-server"
 PROMPTS = (
@@ -337,12 +336,6 @@ class LoradServer:
                 "capabilities_batching": self.capabilities.get("batching")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaServer:
     """A llama-server subprocess with ``slots`` slots of ``n_ctx`` cells each (module
     docstring); ``loras`` are loaded without being applied (requests choose them)."""
@@ -351,7 +344,7 @@ class LlamaServer:
                  threads: int, kv_unified: bool, repack: str, loras: list[Path],
                  extra_args: list[str], ready_timeout: float = 120) -> None:
         self.slots = slots
-        self.port = _free_port()
+        self.port = free_port()
         name = f"llama-server-{slots}" + ("-loras" if loras else "")
         self.log_path = workdir / f"{name}.log"
         self.cmd = [str(binary), "-m", model, "-np", str(slots), "-c", str(slots * n_ctx),
@@ -414,16 +407,6 @@ class LlamaServer:
         return {"slots": self.slots, "cmd": self.cmd, "start_s": round(self.start_s, 2),
                 "build_info": props.get("build_info"), "total_slots": props.get("total_slots"),
                 "n_ctx_slot": settings.get("n_ctx")}
-
-
-def llama_server_version(binary: Path) -> str | None:
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                             timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = [ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
-    return " | ".join(ln for ln in lines if "version" in ln or "built with" in ln) or None
 
 
 # -- configurations and runs --------------------------------------------------------------------

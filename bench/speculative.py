@@ -81,7 +81,6 @@ import datetime
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -91,6 +90,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_server import DEFAULT_LLAMA_SERVER, free_port, llama_server_version
 from throughput import (
     CONTENDED,
     _process_ticks,
@@ -108,7 +108,6 @@ from throughput import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_LLAMA_SERVER = Path("~/.cache/lorad/llama-server/llama-server").expanduser()
 FLUSH_PROMPT = "Flush."
 
 PASSAGE = (
@@ -167,22 +166,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 # -- llama-server -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def llama_server_version(binary: Path) -> str | None:
-    try:
-        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True,
-                             timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = [ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
-    return " | ".join(ln for ln in lines if "version" in ln or "built with" in ln) or None
-
-
 def llama_server_problem(binary: Path) -> str | None:
     """Why llama-server cannot be used (None: it can)."""
     if not binary.exists():
@@ -209,7 +192,7 @@ class LlamaServer:
     def __init__(self, binary: Path, model: str, label: str, args: list[str], workdir: Path,
                  *, threads: int, n_ctx: int, repack: bool, ready_timeout: float = 180) -> None:
         self.label = label
-        self.port = _free_port()
+        self.port = free_port()
         self.log_path = workdir / f"{label.replace(' ', '-')}.log"
         self.cmd = [str(binary), "-m", model, "-t", str(threads), "-tb", str(threads),
                     "-c", str(n_ctx), "-np", "1", "--no-webui", "--host", "127.0.0.1",
