@@ -1,6 +1,7 @@
 """The one module that calls llama.cpp's C API (through llama-cpp-python's ctypes bindings).
 
-Everything above it works with :class:`Model`, :class:`Context` and :class:`Sampler`. All calls
+Everything above it works with :class:`Model`, :class:`Slab` (and its :class:`Sequence`),
+:class:`Context` and :class:`Sampler`. All calls
 here block: the daemon runs them in worker threads, one context in one thread at a time.
 
 Safety decision: ``use_extra_bufts`` (weight repacking) is decided per CPU at start
@@ -364,7 +365,9 @@ def _set_adapters(ctx_ptr: Any, stack: list[tuple[Adapter, float]]) -> None:
 
 
 class Context:
-    """One llama_context (KV cache and compute buffers) on a shared :class:`Model`.
+    """One single-sequence llama_context on a shared :class:`Model`: a model's embedding
+    context and a context's draft-model context (generation contexts are :class:`Slab`
+    sequences).
 
     ``tokens`` mirrors what sequence 0 of the KV cache holds, so that a new prompt that shares a
     prefix with it re-evaluates only the rest.
@@ -485,30 +488,9 @@ class Context:
     def decode_token(self, token: int) -> None:
         self._decode([token], want_logits=True)
 
-    def decode_rows(self, tokens: list[int]) -> np.ndarray:
-        """Decode ``tokens`` in one batch; the logits after each of them, shape (n, n_vocab)."""
-        if len(tokens) > self.n_batch:
-            raise ValueError("more tokens than n_batch")
-        self._decode(tokens, want_logits=True, all_logits=True)
-        ptr = C.llama_get_logits(self.ptr)
-        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
-
-    def rollback(self, n: int) -> None:
-        """Drop every cached token after the first ``n`` (rejected draft tokens)."""
-        if n < len(self.tokens):
-            if not C.llama_memory_seq_rm(self.memory, 0, n, -1):
-                raise ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED,
-                                    "this model's memory cannot roll back rejected tokens",
-                                    reason="no_rollback")
-            del self.tokens[n:]
-
     def logits(self, i: int = -1) -> np.ndarray:
         ptr = C.llama_get_logits_ith(self.ptr, i)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
-
-    def top_logprobs(self, k: int, logits: np.ndarray | None = None) -> list[list[float]]:
-        """The ``k`` most likely next tokens with their log-probabilities (raw model logits)."""
-        return top_logprobs(self.logits() if logits is None else logits, k)
 
     def close(self) -> None:
         if self.ptr:
