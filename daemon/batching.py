@@ -12,6 +12,7 @@ waiting, each gets one step in every k. Only the scheduler's thread calls llama.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections import deque
@@ -66,10 +67,14 @@ class Step:
 class StepCost:
     """What a decoding step costs, learnt online from the engine's own steps whose tokens all
     get logits: the median time of the last steps of each size (robust to the spikes a shared
-    machine adds), fitted as ``a + b * tokens``; with one size seen so far, the prior that each
-    further token costs half a one-token step."""
+    machine adds); between sizes seen, interpolated. Beyond the largest size seen, each further
+    token is assumed to cost ``PRIOR`` of a one-token step, or the slope of the two largest
+    sizes seen when that is lower: optimistic where nothing is known, so that a deep draft is
+    tried when its acceptance would pay for it, and its real cost learnt from then on. (Costs
+    are not linear in the size: on CPUs a step of 2 or 3 tokens may cost nearly twice one of 1,
+    while further tokens cost a third of it each.)"""
 
-    PRIOR = 0.5
+    PRIOR = 0.35
     KEEP = 15
 
     def __init__(self) -> None:
@@ -78,26 +83,33 @@ class StepCost:
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
 
-    def line(self) -> tuple[float, float]:
-        """``(a, b)``: the fixed and the per-token time of a step (any unit)."""
-        points = {x: statistics.median(ys) for x, ys in self.samples.items()}
-        if len(points) < 2:
-            x, y = next(iter(points.items()), (1, 1.0))
-            unit = y / (1 + self.PRIOR * (x - 1))
-            return unit * (1 - self.PRIOR), unit * self.PRIOR
-        weights = {x: len(self.samples[x]) for x in points}
-        w = sum(weights.values())
-        mx = sum(weights[x] * x for x in points) / w
-        my = sum(weights[x] * y for x, y in points.items()) / w
-        var = sum(weights[x] * (x - mx) ** 2 for x in points) / w
-        cov = sum(weights[x] * (x - mx) * (y - my) for x, y in points.items()) / w
-        b = max(cov / var, 0.0)
-        return max(my - b * mx, 1e-9), b
+    def time(self, tokens: int) -> float:
+        """The expected time of a step of ``tokens`` tokens (any unit)."""
+        points = sorted((x, statistics.median(ys)) for x, ys in self.samples.items())
+        if not points:
+            return 1 + self.PRIOR * (tokens - 1)
+        x0, y0 = points[0]
+        unit = y0 / (1 + self.PRIOR * (x0 - 1))  # a one-token step, by the prior's shape
+        if tokens <= x0:
+            return unit * (1 + self.PRIOR * (tokens - 1))
+        for (xa, ya), (xb, yb) in itertools.pairwise(points):
+            if tokens <= xb:
+                return ya + (yb - ya) * (tokens - xa) / (xb - xa)
+        xl, yl = points[-1]
+        slope = self.PRIOR * unit
+        if len(points) > 1:
+            xp, yp = points[-2]
+            slope = min(slope, max((yl - yp) / (xl - xp), 0.0))
+        return yl + slope * (tokens - xl)
+
+    def table(self) -> list[list[float]]:
+        """``[[tokens, median ms], ...]`` for each step size seen, smallest first."""
+        return [[x, round(statistics.median(ys) * 1000, 3)]
+                for x, ys in sorted(self.samples.items())]
 
     def relative(self, extra: int, base: int) -> float:
         """The time of a step with ``extra`` more tokens than ``base``, relative to it."""
-        a, b = self.line()
-        return (a + b * (base + extra)) / (a + b * base)
+        return self.time(base + extra) / self.time(base)
 
 
 class SlabScheduler:
@@ -393,7 +405,8 @@ class Batcher:
         """Each slab: its kind, sequences used, and what its scheduler did."""
         return [{"n_ctx_seq": k.n_ctx_seq, "kv_type": k.kv_type, "flash_attn": k.flash_attn,
                  "n_threads": k.n_threads, "sequences": s.slab.n_seq, "used": len(s.sequences),
-                 "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches}
+                 "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches,
+                 "step_ms": s.cost.table()}
                 for k, slabs in self.slabs.items() for s, _ in slabs]
 
 

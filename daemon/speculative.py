@@ -12,7 +12,10 @@ one-hot for n-gram drafts): the output distribution is the target's own.
 
 The depth is chosen for speed, step by step: the drafter estimates the chance ``p`` that the
 next draft token is accepted (drafted and accepted tokens of this request, recent ones weighing
-more) and the engine knows what ``d`` more tokens add to a step (``cost(d)``, learnt from its
+more; for n-gram drafts one estimate per length of agreement between the history's end and the
+earlier occurrence drafted from, 1, 2-3, 4-7, 8-15 and 16+ tokens, with priors 0.3 to 0.9: a
+passage being copied agrees over many tokens, a common word in open text over one or two) and
+the engine knows what ``d`` more tokens add to a step (``cost(d)``, learnt from its
 own step times). A draft of ``d`` tokens yields ``(1 - p^(d+1)) / (1 - p)`` tokens on average
 for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that maximises their ratio: a
 rejected draft's cost is counted, and where drafting cannot pay, it stops. At depth 0 a one-token
@@ -39,11 +42,14 @@ DECAY = 0.9
 """Weight of the acceptance counts of the step before (per step)."""
 
 
-def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int) -> list[int]:
+def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
+                 longest: int = 16) -> tuple[list[int], int]:
     """Up to ``n`` tokens that followed the most recent earlier occurrence of the longest
-    suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``)."""
+    suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``), and how many
+    tokens (up to ``longest``) the history before that occurrence agrees with the history's
+    end: the longer the agreement, the likelier the draft is right."""
     if n <= 0:
-        return []
+        return [], 0
     size = len(history)
     for g in range(min(ngram_max, size - 1), ngram_min - 1, -1):
         tail = history[size - g:]
@@ -51,8 +57,22 @@ def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int) -> 
             if history[start:start + g] == tail:
                 follow = history[start + g:start + g + n]
                 if follow:
-                    return follow
-    return []
+                    matched = g
+                    while (matched < longest and start + g - matched - 1 >= 0
+                           and history[start + g - matched - 1] == history[size - matched - 1]):
+                        matched += 1
+                    return follow, matched
+    return [], 0
+
+
+MATCH_BUCKETS = (1, 2, 4, 8, 16)
+"""Agreement lengths (:func:`lookup_draft`) from which each acceptance estimate applies."""
+BUCKET_PRIORS = (0.3, 0.45, 0.6, 0.75, 0.9)
+"""The prior acceptance of each bucket, with the weight of two draft tokens."""
+
+
+def _bucket(matched: int) -> int:
+    return max(i for i, lo in enumerate(MATCH_BUCKETS) if matched >= lo or i == 0)
 
 
 def chain_probs(logits: np.ndarray, p: llama.SamplingParams) -> np.ndarray:
@@ -155,7 +175,7 @@ class DraftModel:
 
 @dataclass
 class Drafter:
-    """Per-request drafting state: parameters, acceptance estimate and counters."""
+    """Per-request drafting state: parameters, acceptance estimates and counters."""
 
     mode: str
     max_draft: int
@@ -171,15 +191,19 @@ class Drafter:
     drafted: int = 0
     accepted: int = 0
     history: list[int] = field(default_factory=list)
-    _hits: float = 1.2  # prior: p = 0.6 with the weight of two draft tokens
-    _trials: float = 2.0
+    _hits: list[float] = field(default_factory=lambda: [2 * p for p in BUCKET_PRIORS])
+    _trials: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
+    _bucket: int = 2
+    """The estimate that applies to the current draft (a draft model's is always the middle
+    one, prior 0.6); n-gram drafts pick theirs by agreement length."""
     _probe_in: int = PROBE_EVERY
     _probe_every: int = PROBE_EVERY
     _probing: bool = False
 
-    def p_accept(self) -> float:
+    def p_accept(self, bucket: int | None = None) -> float:
         """The estimated chance that a draft token is accepted (given its predecessors were)."""
-        return self._hits / self._trials
+        b = self._bucket if bucket is None else bucket
+        return self._hits[b] / self._trials[b]
 
     def choose_depth(self, limit: int) -> int:
         """The draft length that maximises expected tokens per unit of step time."""
@@ -204,12 +228,19 @@ class Drafter:
         """The next draft (at most ``limit`` tokens: room left in max_tokens and n_ctx) and
         the draft's distributions (None for deterministic drafts)."""
         self.steps += 1
-        self.depth = depth = self.choose_depth(limit)
-        if depth == 0:
-            return [], None
         if self.source is not None:
+            self.depth = depth = self.choose_depth(limit)
+            if depth == 0:
+                return [], None
             return self.source.propose(self.history, depth, params, rng)
-        return lookup_draft(self.history, self.ngram_min, self.ngram_max, depth), None
+        found, matched = lookup_draft(self.history, self.ngram_min, self.ngram_max,
+                                      min(self.max_draft, limit))
+        if not found:
+            self.depth = 0
+            return [], None
+        self._bucket = _bucket(matched)
+        self.depth = depth = self.choose_depth(len(found))
+        return found[:depth], None
 
     def record(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
@@ -217,8 +248,9 @@ class Drafter:
         if drafted == 0:
             return
         trials = accepted + (1 if accepted < drafted else 0)
-        self._hits = DECAY * self._hits + accepted
-        self._trials = DECAY * self._trials + trials
+        b = self._bucket
+        self._hits[b] = DECAY * self._hits[b] + accepted
+        self._trials[b] = DECAY * self._trials[b] + trials
         if self._probing:
             self._probing = False
             self._probe_every = PROBE_EVERY if accepted else min(PROBE_MAX,

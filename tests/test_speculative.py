@@ -310,10 +310,15 @@ def test_speculative_sampling_matches_plain_sampling(client: Client, spec_files)
 
 
 def test_lookup_draft() -> None:
-    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 5) == [3, 4, 1, 2]
-    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 1) == [3]
-    assert lookup_draft([5, 6, 7], 1, 3, 4) == []
-    assert lookup_draft([1, 2, 3], 1, 3, 0) == []
+    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 5) == ([3, 4, 1, 2], 2)
+    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 1) == ([3], 2)
+    assert lookup_draft([5, 6, 7], 1, 3, 4) == ([], 0)
+    assert lookup_draft([1, 2, 3], 1, 3, 0) == ([], 0)
+    # the agreement is measured beyond ngram_max (up to `longest`): a copied passage agrees
+    # over many tokens, which makes its drafts trusted sooner
+    passage = [10, 11, 12, 13, 14, 15, 16, 17]
+    assert lookup_draft([*passage, 99, *passage[:6]], 1, 3, 2) == ([16, 17], 6)
+    assert lookup_draft([*passage, 99, *passage[:6]], 1, 3, 2, longest=4) == ([16, 17], 4)
 
 
 def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path: Path) -> None:
@@ -405,11 +410,37 @@ def test_step_cost_is_learnt_from_step_times() -> None:
     from lorad.daemon.batching import StepCost
 
     cost = StepCost()
-    assert cost.relative(1, 1) == pytest.approx(1.5)  # the prior: a token is half a step
+    assert cost.relative(1, 1) == pytest.approx(1 + StepCost.PRIOR)  # nothing seen: the prior
     for _ in range(20):
-        cost.observe(1, 0.010)
-    assert cost.relative(1, 1) == pytest.approx(1.5)  # one size seen: the prior's shape
+        cost.observe(1, 0.020)
+    assert cost.relative(1, 1) == pytest.approx(1 + StepCost.PRIOR)  # one size: prior's shape
     for _ in range(20):
-        cost.observe(5, 0.014)  # 10 ms + 1 ms per token: a token is cheap
-    assert cost.relative(1, 1) == pytest.approx(0.011 / 0.010, rel=0.02)
-    assert cost.relative(4, 4) == pytest.approx(0.017 / 0.013, rel=0.02)
+        cost.observe(2, 0.040)  # a second token costs a whole step (as on these CPUs) ...
+    assert cost.relative(1, 1) == pytest.approx(2.0)
+    # ... but beyond the sizes seen, tokens are assumed to cost only the prior (optimistic:
+    # a deep draft gets tried when its acceptance would pay, then its cost is known)
+    assert cost.time(10) == pytest.approx(0.040 + 8 * StepCost.PRIOR * 0.020)
+    for _ in range(20):
+        cost.observe(10, 0.100)  # 10 tokens: 100 ms
+    assert cost.time(6) == pytest.approx(0.070)  # interpolated between the sizes seen
+    assert cost.time(14) == pytest.approx(0.100 + 4 * min(StepCost.PRIOR * 0.020, 0.060 / 8))
+    assert cost.table() == [[1, 20.0], [2, 40.0], [10, 100.0]]
+    cost.observe(1, 1.0)  # a spike on a shared machine moves the median, not the mean
+    assert cost.time(1) == pytest.approx(0.020)
+
+
+def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() -> None:
+    from lorad.daemon.speculative import Drafter
+
+    rng = np.random.default_rng(0)
+    passage = list(range(100, 140))
+    copying = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
+    copying.history = [*passage, 1, *passage[:20]]  # 20 tokens agree with the passage
+    draft, _ = copying.draft(64, None, rng)
+    assert len(draft) >= 3 and draft == passage[20:20 + len(draft)]
+    chatting = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
+    chatting.history = [5, 7, 8, 9, 5]  # a common word seen before: one token agrees
+    assert chatting.draft(64, None, rng) == ([], None)  # its prior (0.3) does not pay
+    copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
+    assert copying.p_accept() < 0.9
+    assert chatting.p_accept(0) == pytest.approx(0.3)  # ... the others keep theirs
