@@ -167,6 +167,10 @@ class SlabScheduler:
                 step.done.set()
         self._waiting = []
 
+    def step_seconds(self) -> float | None:
+        """What a step of the generating sequences takes (None before any was timed)."""
+        return self.cost.time(max(1, len(self.active))) if self.cost.samples else None
+
     def draft_cost(self, extra: int) -> float:
         """What ``extra`` draft tokens add to a step of the generating sequences (relative)."""
         return self.cost.relative(extra, max(1, len(self.active)))

@@ -21,10 +21,12 @@ for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that maximises 
 rejected draft's cost is counted, and where drafting cannot pay, it stops. At depth 0 a one-token
 draft probes now and then (every ``PROBE_EVERY`` steps, the interval doubling after each
 rejected probe up to ``PROBE_MAX``), so that a request whose text starts repeating is noticed.
+For a draft model, its own time per drafted token (measured) counts in a draft's cost.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,6 +188,10 @@ class Drafter:
     """False: always draft ``max_draft`` tokens."""
     cost: Callable[[int], float] = lambda d: 1.0 + 0.5 * d
     """The relative cost of a step with ``d`` draft tokens (the engine's estimate)."""
+    step_seconds: Callable[[], float | None] = lambda: None
+    """What a step without draft takes (for a draft model's own time, relative to it)."""
+    draft_seconds: float | None = None
+    """A draft model's time per drafted token (recent steps weighing more)."""
     depth: int = 0
     steps: int = 0
     drafted: int = 0
@@ -210,9 +216,13 @@ class Drafter:
         if not self.adaptive:
             return min(self.max_draft, limit)
         p = min(self.p_accept(), 0.999)
+        per_draft_token = 0.0  # a draft model's own decoding, in steps of the target
+        step = self.step_seconds()
+        if self.draft_seconds is not None and step:
+            per_draft_token = self.draft_seconds / step
         best, best_value = 0, 1.0
         for d in range(1, min(self.max_draft, limit) + 1):
-            value = (1 - p ** (d + 1)) / (1 - p) / self.cost(d)
+            value = (1 - p ** (d + 1)) / (1 - p) / (self.cost(d) + d * per_draft_token)
             if value > best_value * 1.001:
                 best, best_value = d, value
         if best == 0 and limit > 0:
@@ -232,7 +242,13 @@ class Drafter:
             self.depth = depth = self.choose_depth(limit)
             if depth == 0:
                 return [], None
-            return self.source.propose(self.history, depth, params, rng)
+            started = time.perf_counter()
+            draft, qs = self.source.propose(self.history, depth, params, rng)
+            if draft:
+                spent = (time.perf_counter() - started) / len(draft)
+                self.draft_seconds = (spent if self.draft_seconds is None
+                                      else 0.7 * self.draft_seconds + 0.3 * spent)
+            return draft, qs
         found, matched = lookup_draft(self.history, self.ngram_min, self.ngram_max,
                                       min(self.max_draft, limit))
         if not found:

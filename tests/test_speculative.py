@@ -444,3 +444,16 @@ def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() ->
     copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
     assert copying.p_accept() < 0.9
     assert chatting.p_accept(0) == pytest.approx(0.3)  # ... the others keep theirs
+
+
+def test_a_draft_models_own_time_counts_in_the_depth() -> None:
+    from lorad.daemon.speculative import Drafter
+
+    free = Drafter("draft_model", 8, cost=lambda d: 1 + 0.2 * d, step_seconds=lambda: 0.030)
+    slow = Drafter("draft_model", 8, cost=lambda d: 1 + 0.2 * d, step_seconds=lambda: 0.030)
+    slow.draft_seconds = 0.030  # the draft model is as slow as the target
+    for d in (free, slow):
+        for _ in range(10):
+            d.record(4, 4)
+    assert free.choose_depth(64) == 8
+    assert slow.choose_depth(64) == 0  # every accepted token costs a whole step to draft
