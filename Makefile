@@ -10,7 +10,7 @@ PYTHON ?= python3
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[daemon,test,default-model,peft]'
+	$(PIP) install -e '.[daemon,http,test,default-model,peft]'
 	touch $@
 
 serve: $(VENV)/.installed

@@ -226,12 +226,13 @@ class Chunk:
 
     ``text`` is the new text (never a broken UTF-8 sequence), ``token_ids`` the tokens sampled for
     it, and ``logprobs`` (when asked) one entry per token: ``[(token_id, logprob), ...]`` best
-    first.
+    first; ``token_logprobs`` then has the chosen token's log-probability, one per token.
     """
 
     text: str
     token_ids: list[int]
     logprobs: list[list[tuple[int, float]]] | None = None
+    token_logprobs: list[float] | None = None
 
     @classmethod
     def from_wire(cls, item: dict[str, Any]) -> Chunk:
@@ -240,6 +241,8 @@ class Chunk:
             text=item.get("text", ""),
             token_ids=list(item.get("token_ids", [])),
             logprobs=[[(int(t), float(p)) for t, p in entry] for entry in lp] if lp else None,
+            token_logprobs=([float(x) for x in item["token_logprobs"]]
+                            if item.get("token_logprobs") else None),
         )
 
 

@@ -101,6 +101,9 @@ class ContextActor:
         self.stack_lock = trio.Lock()
         """Serialises stack changes of this context (held by the server while it builds one)."""
         self.persistent = persistent
+        self.managed = False
+        """Made by the HTTP door for its stateless requests: closed with its model when idle
+        (``unload_model`` needs no ``force`` for it)."""
         self.owner = owner
         self.params = params
         self.max_queued = max_queued
@@ -253,6 +256,11 @@ class ContextActor:
             return "closing"
         return "busy" if self.current is not None else "idle"
 
+    @property
+    def idle(self) -> bool:
+        """Nothing running and nothing queued."""
+        return self.current is None and not self.queued
+
     def info(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -296,7 +304,8 @@ class ContextActor:
                            spec["ngram_max"], adaptive=spec["adaptive"],
                            cost=self.scheduler.draft_cost)
         return Drafter("draft_model", spec["max_draft"], source=source,
-                       adaptive=spec["adaptive"], cost=self.scheduler.draft_cost)
+                       adaptive=spec["adaptive"], cost=self.scheduler.draft_cost,
+                       step_seconds=self.scheduler.step_seconds)
 
     async def dispose(self) -> None:
         """Free a context whose task never started (its creation failed)."""
@@ -404,14 +413,20 @@ class ContextActor:
         generated = 0
         finish = "length"
         t_first = t_prompt = None
-        Produced = list[tuple[int, list[list[float]] | None]]
+        Produced = list[tuple[int, tuple[list[list[float]], float] | None]]
+
+        def scored(logits: np.ndarray, token: int) -> tuple[int, tuple[list[list[float]], float]
+                                                             | None]:
+            if not n_logprobs:
+                return token, None
+            return token, (llama.top_logprobs(logits, n_logprobs),
+                           llama.token_logprob(logits, token))
 
         def pick(slab: llama.Slab, i: int) -> Produced:  # in the scheduler's thread
             logits = slab.logits(i)  # in place: no copy of the row
-            logprobs = llama.top_logprobs(logits, n_logprobs) if n_logprobs else None
             if plain_greedy:  # the greedy sampler's choice without a sampler call
-                return [(int(logits.argmax()), logprobs)]
-            return [(sampler.sample(slab, i), logprobs)]
+                return [scored(logits, int(logits.argmax()))]
+            return [scored(logits, sampler.sample(slab, i))]
 
         def verifier(draft: list[int], qs: list[np.ndarray] | None
                      ) -> Callable[[llama.Slab, int], Produced]:
@@ -421,8 +436,7 @@ class ContextActor:
                 accepted = len(tokens) - 1
                 seq.rollback(len(seq.tokens) - len(draft) + accepted)  # no rejected token stays
                 drafter.record(len(draft), accepted)
-                return [(t, llama.top_logprobs(rows[k], n_logprobs) if n_logprobs else None)
-                        for k, t in enumerate(tokens)]
+                return [scored(rows[k], t) for k, t in enumerate(tokens)]
             return verify
 
         first = Step(seq, prompt, pairs, prompt=True, then=pick,
@@ -455,7 +469,8 @@ class ContextActor:
                     delta = text.feed(model.piece(token))
                     item: dict[str, Any] = {"text": delta, "token_ids": [token]}
                     if logprobs is not None:
-                        item["logprobs"] = [logprobs]
+                        item["logprobs"] = [logprobs[0]]
+                        item["token_logprobs"] = [logprobs[1]]
                     if h.credit <= 0:  # waits for the client: the batches go on without it
                         scheduler.leave(seq)
                     sent = await h.send_item(item)

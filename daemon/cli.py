@@ -42,6 +42,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "of the clients allowed in; any other key is refused")
     p.add_argument("--metrics-address", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)")
+    p.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP "
+                   "API here (loopback unless API keys are given; needs lorad[http])")
+    p.add_argument("--api-key-file", metavar="FILE", help="API keys of the HTTP API, one per "
+                   "line (Authorization: Bearer KEY); required for a non-loopback --http")
     p.add_argument("--repack", choices=["auto", "on", "off"], help="let llama.cpp repack "
                    "weights for this CPU (auto: unless it has AMX; see capabilities.repack)")
     p.add_argument("--log-format", choices=["auto", "json", "console"])
@@ -66,7 +70,7 @@ def run_serve(args: argparse.Namespace, speculative: dict[str, Any] | bool | Non
             adapter_dir=args.adapter_dir, log_format=args.log_format, log_level=args.log_level,
             metrics_address=args.metrics_address, curve_secret_key=args.curve_secret_key,
             curve_authorized_keys=args.curve_authorized_keys, heartbeat_ms=args.heartbeat_ms,
-            repack=args.repack,
+            repack=args.repack, http_address=args.http, api_key_file=args.api_key_file,
             model=args.model, alias=args.alias, n_ctx=args.n_ctx, threads=args.threads,
             speculative=speculative,
             loras=[parse_lora_option(x) for x in args.lora] if args.lora else None,

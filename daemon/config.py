@@ -58,6 +58,18 @@ class BatchingConfig:
 
 
 @dataclass
+class HttpSettings:
+    """The HTTP door's contexts for stateless requests (``[http]``)."""
+
+    contexts: int = 4
+    """Engine-managed contexts per model (made on demand, reused by prompt prefix)."""
+    n_ctx: int = 0
+    """Their context size (0: the model's default, as for ``create_context``)."""
+    max_queued: int = 8
+    """Requests waiting per context before ``429``."""
+
+
+@dataclass
 class DaemonConfig:
     endpoint: str = field(default_factory=default_endpoint)
     group: str | None = None
@@ -83,6 +95,13 @@ class DaemonConfig:
     repack: str = "auto"
     """Weight repacking for the CPU: ``auto`` (on unless the CPU has AMX), ``on``, ``off``."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    http_address: str | None = None
+    """Serve the OpenAI-compatible HTTP API on this HOST:PORT (None: off)."""
+    api_keys: list[str] = field(default_factory=list)
+    """Keys the HTTP API accepts (``Authorization: Bearer``); required off loopback."""
+    cors_origins: list[str] = field(default_factory=list)
+    """Origins allowed by CORS on the HTTP API (none: CORS off)."""
+    http: HttpSettings = field(default_factory=HttpSettings)
 
 
 _AT_LEAST_ONE = {"template_workers", "template_memory_bytes"}
@@ -102,12 +121,14 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         data = tomllib.load(f)
     known = {"endpoint", "group", "allowed_dirs", "adapter_dirs", "models", "contexts", "limits",
              "heartbeat_ms", "log_format", "log_level", "metrics_address", "curve_secret_key",
-             "curve_authorized_keys", "peft_cache_dir", "repack", "batching"}
+             "curve_authorized_keys", "peft_cache_dir", "repack", "batching", "http_address",
+             "api_keys", "api_key_file", "cors_origins", "http"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _config_error(f"unknown key {unknown[0]!r}", field=unknown[0])
     for key in ("endpoint", "group", "log_format", "log_level", "metrics_address",
-                "curve_secret_key", "curve_authorized_keys", "peft_cache_dir", "repack"):
+                "curve_secret_key", "curve_authorized_keys", "peft_cache_dir", "repack",
+                "http_address"):
         if key in data:
             setattr(config, key, str(data[key]))
     if config.repack not in REPACK_MODES:
@@ -131,6 +152,16 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         config.contexts.append(ContextSpec(model=model, id=ctx_id, params=c))
     if "batching" in data:
         config.batching = _batching(data["batching"])
+    for key in ("api_keys", "cors_origins"):
+        if key in data:
+            value = data[key]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise _config_error(f"{key} must be a list of non-empty strings", field=key)
+            setattr(config, key, list(value))
+    if "api_key_file" in data:
+        config.api_keys += read_api_keys(str(data["api_key_file"]))
+    if "http" in data:
+        config.http = _http(data["http"])
     if "limits" in data:
         names = {f.name for f in fields(Limits)}
         bad = sorted(set(data["limits"]) - names)
@@ -163,6 +194,34 @@ def _batching(table: Any) -> BatchingConfig:
     return out
 
 
+def _http(table: Any) -> HttpSettings:
+    if not isinstance(table, dict):
+        raise _config_error("http must be a table", field="http")
+    bad = sorted(set(table) - {f.name for f in fields(HttpSettings)})
+    if bad:
+        raise _config_error(f"unknown http setting {bad[0]!r}", field=bad[0])
+    out = HttpSettings(**table)
+    for name, lo, hi in (("contexts", 1, 256), ("n_ctx", 0, 1 << 20), ("max_queued", 0, 1024)):
+        value = getattr(out, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise _config_error(f"http.{name} must be a whole number in {lo}..{hi}",
+                                field=name)
+    return out
+
+
+def read_api_keys(path: str) -> list[str]:
+    """API keys from a file: one per line; blank lines and ``#`` comments skipped."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"api key file {path!r}: {exc}", field="api_key_file") from None
+    keys = [line.strip() for line in text.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ConfigError(f"api key file {path!r} has no key", field="api_key_file")
+    return keys
+
+
 DEFAULT_CONTEXT = "default"
 """The context ``--model``, ``--lora`` and ``--speculative`` configure."""
 
@@ -187,6 +246,8 @@ def apply_overrides(
     curve_authorized_keys: str | None = None,
     heartbeat_ms: int | None = None,
     repack: str | None = None,
+    http_address: str | None = None,
+    api_key_file: str | None = None,
     model: str | None = None,
     alias: str | None = None,
     n_ctx: int | None = None,
@@ -220,9 +281,12 @@ def apply_overrides(
                         ("metrics_address", metrics_address),
                         ("curve_secret_key", curve_secret_key),
                         ("curve_authorized_keys", curve_authorized_keys),
-                        ("heartbeat_ms", heartbeat_ms), ("repack", repack)):
+                        ("heartbeat_ms", heartbeat_ms), ("repack", repack),
+                        ("http_address", http_address)):
         if value:
             setattr(config, name, value)
+    if api_key_file:
+        config.api_keys = [*config.api_keys, *read_api_keys(api_key_file)]
     if model:
         model_path = str(Path(model).expanduser().resolve())
         config.allowed_dirs.append(str(Path(model_path).parent))

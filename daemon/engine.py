@@ -112,11 +112,13 @@ class Engine:
 
     async def unload_model(self, ref: str, force: bool) -> dict[str, Any]:
         entry = self.models.get(ref)
-        if entry.contexts and not force:
+        in_use = sorted(c for c in entry.contexts if c not in self.contexts
+                        or not self.contexts[c].managed or not self.contexts[c].idle)
+        if in_use and not force:
             raise ProtocolError(
                 ErrorCode.IN_USE,
-                f"model {entry.id!r} has {len(entry.contexts)} context(s); close them or force",
-                model=entry.id, contexts=sorted(entry.contexts),
+                f"model {entry.id!r} has {len(in_use)} context(s); close them or force",
+                model=entry.id, contexts=in_use,
             )
         self.models.detach(entry)  # from here no new context, embedding or adapter finds it
         closed = sorted(entry.contexts)

@@ -510,6 +510,13 @@ def top_logprobs(logits: np.ndarray, k: int) -> list[list[float]]:
     return [[int(t), float(logits[t] - logz)] for t in top]
 
 
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """The log-probability of ``token`` under the raw model ``logits``."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    return float(x[token] - m - np.log(np.exp(x - m).sum()))
+
+
 class Sequence:
     """One sequence of a :class:`Slab`: a lorad context's share of a batched llama_context.
 

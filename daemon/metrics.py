@@ -71,6 +71,8 @@ class Metrics:
         self.total = Stats()
         self.models: dict[str, Stats] = {}
         self.contexts: dict[str, Stats] = {}
+        self.transports: dict[str, Stats] = {}
+        """Per door: ``zmq`` (the protocol) and ``http`` (the OpenAI-compatible API)."""
 
     def _targets(self, model: str | None, context: str | None) -> list[Stats]:
         out = [self.total]
@@ -83,9 +85,13 @@ class Metrics:
         return out
 
     def request(self, *, model: str | None, context: str | None, outcome: str,
-                end_metrics: dict[str, Any] | None, elapsed_ms: float) -> None:
+                end_metrics: dict[str, Any] | None, elapsed_ms: float,
+                transport: str = "zmq") -> None:
         """Count one finished request (``outcome``: ok, a finish reason or an error code)."""
-        for s in self._targets(model, context):
+        by_door = self.transports.get(transport)
+        if by_door is None:
+            by_door = self.transports[transport] = Stats()
+        for s in [*self._targets(model, context), by_door]:
             s.requests += 1
             s.total_ms.append(elapsed_ms)
             if outcome == "cancelled":
@@ -124,4 +130,5 @@ class Metrics:
             "models": {k: v.to_wire() for k, v in list(self.models.items())},
             "contexts": {k: v.to_wire() for k, v in list(self.contexts.items())
                          if contexts is None or k in contexts},
+            "transports": {k: v.to_wire() for k, v in list(self.transports.items())},
         }

@@ -55,6 +55,17 @@ class _Collector:
             for code, n in stats["errors"].items():
                 errors.add_metric([scope, key, code], n)
         yield errors
+        by_door = CounterMetricFamily("lorad_transport_requests", "Requests finished, by door "
+                                      "(zmq: the protocol; http: the OpenAI-compatible API)",
+                                      labels=["transport"])
+        door_errors = CounterMetricFamily("lorad_transport_errors", "Requests failed, by door "
+                                          "and error code", labels=["transport", "code"])
+        for transport, stats in snap.get("transports", {}).items():
+            by_door.add_metric([transport], stats["requests"])
+            for code, n in stats["errors"].items():
+                door_errors.add_metric([transport, code], n)
+        yield by_door
+        yield door_errors
         for what, field in (("time_to_first_token_ms", "ttft"), ("request_ms", "request")):
             gauge = GaugeMetricFamily(f"lorad_{field}_ms", f"{what} over the last requests",
                                       labels=["scope", "id", "quantile"])

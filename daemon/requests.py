@@ -22,6 +22,9 @@ class RequestHandle:
     so a client that stops reading makes its stream pause instead of the daemon buffering.
     """
 
+    transport = "zmq"
+    """The door the request came through (``http`` for the OpenAI-compatible API)."""
+
     def __init__(self, peer: bytes, rid: RequestId, op: str, args: OpArgs | dict[str, Any],
                  send: Callable[[bytes, Reply], None],
                  on_done: Callable[[RequestHandle], None]) -> None:
@@ -96,6 +99,7 @@ class RequestHandle:
             id=self.rid,
             op=self.op,
             peer=self.peer.hex(),
+            transport=self.transport,
             context=self.context,
             duration_ms=round((time.perf_counter() - self.received_at) * 1000, 3),
             outcome=outcome,

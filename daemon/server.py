@@ -16,6 +16,7 @@ from . import llama
 from .config import DaemonConfig
 from .dispatch import Dispatcher
 from .engine import Engine
+from .errors import ConfigError
 from .logs import log
 from .metrics import Metrics
 from .sdnotify import notify, watchdog_interval
@@ -39,6 +40,10 @@ class Daemon:
             curve_secret_key=config.curve_secret_key,
             curve_authorized_keys=config.curve_authorized_keys)
         self._stop = trio.Event()
+        if config.http_address:
+            from .http.serve import check_exposure
+
+            check_exposure(config.http_address, config.api_keys)  # before anything binds
 
     def shutdown(self) -> None:
         """Begin draining: no new requests, running streams end as cancelled, then exit."""
@@ -65,10 +70,14 @@ class Daemon:
                     nursery.start_soon(self._watchdog, interval)
                 notify("STATUS=loading models")
                 await self.engine.preload()
-                notify("READY=1", f"STATUS=serving on {self.config.endpoint}")
+                http = None
+                if self.config.http_address:
+                    http = await nursery.start(self._serve_http)
                 log.info("serving", endpoint=self.config.endpoint, pid=os.getpid(),
-                         models=[m.id for m in self.engine.models],
+                         models=[m.id for m in self.engine.models], http=http,
                          contexts=sorted(self.engine.contexts))
+                notify("READY=1", f"STATUS=serving on {self.config.endpoint}"
+                       + (f" and {http}" if http else ""))
                 task_status.started(self.config.endpoint)
                 await self._stop.wait()
                 await self._drain()
@@ -85,6 +94,19 @@ class Daemon:
         await self.engine.drain()
         with trio.move_on_after(5):
             await self.transport.flushed()
+
+    async def _serve_http(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+        try:
+            from .http.door import Door
+            from .http.serve import serve_http
+        except ImportError as exc:
+            raise ConfigError(f"--http needs the HTTP extra ({exc.name} is missing): "
+                              "pip install 'lorad[http]'", field="http_address") from None
+        c = self.config
+        self.http_door = Door(self.services, c.http)
+        await serve_http(self.http_door, c.http_address, api_keys=c.api_keys,
+                         cors_origins=c.cors_origins, task_status=task_status)
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` from the trio loop itself: a wedged loop stops the pings and systemd

@@ -51,3 +51,34 @@ def test_trained_adapter_behaviour(gemma_daemon, name: str) -> None:
         without = rate(ctx, CHECKS[name])
     assert with_adapter >= 0.8, with_adapter
     assert without <= 0.1, without
+
+
+def test_the_http_door_picks_an_adapter_by_model(tmp_path_factory: pytest.TempPathFactory,
+                                                 gemma: Path) -> None:
+    """vLLM's convention on the real model: ``"model": "pirate"`` answers like a pirate, the
+    base model does not (the same 20 held-out prompts, through the OpenAI SDK)."""
+    import json
+
+    import openai
+
+    d = start_daemon(tmp_path_factory.mktemp("gemma-http"), [gemma.parent, ADAPTERS],
+                     "--model", str(gemma), "--alias", "gemma", "--n-ctx", "512",
+                     "--adapter-dir", str(ADAPTERS), "--http", "127.0.0.1:0")
+    try:
+        url = next(json.loads(line)["http"] for line in d.log().splitlines()
+                   if '"serving"' in line)
+        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert {m.id: m.parent for m in api.models.list()}["pirate"] == "gemma"
+
+        def rate(model: str) -> float:
+            hits = 0
+            for p in PROMPTS:
+                out = api.completions.create(model=model, prompt=p, max_tokens=24,
+                                             temperature=0, stop=["\nQuestion"])
+                hits += CHECKS["pirate"](out.choices[0].text)
+            return hits / len(PROMPTS)
+
+        assert rate("pirate") >= 0.8
+        assert rate("gemma") <= 0.1
+    finally:
+        assert d.stop() == 0, d.log()

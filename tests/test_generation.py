@@ -117,6 +117,26 @@ def test_logprobs_are_sorted_and_match_greedy(client: Client, tiny_model: Path) 
             assert values == sorted(values, reverse=True)
             assert all(lp <= 0 for lp in values)
             assert entry[0][0] == token  # greedy picks the most likely token
+        assert chunk.token_logprobs == pytest.approx([e[0][1] for e in chunk.logprobs])
+
+
+def test_the_chosen_tokens_logprob_comes_even_outside_the_candidates(
+        client: Client, tiny_model: Path) -> None:
+    with client.create_context(tiny_model, n_ctx=256) as ctx:
+        chunks = list(ctx.generate(PROMPT, max_tokens=24, temperature=5.0, top_k=0, min_p=0.0,
+                                   top_p=1.0, seed=3, logprobs=1))
+    outside = 0
+    for chunk in chunks:
+        if not chunk.token_ids:
+            continue
+        assert chunk.token_logprobs is not None
+        for token, entry, lp in zip(chunk.token_ids, chunk.logprobs, chunk.token_logprobs,
+                                    strict=True):
+            assert lp <= entry[0][1] + 1e-9  # never above the best candidate's
+            if token != entry[0][0]:
+                outside += 1
+                assert lp < entry[0][1]
+    assert outside > 0  # a hot sampler picked tokens that were not the single candidate
 
 
 def test_stop_sequence_cuts_text(client: Client, tiny_model: Path) -> None:

@@ -1,0 +1,144 @@
+"""The HTTP door's core: runs OpenAI calls on the daemon's engine, without HTTP.
+
+A call becomes a lorad ``chat`` or ``generate`` request with an explicit adapter stack (the
+``model`` field's adapter, then the ``lora`` list; empty for the base model), validated by the
+protocol's own schema and limits, on a context of the door's pool (:mod:`.pool`), with a
+:class:`~lorad.daemon.requests.RequestHandle` whose replies go to a :class:`Run` instead of a
+socket. So the engine batches HTTP streams with ZeroMQ ones, and both share adapters, limits,
+metrics (``transport: http``) and logs. The web framework (:mod:`.app`) only moves bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from typing import Any
+
+import trio
+
+from lorad.protocol import ErrorCode, ProtocolError, Reply
+from lorad.protocol.args import parse_args
+
+from ..config import HttpSettings
+from ..requests import RequestHandle
+from ..services import Services
+from .catalog import Catalog
+from .openai import ApiError, Call
+from .pool import ContextPool
+from .schema import grammar_for
+
+PEER = b"\x00http"
+CREDIT = 64
+"""Items a stream may run ahead of the HTTP response (granted again as they are written)."""
+
+
+class Run:
+    """One running generation: its replies, in order, and its cancellation."""
+
+    def __init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[Reply](math.inf)
+        self.handle: RequestHandle | None = None
+
+    def deliver(self, _peer: bytes, reply: Reply) -> None:
+        self._send.send_nowait(reply)
+
+    async def next(self) -> Reply:
+        """The next reply (``item``, then ``end`` or ``error``); each item read lets the
+        stream run one item further."""
+        reply = await self._recv.receive()
+        if reply.kind == "item" and self.handle is not None:
+            self.handle.grant(1)
+        return reply
+
+    def cancel(self) -> None:
+        """The client went away: the generation stops within a step."""
+        if self.handle is not None and not self.handle.finished:
+            self.handle.cancel()
+
+
+class Door:
+    """What the HTTP routes call (see the module)."""
+
+    def __init__(self, services: Services, settings: HttpSettings) -> None:
+        self.s = services
+        self.catalog = Catalog(services.engine)
+        self.pool = ContextPool(services.engine, size=settings.contexts, n_ctx=settings.n_ctx,
+                                max_queued=settings.max_queued)
+        self._ids = itertools.count(1)
+
+    def check_open(self) -> None:
+        if self.s.draining:
+            raise ApiError(503, "the daemon is shutting down", code="shutting_down",
+                           retry_after=5)
+
+    async def start(self, call: Call) -> tuple[Run, Any]:
+        """Queue ``call``; its run and the model's ``piece`` (token -> bytes)."""
+        self.check_open()
+        engine = self.s.engine
+        entry, names = await self.catalog.resolve(call.model)
+        items = [(name, 1.0) for name in names] + call.loras
+        args: dict[str, Any] = {**call.args, "loras": [list(i) for i in items],
+                                "credit": CREDIT}
+        if call.logprobs is not None:
+            args["logprobs"] = max(1, call.logprobs)  # the chosen token's comes with them
+        if call.response_format is not None:
+            args["grammar"] = await grammar_for(call.response_format)
+        parse_args(call.op, {**args, "context": "-"}, self.s.limits)  # before any context
+        actor = await self.pool.choose(entry, tuple(items), call.prompt_key)
+        oargs = parse_args(call.op, {**args, "context": actor.id}, self.s.limits)
+        run = Run()
+        handle = RequestHandle(PEER, next(self._ids), call.op, oargs, run.deliver, self._done)
+        handle.transport = "http"
+        run.handle = handle
+        self.s.counters["requests"] += 1
+        stack, held = await engine.stacks.build(entry, oargs.loras or [], actor.stack)
+        try:
+            actor.submit(handle, oargs, stack, held)
+        except BaseException:
+            await engine.stacks.release(held)
+            raise
+        return run, entry.model.piece
+
+    async def embed(self, model: str, inputs: list[str]) -> dict[str, Any]:
+        self.check_open()
+        entry, names = await self.catalog.resolve(model)
+        if names:
+            raise ApiError(400, "embeddings under an adapter are not served here: name the "
+                           f"base model ({entry.id!r})", code="bad_request", param="model")
+        args = parse_args("embed", {"model": entry.id, "input": inputs}, self.s.limits)
+        self.s.counters["requests"] += 1
+        outcome, started = "ok", time.perf_counter()
+        try:
+            return await self.s.engine.embed(args, None, lambda: False)
+        except ProtocolError as exc:
+            outcome = exc.code.value
+            raise
+        finally:
+            self.s.metrics.request(model=entry.id, context=None, outcome=outcome,
+                                   end_metrics=None, transport="http",
+                                   elapsed_ms=(time.perf_counter() - started) * 1000)
+
+    def _done(self, handle: RequestHandle) -> None:
+        s = self.s
+        if handle.outcome not in ("ok", "stop", "length", "cancelled"):
+            s.counters["errors"] += 1
+        actor = s.engine.contexts.get(handle.context) if handle.context else None
+        s.metrics.request(model=actor.model.id if actor else None,
+                          context=actor.id if actor else None,
+                          outcome=handle.outcome or "ok", end_metrics=handle.end_metrics,
+                          elapsed_ms=handle.elapsed_ms, transport="http")
+
+
+def protocol_error(exc: Exception) -> ApiError:
+    """Any failure of a call as an :class:`ApiError`."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ProtocolError):
+        return ApiError.from_protocol(exc)
+    from ..errors import DaemonError, to_protocol
+
+    if isinstance(exc, DaemonError):
+        return ApiError.from_protocol(to_protocol(exc))
+    return ApiError.from_protocol(ProtocolError(ErrorCode.INTERNAL,
+                                                f"{type(exc).__name__}: {exc}"))

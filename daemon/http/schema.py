@@ -1,0 +1,80 @@
+"""``response_format`` as a GBNF grammar: any JSON value, or a JSON schema's documents.
+
+The conversion is llama-cpp-python's (``llama_cpp.llama_grammar``: pure Python, the same
+rules as llama.cpp's ``json-schema-to-grammar``), run in a worker thread. A schema is untrusted
+input: before conversion it is bounded (nodes, nesting, repetition counts, which the converter
+would otherwise expand into huge rules), remote ``$ref`` is refused, and every failure of the
+converter is a 400 naming ``response_format``. The grammar it gives is then checked against
+the daemon's grammar limits like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import trio
+
+from .openai import ApiError
+
+MAX_NODES = 10_000
+MAX_DEPTH = 64
+MAX_COUNT = 1_000
+"""Largest ``minItems``/``maxItems``/``minLength``/``maxLength``/... and ``{n,m}`` count in a
+pattern (llama.cpp expands repetitions into rules)."""
+_COUNTS = {"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+           "minContains", "maxContains"}
+_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _refuse(message: str) -> ApiError:
+    return ApiError(400, f"response_format: {message}", code="bad_request",
+                    param="response_format")
+
+
+def check_schema(schema: Any) -> None:
+    """Bounds on a JSON schema before it is converted (see the module)."""
+    stack = [(schema, 0)]
+    nodes = 0
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise _refuse(f"the schema has more than {MAX_NODES} nodes")
+        if depth > MAX_DEPTH:
+            raise _refuse(f"the schema nests deeper than {MAX_DEPTH}")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _COUNTS and isinstance(value, int) and value > MAX_COUNT:
+                    raise _refuse(f"{key} {value} is above {MAX_COUNT}")
+                if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                    raise _refuse("only local $ref (\"#/...\") is supported")
+                if key == "pattern" and isinstance(value, str):
+                    for m in _PATTERN_COUNT.finditer(value):
+                        if any(g and int(g) > MAX_COUNT for g in m.groups()):
+                            raise _refuse(f"a repetition count in pattern is above {MAX_COUNT}")
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _convert(schema: dict[str, Any]) -> str:
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return json_schema_to_gbnf(json.dumps(schema))
+
+
+async def grammar_for(response_format: dict[str, Any]) -> str:
+    """The GBNF grammar of a ``json_object`` or ``json_schema`` response format."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+
+    if response_format["type"] == "json_object":
+        return JSON_GBNF
+    schema = response_format["schema"] or {}
+    check_schema(schema)
+    try:
+        return await trio.to_thread.run_sync(_convert, schema)
+    except Exception as exc:  # the converter's own errors (asserts, KeyError, recursion ...)
+        raise _refuse(f"this JSON schema cannot be turned into a grammar "
+                      f"({type(exc).__name__}: {str(exc)[:200]})") from None
