@@ -24,6 +24,7 @@ from lorad.protocol.args import OpArgs
 
 from . import llama
 from .adapters import AdapterCache, LoadedAdapter
+from .alora import activation
 from .batching import Batcher, SlabScheduler, Step
 from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
@@ -401,9 +402,11 @@ class ContextActor:
         greedy = args.temperature == 0
         plain_greedy = greedy and args.grammar is None and args.repeat_penalty == 1.0
         stack = job.stack if job.stack is not None else list(self.stack)
-        pairs = [(e.adapter.adapter, e.scale) for e in stack]
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # the scheduler reuses no token cached under another stack
+        active, before, split = activation(stack, prompt)  # an aLoRA starts at its invocation
+        pairs = [(e.adapter.adapter, e.scale) for e in active]
+        pre_pairs = [(e.adapter.adapter, e.scale) for e in before] if before is not None else None
         if params.grammar is not None:
             await trio.to_thread.run_sync(check_grammar, params.grammar, self.limits)
         sampler = await trio.to_thread.run_sync(
@@ -440,7 +443,8 @@ class ContextActor:
             return verify
 
         first = Step(seq, prompt, pairs, prompt=True, then=pick,
-                     should_stop=lambda: h.cancelled, chunk=self.params["n_batch"])
+                     should_stop=lambda: h.cancelled, chunk=self.params["n_batch"],
+                     pre_stack=pre_pairs, split=split or 0)
         reused = 0
         scheduler.join(seq)
         try:
@@ -524,6 +528,8 @@ class ContextActor:
             "seed": seed,
             "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
                       for e in stack],
+            **({"alora_invocation_start": split} if any(e.adapter.info.is_alora for e in stack)
+               else {}),
             **(drafter.metrics() if drafter is not None else OFF_METRICS),
         }
         h.send_end({"finish_reason": finish, "metrics": metrics})

@@ -41,17 +41,24 @@ class Step:
     tokens: list[int]
     stack: StackPairs
     prompt: bool = False
-    """A prompt: the longest prefix cached under the same stack is reused, the rest is decoded
+    """A prompt: the longest prefix cached under the same stacks is reused, the rest is decoded
     in chunks of at most ``chunk`` tokens, and only its last token gets logits."""
     outputs: int = 1
     """How many of the last tokens get logits (not for prompts)."""
     then: Callable[[llama.Slab, int], Any] | None = None
     should_stop: Callable[[], bool] = lambda: False
     chunk: int = 1 << 30
+    pre_stack: StackPairs | None = None
+    """For a prompt: the stack of its tokens before ``split`` (an activated LoRA's prompt is
+    computed without it up to its invocation); ``stack`` applies from ``split`` on."""
+    split: int = 0
     # -- the scheduler's state
     key: tuple[tuple[int, float], ...] = ()
+    """The stack of the next tokens to decode (what the scheduler batches by)."""
     reused: int = 0
     pending: list[int] = field(default_factory=list)
+    position: int = 0
+    """The prompt index of ``pending[0]``."""
     started: bool = False
     stopped: bool = False
     finished: bool = False
@@ -61,7 +68,21 @@ class Step:
     done: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
-        self.key = llama.stack_key(self.stack)
+        self.full_key = llama.stack_key(self.stack)
+        self.pre_key = (llama.stack_key(self.pre_stack) if self.pre_stack is not None
+                        else self.full_key)
+        if not self.prompt or self.pre_stack is None:
+            self.split = 0
+        self._target(0)
+
+    def want(self, i: int) -> tuple[tuple[int, float], ...]:
+        """The stack prompt token ``i`` must be computed under."""
+        return self.pre_key if i < self.split else self.full_key
+
+    def _target(self, position: int) -> None:
+        self.position = position
+        self.key = self.want(position)
+        self.pairs = self.pre_stack if position < self.split else self.stack
 
 
 class StepCost:
@@ -231,6 +252,8 @@ class SlabScheduler:
         while the budget lasts."""
         keys = {s.key for s in self._waiting}
         self._order = [k for k in self._order if k in keys]
+        self._order += [k for k in dict.fromkeys(s.key for s in self._waiting)
+                        if k not in self._order]  # a prompt that moved on to another stack
         key = self._order.pop(0)
         self._order.append(key)  # the next step serves the next stack
         mine = [s for s in self._waiting if s.key == key]
@@ -252,6 +275,9 @@ class SlabScheduler:
     def _decode(self, batch: list[Step]) -> None:
         """One scheduler step, in a worker thread: the only code that calls llama.cpp here."""
         slab = self.slab
+        if not batch:
+            return
+        key, pairs = batch[0].key, batch[0].pairs  # every step of the batch has this stack
         # By sequence id: with a KV pool per sequence, llama.cpp puts into one ubatch only a
         # run of consecutive sequence ids in batch order (split_equal, sequential), so any
         # other order splits the batch into several graph computations.
@@ -268,14 +294,18 @@ class SlabScheduler:
                         step.stopped, step.pending = True, []
                         step.finished = True
                         continue
+                    if step.key != key:  # its cache reached past a change of stack
+                        continue
                     n = min(step.chunk, left, len(step.pending))
+                    if step.position < step.split:  # up to the change of stack at most
+                        n = min(n, step.split - step.position)
                     tokens, step.pending = step.pending[:n], step.pending[n:]
                     last = not step.pending
                     entries.append((step.seq, tokens, 1 if last else 0))
                     stepped.append((step, tokens, last))
                     left -= n
                 elif step.tokens:
-                    if step.seq.stack_key != step.key and step.seq.tokens:
+                    if step.seq.tokens and step.seq.stack_key != step.key:
                         raise RuntimeError("a sequence decoded under another stack")
                     entries.append((step.seq, step.tokens, step.outputs))
                     stepped.append((step, step.tokens, True))
@@ -289,11 +319,10 @@ class SlabScheduler:
                 step.finished = True
         if not entries:
             return
-        key = batch[0].key
         try:
             if slab._adapters != key:
                 self.stack_switches += 1
-            slab.set_adapters(batch[0].stack, key)
+            slab.set_adapters(pairs, key)
             starts = slab.decode(entries)
             self.tokens += sum(len(t) for _, t, _ in entries)
         except Exception as exc:
@@ -302,7 +331,8 @@ class SlabScheduler:
                 step.finished = True
             return
         for (step, tokens, last), start in zip(stepped, starts, strict=True):
-            step.seq.stack_key = key
+            if step.prompt:
+                step._target(step.position + len(tokens))
             if not last:
                 continue
             index = start + len(tokens) - (1 if step.prompt else step.outputs)
@@ -315,14 +345,15 @@ class SlabScheduler:
     def _start_prompt(self, step: Step) -> None:
         seq, prompt = step.seq, step.tokens
         common = 0
-        if seq.stack_key == step.key:
-            limit = min(len(prompt), len(seq.tokens))
-            while common < limit and prompt[common] == seq.tokens[common]:
-                common += 1
+        limit = min(len(prompt), len(seq.tokens))
+        while (common < limit and prompt[common] == seq.tokens[common]
+               and seq.keys[common] == step.want(common)):
+            common += 1
         reused = min(common, len(prompt) - 1)  # the last token is decoded for its logits
         seq.keep(reused)
         step.reused = len(seq.tokens)
         step.pending = list(prompt[step.reused:])
+        step._target(step.reused)
         step.started = True
 
 

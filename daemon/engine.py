@@ -151,6 +151,12 @@ class Engine:
         found = await self._embedder(entry)
         embedder = found.ctx
         model, inputs = entry.model, args.input
+        alora = next((e for e in actor.stack if e.adapter.info.is_alora), None) if actor else None
+        if alora is not None:
+            raise ProtocolError(ErrorCode.LORA_UNSUPPORTED, "embeddings under an activated "
+                                "LoRA (aLoRA) are not supported: embed with the model, or "
+                                "from a context without it", path=str(alora.adapter.path),
+                                reason="alora_embedding")
         held = [self.adapters.hold(e.adapter) for e in actor.stack] if actor else []
         stack = [(e.adapter.adapter, e.scale) for e in actor.stack] if actor else []
 

@@ -520,8 +520,9 @@ def token_logprob(logits: np.ndarray, token: int) -> float:
 class Sequence:
     """One sequence of a :class:`Slab`: a lorad context's share of a batched llama_context.
 
-    ``tokens`` mirrors what its cells hold and ``stack_key`` the adapter stack they were
-    computed under. Its methods call llama.cpp: only the slab's decode thread calls them.
+    ``tokens`` mirrors what its cells hold and ``keys`` the adapter stack each was computed
+    under (one :func:`stack_key` per token: an activated LoRA changes the stack mid-prompt).
+    Its methods call llama.cpp: only the slab's decode thread calls them.
     """
 
     def __init__(self, slab: Slab, seq_id: int, n_ctx: int) -> None:
@@ -529,7 +530,16 @@ class Sequence:
         self.seq_id = seq_id
         self.n_ctx = n_ctx
         self.tokens: list[int] = []
-        self.stack_key: tuple[tuple[int, float], ...] = ()
+        self.keys: list[tuple[tuple[int, float], ...]] = []
+
+    @property
+    def stack_key(self) -> tuple[tuple[int, float], ...]:
+        """The stack of the last cached token (``()`` when nothing is cached)."""
+        return self.keys[-1] if self.keys else ()
+
+    def _cut(self, n: int) -> None:
+        del self.tokens[n:]
+        del self.keys[n:]
 
     def keep(self, n: int) -> None:
         """Keep the first ``n`` cached tokens (clears all when llama.cpp cannot cut there)."""
@@ -537,10 +547,10 @@ class Sequence:
             return
         mem = self.slab.memory
         if n > 0 and C.llama_memory_seq_rm(mem, self.seq_id, n, -1):
-            del self.tokens[n:]
+            self._cut(n)
         else:
             C.llama_memory_seq_rm(mem, self.seq_id, -1, -1)
-            self.tokens = []
+            self._cut(0)
 
     def rollback(self, n: int) -> None:
         """Drop every cached token after the first ``n`` (rejected draft tokens)."""
@@ -549,7 +559,7 @@ class Sequence:
                 raise ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED,
                                     "this model's memory cannot roll back rejected tokens",
                                     reason="no_rollback")
-            del self.tokens[n:]
+            self._cut(n)
 
 
 class Slab:
@@ -586,9 +596,9 @@ class Slab:
         self._adapters = key
 
     def decode(self, entries: list[tuple[Sequence, list[int], int]]) -> list[int]:
-        """Decode, in one batch, ``tokens`` at the next positions of each sequence; ``outputs``
-        is how many of an entry's last tokens get logits. Returns each entry's batch index of
-        its first token (for :meth:`logits`)."""
+        """Decode, in one batch, ``tokens`` at the next positions of each sequence (under the
+        adapters of :meth:`set_adapters`); ``outputs`` is how many of an entry's last tokens
+        get logits. Returns each entry's batch index of its first token (for :meth:`logits`)."""
         batch = self._batch
         if sum(len(t) for _, t, _ in entries) > self.n_batch:
             raise ValueError("more tokens than n_batch in one batch")
@@ -612,11 +622,12 @@ class Slab:
             for seq, _, _ in entries:
                 if not C.llama_memory_seq_rm(self.memory, seq.seq_id, len(seq.tokens), -1):
                     C.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-                    seq.tokens = []
+                    seq._cut(0)
             code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
             raise LlamaError(f"llama_decode failed with code {rc}", code, rc=rc)
         for seq, tokens, _ in entries:
             seq.tokens.extend(tokens)
+            seq.keys.extend([self._adapters] * len(tokens))
         return starts
 
     def logits(self, i: int) -> np.ndarray:
@@ -626,8 +637,7 @@ class Slab:
 
     def clear_seq(self, seq: Sequence) -> None:
         C.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
-        seq.tokens = []
-        seq.stack_key = ()
+        seq._cut(0)
 
     def close(self) -> None:
         if self.ptr:

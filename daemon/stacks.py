@@ -18,6 +18,7 @@ from lorad.protocol import ErrorCode, Limits, ProtocolError
 
 from .actor import ContextActor, StackEntry
 from .adapters import AdapterCache, LoadedAdapter
+from .alora import check_aloras
 from .lora import resolve_adapter
 from .paths import AllowedDirs
 from .peft import cached_conversion
@@ -84,12 +85,12 @@ class Stacks:
                     path = await self.adapter_file(ref, model)
                     adapter = await self.adapters.acquire(model, path)
                 held.append(adapter)
-                refuse_alora(adapter)
                 if any(e.adapter.path == adapter.path for e in stack):
                     raise ProtocolError(ErrorCode.BAD_REQUEST,
                                         f"adapter {str(adapter.path)!r} is twice in the stack",
                                         field="loras", path=str(adapter.path))
                 stack.append(StackEntry(ref, adapter, scale))
+            check_aloras(stack)
         except BaseException:
             await self.release(held)
             raise
@@ -100,6 +101,7 @@ class Stacks:
         async with actor.stack_lock:
             stack, held = await edit(list(actor.stack))
             try:
+                check_aloras(stack)
                 await actor.set_stack(stack)
             finally:
                 await self.release(held)
@@ -183,21 +185,5 @@ class Stacks:
             if exc.code not in VALIDATION_CODES:
                 raise
             return {**report, "compatible": False, "problems": [exc.to_wire()], "adapter": None}
-        if info.is_alora:
-            problems.append(alora_error(str(path)))
         return {**report, "compatible": not problems, "problems": [p.to_wire() for p in problems],
                 "adapter": info.to_wire()}
-
-
-def alora_error(path: str) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.LORA_UNSUPPORTED,
-        f"{Path(path).name} is an activated LoRA (aLoRA): it must apply only from its invocation "
-        "tokens on, which lorad does not implement yet; it is never applied as a plain LoRA",
-        path=path, reason="alora_activation_not_implemented",
-    )
-
-
-def refuse_alora(adapter: LoadedAdapter) -> None:
-    if adapter.info.is_alora:
-        raise alora_error(str(adapter.path))

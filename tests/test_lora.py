@@ -30,7 +30,6 @@ from lorad.client import (
     LoraInvalid,
     LoraInvalidScale,
     LoraLoadFailed,
-    LoraUnsupported,
     NotFound,
 )
 
@@ -365,21 +364,17 @@ def test_an_embedding_lora_on_a_tied_model_is_refused_not_an_abort(client: Clien
         client.unload_model(str(path))
 
 
-def test_alora_is_reported_and_refused(client: Client, files: Files) -> None:
+def test_alora_is_reported_and_applied(client: Client, files: Files) -> None:
     model = client.load_model(files.model)
     report = client.validate_lora(model, files.alora)
     assert report["adapter"]["alora"] is True
     assert report["adapter"]["alora_invocation_tokens"] == [5, 6, 7]
-    assert [p["code"] for p in report["problems"]] == ["lora_unsupported"]
-    assert report["compatible"] is False
+    assert report["problems"] == [] and report["compatible"] is True
     with client.create_context(model, n_ctx=128) as ctx:
-        with pytest.raises(LoraUnsupported) as info:
-            ctx.set_lora(files.alora)
-        assert info.value.details["reason"] == "alora_activation_not_implemented"
-        with pytest.raises(LoraUnsupported):
-            ctx.generate(PROMPT, max_tokens=1, loras=[files.alora]).collect()
-        assert ctx.loras() == []
-    assert client.status()["adapters"] == []
+        ctx.set_lora(files.alora)  # its activation is tested in test_alora.py
+        assert [e["alora"] for e in ctx.loras()] == [True]
+        ctx.generate(PROMPT, max_tokens=1).collect()
+        ctx.clear_loras()
 
 
 @pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, "1.0", None, True])

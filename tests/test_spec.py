@@ -300,6 +300,7 @@ class Files:
     unknown_tensor: Path
     wrong_arch: Path
     alora: Path
+    alora2: Path
     alora_bad: Path
     dora: Path
     broken_model: Path
@@ -328,6 +329,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
         unknown_tensor=tinymodels.write_lora_unknown_tensor(d / "unknown_tensor.gguf", base),
         wrong_arch=tinymodels.write_lora_wrong_arch(d / "wrong_arch.gguf", base),
         alora=tinymodels.write_alora(d / "alora.gguf", base),
+        alora2=tinymodels.write_alora(d / "alora2.gguf", base, invocation_tokens=(8, 9)),
         alora_bad=tinymodels.write_alora_bad_token_type(d / "alora_bad.gguf", base),
         dora=dora,
         broken_model=tinymodels.write_garbage(d / "broken-model.gguf", seed=1),
@@ -825,7 +827,9 @@ def test_lora_errors(peer: Peer, model: dict[str, Any], files: Files) -> None:
                 check_keys(problem, "error")
                 assert_error(problem, "lora_incompatible")
         assert_error(set_lora(files.alora_bad), "lora_load_failed", {"path", "log"})
-        assert_error(set_lora(files.alora), "lora_unsupported", {"path", "reason"})
+        assert peer.call("set_lora", {"context": c, "path": str(files.alora)})["loras"]
+        assert_error(set_lora(files.alora2), "lora_unsupported", {"path", "reason"})
+        assert peer.call("clear_loras", {"context": c})["loras"] == []
         assert_error(set_lora(files.dora), "lora_unsupported", {"path", "reason"})
 
         for scale, field in [(math.nan, "scale"), (math.inf, "scale"), ("1", "scale"),

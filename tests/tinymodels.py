@@ -495,11 +495,13 @@ def write_lora(
     seed: int = 1,
     arch: str = "llama",
     std: float = 0.1,
+    invocation_tokens: Sequence[int] | None = None,
 ) -> LoraSpec:
     """Write a llama.cpp LoRA adapter with random (non-zero) A and B for each target.
 
     ``targets`` are per-layer names (``"attn_q"``, ``"ffn_up"``, ...) applied to ``layers``
     (default: all), or full tensor names ending in ``.weight`` (e.g. ``"output.weight"``).
+    With ``invocation_tokens`` it is an activated LoRA (aLoRA).
     """
     rng = np.random.default_rng(seed)
     spec = LoraSpec(path=pathlib.Path(path), alpha=float(alpha), rank=rank)
@@ -511,7 +513,7 @@ def write_lora(
         spec.tensors[name] = (a, b)
         out[f"{name}.lora_a"] = a
         out[f"{name}.lora_b"] = b
-    _write_adapter(path, out, arch=arch, alpha=alpha)
+    _write_adapter(path, out, arch=arch, alpha=alpha, invocation_tokens=invocation_tokens)
     return spec
 
 

@@ -53,7 +53,7 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
             "streaming": True, "cancel": True, "credit_flow_control": True,
             "logprobs": True, "grammar": True, "chat_template": True,
             "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
-            "alora": False, "speculative": True, "batching": True,
+            "alora": True, "speculative": True, "batching": True,
         },
         "batching": dataclasses.asdict(s.config.batching),
         "repack": engine.repack.to_wire(),
