@@ -10,6 +10,7 @@ scheduler between a prompt's chunks).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -109,10 +110,9 @@ class ContextActor:
         self.params = params
         self.max_queued = max_queued
         self._rng = random.Random(seed)
-        # One place more than max_queued: the running request's (whether the actor's task has
-        # reached its receive yet or not: a zero-capacity channel refused the first request
-        # of a context whose task had not started); submit counts the places itself.
-        self._send, self._recv = trio.open_memory_channel[Job](max_queued + 1)
+        # Unbounded: submit counts the places itself (the running request's included, and
+        # cancelled requests still queued take none: they end when they come up).
+        self._send, self._recv = trio.open_memory_channel[Job](math.inf)
         self.queued: list[Job] = []
         self.current: Job | None = None
         self.closing = False
@@ -132,7 +132,9 @@ class ContextActor:
                                 context=self.id)
         job = Job(handle, args, stack, held)
         try:
-            if len(self.queued) + (self.current is not None) > self.max_queued:
+            waiting = sum(1 for j in self.queued if not j.handle.cancelled)
+            if (waiting + (self.current is not None) > self.max_queued  # cancelled: no place
+                    or len(self.queued) >= 4 * (self.max_queued + 1)):  # ... up to a point
                 raise trio.WouldBlock
             self._send.send_nowait(job)
         except trio.WouldBlock:
@@ -422,8 +424,8 @@ class ContextActor:
                                                              | None]:
             if not n_logprobs:
                 return token, None
-            return token, (llama.top_logprobs(logits, n_logprobs),
-                           llama.token_logprob(logits, token))
+            *top, (_, chosen) = llama.top_logprobs(logits, n_logprobs, token)
+            return token, (top, chosen)
 
         def pick(slab: llama.Slab, i: int) -> Produced:  # in the scheduler's thread
             logits = slab.logits(i)  # in place: no copy of the row

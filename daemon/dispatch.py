@@ -105,16 +105,8 @@ class Dispatcher:
                     h.send_result(result)
 
     def _done(self, handle: RequestHandle) -> None:
-        s = self.s
-        s.sessions.done(handle)
-        if handle.outcome not in ("ok", "stop", "length", "cancelled"):
-            s.counters["errors"] += 1
-        actor = (s.engine.contexts.get(handle.context) if isinstance(handle.context, str)
-                 else None)
-        s.metrics.request(model=actor.model.id if actor else None,
-                          context=actor.id if actor else None,
-                          outcome=handle.outcome or "ok", end_metrics=handle.end_metrics,
-                          elapsed_ms=handle.elapsed_ms)
+        self.s.sessions.done(handle)
+        self.s.record(handle)
 
     def _context_closed(self, actor: ContextActor) -> None:
         if actor.owner is not None:

@@ -500,21 +500,20 @@ class Context:
             release_free_memory()
 
 
-def top_logprobs(logits: np.ndarray, k: int) -> list[list[float]]:
-    """The ``k`` most likely next tokens with their log-probabilities (raw model logits)."""
+def top_logprobs(logits: np.ndarray, k: int, token: int | None = None
+                 ) -> list[list[float]]:
+    """The ``k`` most likely next tokens with their log-probabilities (raw model logits);
+    with ``token``, that token's log-probability is appended as ``[token, logprob]`` (one
+    pass over the vocabulary for both)."""
     logits = logits.astype(np.float64)  # only when a request asks for log-probabilities
     m = logits.max()
     logz = m + np.log(np.exp(logits - m).sum())
     top = np.argpartition(-logits, k - 1)[:k]
     top = top[np.argsort(-logits[top], kind="stable")]
-    return [[int(t), float(logits[t] - logz)] for t in top]
-
-
-def token_logprob(logits: np.ndarray, token: int) -> float:
-    """The log-probability of ``token`` under the raw model ``logits``."""
-    x = logits.astype(np.float64)
-    m = x.max()
-    return float(x[token] - m - np.log(np.exp(x - m).sum()))
+    out = [[int(t), float(logits[t] - logz)] for t in top]
+    if token is not None:
+        out.append([int(token), float(logits[token] - logz)])
+    return out
 
 
 class Sequence:

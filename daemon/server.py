@@ -12,11 +12,13 @@ import signal
 
 import trio
 
+from lorad.protocol import ProtocolError
+
 from . import llama
 from .config import DaemonConfig
 from .dispatch import Dispatcher
 from .engine import Engine
-from .errors import ConfigError
+from .errors import ConfigError, DaemonError
 from .logs import log
 from .metrics import Metrics
 from .sdnotify import notify, watchdog_interval
@@ -40,10 +42,13 @@ class Daemon:
             curve_secret_key=config.curve_secret_key,
             curve_authorized_keys=config.curve_authorized_keys)
         self._stop = trio.Event()
-        if config.http_address:
-            from .http.serve import check_exposure
-
-            check_exposure(config.http_address, config.api_keys)  # before anything binds
+        if config.http_address:  # checked before anything binds
+            try:
+                from .http.serve import check_exposure
+            except ImportError as exc:
+                raise ConfigError(f"--http needs the HTTP extra ({exc.name} is missing): "
+                                  "pip install 'lorad[http]'", field="http_address") from None
+            check_exposure(config.http_address, config.api_keys)
 
     def shutdown(self) -> None:
         """Begin draining: no new requests, running streams end as cancelled, then exit."""
@@ -97,12 +102,9 @@ class Daemon:
 
     async def _serve_http(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                           ) -> None:
-        try:
-            from .http.door import Door
-            from .http.serve import serve_http
-        except ImportError as exc:
-            raise ConfigError(f"--http needs the HTTP extra ({exc.name} is missing): "
-                              "pip install 'lorad[http]'", field="http_address") from None
+        from .http.door import Door
+        from .http.serve import serve_http
+
         c = self.config
         self.http_door = Door(self.services, c.http)
         await serve_http(self.http_door, c.http_address, api_keys=c.api_keys,
@@ -126,4 +128,12 @@ class Daemon:
 
 async def run_daemon(config: DaemonConfig,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    await Daemon(config).serve(task_status=task_status)
+    try:
+        await Daemon(config).serve(task_status=task_status)
+    except BaseException as exc:  # one failure at start: itself, not a task group of one
+        leaf = exc
+        while isinstance(getattr(leaf, "exceptions", None), tuple) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if leaf is not exc and isinstance(leaf, (DaemonError, ProtocolError)):
+            raise leaf from None
+        raise

@@ -10,6 +10,7 @@ from lorad.protocol import Limits
 from .config import DaemonConfig
 from .engine import Engine
 from .metrics import Metrics
+from .requests import RequestHandle
 from .sessions import Sessions
 
 VERSION = "0.1.0"
@@ -31,3 +32,14 @@ class Services:
     @property
     def limits(self) -> Limits:
         return self.config.limits
+
+    def record(self, handle: RequestHandle) -> None:
+        """Count a finished request (either door: ``handle.transport``)."""
+        if handle.outcome not in ("ok", "stop", "length", "cancelled"):
+            self.counters["errors"] += 1
+        actor = (self.engine.contexts.get(handle.context) if isinstance(handle.context, str)
+                 else None)
+        self.metrics.request(model=actor.model.id if actor else None,
+                             context=actor.id if actor else None,
+                             outcome=handle.outcome or "ok", end_metrics=handle.end_metrics,
+                             elapsed_ms=handle.elapsed_ms, transport=handle.transport)

@@ -23,6 +23,7 @@ from .lora import resolve_adapter
 from .paths import AllowedDirs
 from .peft import cached_conversion
 from .registry import LoadedModel
+from .requests import RequestHandle
 
 Edit = Callable[[list[StackEntry]], Awaitable[tuple[list[StackEntry], list[LoadedAdapter]]]]
 VALIDATION_CODES = (ErrorCode.LORA_FILE_NOT_FOUND, ErrorCode.LORA_INVALID,
@@ -95,6 +96,19 @@ class Stacks:
             await self.release(held)
             raise
         return stack, held
+
+    async def submit(self, actor: ContextActor, handle: RequestHandle) -> None:
+        """Queue a generation on ``actor`` with the request's own stack (``loras``), if any:
+        its adapters are held by the job once queued, released here otherwise."""
+        if handle.args.loras is None:
+            actor.submit(handle, handle.args)
+            return
+        stack, held = await self.build(actor.model, handle.args.loras, actor.stack)
+        try:
+            actor.submit(handle, handle.args, stack, held)
+        except BaseException:
+            await self.release(held)
+            raise
 
     async def change(self, actor: ContextActor, edit: Edit) -> dict[str, Any]:
         """Apply ``edit`` to the context's stack (serialised per context)."""

@@ -272,6 +272,31 @@ def test_a_body_over_the_limit_is_413(door: DaemonProcess) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_the_door_refuses_what_a_web_page_could_send(door: DaemonProcess) -> None:
+    url = http_url(door)
+    body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+    r = httpx.post(url + "/v1/completions", content=body,
+                   headers={"content-type": "text/plain"})  # a "simple" cross-site POST
+    assert r.status_code == 415 and r.json()["error"]["code"] == "bad_request"
+    r = httpx.get(url + "/v1/models", headers={"host": "evil.example"})  # DNS rebinding
+    assert r.status_code == 400
+    r = httpx.get(url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(url + "/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_refused_requests_are_counted_and_logged(api: openai.OpenAI, zmq: Client,
+                                                door: DaemonProcess) -> None:
+    before = zmq.metrics()["transports"].get("http", {}).get("errors", {})
+    for _ in range(2):
+        with pytest.raises(openai.NotFoundError):
+            api.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    after = zmq.metrics()["transports"]["http"]["errors"]
+    assert after.get("model_not_found", 0) == before.get("model_not_found", 0) + 2
+    assert '"outcome": "model_not_found"' in door.log()
+
+
 def test_sse_with_plain_httpx(door: DaemonProcess) -> None:
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 8, "temperature": 0,
             "stream": True}
@@ -329,6 +354,19 @@ def test_a_full_queue_is_429_and_a_dropped_stream_frees_its_context(
     assert r.status_code == 200, r.text
     with small_door.client() as c:
         assert c.metrics()["transports"]["http"]["cancelled"] >= 1
+
+
+def test_a_taken_port_is_one_clear_error(tmp_path: Path, files: Files) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError) as e:
+            start_daemon(tmp_path, [files.root], "--http", f"127.0.0.1:{port}")
+    assert "cannot serve HTTP on" in str(e.value)
+    assert "Traceback" not in str(e.value)
 
 
 # -- API keys ---------------------------------------------------------------------------------

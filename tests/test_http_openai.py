@@ -64,6 +64,8 @@ def test_chat_parameters_map_to_lorad_or_are_refused_by_name() -> None:
     for body in ({"model": "m", "messages": [{"role": "tool", "content": "x"}]},
                  {"model": "m", "messages": [{"role": "user", "content": [
                      {"type": "image_url", "image_url": {"url": "x"}}]}]},
+                 {"model": "m", "messages": [{"role": "assistant", "content": "calling",
+                                              "tool_calls": [{"id": "1"}]}]},
                  {"model": "m", "messages": MSGS, "max_tokens": 3, "max_completion_tokens": 4},
                  {"model": "m", "messages": MSGS, "stream_options": {"include_usage": True}},
                  {"model": "m", "messages": MSGS, "lora": [{"id": 0, "scale": 1}]},
@@ -112,10 +114,31 @@ def test_output_builds_responses_and_chunks() -> None:
     assert whole["object"] == "chat.completion" and whole["model"] == "pirate"
 
 
+def test_completion_logprobs_offsets_count_from_the_text_start() -> None:
+    pieces = {5: b"He", 6: b"llo"}
+    for stream in (False, True):
+        call = parse_completion({"model": "m", "prompt": "p", "logprobs": 1,
+                                 "stream": stream}, L)
+        out = Output(call, "m", "cmpl-1", pieces.get)
+        chunks = [out.add({"text": pieces[t].decode(), "token_ids": [t],
+                           "logprobs": [[[t, -0.5]]], "token_logprobs": [-0.5]})
+                  for t in (5, 6)]
+        if stream:
+            assert [c[0]["choices"][0]["logprobs"]["text_offset"] for c in chunks] == [[0], [2]]
+        lp = out.response({"finish_reason": "stop"})["choices"][0]["logprobs"]
+        assert lp["text_offset"] == [0, 2] and lp["tokens"] == ["He", "llo"]
+        assert lp["top_logprobs"] == [{"He": -0.5}, {"llo": -0.5}]
+
+
 def test_hostile_schemas_are_bounded_before_conversion() -> None:
     check_schema({"type": "object", "properties": {"a": {"type": "string", "maxLength": 10}}})
+    check_schema({"type": "string", "pattern": "x{1,3}y{2}[a-z]{0,20}"})
     for schema in ({"type": "array", "maxItems": 10**6},
                    {"type": "string", "pattern": "a{5000}"},
+                   {"type": "string", "pattern": "a{,20000}"},  # forms the converter reads too
+                   {"type": "string", "pattern": "a{2_0000}"},
+                   {"type": "string", "pattern": "a{ 5000 }"},
+                   {"type": "string", "pattern": "(a{100}){100}"},  # nested: they multiply
                    {"$ref": "https://example.com/s.json"}):
         with pytest.raises(ApiError) as e:
             check_schema(schema)

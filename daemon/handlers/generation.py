@@ -10,16 +10,7 @@ async def generate(s: Services, h: RequestHandle) -> None:
     """Queue the stream on its context (with its own adapter stack, if it names one)."""
     actor = s.engine.context(h.args.context, h.peer)
     s.sessions.check_streams(h.peer)
-    if h.args.loras is None:
-        actor.submit(h, h.args)
-        return
-    stacks = s.engine.stacks
-    stack, held = await stacks.build(actor.model, h.args.loras, actor.stack)
-    try:
-        actor.submit(h, h.args, stack, held)
-    except BaseException:
-        await stacks.release(held)
-        raise
+    await s.engine.stacks.submit(actor, h)
 
 
 chat = generate

@@ -20,7 +20,8 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -28,11 +29,11 @@ from lorad.protocol import ProtocolError, Reply
 
 from ..logs import log
 from . import openai
-from .door import Door, Run, protocol_error
+from .door import Door, Recorded, Run, protocol_error
 from .openai import ApiError
 
-_CANCELLED = ApiError(503, "the request was cancelled: the daemon is shutting down",
-                      code="shutting_down", retry_after=5)
+_CANCELLED = ApiError(503, "the request was cancelled by the daemon (it is shutting down, or "
+                      "the model was unloaded)", code="cancelled", retry_after=5)
 
 
 def _error(exc: ApiError) -> JSONResponse:
@@ -41,6 +42,10 @@ def _error(exc: ApiError) -> JSONResponse:
 
 
 async def _body(request: Request, limit: int) -> Any:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":  # no "simple" cross-site POST (text/plain, forms)
+        raise ApiError(415, "the body must be JSON: Content-Type: application/json",
+                       code="bad_request")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"the request body is larger than limits.max_message_bytes "
@@ -83,14 +88,20 @@ class Routes:
                 ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if not self.authorized(request):
-                return _error(ApiError(401, "a valid API key is required: Authorization: "
-                                       "Bearer KEY", code="invalid_api_key"))
+                error = ApiError(401, "a valid API key is required: Authorization: Bearer KEY",
+                                 code="invalid_api_key")
+                self.door.refused(error, request.url.path)
+                return _error(error)
             try:
                 return await handler(request)
+            except ClientDisconnect:  # gone while sending its body: nobody to answer
+                return Response(status_code=499)
             except Exception as exc:
                 api = protocol_error(exc)
-                if api.status >= 500 and not isinstance(exc, ApiError):
-                    log.exception("http_internal_error", path=request.url.path)
+                if not isinstance(exc, Recorded):
+                    if api.status >= 500 and not isinstance(exc, ApiError):
+                        log.exception("http_internal_error", path=request.url.path)
+                    self.door.refused(api, request.url.path)
                 return _error(api)
         return endpoint
 
@@ -118,18 +129,20 @@ class Routes:
                         prefix: str) -> Response:
         call = parse(await _body(request, self.limit), self.door.s.limits)
         run, piece = await self.door.start(call)
-        out = openai.Output(call, call.model, f"{prefix}-{secrets.token_hex(12)}", piece)
-        if call.stream:
-            # The status waits for the first reply: an error before any token (a prompt too
-            # long, a template or grammar refused) is an HTTP error, not an event.
-            first = await _until_disconnect(request, run, run.next())
-            if first.kind == "error":
-                raise ApiError.from_protocol(_wire_error(first))
-            return StreamingResponse(self._events(run, out, first),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        end = await _until_disconnect(request, run, _collect(run, out))
-        return JSONResponse(out.response(end))
+        try:
+            out = openai.Output(call, call.model, f"{prefix}-{secrets.token_hex(12)}", piece)
+            if call.stream:
+                # The status waits for the first reply: an error before any token (a prompt
+                # too long, a template or grammar refused) is an HTTP error, not an event.
+                first = await _until_disconnect(request, run, run.next())
+                if first.kind == "error":
+                    raise Recorded(ApiError.from_protocol(_wire_error(first)))
+                return _EventStream(run, self._events(run, out, first))
+            end = await _until_disconnect(request, run, _collect(run, out))
+            return JSONResponse(out.response(end))
+        except BaseException:
+            run.cancel()
+            raise
 
     async def _events(self, run: Run, out: openai.Output, first: Reply
                       ) -> AsyncIterator[bytes]:
@@ -176,7 +189,24 @@ async def _collect(run: Run, out: openai.Output) -> dict[str, Any]:
                 raise _CANCELLED  # the daemon stops: either way not a completion
             return reply.result
         else:
-            raise ApiError.from_protocol(_wire_error(reply))
+            raise Recorded(ApiError.from_protocol(_wire_error(reply)))
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response whose generation is cancelled however the response ends (a client
+    gone before the first event never starts the generator, so its ``finally`` would not
+    run)."""
+
+    def __init__(self, run: Run, events: AsyncIterator[bytes]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.run = run
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()
 
 
 async def _until_disconnect(request: Request, run: Run, work: Awaitable[Any]) -> Any:
@@ -204,8 +234,16 @@ async def _until_disconnect(request: Request, run: Run, work: Awaitable[Any]) ->
     return result[0]
 
 
-def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str]) -> Starlette:
-    """The ASGI application."""
+async def _not_found(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    return _error(ApiError(status, f"{request.method} {request.url.path}: "
+                           f"{'no such endpoint' if status == 404 else 'method not allowed'}",
+                           code="not_found" if status == 404 else "bad_request"))
+
+
+def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str],
+             hosts: list[str] | None = None) -> Starlette:
+    """The ASGI application; ``hosts``: the ``Host`` headers accepted (None: any)."""
     r = Routes(door, api_keys)
     routes = [
         Route("/health", r.health, methods=["GET"]),
@@ -214,8 +252,11 @@ def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str]) -> Sta
         Route("/v1/completions", r.guarded(r.completions), methods=["POST"]),
         Route("/v1/embeddings", r.guarded(r.embeddings), methods=["POST"]),
     ]
-    middleware = ([Middleware(CORSMiddleware, allow_origins=cors_origins,
-                              allow_methods=["GET", "POST"],
-                              allow_headers=["Authorization", "Content-Type"])]
-                  if cors_origins else [])
-    return Starlette(routes=routes, middleware=middleware)
+    middleware = []
+    if hosts is not None:  # no keys: no DNS rebinding onto the loopback door
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
+    if cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins,
+                                     allow_methods=["GET", "POST"], allow_headers=["*"]))
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={404: _not_found, 405: _not_found})

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
 from ..engine import Engine
@@ -37,18 +39,24 @@ class Catalog:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._fits: dict[tuple[int, str, int, int], bool] = {}
+        self._fits: dict[tuple[str, str, str, int, int], bool] = {}
 
     async def fits(self, entry: LoadedModel, name: str) -> bool:
         """Whether adapter ``name`` passes lorad's validation for ``entry``."""
         stacks = self.engine.stacks
-        try:
+
+        def locate() -> tuple[Path, os.stat_result]:
             path = stacks.resolve(name)
-            stat = path.stat()
+            return path, path.stat()
+
+        try:
+            path, stat = await trio.to_thread.run_sync(locate)
         except (ProtocolError, OSError):
             return False
-        key = (id(entry), str(path), stat.st_mtime_ns, stat.st_size)
+        key = (entry.id, str(entry.path), str(path), stat.st_mtime_ns, stat.st_size)
         if key not in self._fits:
+            if len(self._fits) >= 4 * MAX_LISTED:
+                self._fits.clear()
             try:
                 report = await stacks.validate(entry, name)
             except ProtocolError:
@@ -69,7 +77,7 @@ class Catalog:
         if looks_like_path(ref) or not models:
             raise _not_found(ref, engine)
         try:
-            engine.stacks.resolve(ref)
+            await trio.to_thread.run_sync(engine.stacks.resolve, ref)
         except ProtocolError as exc:
             if exc.code in (ErrorCode.LORA_FILE_NOT_FOUND, ErrorCode.BAD_REQUEST):
                 raise _not_found(ref, engine) from None
@@ -114,10 +122,13 @@ class Catalog:
         models = list(self.engine.models)
         data = [{"id": m.id, "object": "model", "created": _created(m.path),
                  "owned_by": "lorad", "root": str(m.path), "parent": None} for m in models]
-        for name in self.adapter_names():
+        for name in await trio.to_thread.run_sync(self.adapter_names):
             fitting = [m for m in models if await self.fits(m, name)]
+            if not fitting:
+                continue
             try:
-                created = _created(self.engine.stacks.resolve(name)) if fitting else 0
+                created = await trio.to_thread.run_sync(
+                    lambda n=name: _created(self.engine.stacks.resolve(n)))
             except ProtocolError:  # gone since
                 continue
             for m in fitting:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from typing import Any
 
 import trio
@@ -21,6 +20,8 @@ from lorad.protocol import ErrorCode, ProtocolError, Reply
 from lorad.protocol.args import parse_args
 
 from ..config import HttpSettings
+from ..errors import DaemonError, to_protocol
+from ..logs import log
 from ..requests import RequestHandle
 from ..services import Services
 from .catalog import Catalog
@@ -75,7 +76,6 @@ class Door:
     async def start(self, call: Call) -> tuple[Run, Any]:
         """Queue ``call``; its run and the model's ``piece`` (token -> bytes)."""
         self.check_open()
-        engine = self.s.engine
         entry, names = await self.catalog.resolve(call.model)
         items = [(name, 1.0) for name in names] + call.loras
         args: dict[str, Any] = {**call.args, "loras": [list(i) for i in items],
@@ -86,18 +86,21 @@ class Door:
             args["grammar"] = await grammar_for(call.response_format)
         parse_args(call.op, {**args, "context": "-"}, self.s.limits)  # before any context
         actor = await self.pool.choose(entry, tuple(items), call.prompt_key)
-        oargs = parse_args(call.op, {**args, "context": actor.id}, self.s.limits)
         run = Run()
-        handle = RequestHandle(PEER, next(self._ids), call.op, oargs, run.deliver, self._done)
-        handle.transport = "http"
-        run.handle = handle
-        self.s.counters["requests"] += 1
-        stack, held = await engine.stacks.build(entry, oargs.loras or [], actor.stack)
         try:
-            actor.submit(handle, oargs, stack, held)
-        except BaseException:
-            await engine.stacks.release(held)
-            raise
+            oargs = parse_args(call.op, {**args, "context": actor.id}, self.s.limits)
+            handle = RequestHandle(PEER, next(self._ids), call.op, oargs, run.deliver,
+                                   self.s.record)
+            handle.transport = "http"
+            run.handle = handle
+            self.s.counters["requests"] += 1
+            try:
+                await self.s.engine.stacks.submit(actor, handle)
+            except (ProtocolError, DaemonError) as exc:  # counted and logged like any other
+                handle.send_error(to_protocol(exc))
+                raise Recorded(ApiError.from_protocol(to_protocol(exc))) from None
+        finally:
+            self.pool.release(actor)
         return run, entry.model.piece
 
     async def embed(self, model: str, inputs: list[str]) -> dict[str, Any]:
@@ -107,38 +110,45 @@ class Door:
             raise ApiError(400, "embeddings under an adapter are not served here: name the "
                            f"base model ({entry.id!r})", code="bad_request", param="model")
         args = parse_args("embed", {"model": entry.id, "input": inputs}, self.s.limits)
+        handle = RequestHandle(PEER, next(self._ids), "embed", args, lambda _p, _r: None,
+                               self.s.record)
+        handle.transport = "http"
         self.s.counters["requests"] += 1
-        outcome, started = "ok", time.perf_counter()
         try:
-            return await self.s.engine.embed(args, None, lambda: False)
-        except ProtocolError as exc:
-            outcome = exc.code.value
-            raise
-        finally:
-            self.s.metrics.request(model=entry.id, context=None, outcome=outcome,
-                                   end_metrics=None, transport="http",
-                                   elapsed_ms=(time.perf_counter() - started) * 1000)
+            result = await self.s.engine.embed(args, None, lambda: False)
+        except (ProtocolError, DaemonError) as exc:
+            handle.send_error(to_protocol(exc))
+            raise Recorded(ApiError.from_protocol(to_protocol(exc))) from None
+        handle.send_result(None)
+        return result
 
-    def _done(self, handle: RequestHandle) -> None:
-        s = self.s
-        if handle.outcome not in ("ok", "stop", "length", "cancelled"):
-            s.counters["errors"] += 1
-        actor = s.engine.contexts.get(handle.context) if handle.context else None
-        s.metrics.request(model=actor.model.id if actor else None,
-                          context=actor.id if actor else None,
-                          outcome=handle.outcome or "ok", end_metrics=handle.end_metrics,
-                          elapsed_ms=handle.elapsed_ms, transport="http")
+    def refused(self, error: ApiError, path: str) -> None:
+        """Count and log a request refused before it reached the engine (bad body, unknown
+        model, no API key, draining ...)."""
+        self.s.counters["requests"] += 1
+        self.s.counters["errors"] += 1
+        outcome = error.code or str(error.status)
+        self.s.metrics.request(model=None, context=None, outcome=outcome, end_metrics=None,
+                               elapsed_ms=0.0, transport="http")
+        log.info("request", transport="http", path=path, status=error.status,
+                 outcome=outcome, error=error.message)
+
+
+class Recorded(Exception):
+    """An :class:`ApiError` whose request was counted and logged already."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def protocol_error(exc: Exception) -> ApiError:
     """Any failure of a call as an :class:`ApiError`."""
+    if isinstance(exc, Recorded):
+        return exc.error
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, ProtocolError):
-        return ApiError.from_protocol(exc)
-    from ..errors import DaemonError, to_protocol
-
-    if isinstance(exc, DaemonError):
+    if isinstance(exc, (ProtocolError, DaemonError)):
         return ApiError.from_protocol(to_protocol(exc))
     return ApiError.from_protocol(ProtocolError(ErrorCode.INTERNAL,
                                                 f"{type(exc).__name__}: {exc}"))

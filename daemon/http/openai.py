@@ -68,9 +68,9 @@ class ApiError(Exception):
         """lorad's error: its code in ``code``, its field in ``param``, the mapped status."""
         status = STATUS.get(exc.code, 500)
         field_ = exc.details.get("field")
+        retry = {429: 1, 503: 5}.get(status)
         return cls(status, exc.message, code=exc.code.value,
-                   param=field_ if isinstance(field_, str) else None,
-                   retry_after=1 if status in (429, 503) else None)
+                   param=field_ if isinstance(field_, str) else None, retry_after=retry)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message,
@@ -293,13 +293,16 @@ def _max_tokens(body: dict[str, Any], keys: tuple[str, ...], limits: Limits) -> 
 
 
 def _content(message: dict[str, Any], i: int) -> str:
+    if message.get("tool_calls") or message.get("function_call"):
+        raise bad(f"messages[{i}]: tool calls are not supported yet", "messages",
+                  code="unsupported_parameter")
+    if message.get("refusal"):
+        raise bad(f"messages[{i}]: a refusal in the history is not supported: put it in "
+                  "content", "messages", code="unsupported_parameter")
     content = message.get("content")
     if isinstance(content, str):
         return content
     if content is None:
-        if message.get("tool_calls") or message.get("function_call"):
-            raise bad(f"messages[{i}]: tool calls are not supported yet", "messages",
-                      code="unsupported_parameter")
         return ""
     if isinstance(content, list):
         parts = []
@@ -452,8 +455,11 @@ class Output:
                       "logprobs": {"content": entries} if entries else None,
                       "finish_reason": None}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": None,
-                      "logprobs": self._completion_logprobs(entries) if entries else None}
+            logprobs = None
+            if entries:
+                logprobs = _completion_logprobs(entries, self.offset)
+                self.offset += sum(len(e["token"]) for e in entries)
+            choice = {"index": 0, "text": text, "finish_reason": None, "logprobs": logprobs}
         return [self._chunk([choice])]
 
     def first_chunk(self) -> dict[str, Any] | None:
@@ -487,27 +493,29 @@ class Output:
                 "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish,
-                      "logprobs": (self._completion_logprobs(self.logprobs)
+                      "logprobs": (_completion_logprobs(self.logprobs, 0)
                                    if self.call.logprobs is not None else None)}
         return {"id": self.id, "object": self._object, "created": self.created,
                 "model": self.model, "choices": [choice], "usage": usage(end),
                 "system_fingerprint": None, "lorad": end.get("metrics", {})}
 
-    def _completion_logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        offsets = []
-        for e in entries:
-            offsets.append(self.offset)
-            self.offset += len(e["token"])
-        return {"tokens": [e["token"] for e in entries],
-                "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
-                                 for e in entries],
-                "text_offset": offsets}
-
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.call.kind == "chat" else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, "system_fingerprint": None}
+
+
+def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Legacy completions' log-probabilities; ``offset``: the text offset of the first."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}
 
 
 def usage(end: dict[str, Any]) -> dict[str, Any]:

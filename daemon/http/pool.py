@@ -35,12 +35,20 @@ class _Use:
     at: float
 
 
+KEY_CHARS = 1 << 16
+"""Prompt characters kept per context for choosing by prefix (bounds memory and time)."""
+
+
 def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the common prefix, by bisection on slice comparisons (done in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class ContextPool:
@@ -54,21 +62,38 @@ class ContextPool:
         self._contexts: dict[str, list[ContextActor]] = {}
         self._last: dict[str, _Use] = {}
         self._locks: dict[str, trio.Lock] = {}
+        self._reserved: dict[str, int] = {}
+        """Requests chosen a context but not queued on it yet (it is not idle meanwhile)."""
 
     def contexts(self, entry: LoadedModel) -> list[ContextActor]:
         live = [a for a in self._contexts.get(entry.id, [])
                 if self.engine.contexts.get(a.id) is a and not a.closing
                 and a.model is entry]
+        for gone in set(a.id for a in self._contexts.get(entry.id, [])) - {a.id for a in live}:
+            self._last.pop(gone, None)
         self._contexts[entry.id] = live
         return live
 
+    def _idle(self, actor: ContextActor) -> bool:
+        return actor.idle and not self._reserved.get(actor.id)
+
+    def release(self, actor: ContextActor) -> None:
+        """The request that chose ``actor`` is queued on it (or failed)."""
+        n = self._reserved.get(actor.id, 0) - 1
+        if n > 0:
+            self._reserved[actor.id] = n
+        else:
+            self._reserved.pop(actor.id, None)
+
     async def choose(self, entry: LoadedModel, stack: tuple[tuple[str, float], ...],
                      prompt: str) -> ContextActor:
-        """The context this request runs on (see the module)."""
+        """The context this request runs on (see the module); call :meth:`release` once the
+        request is queued on it or has failed."""
+        prompt = prompt[:KEY_CHARS]
         lock = self._locks.setdefault(entry.id, trio.Lock())
         async with lock:
             contexts = self.contexts(entry)
-            idle = [a for a in contexts if a.idle]
+            idle = [a for a in contexts if self._idle(a)]
             same = [a for a in idle if a.id in self._last and self._last[a.id].stack == stack]
             if same:
                 actor = max(same, key=lambda a: (_common_prefix(self._last[a.id].prompt, prompt),
@@ -84,8 +109,10 @@ class ContextPool:
                                     "daemon has limits.max_contexts contexts already",
                                     limit="max_contexts", value=self.engine.limits.max_contexts)
             else:
-                actor = min(contexts, key=lambda a: len(a.queued) + (a.current is not None))
+                actor = min(contexts, key=lambda a: len(a.queued) + (a.current is not None)
+                            + self._reserved.get(a.id, 0))
             self._last[actor.id] = _Use(stack, prompt, time.monotonic())
+            self._reserved[actor.id] = self._reserved.get(actor.id, 0) + 1
             return actor
 
     async def _create(self, entry: LoadedModel) -> ContextActor:

@@ -22,10 +22,13 @@ MAX_NODES = 10_000
 MAX_DEPTH = 64
 MAX_COUNT = 1_000
 """Largest ``minItems``/``maxItems``/``minLength``/``maxLength``/... and ``{n,m}`` count in a
-pattern (llama.cpp expands repetitions into rules)."""
+pattern (llama.cpp expands repetitions into rules); for a pattern, the product of all its
+counts (nested repetitions multiply)."""
+MAX_GRAMMAR_CHARS = 1 << 20
+"""A converted grammar longer than this is refused (the daemon's grammar limits apply after)."""
 _COUNTS = {"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
            "minContains", "maxContains"}
-_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+_BRACES = re.compile(r"\{([^{}]*)\}")
 
 
 def _refuse(message: str) -> ApiError:
@@ -51,12 +54,29 @@ def check_schema(schema: Any) -> None:
                 if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
                     raise _refuse("only local $ref (\"#/...\") is supported")
                 if key == "pattern" and isinstance(value, str):
-                    for m in _PATTERN_COUNT.finditer(value):
-                        if any(g and int(g) > MAX_COUNT for g in m.groups()):
-                            raise _refuse(f"a repetition count in pattern is above {MAX_COUNT}")
+                    _check_pattern(value)
                 stack.append((value, depth + 1))
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node)
+
+
+def _check_pattern(pattern: str) -> None:
+    """Every ``{...}`` the converter could read as a repetition (it parses the counts with
+    ``int()``: ``{,n}``, spaces and ``_`` included), bounded, and their product too."""
+    product = 1
+    for body in _BRACES.findall(pattern):
+        parts = [p.strip().replace("_", "") for p in body.split(",")]
+        if len(parts) > 2 or not all(p.isdigit() or p == "" for p in parts):
+            continue  # not a repetition (the converter treats it as text, or refuses it)
+        if any(not p.isascii() for p in parts):
+            raise _refuse("repetition counts in pattern must be ASCII digits")
+        counts = [int(p) for p in parts if p]
+        biggest = max(counts, default=0)
+        if biggest > MAX_COUNT:
+            raise _refuse(f"a repetition count in pattern is above {MAX_COUNT}")
+        product *= max(biggest, 1)
+        if product > MAX_COUNT:
+            raise _refuse(f"the repetitions in pattern multiply past {MAX_COUNT}")
 
 
 def _convert(schema: dict[str, Any]) -> str:
@@ -74,7 +94,11 @@ async def grammar_for(response_format: dict[str, Any]) -> str:
     schema = response_format["schema"] or {}
     check_schema(schema)
     try:
-        return await trio.to_thread.run_sync(_convert, schema)
+        grammar = await trio.to_thread.run_sync(_convert, schema)
     except Exception as exc:  # the converter's own errors (asserts, KeyError, recursion ...)
         raise _refuse(f"this JSON schema cannot be turned into a grammar "
                       f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise _refuse(f"the schema's grammar has {len(grammar)} characters, more than "
+                      f"{MAX_GRAMMAR_CHARS}")
+    return grammar

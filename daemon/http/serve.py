@@ -11,6 +11,9 @@ import ipaddress
 import logging
 
 import trio
+from hypercorn.config import Config
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from ..errors import ConfigError
 from .app import make_app
@@ -49,9 +52,6 @@ def check_exposure(address: str, api_keys: list[str]) -> None:
 async def serve_http(door: Door, address: str, *, api_keys: list[str], cors_origins: list[str],
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the door on ``address`` until cancelled; ``task_status`` gets the bound URL."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
     check_exposure(address, api_keys)
     host, port = split_address(address)
     config = Config()
@@ -61,13 +61,23 @@ async def serve_http(door: Door, address: str, *, api_keys: list[str], cors_orig
     config.include_server_header = False
     config.h11_max_incomplete_size = 64 * 1024  # request line and headers
     config.graceful_timeout = 1.0
-    app = make_app(door, api_keys=api_keys, cors_origins=cors_origins)
-
-    try:
-        await serve(app, config, task_status=_Relay(task_status))
+    config.read_timeout = 60  # a client that stops sending its request is dropped
+    hosts = None if api_keys else _loopback_hosts(host)
+    app = make_app(door, api_keys=api_keys, cors_origins=cors_origins, hosts=hosts)
+    try:  # bound here, so that a taken port is one clear error, not a task group's
+        sockets = config.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(config.backlog)
     except OSError as exc:
         raise ConfigError(f"cannot serve HTTP on {address!r}: {exc}",
                           field="http_address") from None
+    await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config,
+                       sockets=sockets, task_status=_Relay(task_status))
+
+
+def _loopback_hosts(host: str) -> list[str]:
+    """The ``Host`` values a keyless (loopback) door answers."""
+    return sorted({"localhost", "127.0.0.1", "::1", "[::1]", host})
 
 
 class _Relay:
