@@ -389,3 +389,20 @@ def test_a_public_address_needs_api_keys(tmp_path: Path, files: Files) -> None:
         assert [m.id for m in api.models.list()] == ["tiny"]
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_a_draining_daemon_ends_http_streams_with_an_error_event(
+        small_door: DaemonProcess) -> None:
+    import signal
+
+    url = http_url(small_door) + "/v1/completions"
+    long = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", url, json=long) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        small_door.proc.send_signal(signal.SIGTERM)
+        events = [json.loads(line[6:]) for line in lines
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "error" in events[-1] and events[-1]["error"]["code"] == "cancelled", events[-1]
+    assert small_door.proc.wait(30) == 0

@@ -471,3 +471,28 @@ def test_a_pattern_key_that_is_no_regular_expression_is_invalid(peft_daemon, set
             ctx.set_lora(bad)
         assert err.value.details["field"] == "alpha_pattern"
         assert ctx.loras() == []
+
+
+def test_a_peft_directory_through_the_http_door(tmp_path: Path, setup) -> None:
+    """vLLM's convention with a PEFT directory: listed with its parent, chosen by ``model``."""
+    import openai
+
+    config = tmp_path / "lorad.toml"
+    config.write_text(f'peft_cache_dir = "{tmp_path / "peft-cache"}"\n')
+    d = start_daemon(tmp_path, [setup["root"]], "--config", str(config), "--model",
+                     str(setup["gguf"]), "--alias", "tiny", "--adapter-dir",
+                     str(setup["root"] / "adapters"), "--http", "127.0.0.1:0")
+    try:
+        url = next(json.loads(line)["http"] for line in d.log().splitlines()
+                   if '"serving"' in line)
+        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert {m.id: m.parent for m in api.models.list()}["tiny-peft"] == "tiny"
+        got = api.completions.create(model="tiny-peft", prompt="the cat", max_tokens=8,
+                                     temperature=0).choices[0].text
+        with Client(d.endpoint) as c, c.create_context("tiny") as ctx:
+            want = ctx.generate("the cat", max_tokens=8, temperature=0,
+                                loras=[setup["adapter"]]).collect()
+            base = ctx.generate("the cat", max_tokens=8, temperature=0).collect()
+        assert got == want != base
+    finally:
+        assert d.stop() == 0, d.log()
