@@ -54,7 +54,7 @@ Stacks (``--no-stacks`` skips them): 4 clients on lorad, each context created wi
 stack (``create_context(model, loras=[(path, 1.0)])``, the trained demo adapters in
 ``examples/train_lora/adapters``): all 4 on ``[pirate @1.0]`` (1 stack) versus 2 on
 ``[pirate @1.0]`` and 2 on ``[french @1.0]`` (2 stacks). llama.cpp applies one adapter set to a
-whole batch, so lorad's scheduler serves the stacks in rotation, one per step; the **stacks
+whole batch, so lorad's scheduler serves the stacks in rotation, in turns of 4 steps; the **stacks
 ratio** is 2 stacks / 1 stack aggregate tokens/s. The adapters were trained to give short
 answers and stop (a list prompt ends after 2-10 tokens under them), so here each client asks
 short questions of their kind (``QUESTIONS``, "Question: ...\nAnswer:") one after the other,
@@ -804,9 +804,10 @@ def print_report(summary: dict[str, Any], result: dict[str, Any], clients: list[
                          f"{sum(x[0] for x in seen)}/{sum(x[1] for x in seen)}"))
         _table(("side", "1 stack tok/s", "2 stacks tok/s", "ratio 2/1", "per-round ratio",
                 "TTFT max ms 1 / 2", "requests", "adapter marks"), rows)
-        print("(lorad rotates the stacks, one per step; llama-server batches only slots with "
-              "equal adapters and serves the first slot's set first, without rotation; adapter "
-              "marks: answers with 'Arr' / 'Réponse', the adapters' trained behaviour)")
+        print("(lorad rotates the stacks, in turns of 4 steps; llama-server batches only "
+              "slots with equal adapters and serves the first slot's set first, without "
+              "rotation; adapter marks: answers with 'Arr' / 'Réponse', the adapters' "
+              "trained behaviour)")
 
 
 # -- main ---------------------------------------------------------------------------------------
