@@ -150,3 +150,18 @@ def test_hostile_schemas_are_bounded_before_conversion() -> None:
         node = node["items"]
     with pytest.raises(ApiError, match="nests deeper"):
         check_schema(deep)
+
+
+def test_a_draining_daemon_answers_503_with_retry_after() -> None:
+    from types import SimpleNamespace
+
+    from lorad.daemon.http.app import _error
+    from lorad.daemon.http.door import Door
+
+    door = Door.__new__(Door)  # the rule alone: no engine needed
+    door.s = SimpleNamespace(draining=True)
+    with pytest.raises(ApiError) as e:
+        door.check_open()
+    response = _error(e.value)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert b'"code":"shutting_down"' in response.body
