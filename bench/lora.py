@@ -635,9 +635,11 @@ def section_memory(args: argparse.Namespace, model: str, workdir: Path, adapters
         _check_mappers(f"Llama ({mode})", res["mapping_model"], res["pid"], problems)
         out["llamas"][mode] = res
 
-    # Per-context cost: median PSS delta per added context.
+    # Per-context cost: the mean PSS delta per added context. (A median served while each
+    # context had a llama context of its own; with batching, the first context of a slab
+    # allocates the KV cache of all its sequences, and the next ones almost nothing.)
     d = [points[i]["pss"] - points[i - 1]["pss"] for i in range(3, len(points))]
-    per_ctx = statistics.median(d)
+    per_ctx = (points[-1]["pss"] - points[2]["pss"]) / n
     weights = out.get("model_size_bytes") or os.path.getsize(model)
     expected = weights + n * per_ctx
     pss_daemon = final["pss"]
