@@ -177,36 +177,33 @@ def load_config(path: str | Path | None) -> DaemonConfig:
     return config
 
 
-def _batching(table: Any) -> BatchingConfig:
+def _table(name: str, table: Any, kind: type, ranges: dict[str, tuple[int, int]]) -> Any:
+    """A config table as ``kind`` (a dataclass): known keys only, whole numbers in range."""
     if not isinstance(table, dict):
-        raise _config_error("batching must be a table", field="batching")
-    bad = sorted(set(table) - {f.name for f in fields(BatchingConfig)})
+        raise _config_error(f"{name} must be a table", field=name)
+    bad = sorted(set(table) - {f.name for f in fields(kind)})
     if bad:
-        raise _config_error(f"unknown batching setting {bad[0]!r}", field=bad[0])
-    out = BatchingConfig(**table)
-    for name, lo, hi in (("sequences", 1, 256), ("step_tokens", 16, 1 << 16)):
-        value = getattr(out, name)
+        raise _config_error(f"unknown {name} setting {bad[0]!r}", field=bad[0])
+    out = kind(**table)
+    for key, (lo, hi) in ranges.items():
+        value = getattr(out, key)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _config_error(f"batching.{name} must be a whole number in {lo}..{hi}",
-                                field=name)
+            raise _config_error(f"{name}.{key} must be a whole number in {lo}..{hi}",
+                                field=key)
+    return out
+
+
+def _batching(table: Any) -> BatchingConfig:
+    out = _table("batching", table, BatchingConfig,
+                 {"sequences": (1, 256), "step_tokens": (16, 1 << 16)})
     if not isinstance(out.kv_unified, bool):
         raise _config_error("batching.kv_unified must be true or false", field="kv_unified")
     return out
 
 
 def _http(table: Any) -> HttpSettings:
-    if not isinstance(table, dict):
-        raise _config_error("http must be a table", field="http")
-    bad = sorted(set(table) - {f.name for f in fields(HttpSettings)})
-    if bad:
-        raise _config_error(f"unknown http setting {bad[0]!r}", field=bad[0])
-    out = HttpSettings(**table)
-    for name, lo, hi in (("contexts", 1, 256), ("n_ctx", 0, 1 << 20), ("max_queued", 0, 1024)):
-        value = getattr(out, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise _config_error(f"http.{name} must be a whole number in {lo}..{hi}",
-                                field=name)
-    return out
+    return _table("http", table, HttpSettings,
+                  {"contexts": (1, 256), "n_ctx": (0, 1 << 20), "max_queued": (0, 1024)})
 
 
 def read_api_keys(path: str) -> list[str]:

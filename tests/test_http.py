@@ -23,6 +23,8 @@ from lorad.client import Client
 
 PROMPT = "Hello world, the cat and the dog"
 CHAT = [{"role": "user", "content": "hello there, the cat"}]
+LONG = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0, "stream": True}
+"""A stream that runs until it is stopped (the small door's contexts have n_ctx 2048)."""
 
 
 def http_url(d: DaemonProcess) -> str:
@@ -335,10 +337,8 @@ def small_door(tmp_path: Path, files: Files) -> Iterator[DaemonProcess]:
 def test_a_full_queue_is_429_and_a_dropped_stream_frees_its_context(
         small_door: DaemonProcess) -> None:
     url = http_url(small_door) + "/v1/completions"
-    long = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0,
-            "stream": True}
     short = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": 0}
-    with httpx.stream("POST", url, json=long) as r:
+    with httpx.stream("POST", url, json=LONG) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # it runs
         busy = httpx.post(url, json=short)
@@ -396,9 +396,7 @@ def test_a_draining_daemon_ends_http_streams_with_an_error_event(
     import signal
 
     url = http_url(small_door) + "/v1/completions"
-    long = {"model": "tiny", "prompt": PROMPT, "max_tokens": 1500, "temperature": 0,
-            "stream": True}
-    with httpx.stream("POST", url, json=long) as r:
+    with httpx.stream("POST", url, json=LONG) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         small_door.proc.send_signal(signal.SIGTERM)
