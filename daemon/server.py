@@ -77,7 +77,7 @@ class Daemon:
                 await self.engine.preload()
                 http = None
                 if self.config.http_address:
-                    http = await nursery.start(self._serve_http)
+                    http = self.services.http_url = await nursery.start(self._serve_http)
                 log.info("serving", endpoint=self.config.endpoint, pid=os.getpid(),
                          models=[m.id for m in self.engine.models], http=http,
                          contexts=sorted(self.engine.contexts))

@@ -26,6 +26,8 @@ class Services:
     metrics: Metrics
     started_at: float = field(default_factory=time.time)
     draining: bool = False
+    http_url: str | None = None
+    """The OpenAI-compatible door's URL once it serves (None: off)."""
     counters: dict[str, int] = field(
         default_factory=lambda: {"requests": 0, "errors": 0, "peers_lost": 0})
 

@@ -314,12 +314,14 @@ def test_sse_with_plain_httpx(door: DaemonProcess) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_http_requests_are_counted_by_transport(api: openai.OpenAI, zmq: Client) -> None:
+def test_http_requests_are_counted_by_transport(api: openai.OpenAI, zmq: Client,
+                                                door: DaemonProcess) -> None:
     before = zmq.metrics()["transports"].get("http", {}).get("requests", 0)
     api.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
     after = zmq.metrics()["transports"]["http"]["requests"]
     assert after == before + 1
     assert zmq.metrics()["transports"]["zmq"]["requests"] > 0
+    assert zmq.capabilities()["http"] == {"url": http_url(door), "api_keys": False}
 
 
 # -- a busy door, a dropped stream -------------------------------------------------------------

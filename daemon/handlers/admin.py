@@ -56,6 +56,8 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
             "alora": True, "speculative": True, "batching": True,
         },
         "batching": dataclasses.asdict(s.config.batching),
+        "http": ({"url": s.http_url, "api_keys": bool(s.config.api_keys)}
+                 if s.http_url else None),
         "repack": engine.repack.to_wire(),
         "busy_policy": "queue",
         "heartbeat_ms": s.config.heartbeat_ms,
