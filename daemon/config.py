@@ -67,6 +67,9 @@ class HttpSettings:
     """Their context size (0: the model's default, as for ``create_context``)."""
     max_queued: int = 8
     """Requests waiting per context before ``429``."""
+    chat_template: str = ""
+    """For chat requests that name none (``chat_template``): a llama.cpp built-in template
+    name or Jinja source, used for models without a template of their own ("": none)."""
 
 
 @dataclass
@@ -202,8 +205,11 @@ def _batching(table: Any) -> BatchingConfig:
 
 
 def _http(table: Any) -> HttpSettings:
-    return _table("http", table, HttpSettings,
-                  {"contexts": (1, 256), "n_ctx": (0, 1 << 20), "max_queued": (0, 1024)})
+    out = _table("http", table, HttpSettings,
+                 {"contexts": (1, 256), "n_ctx": (0, 1 << 20), "max_queued": (0, 1024)})
+    if not isinstance(out.chat_template, str):
+        raise _config_error("http.chat_template must be a string", field="chat_template")
+    return out
 
 
 def read_api_keys(path: str) -> list[str]:

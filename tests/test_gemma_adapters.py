@@ -80,5 +80,14 @@ def test_the_http_door_picks_an_adapter_by_model(tmp_path_factory: pytest.TempPa
 
         assert rate("pirate") >= 0.8
         assert rate("gemma") <= 0.1
+        # the shipped GGUF has no chat template: the door says which parameter to give
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="pirate", messages=[
+                {"role": "user", "content": "What is 2 plus 2?"}])
+        assert e.value.body["param"] == "chat_template"
+        answer = api.chat.completions.create(
+            model="pirate", messages=[{"role": "user", "content": "What is 2 plus 2?"}],
+            max_tokens=24, temperature=0, extra_body={"chat_template": "gemma"})
+        assert answer.choices[0].message.content
     finally:
         assert d.stop() == 0, d.log()

@@ -406,3 +406,32 @@ def test_a_draining_daemon_ends_http_streams_with_an_error_event(
                   if line.startswith("data: ") and line != "data: [DONE]"]
     assert "error" in events[-1] and events[-1]["error"]["code"] == "cancelled", events[-1]
     assert small_door.proc.wait(30) == 0
+
+
+def test_a_model_without_a_chat_template(tmp_path: Path, files: Files) -> None:
+    bare = tinymodels.write_tiny_llama(files.root / "bare.gguf", seed=0, chat_template=None)
+    config = tmp_path / "lorad.toml"
+    config.write_text('[http]\nchat_template = "chatml"\n')
+    (tmp_path / "plain").mkdir()
+    plain = start_daemon(tmp_path / "plain", [files.root], "--model", str(bare),
+                         "--alias", "bare", "--http", "127.0.0.1:0")
+    try:
+        api = openai.OpenAI(base_url=http_url(plain) + "/v1", api_key="-", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="bare", messages=CHAT, max_tokens=4)
+        assert _error(e)["param"] == "chat_template" and "chat_template" in _error(e)["message"]
+        named = api.chat.completions.create(model="bare", messages=CHAT, max_tokens=4,
+                                            temperature=0,
+                                            extra_body={"chat_template": "chatml"})
+    finally:
+        assert plain.stop() == 0, plain.log()
+    (tmp_path / "configured").mkdir()
+    configured = start_daemon(tmp_path / "configured", [files.root], "--config", str(config),
+                              "--model", str(bare), "--alias", "bare", "--http", "127.0.0.1:0")
+    try:
+        api = openai.OpenAI(base_url=http_url(configured) + "/v1", api_key="-", max_retries=0)
+        default = api.chat.completions.create(model="bare", messages=CHAT, max_tokens=4,
+                                              temperature=0)
+    finally:
+        assert configured.stop() == 0, configured.log()
+    assert default.choices[0].message.content == named.choices[0].message.content

@@ -52,6 +52,8 @@ def test_chat_parameters_map_to_lorad_or_are_refused_by_name() -> None:
                          "seed": 3}
     assert call.loras == [("pirate", 0.5), ("/a/b.gguf", 1.0)]
     assert parse_chat({"model": "m", "messages": MSGS}, L).args["max_tokens"] == L.max_tokens
+    assert parse_chat({"model": "m", "messages": MSGS, "chat_template": "gemma"},
+                      L).args["template"] == "gemma"
     refused = {
         "n": 2, "tools": [{"type": "function"}], "tool_choice": "auto", "logit_bias": {"1": 2},
         "presence_penalty": 0.5, "echo": True, "prediction": {"type": "content"},

@@ -63,6 +63,7 @@ class Door:
 
     def __init__(self, services: Services, settings: HttpSettings) -> None:
         self.s = services
+        self.settings = settings
         self.catalog = Catalog(services.engine)
         self.pool = ContextPool(services.engine, size=settings.contexts, n_ctx=settings.n_ctx,
                                 max_queued=settings.max_queued)
@@ -84,6 +85,9 @@ class Door:
             args["logprobs"] = max(1, call.logprobs)  # the chosen token's comes with them
         if call.response_format is not None:
             args["grammar"] = await grammar_for(call.response_format)
+        if (call.op == "chat" and "template" not in args and self.settings.chat_template
+                and entry.model.chat_template is None):
+            args["template"] = self.settings.chat_template
         parse_args(call.op, {**args, "context": "-"}, self.s.limits)  # before any context
         actor = await self.pool.choose(entry, tuple(items), call.prompt_key)
         run = Run()

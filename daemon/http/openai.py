@@ -68,6 +68,10 @@ class ApiError(Exception):
         """lorad's error: its code in ``code``, its field in ``param``, the mapped status."""
         status = STATUS.get(exc.code, 500)
         field_ = exc.details.get("field")
+        if field_ == "template":  # the protocol's argument is this API's chat_template
+            return cls(status, exc.message.replace("pass template=", "pass chat_template "
+                                                   "(or [http] chat_template)"),
+                       code=exc.code.value, param="chat_template")
         retry = {429: 1, 503: 5}.get(status)
         return cls(status, exc.message, code=exc.code.value,
                    param=field_ if isinstance(field_, str) else None, retry_after=retry)
@@ -141,7 +145,7 @@ _WHY_NOT = {
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
            "stream_options", "user", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
            "grammar", "lora", "speculative", "response_format", *_OFF_VALUES}
-_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs",
+_CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
                    "reasoning_effort", "prediction", "audio", "web_search_options"}
 _COMPLETION = _COMMON | {"prompt", "logprobs"}
 _UNSUPPORTED = {"reasoning_effort": "reasoning_effort is not supported",
@@ -342,6 +346,12 @@ def parse_chat(body: Any, limits: Limits) -> Call:
         out.append(entry)
     call.kind, call.op = "chat", "chat"
     call.args["messages"] = out
+    template = body.get("chat_template")  # vLLM's extension: a built-in name or Jinja
+    if template is not None:
+        if not isinstance(template, str) or not template:
+            raise bad("chat_template must be a non-empty string (a llama.cpp built-in "
+                      "template name or Jinja source)", "chat_template")
+        call.args["template"] = template
     call.args["max_tokens"] = _max_tokens(body, ("max_completion_tokens", "max_tokens"), limits)
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
