@@ -156,7 +156,7 @@ _REQUIRED = object()
 # mode -> parameter -> (type, default, low, high)
 _SPEC_PARAMS: dict[str, dict[str, tuple[type, Any, Any, Any]]] = {
     "prompt_lookup": {"ngram_min": (int, 1, 1, 8), "ngram_max": (int, 3, 1, 8),
-                      "max_draft": (int, 32, 1, 64), "adaptive": (bool, True, None, None)},
+                      "max_draft": (int, 64, 1, 64), "adaptive": (bool, True, None, None)},
     "draft_model": {"model": (str, _REQUIRED, None, None), "max_draft": (int, 8, 1, 64),
                     "p_min": (float, 0.5, 0.0, 1.0), "adaptive": (bool, True, None, None)},
     "mtp": {"max_draft": (int, 1, 1, 8)},
