@@ -89,6 +89,9 @@ class ContextActor:
         self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
         """How a draft model named by id or path is found (set by the server)."""
         self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
+        self.draft_seconds: dict[int, float] = {}
+        """What drafting a token took on each draft context (by ``id``), kept across
+        requests: a draft model too slow to pay is not tried again by every request."""
         """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self.model = model
         self.batcher = batcher
@@ -308,7 +311,8 @@ class ContextActor:
                            cost=self.scheduler.draft_cost)
         return Drafter("draft_model", spec["max_draft"], source=source,
                        adaptive=spec["adaptive"], cost=self.scheduler.draft_cost,
-                       step_seconds=self.scheduler.step_seconds)
+                       step_seconds=self.scheduler.step_seconds,
+                       draft_seconds=self.draft_seconds.get(id(source.ctx)))
 
     async def dispose(self) -> None:
         """Free a context whose task never started (its creation failed)."""
@@ -321,6 +325,7 @@ class ContextActor:
             await trio.to_thread.run_sync(draft.close)
             entry.contexts.discard(self.id)
         self.drafts.clear()
+        self.draft_seconds.clear()
         self.stack, self._applied = [], []
         await self._sync_holds()
 
@@ -499,9 +504,11 @@ class ContextActor:
                                scheduler.budget) - 1
                     if drafter.source is None:  # n-gram lookup: cheap, no thread hop
                         draft, qs = drafter.draft(room, None if greedy else params, rng)
-                    else:  # a draft model decodes in its own llama context
+                    elif depth := drafter.plan(room):  # a draft model: in its own context
                         draft, qs = await trio.to_thread.run_sync(
-                            drafter.draft, room, None if greedy else params, rng)
+                            drafter.propose, depth, None if greedy else params, rng)
+                    else:  # no draft this step: no thread hop either
+                        draft, qs = [], None
                     step = Step(seq, [previous, *draft], pairs, outputs=len(draft) + 1,
                                 then=verifier(draft, qs))
                 else:
@@ -514,6 +521,8 @@ class ContextActor:
         finally:
             scheduler.leave(seq)
             await trio.to_thread.run_sync(sampler.close)
+            if drafter is not None and drafter.source is not None and drafter.draft_seconds:
+                self.draft_seconds[id(drafter.source.ctx)] = drafter.draft_seconds
         ended = time.perf_counter()
         prompt_s = (t_prompt or ended) - started
         gen_s = ended - (t_prompt or ended)

@@ -21,7 +21,9 @@ for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that maximises 
 rejected draft's cost is counted, and where drafting cannot pay, it stops. At depth 0 a one-token
 draft probes now and then (every ``PROBE_EVERY`` steps, the interval doubling after each
 rejected probe up to ``PROBE_MAX``), so that a request whose text starts repeating is noticed.
-For a draft model, its own time per drafted token (measured) counts in a draft's cost.
+For a draft model, its own time per drafted token (measured, its catching up with the text
+included) counts in a draft's cost, and where no draft could pay even if fully accepted, there
+is no probe either.
 """
 
 from __future__ import annotations
@@ -211,11 +213,9 @@ class Drafter:
         b = self._bucket if bucket is None else bucket
         return self._hits[b] / self._trials[b]
 
-    def choose_depth(self, limit: int) -> int:
-        """The draft length that maximises expected tokens per unit of step time."""
-        if not self.adaptive:
-            return min(self.max_draft, limit)
-        p = min(self.p_accept(), 0.999)
+    def _best(self, p: float, limit: int) -> int:
+        """The depth (0 included) with the most expected tokens per unit of time at ``p``."""
+        p = min(p, 0.999)
         per_draft_token = 0.0  # a draft model's own decoding, in steps of the target
         step = self.step_seconds()
         if self.draft_seconds is not None and step:
@@ -225,7 +225,15 @@ class Drafter:
             value = (1 - p ** (d + 1)) / (1 - p) / (self.cost(d) + d * per_draft_token)
             if value > best_value * 1.001:
                 best, best_value = d, value
-        if best == 0 and limit > 0:
+        return best
+
+    def choose_depth(self, limit: int) -> int:
+        """The draft length that maximises expected tokens per unit of step time."""
+        if not self.adaptive:
+            return min(self.max_draft, limit)
+        best = self._best(self.p_accept(), limit)
+        if best == 0 and limit > 0 and self._best(1.0, limit) > 0:  # no probe where even
+            # drafts accepted in full could not pay (a draft model slower than its worth)
             self._probe_in -= 1
             if self._probe_in <= 0:
                 self._probe_in = self._probe_every
@@ -233,22 +241,33 @@ class Drafter:
                 return 1
         return best
 
+    def plan(self, limit: int) -> int:
+        """A draft model's next depth (0: no draft this step), chosen without touching its
+        context: the caller hops to a thread only to :meth:`propose`."""
+        self.steps += 1
+        self.depth = self.choose_depth(limit)
+        return self.depth
+
+    def propose(self, depth: int, params: llama.SamplingParams | None,
+                rng: np.random.Generator) -> tuple[list[int], list[np.ndarray] | None]:
+        """A draft model's draft of ``depth`` tokens (in a worker thread), timed."""
+        assert self.source is not None
+        started = time.perf_counter()
+        draft, qs = self.source.propose(self.history, depth, params, rng)
+        if draft:
+            spent = (time.perf_counter() - started) / len(draft)
+            self.draft_seconds = (spent if self.draft_seconds is None
+                                  else 0.7 * self.draft_seconds + 0.3 * spent)
+        return draft, qs
+
     def draft(self, limit: int, params: llama.SamplingParams | None,
               rng: np.random.Generator) -> tuple[list[int], list[np.ndarray] | None]:
         """The next draft (at most ``limit`` tokens: room left in max_tokens and n_ctx) and
         the draft's distributions (None for deterministic drafts)."""
-        self.steps += 1
         if self.source is not None:
-            self.depth = depth = self.choose_depth(limit)
-            if depth == 0:
-                return [], None
-            started = time.perf_counter()
-            draft, qs = self.source.propose(self.history, depth, params, rng)
-            if draft:
-                spent = (time.perf_counter() - started) / len(draft)
-                self.draft_seconds = (spent if self.draft_seconds is None
-                                      else 0.7 * self.draft_seconds + 0.3 * spent)
-            return draft, qs
+            depth = self.plan(limit)
+            return self.propose(depth, params, rng) if depth else ([], None)
+        self.steps += 1
         found, matched = lookup_draft(self.history, self.ngram_min, self.ngram_max,
                                       min(self.max_draft, limit))
         if not found:

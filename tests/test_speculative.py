@@ -457,3 +457,11 @@ def test_a_draft_models_own_time_counts_in_the_depth() -> None:
             d.record(4, 4)
     assert free.choose_depth(64) == 8
     assert slow.choose_depth(64) == 0  # every accepted token costs a whole step to draft
+
+
+def test_no_probe_where_even_accepted_drafts_could_not_pay() -> None:
+    from lorad.daemon.speculative import PROBE_EVERY, Drafter
+
+    slow = Drafter("draft_model", 8, cost=lambda d: 1 + 0.5 * d, step_seconds=lambda: 0.030)
+    slow.draft_seconds = 0.060  # drafting a token costs two steps: nothing can pay
+    assert [slow.choose_depth(64) for _ in range(4 * PROBE_EVERY)] == [0] * (4 * PROBE_EVERY)
