@@ -105,13 +105,17 @@ class StepCost:
 
     def __init__(self) -> None:
         self.samples: dict[int, deque[float]] = {}
+        self._points: list[tuple[int, float]] | None = None  # the medians, until a new sample
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
+        self._points = None
 
     def time(self, tokens: int) -> float:
         """The expected time of a step of ``tokens`` tokens (any unit)."""
-        points = sorted((x, statistics.median(ys)) for x, ys in self.samples.items())
+        if self._points is None:  # a draft's depth asks this for every depth it weighs
+            self._points = sorted((x, statistics.median(ys)) for x, ys in self.samples.items())
+        points = self._points
         if not points:
             return 1 + self.PRIOR * (tokens - 1)
         x0, y0 = points[0]

@@ -20,7 +20,8 @@ own step times). A draft of ``d`` tokens yields ``(1 - p^(d+1)) / (1 - p)`` toke
 for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that maximises their ratio: a
 rejected draft's cost is counted, and where drafting cannot pay, it stops. At depth 0 a one-token
 draft probes now and then (every ``PROBE_EVERY`` steps, the interval doubling after each
-rejected probe up to ``PROBE_MAX``), so that a request whose text starts repeating is noticed.
+rejected probe up to ``PROBE_MAX``; at least as many steps as keep a failing probe's cost
+within ``PROBE_BUDGET`` of the time), so that a request whose text starts repeating is noticed.
 For a draft model, its own time per drafted token (measured, its catching up with the text
 included) counts in a draft's cost, and where no draft could pay even if fully accepted, there
 is no probe either.
@@ -28,6 +29,7 @@ is no probe either.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +44,9 @@ from . import llama
 
 PROBE_EVERY = 8
 PROBE_MAX = 64
+PROBE_BUDGET = 0.03
+"""The share of the steps a failing probe may cost: where a one-token draft costs a whole step
+(as on these CPUs), probes come every 34 steps at least."""
 DECAY = 0.9
 """Weight of the acceptance counts of the step before (per step)."""
 
@@ -227,6 +232,11 @@ class Drafter:
                 best, best_value = d, value
         return best
 
+    def _interval(self) -> int:
+        """Steps to the next probe: the current interval, or more where a probe is dear."""
+        dear = math.ceil(max(self.cost(1) - 1.0, 0.0) / PROBE_BUDGET)
+        return max(self._probe_every, min(dear, 4 * PROBE_MAX))
+
     def choose_depth(self, limit: int) -> int:
         """The draft length that maximises expected tokens per unit of step time."""
         if not self.adaptive:
@@ -236,7 +246,7 @@ class Drafter:
             # drafts accepted in full could not pay (a draft model slower than its worth)
             self._probe_in -= 1
             if self._probe_in <= 0:
-                self._probe_in = self._probe_every
+                self._probe_in = self._interval()
                 self._probing = True
                 return 1
         return best
@@ -290,7 +300,7 @@ class Drafter:
             self._probing = False
             self._probe_every = PROBE_EVERY if accepted else min(PROBE_MAX,
                                                                  self._probe_every * 2)
-            self._probe_in = self._probe_every
+            self._probe_in = self._interval()
 
     def metrics(self) -> dict[str, Any]:
         return {

@@ -6,6 +6,7 @@ any draft depth, with logprobs, stop sequences, max_tokens cut mid-draft and LoR
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -465,3 +466,17 @@ def test_no_probe_where_even_accepted_drafts_could_not_pay() -> None:
     slow = Drafter("draft_model", 8, cost=lambda d: 1 + 0.5 * d, step_seconds=lambda: 0.030)
     slow.draft_seconds = 0.060  # drafting a token costs two steps: nothing can pay
     assert [slow.choose_depth(64) for _ in range(4 * PROBE_EVERY)] == [0] * (4 * PROBE_EVERY)
+
+
+def test_probes_are_rarer_where_they_are_dear() -> None:
+
+    from lorad.daemon.speculative import PROBE_BUDGET, Drafter
+
+    dear = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.9 * d)  # a token: most of a step
+    for _ in range(5):
+        dear.record(2, 0)
+    depths = [dear.choose_depth(64) for _ in range(200)]
+    probes = [k for k, d in enumerate(depths) if d]
+    assert len(probes) >= 3
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert min(gaps) >= round(0.9 / PROBE_BUDGET)  # a failing probe costs <= its budget
