@@ -41,8 +41,10 @@ class Catalog:
         self.engine = engine
         self._fits: dict[tuple[str, str, str, int, int], bool] = {}
 
-    async def fits(self, entry: LoadedModel, name: str) -> bool:
-        """Whether adapter ``name`` passes lorad's validation for ``entry``."""
+    async def fitting(self, models: list[LoadedModel], name: str
+                      ) -> tuple[list[LoadedModel], os.stat_result | None]:
+        """The models adapter ``name`` passes lorad's validation for, and its file's stat
+        (None: no such adapter); the file is found once for all the models."""
         stacks = self.engine.stacks
 
         def locate() -> tuple[Path, os.stat_result]:
@@ -52,17 +54,21 @@ class Catalog:
         try:
             path, stat = await trio.to_thread.run_sync(locate)
         except (ProtocolError, OSError):
-            return False
-        key = (entry.id, str(entry.path), str(path), stat.st_mtime_ns, stat.st_size)
-        if key not in self._fits:
-            if len(self._fits) >= 4 * MAX_LISTED:
-                self._fits.clear()
-            try:
-                report = await stacks.validate(entry, name)
-            except ProtocolError:
-                return False
-            self._fits[key] = bool(report["compatible"])
-        return self._fits[key]
+            return [], None
+        out = []
+        for entry in models:
+            key = (entry.id, str(entry.path), str(path), stat.st_mtime_ns, stat.st_size)
+            if key not in self._fits:
+                if len(self._fits) >= 4 * MAX_LISTED:
+                    self._fits.clear()
+                try:
+                    report = await stacks.validate(entry, name)
+                except ProtocolError:
+                    continue
+                self._fits[key] = bool(report["compatible"])
+            if self._fits[key]:
+                out.append(entry)
+        return out, stat
 
     async def resolve(self, ref: str) -> tuple[LoadedModel, list[str]]:
         """The model and the adapter names the ``model`` field ``ref`` stands for."""
@@ -84,7 +90,7 @@ class Catalog:
             raise
         if len(models) == 1:  # whether it fits is checked (and said) when the stack is built
             return models[0], [ref]
-        fitting = [m for m in models if await self.fits(m, ref)]
+        fitting, _ = await self.fitting(models, ref)
         if len(fitting) == 1:
             return fitting[0], [ref]
         if not fitting:
@@ -123,17 +129,11 @@ class Catalog:
         data = [{"id": m.id, "object": "model", "created": _created(m.path),
                  "owned_by": "lorad", "root": str(m.path), "parent": None} for m in models]
         for name in await trio.to_thread.run_sync(self.adapter_names):
-            fitting = [m for m in models if await self.fits(m, name)]
-            if not fitting:
-                continue
-            try:
-                created = await trio.to_thread.run_sync(
-                    lambda n=name: _created(self.engine.stacks.resolve(n)))
-            except ProtocolError:  # gone since
-                continue
+            fitting, stat = await self.fitting(models, name)
             for m in fitting:
                 data.append({"id": name if len(fitting) == 1 else f"{m.id}:{name}",
-                             "object": "model", "created": created, "owned_by": "lorad",
+                             "object": "model", "created": int(stat.st_mtime),
+                             "owned_by": "lorad",
                              "root": name, "parent": m.id})
         return data
 

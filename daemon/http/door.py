@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -93,16 +95,9 @@ class Door:
         run = Run()
         try:
             oargs = parse_args(call.op, {**args, "context": actor.id}, self.s.limits)
-            handle = RequestHandle(PEER, next(self._ids), call.op, oargs, run.deliver,
-                                   self.s.record)
-            handle.transport = "http"
-            run.handle = handle
-            self.s.counters["requests"] += 1
-            try:
+            run.handle = handle = self._handle(call.op, oargs, run.deliver)
+            with _recorded(handle):
                 await self.s.engine.stacks.submit(actor, handle)
-            except (ProtocolError, DaemonError) as exc:  # counted and logged like any other
-                handle.send_error(to_protocol(exc))
-                raise Recorded(ApiError.from_protocol(to_protocol(exc))) from None
         finally:
             self.pool.release(actor)
         return run, entry.model.piece
@@ -114,17 +109,19 @@ class Door:
             raise ApiError(400, "embeddings under an adapter are not served here: name the "
                            f"base model ({entry.id!r})", code="bad_request", param="model")
         args = parse_args("embed", {"model": entry.id, "input": inputs}, self.s.limits)
-        handle = RequestHandle(PEER, next(self._ids), "embed", args, lambda _p, _r: None,
-                               self.s.record)
-        handle.transport = "http"
-        self.s.counters["requests"] += 1
-        try:
+        handle = self._handle("embed", args, lambda _peer, _reply: None)
+        with _recorded(handle):
             result = await self.s.engine.embed(args, None, lambda: False)
-        except (ProtocolError, DaemonError) as exc:
-            handle.send_error(to_protocol(exc))
-            raise Recorded(ApiError.from_protocol(to_protocol(exc))) from None
         handle.send_result(None)
         return result
+
+    def _handle(self, op: str, args: Any, send: Any) -> RequestHandle:
+        """A request of the door, counted, logged and measured like a ZeroMQ one when it
+        finishes (``Services.record``)."""
+        handle = RequestHandle(PEER, next(self._ids), op, args, send, self.s.record)
+        handle.transport = "http"
+        self.s.counters["requests"] += 1
+        return handle
 
     def refused(self, error: ApiError, path: str) -> None:
         """Count and log a request refused before it reached the engine (bad body, unknown
@@ -136,6 +133,18 @@ class Door:
                                elapsed_ms=0.0, transport="http")
         log.info("request", transport="http", path=path, status=error.status,
                  outcome=outcome, error=error.message)
+
+
+@contextmanager
+def _recorded(handle: RequestHandle) -> Iterator[None]:
+    """A lorad error inside ends ``handle`` with it (so it is counted and logged) and leaves
+    as :class:`Recorded`."""
+    try:
+        yield
+    except (ProtocolError, DaemonError) as exc:
+        error = to_protocol(exc)
+        handle.send_error(error)
+        raise Recorded(ApiError.from_protocol(error)) from None
 
 
 class Recorded(Exception):
