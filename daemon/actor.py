@@ -503,7 +503,7 @@ class ContextActor:
                     room = min(args.max_tokens - generated, seq.n_ctx - len(seq.tokens),
                                scheduler.budget) - 1
                     if drafter.source is None:  # n-gram lookup: cheap, no thread hop
-                        draft, qs = drafter.draft(room, None if greedy else params, rng)
+                        draft, qs = drafter.draft(room), None
                     elif depth := drafter.plan(room):  # a draft model: in its own context
                         draft, qs = await trio.to_thread.run_sync(
                             drafter.propose, depth, None if greedy else params, rng)

@@ -270,22 +270,19 @@ class Drafter:
                                   else 0.7 * self.draft_seconds + 0.3 * spent)
         return draft, qs
 
-    def draft(self, limit: int, params: llama.SamplingParams | None,
-              rng: np.random.Generator) -> tuple[list[int], list[np.ndarray] | None]:
-        """The next draft (at most ``limit`` tokens: room left in max_tokens and n_ctx) and
-        the draft's distributions (None for deterministic drafts)."""
-        if self.source is not None:
-            depth = self.plan(limit)
-            return self.propose(depth, params, rng) if depth else ([], None)
+    def draft(self, limit: int) -> list[int]:
+        """The next n-gram draft (at most ``limit`` tokens: room left in max_tokens and
+        n_ctx), inline; a draft model's go through :meth:`plan` and :meth:`propose`."""
+        assert self.source is None, "a draft model drafts through plan and propose"
         self.steps += 1
         found, matched = lookup_draft(self.history, self.ngram_min, self.ngram_max,
                                       min(self.max_draft, limit))
         if not found:
             self.depth = 0
-            return [], None
+            return []
         self._bucket = _bucket(matched)
         self.depth = depth = self.choose_depth(len(found))
-        return found[:depth], None
+        return found[:depth]
 
     def record(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted

@@ -433,15 +433,14 @@ def test_step_cost_is_learnt_from_step_times() -> None:
 def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() -> None:
     from lorad.daemon.speculative import Drafter
 
-    rng = np.random.default_rng(0)
     passage = list(range(100, 140))
     copying = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
     copying.history = [*passage, 1, *passage[:20]]  # 20 tokens agree with the passage
-    draft, _ = copying.draft(64, None, rng)
+    draft = copying.draft(64)
     assert len(draft) >= 3 and draft == passage[20:20 + len(draft)]
     chatting = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
     chatting.history = [5, 7, 8, 9, 5]  # a common word seen before: one token agrees
-    assert chatting.draft(64, None, rng) == ([], None)  # its prior (0.3) does not pay
+    assert chatting.draft(64) == []  # its prior (0.3) does not pay
     copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
     assert copying.p_accept() < 0.9
     assert chatting.p_accept(0) == pytest.approx(0.3)  # ... the others keep theirs
