@@ -316,9 +316,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         })
     else:
         print()
+        memory = (f" ({m['memory_drafted_tokens']} drafted from memory)"
+                  if m.get("memory_drafted_tokens") else "")
         spec = (f", speculative {m['speculative_mode']}: {m['accepted_tokens']}/"
-                f"{m['drafted_tokens']} drafted tokens accepted" if m.get("speculative") else
-                ", speculative off")
+                f"{m['drafted_tokens']} drafted tokens accepted{memory}" if m.get("speculative")
+                else ", speculative off")
         print(f"[{stream.finish_reason}] {m.get('generated_tokens')} tokens, "
               f"{m.get('generation_tokens_per_s')} tok/s, "
               f"first token {m.get('time_to_first_token_ms')} ms{spec}", file=sys.stderr)

@@ -29,6 +29,7 @@ from .alora import activation
 from .batching import Batcher, SlabScheduler, Step
 from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
+from .ngrams import Memory
 from .registry import LoadedModel
 from .requests import RequestHandle
 from .speculative import OFF_METRICS, Drafter, DraftModel, check_request, check_vocabularies
@@ -36,6 +37,10 @@ from .speculative import refuse as refuse_speculative
 from .speculative import verify as verify_draft
 from .templates import TemplateRenderer
 from .text import TextAssembler
+
+INLINE_INDEX = 6000
+"""n-gram index entries (tokens times sizes, about 1 ms) built on the event loop; more go to a
+thread."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,13 @@ class ContextActor:
         self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
         """How a draft model named by id or path is found (set by the server)."""
         self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
+        """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self.draft_seconds: dict[int, float] = {}
         """What drafting a token took on each draft context (by ``id``), kept across
         requests: a draft model too slow to pay is not tried again by every request."""
-        """Draft-model contexts of this context, by draft model id (no adapters on them)."""
+        self.memory = Memory()
+        """What this context's earlier requests generated: ``prompt_lookup`` drafts from it
+        too (a request sent again, or an output shaped like an earlier one)."""
         self.model = model
         self.batcher = batcher
         self.scheduler = scheduler
@@ -314,6 +322,23 @@ class ContextActor:
                        step_seconds=self.scheduler.step_seconds,
                        draft_seconds=self.draft_seconds.get(id(source.ctx)))
 
+    async def _start_drafter(self, drafter: Drafter, prompt: list[int]) -> None:
+        """Give ``drafter`` the prompt and, for n-gram drafts, the context's memory, both
+        indexed (in a thread where that is more than a few milliseconds of work)."""
+        if drafter.source is not None:
+            drafter.history = list(prompt)
+            return
+        sizes = range(drafter.ngram_min, drafter.ngram_max + 1)
+
+        def start() -> None:
+            drafter.start(prompt)
+            drafter.memory = self.memory.index(sizes) if len(self.memory) else None
+
+        if (len(prompt) * len(sizes) + self.memory.pending(sizes)) > INLINE_INDEX:
+            await trio.to_thread.run_sync(start)
+        else:
+            start()
+
     async def dispose(self) -> None:
         """Free a context whose task never started (its creation failed)."""
         with trio.CancelScope(shield=True):
@@ -421,6 +446,7 @@ class ContextActor:
         n_logprobs = args.logprobs
         text = TextAssembler(args.stop)
         generated = 0
+        output: list[int] = []
         finish = "length"
         t_first = t_prompt = None
         Produced = list[tuple[int, tuple[list[list[float]], float] | None]]
@@ -459,7 +485,7 @@ class ContextActor:
             reused = first.reused
             t_prompt = time.perf_counter()
             if drafter is not None:
-                drafter.history = list(prompt)
+                await self._start_drafter(drafter, prompt)
             done = first.stopped
             if done:
                 finish = "cancelled"
@@ -475,8 +501,9 @@ class ContextActor:
                     if model.is_eog(token):
                         finish, done = "stop", True
                         break
+                    output.append(token)
                     if drafter is not None:
-                        drafter.history.append(token)
+                        drafter.feed(token)
                     delta = text.feed(model.piece(token))
                     item: dict[str, Any] = {"text": delta, "token_ids": [token]}
                     if logprobs is not None:
@@ -520,6 +547,7 @@ class ContextActor:
                     await h.send_item({"text": tail, "token_ids": []})
         finally:
             scheduler.leave(seq)
+            self.memory.add(prompt, output)
             await trio.to_thread.run_sync(sampler.close)
             if drafter is not None and drafter.source is not None and drafter.draft_seconds:
                 self.draft_seconds[id(drafter.source.ctx)] = drafter.draft_seconds

@@ -108,7 +108,7 @@ class RequestHandle:
 
 
 _SUMMARY_KEYS = ("generated_tokens", "generation_tokens_per_s", "speculative", "speculative_mode",
-                 "drafted_tokens", "accepted_tokens", "acceptance_rate")
+                 "drafted_tokens", "accepted_tokens", "acceptance_rate", "memory_drafted_tokens")
 
 
 def _stream_summary(reply: Reply) -> dict[str, Any]:

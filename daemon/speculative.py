@@ -1,5 +1,6 @@
-"""Speculative decoding: drafts from n-grams of the prompt and output (``prompt_lookup``) or
-from a smaller model with the same vocabulary (``draft_model``), verified by the target model.
+"""Speculative decoding: drafts from n-grams of the prompt and output, or of the context's
+memory of earlier outputs (``prompt_lookup``, :mod:`.ngrams`), or from a smaller model with the
+same vocabulary (``draft_model``), verified by the target model.
 
 The target verifies a draft in one batch. Greedy (temperature 0): a draft token is kept while it
 equals the target's argmax, and the first disagreement is replaced by the target's token, so the
@@ -41,6 +42,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 from lorad.protocol.args import OpArgs
 
 from . import llama
+from .ngrams import Ngrams, agreement
 
 PROBE_EVERY = 8
 PROBE_MAX = 64
@@ -52,26 +54,33 @@ DECAY = 0.9
 
 
 def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
-                 longest: int = 16) -> tuple[list[int], int]:
+                 longest: int = 16, memory: Ngrams | None = None,
+                 index: Ngrams | None = None) -> tuple[list[int], int, bool]:
     """Up to ``n`` tokens that followed the most recent earlier occurrence of the longest
-    suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``), and how many
-    tokens (up to ``longest``) the history before that occurrence agrees with the history's
-    end: the longer the agreement, the likelier the draft is right."""
+    suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``), how many tokens
+    (up to ``longest``) before that occurrence agree with the history's end (the longer the
+    agreement, the likelier the draft is right), and whether they come from ``memory`` (a
+    context's earlier requests: used where it agrees longer than the history itself).
+    ``index``: ``history``'s own index, when the caller keeps one."""
     if n <= 0:
-        return [], 0
+        return [], 0, False
+    if index is None or index.tokens is not history:
+        index = Ngrams(range(ngram_min, ngram_max + 1), history)
     size = len(history)
-    for g in range(min(ngram_max, size - 1), ngram_min - 1, -1):
-        tail = history[size - g:]
-        for start in range(size - g - 1, -1, -1):
-            if history[start:start + g] == tail:
-                follow = history[start + g:start + g + n]
-                if follow:
-                    matched = g
-                    while (matched < longest and start + g - matched - 1 >= 0
-                           and history[start + g - matched - 1] == history[size - matched - 1]):
-                        matched += 1
-                    return follow, matched
-    return [], 0
+    for g in range(min(ngram_max, size), ngram_min - 1, -1):
+        tail = tuple(history[size - g:])
+        best: tuple[int, list[int], int] | None = None
+        start = index.find(tail)
+        if start is not None:
+            best = (agreement(history, start, g, history, longest), history, start)
+        if memory is not None and (at := memory.find(tail)) is not None:
+            matched = agreement(memory.tokens, at, g, history, longest)
+            if best is None or matched > best[0]:
+                best = (matched, memory.tokens, at)
+        if best is not None:
+            matched, source, start = best
+            return source[start + g:start + g + n], matched, source is not history
+    return [], 0, False
 
 
 MATCH_BUCKETS = (1, 2, 4, 8, 16)
@@ -204,6 +213,11 @@ class Drafter:
     drafted: int = 0
     accepted: int = 0
     history: list[int] = field(default_factory=list)
+    memory: Ngrams | None = None
+    """The context's earlier requests (n-gram drafts only)."""
+    memory_drafted: int = 0
+    _index: Ngrams | None = None
+    _from_memory: bool = False
     _hits: list[float] = field(default_factory=lambda: [2 * p for p in BUCKET_PRIORS])
     _trials: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
     _bucket: int = 2
@@ -251,6 +265,21 @@ class Drafter:
                 return 1
         return best
 
+    def start(self, history: list[int]) -> Ngrams:
+        """Take ``history`` (the prompt) as the text drafted from, indexed for n-gram drafts
+        (cost: one dictionary entry per token and n-gram size)."""
+        if self._index is None or self._index.tokens is not history:
+            self._index = Ngrams(range(self.ngram_min, self.ngram_max + 1), history)
+            self.history = self._index.tokens
+        return self._index
+
+    def feed(self, token: int) -> None:
+        """One more token of output."""
+        if self._index is not None and self._index.tokens is self.history:
+            self._index.append(token)
+        else:
+            self.history.append(token)
+
     def plan(self, limit: int) -> int:
         """A draft model's next depth (0: no draft this step), chosen without touching its
         context: the caller hops to a thread only to :meth:`propose`."""
@@ -275,8 +304,9 @@ class Drafter:
         n_ctx), inline; a draft model's go through :meth:`plan` and :meth:`propose`."""
         assert self.source is None, "a draft model drafts through plan and propose"
         self.steps += 1
-        found, matched = lookup_draft(self.history, self.ngram_min, self.ngram_max,
-                                      min(self.max_draft, limit))
+        found, matched, self._from_memory = lookup_draft(
+            self.history, self.ngram_min, self.ngram_max, min(self.max_draft, limit),
+            memory=self.memory, index=self.start(self.history))
         if not found:
             self.depth = 0
             return []
@@ -287,6 +317,8 @@ class Drafter:
     def record(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
         self.accepted += accepted
+        if self._from_memory:
+            self.memory_drafted += drafted
         if drafted == 0:
             return
         trials = accepted + (1 if accepted < drafted else 0)
@@ -306,11 +338,12 @@ class Drafter:
             "drafted_tokens": self.drafted,
             "accepted_tokens": self.accepted,
             "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else None,
+            "memory_drafted_tokens": self.memory_drafted,
         }
 
 
 OFF_METRICS = {"speculative": False, "speculative_mode": None, "drafted_tokens": 0,
-               "accepted_tokens": 0, "acceptance_rate": None}
+               "accepted_tokens": 0, "acceptance_rate": None, "memory_drafted_tokens": 0}
 
 
 def refuse(spec: dict[str, Any], reason: str, message: str, **details: Any) -> ProtocolError:

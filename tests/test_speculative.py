@@ -311,15 +311,81 @@ def test_speculative_sampling_matches_plain_sampling(client: Client, spec_files)
 
 
 def test_lookup_draft() -> None:
-    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 5) == ([3, 4, 1, 2], 2)
-    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 1) == ([3], 2)
-    assert lookup_draft([5, 6, 7], 1, 3, 4) == ([], 0)
-    assert lookup_draft([1, 2, 3], 1, 3, 0) == ([], 0)
+    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 5) == ([3, 4, 1, 2], 2, False)
+    assert lookup_draft([1, 2, 3, 4, 1, 2], 1, 3, 1) == ([3], 2, False)
+    assert lookup_draft([5, 6, 7], 1, 3, 4) == ([], 0, False)
+    assert lookup_draft([1, 2, 3], 1, 3, 0) == ([], 0, False)
     # the agreement is measured beyond ngram_max (up to `longest`): a copied passage agrees
     # over many tokens, which makes its drafts trusted sooner
     passage = [10, 11, 12, 13, 14, 15, 16, 17]
-    assert lookup_draft([*passage, 99, *passage[:6]], 1, 3, 2) == ([16, 17], 6)
-    assert lookup_draft([*passage, 99, *passage[:6]], 1, 3, 2, longest=4) == ([16, 17], 4)
+    assert lookup_draft([*passage, 99, *passage[:6]], 1, 3, 2) == ([16, 17], 6, False)
+    assert lookup_draft([*passage, 99, *passage[:6]], 1, 3, 2, longest=4) == ([16, 17], 4, False)
+
+
+def scan(history: list[int], ngram_min: int, ngram_max: int, n: int) -> tuple[list[int], int]:
+    """The lookup as a scan of the history (the reference for the index)."""
+    size = len(history)
+    for g in range(min(ngram_max, size - 1), ngram_min - 1, -1):
+        for start in range(size - g - 1, -1, -1):
+            if history[start:start + g] == history[size - g:]:
+                matched = g
+                while (matched < 16 and start + g - matched - 1 >= 0
+                       and history[start + g - matched - 1] == history[size - matched - 1]):
+                    matched += 1
+                return history[start + g:start + g + n], matched
+    return [], 0
+
+
+def test_the_ngram_index_finds_what_a_scan_finds() -> None:
+    from lorad.daemon.ngrams import Ngrams
+
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        history = [int(t) for t in rng.integers(0, 4, int(rng.integers(1, 60)))]
+        lo = int(rng.integers(1, 4))
+        hi = int(rng.integers(lo, 6))
+        found, matched, from_memory = lookup_draft(history, lo, hi, 5)
+        assert (found, matched) == scan(history, lo, hi, 5) and not from_memory
+        grown = Ngrams(range(lo, hi + 1))  # token by token, as a request's output comes
+        for t in history:
+            grown.append(t)
+        assert lookup_draft(grown.tokens, lo, hi, 5, index=grown)[:2] == (found, matched)
+
+
+def test_memory_drafts_where_it_agrees_longer_than_the_request() -> None:
+    from lorad.daemon.ngrams import MEMORY_PROMPT, Memory
+
+    memory = Memory()
+    prompt = list(range(100, 130))
+    answer = [7, 8, 9, 10, 11, 12]
+    memory.add(prompt, answer)
+    assert memory.tokens == prompt[-MEMORY_PROMPT:] + answer
+    # the same prompt again, with one token of output: the memory agrees over all of it
+    history = [*prompt, 7]
+    found, matched, from_memory = lookup_draft(history, 1, 3, 4, memory=memory.index(range(1, 4)))
+    assert (found, from_memory) == ([8, 9, 10, 11], True) and matched == 16
+    # where the request's own text agrees at least as long, it wins
+    history = [5, 6, 7, 8, 1, 5, 6, 7]
+    assert lookup_draft(history, 1, 3, 2, memory=memory.index(range(1, 4))) == ([8, 1], 3, False)
+    # an output never seen: nothing
+    assert lookup_draft([1, 2, 3, 4], 1, 3, 2, memory=memory.index(range(1, 4)))[0] == []
+    memory.add(prompt, [])  # a request that generated nothing leaves nothing
+    assert len(memory) == MEMORY_PROMPT + len(answer)
+
+
+def test_memory_is_bounded_and_keeps_the_newest() -> None:
+    from lorad.daemon.ngrams import Memory
+
+    memory = Memory(limit=100)
+    for k in range(10):
+        memory.add([], [1000 + 20 * k + i for i in range(20)])
+        assert len(memory) <= 100
+        index = memory.index(range(1, 3))
+        assert index.tokens == memory.tokens
+    assert memory.tokens[-1] == 1000 + 20 * 9 + 19  # the newest stay
+    assert memory.index(range(1, 3)).find((1000,)) is None  # the oldest went
+    assert memory.pending(range(1, 3)) == 0
+    assert memory.pending(range(1, 5)) == 2 * len(memory)  # sizes new to it: all tokens again
 
 
 def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path: Path) -> None:
@@ -342,6 +408,24 @@ def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path
     finally:
         assert d.stop() == 0, d.log()
     assert '"speculative": true' in d.log() and '"drafted_tokens"' in d.log()
+
+
+def test_a_request_sent_again_drafts_from_the_contexts_memory(client: Client, spec_files) -> None:
+    prompt = "dog the and cat"  # short and not repetitive: little to copy from the prompt
+    spec = {"mode": "prompt_lookup", "ngram_min": 2}
+    with client.create_context(spec_files["model"], n_ctx=512) as ctx, \
+         client.create_context(spec_files["model"], n_ctx=512) as fresh:
+        off, _, _ = greedy(fresh, prompt=prompt, speculative=False, max_tokens=60)
+        first, _, s1 = greedy(ctx, prompt=prompt, speculative=spec, max_tokens=60)
+        second, _, s2 = greedy(ctx, prompt=prompt, speculative=spec, max_tokens=60)
+        other, _, s3 = greedy(fresh, prompt=prompt, speculative=spec, max_tokens=60)
+    assert first == second == other == off
+    assert s1.metrics["memory_drafted_tokens"] == 0  # a new context remembers nothing
+    m = s2.metrics
+    assert 0 < m["memory_drafted_tokens"] <= m["drafted_tokens"], m
+    assert m["accepted_tokens"] > s1.metrics["accepted_tokens"], (m, s1.metrics)
+    # memory is per context, and a request with speculation off fills it too
+    assert s3.metrics["memory_drafted_tokens"] > 0, s3.metrics
 
 
 def test_cancel_mid_stream_leaves_a_clean_cache(client: Client, spec_files) -> None:
