@@ -145,7 +145,7 @@ class StepCost:
 class SlabScheduler:
     """Decodes the steps of one slab's sequences, a batch per step (see the module)."""
 
-    def __init__(self, slab: llama.Slab, budget: int) -> None:
+    def __init__(self, slab: llama.Slab, budget: int, cost: StepCost | None = None) -> None:
         self.slab = slab
         self.budget = max(1, min(budget, slab.n_batch))
         self.free_ids = list(range(slab.n_seq))
@@ -157,7 +157,8 @@ class SlabScheduler:
         self._wake = trio.Event()
         self.active: set[int] = set()
         """Sequences in the middle of a generation: their next step is coming."""
-        self.cost = StepCost()
+        self.cost = cost if cost is not None else StepCost()
+        """What its steps cost (shared by the slabs of a kind: it outlives a slab)."""
         self.steps = 0
         self.tokens = 0
         self.stack_switches = 0
@@ -395,6 +396,9 @@ class Batcher:
         self.unified = unified
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
+        self.costs: dict[SlabKey, StepCost] = {}
+        """Step costs learnt per kind of slab, kept when its slabs go: a context created
+        after the last one closed drafts from the first step on what steps are known to cost."""
         self._lock = trio.Lock()
 
     async def attach(self, *, n_ctx: int, n_batch: int, n_threads: int, kv_type: str,
@@ -409,7 +413,7 @@ class Batcher:
                 self.model, n_seq=self.sequences, n_ctx_seq=key.n_ctx_seq,
                 n_batch=max(self.budget, n_batch), n_threads=n_threads, kv_type=kv_type,
                 flash_attn=flash_attn, unified=self.unified))
-            scheduler = SlabScheduler(slab, self.budget)
+            scheduler = SlabScheduler(slab, self.budget, self.costs.setdefault(key, StepCost()))
             scope = await self._nursery.start(self._serve, scheduler)
             self.slabs.setdefault(key, []).append((scheduler, scope))
             log.info("slab_created", sequences=self.sequences, n_ctx_seq=slab.n_ctx_seq,

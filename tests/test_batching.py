@@ -162,3 +162,17 @@ def test_contexts_closing_as_their_client_leaves_do_not_stall_a_drain(
             greedy(one, PROMPTS[0], 2)
         assert d.stop() == 0, d.log()
         assert d.log().count('"context_closed"') == 3
+
+
+def test_step_costs_outlive_the_slab_they_were_learnt_on(client: Client, tiny_model: Path
+                                                         ) -> None:
+    with client.create_context(tiny_model, **EXACT) as ctx:
+        greedy(ctx, PROMPTS[0], 8)
+        [slab] = slabs(client)
+        learnt = slab["step_ms"]
+        assert learnt and learnt[0][0] == 1  # one-token steps were timed
+    assert slabs(client) == []  # the slab went with its last context
+    with client.create_context(tiny_model, **EXACT):
+        [slab] = slabs(client)
+        assert slab["steps"] == 0  # a new slab that has decoded nothing ...
+        assert slab["step_ms"] == learnt  # ... knows what steps of its kind cost
