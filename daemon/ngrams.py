@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-MEMORY_TOKENS = 8192
-"""At most this many tokens of a context's earlier requests are kept for drafting."""
+MEMORY_TOKENS = 4096
+"""At most this many tokens of a context's earlier requests are kept for drafting (indexed for
+n-grams of 1-3 tokens: at most ~1.5 MiB a context)."""
 MEMORY_PROMPT = 16
 """The tokens of each earlier prompt kept before its output: what led into the output, so
 that the same request sent again finds its earlier answer from its first step."""

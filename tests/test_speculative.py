@@ -476,7 +476,9 @@ def test_adaptive_depth_weighs_acceptance_against_what_a_draft_token_costs() -> 
     for _ in range(10):
         costly.record(4, 4)
     assert costly.choose_depth(64) == 0  # never pays: the drafts would cost more than they give
-    rejected = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.2 * d)
+    # (a token costs 0.15 of a step: cheap enough that probes come at their own interval,
+    # within PROBE_BUDGET)
+    rejected = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.15 * d)
     assert rejected.choose_depth(64) >= 1  # the prior (p = 0.6) drafts
     for _ in range(5):
         rejected.record(2, 0)
@@ -558,7 +560,7 @@ def test_probes_are_rarer_where_they_are_dear() -> None:
     dear = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.9 * d)  # a token: most of a step
     for _ in range(5):
         dear.record(2, 0)
-    depths = [dear.choose_depth(64) for _ in range(200)]
+    depths = [dear.choose_depth(64) for _ in range(400)]
     probes = [k for k, d in enumerate(depths) if d]
     assert len(probes) >= 3
     gaps = [b - a for a, b in itertools.pairwise(probes)]
