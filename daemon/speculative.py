@@ -20,12 +20,13 @@ the engine knows what ``d`` more tokens add to a step (``cost(d)``, learnt from 
 own step times). A draft of ``d`` tokens yields ``(1 - p^(d+1)) / (1 - p)`` tokens on average
 for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that maximises their ratio: a
 rejected draft's cost is counted, and where drafting cannot pay, it stops. At depth 0 a one-token
-draft probes now and then (every ``PROBE_EVERY`` steps, the interval doubling after each
-rejected probe up to ``PROBE_MAX``; at least as many steps as keep a failing probe's cost
-within ``PROBE_BUDGET`` of the time), so that a request whose text starts repeating is noticed.
-For a draft model, its own time per drafted token (measured, its catching up with the text
-included) counts in a draft's cost, and where no draft could pay even if fully accepted, there
-is no probe either.
+draft probes, but only where its success would change the decision (the estimate with one more
+accepted token would draft): the first such chance probes at once (a copy is noticed early),
+the next ones come ``PROBE_EVERY`` steps later, the interval doubling after each rejected probe
+up to ``PROBE_MAX``, and at least as many steps as keep a failing probe's cost within
+``PROBE_BUDGET`` of the time. A common word's estimate (one token of agreement) never gets
+there, so open text is not probed for nothing. For a draft model, its own time per drafted
+token (measured, its catching up with the text included) counts in a draft's cost.
 """
 
 from __future__ import annotations
@@ -225,7 +226,8 @@ class Drafter:
     _bucket: int = 2
     """The estimate that applies to the current draft (a draft model's is always the middle
     one, prior 0.6); n-gram drafts pick theirs by agreement length."""
-    _probe_in: int = PROBE_EVERY
+    _probe_in: int = 1
+    """Chances to probe before the next probe (the first chance probes)."""
     _probe_every: int = PROBE_EVERY
     _probing: bool = False
 
@@ -241,9 +243,13 @@ class Drafter:
         step = self.step_seconds()
         if self.draft_seconds is not None and step:
             per_draft_token = self.draft_seconds / step
+        ceiling = 1 / (1 - p)  # the expected tokens of an endless draft
         best, best_value = 0, 1.0
         for d in range(1, min(self.max_draft, limit) + 1):
-            value = (1 - p ** (d + 1)) / (1 - p) / (self.cost(d) + d * per_draft_token)
+            cost = self.cost(d) + d * per_draft_token
+            if ceiling / cost <= best_value * 1.001:
+                break  # costs grow with d: no deeper draft can do better (a step per step)
+            value = (1 - p ** (d + 1)) / (1 - p) / cost
             if value > best_value * 1.001:
                 best, best_value = d, value
         return best
@@ -258,14 +264,18 @@ class Drafter:
         if not self.adaptive:
             return min(self.max_draft, limit)
         best = self._best(self.p_accept(), limit)
-        if best == 0 and limit > 0 and self._best(1.0, limit) > 0:  # no probe where even
-            # drafts accepted in full could not pay (a draft model slower than its worth)
-            self._probe_in -= 1
+        if best == 0 and limit > 0 and self._best(self._p_if_accepted(), limit) > 0:
+            self._probe_in -= 1  # a chance where an accepted probe would make drafting pay
             if self._probe_in <= 0:
                 self._probe_in = self._interval()
                 self._probing = True
                 return 1
         return best
+
+    def _p_if_accepted(self) -> float:
+        """The current estimate after one more accepted draft token."""
+        b = self._bucket
+        return (DECAY * self._hits[b] + 1) / (DECAY * self._trials[b] + 1)
 
     def start(self, history: list[int]) -> Ngrams:
         """Take ``history`` (the prompt) as the text drafted from, indexed for n-gram drafts

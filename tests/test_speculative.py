@@ -483,11 +483,18 @@ def test_adaptive_depth_weighs_acceptance_against_what_a_draft_token_costs() -> 
     for _ in range(5):
         rejected.record(2, 0)
     assert rejected.p_accept() < 0.2
-    depths = [rejected.choose_depth(64) for _ in range(PROBE_EVERY)]
-    assert depths == [0] * (PROBE_EVERY - 1) + [1]  # then one probe
+    # one accepted token would make drafting pay again: the first chance probes at once, the
+    # next one PROBE_EVERY later, or later where PROBE_BUDGET asks (here 0.15 / 0.01 = 15)
+    gap = max(PROBE_EVERY, 15)
+    depths = [rejected.choose_depth(64) for _ in range(gap + 1)]
+    assert depths == [1] + [0] * (gap - 1) + [1]
     rejected.record(1, 0)  # the probe failed: the next one comes twice as late
     depths = [rejected.choose_depth(64) for _ in range(2 * PROBE_EVERY)]
     assert depths.count(1) == 1 and depths[-1] == 1
+    # where even an accepted probe would leave drafting unpaid (a common word's estimate,
+    # one token of agreement, prior 0.3), there is no probe at all
+    common = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.9 * d, _bucket=0)
+    assert [common.choose_depth(64) for _ in range(300)] == [0] * 300
     fixed = Drafter("prompt_lookup", 8, adaptive=False, cost=lambda d: 1 + 1.0 * d)
     fixed.record(8, 0)
     assert fixed.choose_depth(64) == 8 and fixed.choose_depth(5) == 5
@@ -526,7 +533,8 @@ def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() ->
     assert len(draft) >= 3 and draft == passage[20:20 + len(draft)]
     chatting = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
     chatting.history = [5, 7, 8, 9, 5]  # a common word seen before: one token agrees
-    assert chatting.draft(64) == []  # its prior (0.3) does not pay
+    assert len(chatting.draft(64)) <= 1  # its prior (0.3) does not pay: a probe at most
+    assert chatting._best(chatting.p_accept(), 64) == 0
     copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
     assert copying.p_accept() < 0.9
     assert chatting.p_accept(0) == pytest.approx(0.3)  # ... the others keep theirs
@@ -555,13 +563,15 @@ def test_no_probe_where_even_accepted_drafts_could_not_pay() -> None:
 
 def test_probes_are_rarer_where_they_are_dear() -> None:
 
-    from lorad.daemon.speculative import PROBE_BUDGET, Drafter
+    from lorad.daemon.speculative import PROBE_BUDGET, PROBE_EVERY, Drafter
 
-    dear = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.9 * d)  # a token: most of a step
-    for _ in range(5):
+    dear = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.3 * d)  # a token: 0.3 of a step
+    for _ in range(3):
         dear.record(2, 0)
+    assert dear._best(dear.p_accept(), 64) == 0 < dear._best(dear._p_if_accepted(), 64)
     depths = [dear.choose_depth(64) for _ in range(400)]
     probes = [k for k, d in enumerate(depths) if d]
     assert len(probes) >= 3
     gaps = [b - a for a, b in itertools.pairwise(probes)]
-    assert min(gaps) >= round(0.9 / PROBE_BUDGET)  # a failing probe costs <= its budget
+    assert min(gaps) >= round(0.3 / PROBE_BUDGET) > PROBE_EVERY  # a failing probe costs <= its
+    # budget
