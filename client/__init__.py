@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import Chunk, CurveKeys, default_endpoint
+from lorad.protocol.endpoint import default_endpoint
+
+from .core import Chunk, CurveKeys
 from .errors import (
     BadRequest,
     Cancelled,

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from lorad.protocol import Reply, RequestId
+from lorad.protocol.endpoint import default_endpoint
 
 from . import calls
 from .calls import Call, LoraItem
@@ -33,7 +34,6 @@ from .core import (
     StreamState,
     StreamView,
     check_result,
-    default_endpoint,
 )
 from .transport import AsyncTransport
 

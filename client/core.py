@@ -29,16 +29,6 @@ DEFAULT_CREDIT = 64
 """The daemon's default credit window (the ``credit`` argument of generate/chat)."""
 
 
-def default_endpoint() -> str:
-    """``$LORAD_ENDPOINT``, or the daemon's default ipc socket for this user."""
-    env = os.environ.get("LORAD_ENDPOINT")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    base = os.path.join(xdg, "lorad") if xdg and os.path.isdir(xdg) else f"/tmp/lorad-{os.getuid()}"
-    return f"ipc://{base}/lorad.sock"
-
-
 @dataclass(frozen=True)
 class CurveKeys:
     """CURVE keys of a client: the daemon's public key and the client's own key pair (Z85)."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from lorad.protocol import Reply, RequestId
+from lorad.protocol.endpoint import default_endpoint
 
 from . import calls
 from .calls import Call, LoraItem
@@ -29,7 +30,6 @@ from .core import (
     StreamState,
     StreamView,
     check_result,
-    default_endpoint,
 )
 from .transport import SyncTransport, ZmqTransport
 

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol.endpoint import default_endpoint, runtime_dir
 from lorad.protocol.errors import echo
+
+__all__ = ["adapter_dir", "cache_dir", "default_endpoint", "model_dir", "runtime_dir"]
 
 
 def cache_dir() -> Path:
@@ -25,19 +28,6 @@ def adapter_dir() -> Path:
     """The user's adapter directory: ``$LORAD_ADAPTER_DIR`` or ``<cache_dir>/adapters``."""
     env = os.environ.get("LORAD_ADAPTER_DIR")
     return Path(env) if env else cache_dir() / "adapters"
-
-
-def runtime_dir() -> Path:
-    """``$XDG_RUNTIME_DIR/lorad``, or ``/tmp/lorad-<uid>`` where there is no runtime dir."""
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return Path(xdg) / "lorad"
-    return Path(f"/tmp/lorad-{os.getuid()}")
-
-
-def default_endpoint() -> str:
-    """``$LORAD_ENDPOINT`` or ``ipc://<runtime_dir>/lorad.sock``."""
-    return os.environ.get("LORAD_ENDPOINT") or f"ipc://{runtime_dir() / 'lorad.sock'}"
 
 
 PATH_MAX, NAME_MAX = 4096, 255

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import msgpack
@@ -984,3 +985,17 @@ def test_parse_args_refuses_like_validate_args() -> None:
     assert err.value.details["field"] == "op"
     with pytest.raises(ProtocolError):
         parse_args("generate", {"context": "c", "prompt": "x", "max_tokens": 0})
+
+
+def test_the_daemon_and_its_clients_default_to_one_endpoint(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path) -> None:
+    from lorad.client import default_endpoint
+    from lorad.daemon.config import DaemonConfig as Config
+
+    monkeypatch.delenv("LORAD_ENDPOINT", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_endpoint() == Config().endpoint == f"ipc://{tmp_path}/lorad/lorad.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))  # no runtime dir: /tmp
+    assert default_endpoint() == Config().endpoint == f"ipc:///tmp/lorad-{os.getuid()}/lorad.sock"
+    monkeypatch.setenv("LORAD_ENDPOINT", "tcp://127.0.0.1:5555")
+    assert default_endpoint() == Config().endpoint == "tcp://127.0.0.1:5555"
