@@ -1,0 +1,124 @@
+"""The batching engine on the real default model (slow: pytest -m slow): adapter stacks that
+take turns in one slab, speculation verified inside the batch, and a context's memory.
+
+Greedy identity between batched and alone is exact on the fast suite's f32 tiny models; on
+gemma's Q4_K weights a multi-row kernel can flip a near tie, so these tests use what has wide
+margins: copying a passage, and the trained adapters' behaviour rates."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import DaemonProcess, start_daemon
+from test_gemma_adapters import ADAPTERS, CHECKS, PROMPTS
+
+pytestmark = pytest.mark.slow
+
+PASSAGE = (
+    "The lighthouse stood on a narrow spit of rock at the mouth of the harbour. Every evening, "
+    "as the sun went down behind the western hills, the keeper climbed the one hundred and "
+    "twelve steps of the spiral staircase, trimmed the wick, polished the great lens, and lit "
+    "the lamp. Its beam swept across the water every ten seconds, warning the fishing boats "
+    "away from the reef that lay hidden just below the surface. In the morning he put the lamp "
+    "out, wrote the weather in his logbook, and walked down to the village for bread and news."
+)  # bench/speculative.py's grounded prompt: gemma copies it from its first word
+COPY = f"Copy the following passage exactly, word for word.\n\nPassage:\n{PASSAGE}\n\nCopy:\n"
+LOOKUP = {"mode": "prompt_lookup"}
+
+
+@pytest.fixture(scope="module")
+def gemma_daemon(tmp_path_factory: pytest.TempPathFactory, gemma: Path):
+    d = start_daemon(tmp_path_factory.mktemp("gemma-engine"), [gemma.parent, ADAPTERS])
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+def at_once(d: DaemonProcess, jobs: dict[str, Callable[[object], object]]) -> dict[str, object]:
+    """Run each job with a client of its own, all started together."""
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def run(name: str, job: Callable[[object], object]) -> None:
+        with d.client() as c:
+            barrier.wait(30)
+            results[name] = job(c)
+
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert set(results) == set(jobs), "a job failed (see its thread's traceback)"
+    return results
+
+
+def test_three_stacks_take_turns_and_keep_their_behaviour(gemma_daemon: DaemonProcess,
+                                                          gemma: Path) -> None:
+    stacks = {"pirate": [(ADAPTERS / "pirate.gguf", 1.0)],
+              "french": [(ADAPTERS / "french.gguf", 1.0)], "base": []}
+    with gemma_daemon.client() as c:
+        ctxs = {name: c.create_context(gemma, n_ctx=512, loras=loras, shared=True)
+                for name, loras in stacks.items()}
+        try:
+            def rates(context_id: str) -> Callable[[object], dict[str, float]]:
+                def job(client) -> dict[str, float]:
+                    ctx = client.context(context_id)
+                    texts = [ctx.generate(p, max_tokens=24, temperature=0,
+                                          stop=["\nQuestion"]).collect() for p in PROMPTS]
+                    return {k: sum(map(check, texts)) / len(texts) for k, check in CHECKS.items()}
+                return job
+
+            got = at_once(gemma_daemon, {n: rates(ctx.id) for n, ctx in ctxs.items()})
+            [slab] = c.status()["batching"]
+            assert slab["used"] == 3 and slab["stack_switches"] > 0  # one slab, stacks in turn
+            assert slab["steps"] < slab["tokens"]  # several sequences in a batch
+        finally:
+            for ctx in ctxs.values():
+                ctx.close()
+    assert got["pirate"]["pirate"] >= 0.8 and got["pirate"]["french"] <= 0.1, got
+    assert got["french"]["french"] >= 0.8 and got["french"]["pirate"] <= 0.1, got
+    assert got["base"]["pirate"] <= 0.1 and got["base"]["french"] <= 0.1, got
+
+
+def test_copying_batched_and_speculative_is_the_output_alone(gemma_daemon: DaemonProcess,
+                                                             gemma: Path) -> None:
+    def copy(speculative) -> Callable[[object], tuple[str, list[int], dict]]:
+        def job(client) -> tuple[str, list[int], dict]:
+            with client.create_context(gemma, n_ctx=1024) as ctx:
+                stream = ctx.generate(COPY, max_tokens=64, temperature=0,
+                                      speculative=speculative)
+                tokens = [t for chunk in stream for t in chunk.token_ids]
+                return stream.text, tokens, stream.metrics
+        return job
+
+    with gemma_daemon.client() as c:
+        alone, alone_tokens, _ = copy(False)(c)
+    assert len(alone_tokens) == 64 and alone.startswith(PASSAGE[:60]), alone
+    got = at_once(gemma_daemon, {"off": copy(False), "lookup": copy(LOOKUP),
+                                 "lookup again": copy(LOOKUP)})
+    for name, (text, tokens, _) in got.items():
+        assert tokens == alone_tokens, (name, text, alone)
+    for name in ("lookup", "lookup again"):
+        m = got[name][2]
+        assert m["drafted_tokens"] >= 20 and m["acceptance_rate"] >= 0.8, m
+
+
+def test_the_same_request_again_is_drafted_from_memory(gemma_daemon: DaemonProcess,
+                                                       gemma: Path) -> None:
+    # open text that does not repeat itself: n-grams of the request itself find little
+    prompt = "Here are some tips for staying healthy during the winter:\n\n1."
+    with gemma_daemon.client() as c, c.create_context(gemma, n_ctx=1024) as ctx:
+        first = ctx.generate(prompt, max_tokens=96, temperature=0, speculative=LOOKUP)
+        first.collect()
+        again = ctx.generate(prompt, max_tokens=96, temperature=0, speculative=LOOKUP)
+        again.collect()
+    # (the two outputs may part where a near tie falls the other way under another batch
+    # shape: Q4_K's multi-row kernels round differently; the drafts after that are rejected)
+    m = again.metrics
+    assert first.metrics["memory_drafted_tokens"] == 0
+    assert m["memory_drafted_tokens"] >= 20, m  # the answer it gave before
+    assert m["accepted_tokens"] >= 20 > first.metrics["accepted_tokens"], (m, first.metrics)
