@@ -282,6 +282,8 @@ def test_the_door_refuses_what_a_web_page_could_send(door: DaemonProcess) -> Non
     assert r.status_code == 415 and r.json()["error"]["code"] == "bad_request"
     r = httpx.get(url + "/v1/models", headers={"host": "evil.example"})  # DNS rebinding
     assert r.status_code == 400
+    for host in ("localhost:1", "127.0.0.1", "[::1]:8080"):  # loopback names, IPv6 too
+        assert httpx.get(url + "/v1/models", headers={"host": host}).status_code == 200, host
     r = httpx.get(url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(url + "/v1/completions")
