@@ -24,6 +24,8 @@ class RequestHandle:
 
     transport = "zmq"
     """The door the request came through (``http`` for the OpenAI-compatible API)."""
+    client: str | None = None
+    """An HTTP request's client address (``host:port``), for its log line."""
 
     def __init__(self, peer: bytes, rid: RequestId, op: str, args: OpArgs | dict[str, Any],
                  send: Callable[[bytes, Reply], None],
@@ -100,6 +102,7 @@ class RequestHandle:
             op=self.op,
             peer=self.peer.hex(),
             transport=self.transport,
+            **({"client": self.client} if self.client else {}),
             context=self.context,
             duration_ms=round((time.perf_counter() - self.received_at) * 1000, 3),
             outcome=outcome,

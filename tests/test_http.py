@@ -298,7 +298,14 @@ def test_refused_requests_are_counted_and_logged(api: openai.OpenAI, zmq: Client
             api.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
     after = zmq.metrics()["transports"]["http"]["errors"]
     assert after.get("model_not_found", 0) == before.get("model_not_found", 0) + 2
-    assert '"outcome": "model_not_found"' in door.log()
+    api.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+    lines = [json.loads(line) for line in door.log().splitlines() if line.startswith("{")]
+    http = [x for x in lines if x.get("event") == "request" and x.get("transport") == "http"]
+    refused = [x for x in http if x.get("outcome") == "model_not_found"]
+    served = [x for x in http if x.get("outcome") == "length"]
+    assert refused and served
+    for line in refused[-1], served[-1]:  # who asked: the client's address
+        assert line["client"].startswith("127.0.0.1:"), line
 
 
 def test_sse_with_plain_httpx(door: DaemonProcess) -> None:

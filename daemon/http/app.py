@@ -90,7 +90,7 @@ class Routes:
             if not self.authorized(request):
                 error = ApiError(401, "a valid API key is required: Authorization: Bearer KEY",
                                  code="invalid_api_key")
-                self.door.refused(error, request.url.path)
+                self.door.refused(error, request.url.path, _client(request))
                 return _error(error)
             try:
                 return await handler(request)
@@ -101,7 +101,7 @@ class Routes:
                 if not isinstance(exc, Recorded):
                     if api.status >= 500 and not isinstance(exc, ApiError):
                         log.exception("http_internal_error", path=request.url.path)
-                    self.door.refused(api, request.url.path)
+                    self.door.refused(api, request.url.path, _client(request))
                 return _error(api)
         return endpoint
 
@@ -122,13 +122,13 @@ class Routes:
 
     async def embeddings(self, request: Request) -> Response:
         model, inputs, encoding = openai.parse_embeddings(await _body(request, self.limit))
-        result = await self.door.embed(model, inputs)
+        result = await self.door.embed(model, inputs, _client(request))
         return JSONResponse(openai.embeddings_response(model, result, encoding))
 
     async def _generate(self, request: Request, parse: Callable[..., openai.Call],
                         prefix: str) -> Response:
         call = parse(await _body(request, self.limit), self.door.s.limits)
-        run, piece = await self.door.start(call)
+        run, piece = await self.door.start(call, _client(request))
         try:
             out = openai.Output(call, call.model, f"{prefix}-{secrets.token_hex(12)}", piece)
             if call.stream:
@@ -239,6 +239,11 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return _error(ApiError(status, f"{request.method} {request.url.path}: "
                            f"{'no such endpoint' if status == 404 else 'method not allowed'}",
                            code="not_found" if status == 404 else "bad_request"))
+
+
+def _client(request: Request) -> str | None:
+    """The client's address, ``host:port`` (for the log)."""
+    return f"{request.client.host}:{request.client.port}" if request.client else None
 
 
 def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str],

@@ -76,8 +76,9 @@ class Door:
             raise ApiError(503, "the daemon is shutting down", code="shutting_down",
                            retry_after=5)
 
-    async def start(self, call: Call) -> tuple[Run, Any]:
-        """Queue ``call``; its run and the model's ``piece`` (token -> bytes)."""
+    async def start(self, call: Call, client: str | None = None) -> tuple[Run, Any]:
+        """Queue ``call`` (from ``client``, an address for the log); its run and the model's
+        ``piece`` (token -> bytes)."""
         self.check_open()
         entry, names = await self.catalog.resolve(call.model)
         items = [(name, 1.0) for name in names] + call.loras
@@ -95,35 +96,37 @@ class Door:
         run = Run()
         try:
             oargs = parse_args(call.op, {**args, "context": actor.id}, self.s.limits)
-            run.handle = handle = self._handle(call.op, oargs, run.deliver)
+            run.handle = handle = self._handle(call.op, oargs, run.deliver, client)
             with _recorded(handle):
                 await self.s.engine.stacks.submit(actor, handle)
         finally:
             self.pool.release(actor)
         return run, entry.model.piece
 
-    async def embed(self, model: str, inputs: list[str]) -> dict[str, Any]:
+    async def embed(self, model: str, inputs: list[str], client: str | None = None
+                    ) -> dict[str, Any]:
         self.check_open()
         entry, names = await self.catalog.resolve(model)
         if names:
             raise ApiError(400, "embeddings under an adapter are not served here: name the "
                            f"base model ({entry.id!r})", code="bad_request", param="model")
         args = parse_args("embed", {"model": entry.id, "input": inputs}, self.s.limits)
-        handle = self._handle("embed", args, lambda _peer, _reply: None)
+        handle = self._handle("embed", args, lambda _peer, _reply: None, client)
         with _recorded(handle):
             result = await self.s.engine.embed(args, None, lambda: False)
         handle.send_result(None)
         return result
 
-    def _handle(self, op: str, args: Any, send: Any) -> RequestHandle:
+    def _handle(self, op: str, args: Any, send: Any, client: str | None) -> RequestHandle:
         """A request of the door, counted, logged and measured like a ZeroMQ one when it
         finishes (``Services.record``)."""
         handle = RequestHandle(PEER, next(self._ids), op, args, send, self.s.record)
         handle.transport = "http"
+        handle.client = client
         self.s.counters["requests"] += 1
         return handle
 
-    def refused(self, error: ApiError, path: str) -> None:
+    def refused(self, error: ApiError, path: str, client: str | None = None) -> None:
         """Count and log a request refused before it reached the engine (bad body, unknown
         model, no API key, draining ...)."""
         self.s.counters["requests"] += 1
@@ -132,7 +135,7 @@ class Door:
         self.s.metrics.request(model=None, context=None, outcome=outcome, end_metrics=None,
                                elapsed_ms=0.0, transport="http")
         log.info("request", transport="http", path=path, status=error.status,
-                 outcome=outcome, error=error.message)
+                 outcome=outcome, error=error.message, **({"client": client} if client else {}))
 
 
 @contextmanager
