@@ -84,6 +84,7 @@ async def test_ping_and_status_without_sockets(core: Core) -> None:
     assert reply.kind == "result" and reply.result["pong"] is True
     status = (await core.call("status", rid=2)).result
     assert status["contexts_total"] == 0 and status["counters"]["requests"] == 2
+    assert status["http"] is None  # no HTTP door
 
 
 async def test_a_bad_request_is_answered_not_raised(core: Core) -> None:

@@ -352,6 +352,11 @@ def test_a_full_queue_is_429_and_a_dropped_stream_frees_its_context(
     with httpx.stream("POST", url, json=LONG) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # it runs
+        with small_door.client() as c:  # the door's private context, seen in status
+            status = c.status()
+        assert status["http"] == {"contexts": 1, "queued_requests": 0, "running_requests": 1}
+        assert [x["id"] for x in status["contexts"]] == ["default"]  # --model's context only
+        assert status["contexts_total"] == 2
         busy = httpx.post(url, json=short)
         assert busy.status_code == 429, busy.text
         assert busy.headers["retry-after"] == "1"

@@ -36,7 +36,17 @@ async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
         "running_requests": sum(1 for c in contexts if c["running"] is not None),
         "clients": len(s.sessions),
         "counters": {**s.counters, "peers_lost": s.sessions.lost},
+        "http": _door_load(s),
     }
+
+
+def _door_load(s: Services) -> dict[str, int] | None:
+    """The HTTP door's contexts (private to it, so not in ``contexts``) and their work."""
+    if s.http_url is None:
+        return None
+    door = [a for a in s.engine.contexts.values() if a.managed]
+    return {"contexts": len(door), "queued_requests": sum(len(a.queued) for a in door),
+            "running_requests": sum(1 for a in door if a.current is not None)}
 
 
 async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
