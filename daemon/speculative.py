@@ -248,7 +248,7 @@ class Drafter:
         for d in range(1, min(self.max_draft, limit) + 1):
             cost = self.cost(d) + d * per_draft_token
             if ceiling / cost <= best_value * 1.001:
-                break  # costs grow with d: no deeper draft can do better (a step per step)
+                break  # step costs do not fall as d grows: no deeper draft can do better
             value = (1 - p ** (d + 1)) / (1 - p) / cost
             if value > best_value * 1.001:
                 best, best_value = d, value
