@@ -27,7 +27,8 @@ PASSAGE = (
     "out, wrote the weather in his logbook, and walked down to the village for bread and news."
 )  # bench/speculative.py's grounded prompt: gemma copies it from its first word
 COPY = f"Copy the following passage exactly, word for word.\n\nPassage:\n{PASSAGE}\n\nCopy:\n"
-LOOKUP = {"mode": "prompt_lookup"}
+LOOKUP = {"mode": "prompt_lookup", "adaptive": False, "max_draft": 16}
+"""A fixed depth: what is drafted does not depend on the machine's step times."""
 
 
 @pytest.fixture(scope="module")

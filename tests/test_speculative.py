@@ -412,7 +412,8 @@ def test_cli_and_serve_switches(spec_daemon: DaemonProcess, spec_files, tmp_path
 
 def test_a_request_sent_again_drafts_from_the_contexts_memory(client: Client, spec_files) -> None:
     prompt = "dog the and cat"  # short and not repetitive: little to copy from the prompt
-    spec = {"mode": "prompt_lookup", "ngram_min": 2}
+    # (a fixed depth: what is drafted does not depend on the machine's step times)
+    spec = {"mode": "prompt_lookup", "ngram_min": 2, "adaptive": False, "max_draft": 8}
     with client.create_context(spec_files["model"], n_ctx=512) as ctx, \
          client.create_context(spec_files["model"], n_ctx=512) as fresh:
         off, _, _ = greedy(fresh, prompt=prompt, speculative=False, max_tokens=60)
