@@ -326,7 +326,7 @@ class ContextActor:
         """Give ``drafter`` the prompt and, for n-gram drafts, the context's memory, both
         indexed (in a thread where that is more than a few milliseconds of work)."""
         if drafter.source is not None:
-            drafter.history = list(prompt)
+            drafter.start(prompt)  # a draft model's: nothing to index
             return
         sizes = range(drafter.ngram_min, drafter.ngram_max + 1)
 

@@ -215,11 +215,11 @@ class Drafter:
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
-    history: list[int] = field(default_factory=list)
     memory: Ngrams | None = None
     """The context's earlier requests (n-gram drafts only)."""
     memory_drafted: int = 0
-    _index: Ngrams | None = None
+    _index: Ngrams = field(default_factory=lambda: Ngrams(range(0)))
+    """The text drafted from (prompt and output), indexed for n-gram drafts."""
     _from_memory: bool = False
     _hits: list[float] = field(default_factory=lambda: [2 * p for p in BUCKET_PRIORS])
     _trials: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
@@ -277,20 +277,20 @@ class Drafter:
         b = self._bucket
         return (DECAY * self._hits[b] + 1) / (DECAY * self._trials[b] + 1)
 
-    def start(self, history: list[int]) -> Ngrams:
-        """Take ``history`` (the prompt) as the text drafted from, indexed for n-gram drafts
-        (cost: one dictionary entry per token and n-gram size)."""
-        if self._index is None or self._index.tokens is not history:
-            self._index = Ngrams(range(self.ngram_min, self.ngram_max + 1), history)
-            self.history = self._index.tokens
-        return self._index
+    @property
+    def history(self) -> list[int]:
+        """The prompt and the output so far."""
+        return self._index.tokens
+
+    def start(self, prompt: list[int]) -> None:
+        """Draft from ``prompt`` on, indexed for n-gram drafts (cost: one dictionary entry per
+        token and n-gram size; none for a draft model)."""
+        sizes = range(self.ngram_min, self.ngram_max + 1) if self.source is None else range(0)
+        self._index = Ngrams(sizes, prompt)
 
     def feed(self, token: int) -> None:
         """One more token of output."""
-        if self._index is not None and self._index.tokens is self.history:
-            self._index.append(token)
-        else:
-            self.history.append(token)
+        self._index.append(token)
 
     def plan(self, limit: int) -> int:
         """A draft model's next depth (0: no draft this step), chosen without touching its
@@ -318,7 +318,7 @@ class Drafter:
         self.steps += 1
         found, matched, self._from_memory = lookup_draft(
             self.history, self.ngram_min, self.ngram_max, min(self.max_draft, limit),
-            memory=self.memory, index=self.start(self.history))
+            memory=self.memory, index=self._index)
         if not found:
             self.depth = 0
             return []

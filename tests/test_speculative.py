@@ -529,11 +529,11 @@ def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() ->
 
     passage = list(range(100, 140))
     copying = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
-    copying.history = [*passage, 1, *passage[:20]]  # 20 tokens agree with the passage
+    copying.start([*passage, 1, *passage[:20]])  # 20 tokens agree with the passage
     draft = copying.draft(64)
     assert len(draft) >= 3 and draft == passage[20:20 + len(draft)]
     chatting = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
-    chatting.history = [5, 7, 8, 9, 5]  # a common word seen before: one token agrees
+    chatting.start([5, 7, 8, 9, 5])  # a common word seen before: one token agrees
     assert len(chatting.draft(64)) <= 1  # its prior (0.3) does not pay: a probe at most
     assert chatting._best(chatting.p_accept(), 64) == 0
     copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
