@@ -104,6 +104,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llama_server import DEFAULT_LLAMA_SERVER, free_port, llama_server_version
 from throughput import (
     CONTENDED,
@@ -121,21 +122,13 @@ from throughput import (
     wait_for_idle,
 )
 
+from passages import COPY
+
 REPO = Path(__file__).resolve().parent.parent
 FLUSH_PROMPT = "Flush."
 
-PASSAGE = (
-    "The lighthouse stood on a narrow spit of rock at the mouth of the harbour. Every evening, "
-    "as the sun went down behind the western hills, the keeper climbed the one hundred and "
-    "twelve steps of the spiral staircase, trimmed the wick, polished the great lens, and lit "
-    "the lamp. Its beam swept across the water every ten seconds, warning the fishing boats "
-    "away from the reef that lay hidden just below the surface. In the morning he put the lamp "
-    "out, wrote the weather in his logbook, and walked down to the village for bread and news."
-)
-GROUNDED = {
-    "grounded": ("Copy the following passage exactly, word for word.\n\nPassage:\n" + PASSAGE
-                 + "\n\nCopy:\n"),
-}
+GROUNDED = {"grounded": COPY}  # copy a passage the prompt contains (tests/passages.py)
+
 # Greedy continuations by gemma 3 270M that do not loop within 128 tokens (module docstring).
 OPEN = {
     "tips": "Here are some tips for staying healthy during the winter:\n\n1.",

@@ -328,7 +328,7 @@ class ContextActor:
         if drafter.source is not None:
             drafter.start(prompt)  # a draft model's: nothing to index
             return
-        sizes = range(drafter.ngram_min, drafter.ngram_max + 1)
+        sizes = drafter.sizes
 
         def start() -> None:
             drafter.start(prompt)

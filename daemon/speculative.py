@@ -315,11 +315,15 @@ class Drafter:
         """The prompt and the output so far."""
         return self._index.tokens
 
+    @property
+    def sizes(self) -> range:
+        """The n-gram sizes drafted from (none for a draft model)."""
+        return range(self.ngram_min, self.ngram_max + 1) if self.source is None else range(0)
+
     def start(self, prompt: list[int]) -> None:
         """Draft from ``prompt`` on, indexed for n-gram drafts (cost: one dictionary entry per
         token and n-gram size; none for a draft model)."""
-        sizes = range(self.ngram_min, self.ngram_max + 1) if self.source is None else range(0)
-        self._index = Ngrams(sizes, prompt)
+        self._index = Ngrams(self.sizes, prompt)
 
     def feed(self, token: int) -> None:
         """One more token of output."""

@@ -14,19 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import DaemonProcess, start_daemon
+from passages import COPY, PASSAGE
 from test_gemma_adapters import ADAPTERS, CHECKS, PROMPTS
 
 pytestmark = pytest.mark.slow
 
-PASSAGE = (
-    "The lighthouse stood on a narrow spit of rock at the mouth of the harbour. Every evening, "
-    "as the sun went down behind the western hills, the keeper climbed the one hundred and "
-    "twelve steps of the spiral staircase, trimmed the wick, polished the great lens, and lit "
-    "the lamp. Its beam swept across the water every ten seconds, warning the fishing boats "
-    "away from the reef that lay hidden just below the surface. In the morning he put the lamp "
-    "out, wrote the weather in his logbook, and walked down to the village for bread and news."
-)  # bench/speculative.py's grounded prompt: gemma copies it from its first word
-COPY = f"Copy the following passage exactly, word for word.\n\nPassage:\n{PASSAGE}\n\nCopy:\n"
 LOOKUP = {"mode": "prompt_lookup", "adaptive": False, "max_draft": 16}
 """A fixed depth: what is drafted does not depend on the machine's step times."""
 
