@@ -471,7 +471,7 @@ class ContextActor:
                 tokens = verify_draft(rows, draft, qs, None if greedy else params, rng)
                 accepted = len(tokens) - 1
                 seq.rollback(len(seq.tokens) - len(draft) + accepted)  # no rejected token stays
-                drafter.record(len(draft), accepted)
+                drafter.record(len(draft), accepted, tokens[accepted])
                 return [scored(rows[k], t) for k, t in enumerate(tokens)]
             return verify
 

@@ -12,26 +12,29 @@ chain (top-k, top-p, min-p, temperature, as in ``llama.Sampler``) and ``q`` the 
 one-hot for n-gram drafts): the output distribution is the target's own.
 
 The depth is chosen for speed, step by step: the drafter estimates the chance that each draft
-token is accepted, given its predecessors were (drafted and accepted tokens of this request,
-recent ones weighing more). For n-gram drafts there is one estimate per length of agreement
-between the history's end and the earlier occurrence drafted from (1, 2-3, 4-7, 8-15 and 16+
-tokens, priors 0.3 to 0.98: a passage being copied agrees over many tokens, a common word in
-open text over one or two), and each draft token has its own: the ``i``-th token of a draft
-whose first agrees over ``m`` tokens agrees over ``m + i - 1`` once its predecessors are
-accepted, so a copy that has just begun is trusted more the further it would go. (On gemma's
-own outputs, tokens agreeing over 16+ tokens were accepted about 99 % of the time, over one
-token about 40 %.) The engine knows what ``d`` more tokens add to a step (``cost(d)``, learnt
-from its own step times). A draft of ``d`` tokens yields ``1 + p1 + p1 p2 + ... + p1...pd``
-tokens on average for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that
-maximises their ratio: a rejected draft's cost is counted, and where drafting cannot pay, it
-stops. At depth 0 a one-token draft probes, but only where its success would change the
-decision (the estimate with one more accepted token would draft): the first such chance
-probes at once (a copy is noticed early), the next ones come ``PROBE_EVERY`` steps later, the
-interval doubling after each rejected probe up to ``PROBE_MAX``, and at least as many steps as
-keep a failing probe's cost within ``PROBE_BUDGET`` of the time. A common word's estimate (one
-token of agreement) never gets there, so open text is not probed for nothing. For a draft
-model, its own time per drafted token (measured, its catching up with the text included)
-counts in a draft's cost, and every token of its drafts has one estimate (prior 0.7).
+token is accepted, given its predecessors were (tokens of this request judged so far, recent ones
+weighing more). For n-gram drafts there is one estimate per length of agreement between the
+history's end and the earlier occurrence drafted from (1 to 15 tokens, and 16+), each drawn
+toward the estimate of its group of lengths (1, 2-3, 4-7, 8-15, 16+: priors 0.3 to 0.98, a
+passage being copied agrees over many tokens, a common word in open text over one or two) until
+it has seen ``LENGTH_WEIGHT`` judged tokens of its own; the ``i``-th token of a draft whose first
+agrees over ``m`` tokens agrees over ``m + i - 1`` once its predecessors are accepted, so a copy
+that has just begun is trusted more the further it would go. (On gemma's own outputs, tokens
+agreeing over 16+ tokens were accepted about 99 % of the time, over one token about 40 %.)
+N-gram drafts learn for free: the proposal's next token after the drafted ones (all of it at
+depth 0) is judged against the token the step produces, so no draft is ever spent to find out
+whether drafting would pay. The engine knows what ``d`` more tokens add to a step
+(``cost(d)``, learnt from its own step times). A draft of ``d`` tokens yields
+``1 + p1 + p1 p2 + ... + p1...pd`` tokens on average for ``cost(d)`` the time, so the depth is
+the ``d`` (0 included) that maximises their ratio: a rejected draft's cost is counted, and where
+drafting cannot pay, it stops. A draft model's proposal costs its own decoding, so it has no
+free judgement: at depth 0 a one-token draft probes, but only where its success would change the
+decision (the estimate with one more accepted token would draft): the first such chance probes
+at once, the next ones come ``PROBE_EVERY`` steps later, the interval doubling after each
+rejected probe up to ``PROBE_MAX``, and at least as many steps as keep a failing probe's cost
+within ``PROBE_BUDGET`` of the time. Its own time per drafted token (measured, its catching up
+with the text included) counts in a draft's cost, and every token of its drafts has one
+estimate (prior 0.7).
 """
 
 from __future__ import annotations
@@ -54,10 +57,8 @@ from .ngrams import Ngrams, agreement
 PROBE_EVERY = 8
 PROBE_MAX = 64
 PROBE_BUDGET = 0.01
-"""The share of the steps a failing probe may cost: where a one-token draft costs a whole step
-(as on these CPUs), probes come every 100 steps at least: about one in a 128-token answer. A
-text that starts repeating itself needs no probe: its drafts agree over more tokens, and each
-length of agreement has its own estimate."""
+"""The share of the steps a draft model's failing probe may cost: where a one-token draft costs
+a whole step (as on these CPUs), probes come every 100 steps at least."""
 DECAY = 0.9
 """Weight of the acceptance counts of the step before (per step)."""
 
@@ -97,6 +98,10 @@ MATCH_BUCKETS = (1, 2, 4, 8, 16)
 BUCKET_PRIORS = (0.3, 0.45, 0.7, 0.85, 0.98)
 """The prior acceptance of each bucket, with the weight of two draft tokens (the module's
 docstring says what was measured)."""
+LENGTH_WEIGHT = 2.0
+"""How many judged tokens of one agreement length weigh as much as its bucket's estimate."""
+LONGEST = MATCH_BUCKETS[-1]
+"""Agreement is counted up to this length (:func:`lookup_draft`'s ``longest``)."""
 
 
 def _bucket(matched: int) -> int:
@@ -230,49 +235,61 @@ class Drafter:
     _from_memory: bool = False
     _hits: list[float] = field(default_factory=lambda: [2 * p for p in BUCKET_PRIORS])
     _trials: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
+    _length_hits: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
+    _length_trials: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
+    """Judged tokens per agreement length (index: the length, 1 to ``LONGEST``)."""
     _bucket: int = 2
     """The estimate that applies to the draft's first token (a draft model's is always the
     middle one, prior 0.7, for every token); n-gram drafts pick theirs by agreement length."""
     _matched: int | None = None
     """How many tokens the draft's first token agrees over (None: every token of the draft
     has the estimate ``_bucket``, as a draft model's)."""
+    _found: list[int] = field(default_factory=list)
+    """The last n-gram proposal, drafted or not: its token after the drafted ones is judged
+    against the token the step produces."""
     _probe_in: int = 1
-    """Chances to probe before the next probe (the first chance probes)."""
+    """A draft model's chances to probe before its next probe (the first chance probes)."""
     _probe_every: int = PROBE_EVERY
     _probing: bool = False
 
     def p_accept(self, bucket: int | None = None) -> float:
-        """The estimated chance that a draft token is accepted (given its predecessors were)."""
+        """The estimate of a bucket of agreement lengths (default: the draft's first token's)."""
         b = self._bucket if bucket is None else bucket
         return self._hits[b] / self._trials[b]
 
-    def _buckets(self, n: int) -> list[int]:
+    def length_estimate(self, length: int) -> float:
+        """The chance that a draft token agreeing over ``length`` tokens is accepted (given its
+        predecessors were): its own length's record, drawn toward its bucket's estimate."""
+        m = min(max(length, 1), LONGEST)
+        return ((self._length_hits[m] + LENGTH_WEIGHT * self.p_accept(_bucket(m)))
+                / (self._length_trials[m] + LENGTH_WEIGHT))
+
+    def _lengths(self, n: int) -> list[int | None]:
+        """The agreement length of each token of an ``n``-token draft (None: a draft model's)."""
+        if self._matched is None:
+            return [None] * n
+        return [min(self._matched + i, LONGEST) for i in range(n)]
+
+    def _estimates(self, n: int) -> list[float]:
         """The estimate of each token of an ``n``-token draft."""
         if self._matched is None:
-            return [self._bucket] * n
-        out: list[int] = []
-        b = _bucket(self._matched)
-        while len(out) < n:  # agreement grows by one a token: runs of one bucket each
-            end = MATCH_BUCKETS[b + 1] - self._matched if b + 1 < len(MATCH_BUCKETS) else n
-            out += [b] * (min(end, n) - len(out))
-            b += 1
-        return out
+            return [min(self.p_accept(), 0.999)] * n
+        head = [min(self.length_estimate(m), 0.999)
+                for m in range(self._matched, min(self._matched + n, LONGEST))]
+        return head + [min(self.length_estimate(LONGEST), 0.999)] * (n - len(head))
 
-    def _best(self, first: float, limit: int) -> int:
-        """The depth (0 included) with the most expected tokens per unit of time, where the
-        draft's first token (and every later one of its agreement bucket) is accepted with
-        chance ``first``, and the later ones by their own buckets' estimates."""
-        n = min(self.max_draft, limit)
+    def _best(self, ps: list[float]) -> int:
+        """The depth (0 included, at most ``len(ps)``) with the most expected tokens per unit
+        of time, where ``ps[i]`` is the chance that draft token ``i`` is accepted once its
+        predecessors are."""
+        n = min(self.max_draft, len(ps))
         if n <= 0:
             return 0
         per_draft_token = 0.0  # a draft model's own decoding, in steps of the target
         step = self.step_seconds()
         if self.draft_seconds is not None and step:
             per_draft_token = self.draft_seconds / step
-        estimates = [min(h / t, 0.999) for h, t in zip(self._hits, self._trials, strict=True)]
-        estimates[self._bucket] = min(first, 0.999)
-        ps = [estimates[b] for b in self._buckets(n)]
-        top = max(ps)
+        top = max(ps[:n])
         tail = top / (1 - top)  # what an endless draft adds per unit of the chance to get there
         best, best_value = 0, 1.0
         expected, reach = 1.0, 1.0  # tokens expected so far; the chance to reach the next
@@ -294,10 +311,12 @@ class Drafter:
 
     def choose_depth(self, limit: int) -> int:
         """The draft length that maximises expected tokens per unit of step time."""
-        if not self.adaptive:
-            return min(self.max_draft, limit)
-        best = self._best(self.p_accept(), limit)
-        if best == 0 and limit > 0 and self._best(self._p_if_accepted(), limit) > 0:
+        n = min(self.max_draft, limit)
+        if not self.adaptive or n <= 0:
+            return max(n, 0)
+        best = self._best(self._estimates(n))
+        if (best == 0 and self.mode == "draft_model"
+                and self._best([min(self._p_if_accepted(), 0.999)] * n) > 0):
             self._probe_in -= 1  # a chance where an accepted probe would make drafting pay
             if self._probe_in <= 0:
                 self._probe_in = self._interval()
@@ -356,6 +375,7 @@ class Drafter:
         found, matched, self._from_memory = lookup_draft(
             self.history, self.ngram_min, self.ngram_max, min(self.max_draft, limit),
             memory=self.memory, index=self._index)
+        self._found = found
         if not found:
             self.depth = 0
             return []
@@ -363,23 +383,40 @@ class Drafter:
         self.depth = depth = self.choose_depth(len(found))
         return found[:depth]
 
-    def record(self, drafted: int, accepted: int) -> None:
+    def record(self, drafted: int, accepted: int, following: int | None = None) -> None:
+        """A verified draft: ``accepted`` of its ``drafted`` tokens were kept, and the step
+        produced ``following`` after them (the n-gram proposal's next token is judged by it)."""
         self.drafted += drafted
         self.accepted += accepted
         if self._from_memory:
             self.memory_drafted += drafted
-        if drafted == 0:
-            return
-        judged = self._buckets(min(drafted, accepted + 1))  # the tokens up to the rejected one
-        for b in set(judged):
-            tokens = [i for i, own in enumerate(judged) if own == b]
-            self._hits[b] = DECAY * self._hits[b] + sum(1 for i in tokens if i < accepted)
-            self._trials[b] = DECAY * self._trials[b] + len(tokens)
+        judged = [(m, i < accepted)  # the tokens up to the rejected one
+                  for i, m in enumerate(self._lengths(min(drafted, accepted + 1)))]
+        if (following is not None and accepted == drafted and len(self._found) > drafted
+                and self._matched is not None):
+            judged.append((min(self._matched + drafted, LONGEST),
+                           self._found[drafted] == following))
+        self._judge(judged)
         if self._probing:
             self._probing = False
             self._probe_every = PROBE_EVERY if accepted else min(PROBE_MAX,
                                                                  self._probe_every * 2)
             self._probe_in = self._interval()
+
+    def _judge(self, judged: list[tuple[int | None, bool]]) -> None:
+        """Count judged tokens (agreement length or None, accepted) in their estimates; the
+        earlier counts of an estimate decay once a step."""
+        buckets: dict[int, list[bool]] = {}
+        lengths: dict[int, list[bool]] = {}
+        for m, ok in judged:
+            buckets.setdefault(self._bucket if m is None else _bucket(m), []).append(ok)
+            if m is not None:
+                lengths.setdefault(m, []).append(ok)
+        for counts, hits, trials in ((buckets, self._hits, self._trials),
+                                     (lengths, self._length_hits, self._length_trials)):
+            for k, oks in counts.items():
+                hits[k] = DECAY * hits[k] + sum(oks)
+                trials[k] = DECAY * trials[k] + len(oks)
 
     def metrics(self) -> dict[str, Any]:
         return {

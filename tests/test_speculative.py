@@ -480,9 +480,10 @@ def test_adaptive_depth_weighs_acceptance_against_what_a_draft_token_costs() -> 
     for _ in range(10):
         costly.record(4, 4)
     assert costly.choose_depth(64) == 0  # never pays: the drafts would cost more than they give
-    # (a token costs 0.15 of a step: cheap enough that probes come at their own interval,
-    # within PROBE_BUDGET)
-    rejected = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.15 * d)
+    # A draft model (its proposal costs its own decoding: no free judgement) probes. (A token
+    # costs 0.15 of a step: cheap enough that probes come at their own interval, within
+    # PROBE_BUDGET.)
+    rejected = Drafter("draft_model", 8, cost=lambda d: 1 + 0.15 * d)
     assert rejected.choose_depth(64) >= 1  # the prior (p = 0.7) drafts
     for _ in range(8):
         rejected.record(2, 0)
@@ -495,10 +496,15 @@ def test_adaptive_depth_weighs_acceptance_against_what_a_draft_token_costs() -> 
     rejected.record(1, 0)  # the probe failed: the next one comes twice as late
     depths = [rejected.choose_depth(64) for _ in range(2 * PROBE_EVERY)]
     assert depths.count(1) == 1 and depths[-1] == 1
-    # where even an accepted probe would leave drafting unpaid (a common word's estimate,
-    # one token of agreement, prior 0.3), there is no probe at all
-    common = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.9 * d, _bucket=0)
+    # where even an accepted probe would leave drafting unpaid (prior 0.3 here), there is no
+    # probe at all
+    common = Drafter("draft_model", 8, cost=lambda d: 1 + 0.9 * d, _bucket=0)
     assert [common.choose_depth(64) for _ in range(300)] == [0] * 300
+    # n-gram drafts never probe: they are judged for free (below)
+    ngram = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.15 * d, _bucket=1, _matched=2)
+    for _ in range(8):
+        ngram.record(2, 0)
+    assert [ngram.choose_depth(64) for _ in range(300)] == [0] * 300
     fixed = Drafter("prompt_lookup", 8, adaptive=False, cost=lambda d: 1 + 1.0 * d)
     fixed.record(8, 0)
     assert fixed.choose_depth(64) == 8 and fixed.choose_depth(5) == 5
@@ -537,8 +543,8 @@ def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() ->
     assert len(draft) >= 3 and draft == passage[20:20 + len(draft)]
     chatting = Drafter("prompt_lookup", 16, cost=lambda d: 1 + 0.35 * d)
     chatting.start([5, 7, 8, 9, 5])  # a common word seen before: one token agrees
-    assert len(chatting.draft(64)) <= 1  # its prior (0.3) does not pay: a probe at most
-    assert chatting._best(chatting.p_accept(), 64) == 0
+    assert chatting.draft(64) == []  # its prior (0.3) does not pay (and n-gram drafts never
+    # probe)
     copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
     assert copying.p_accept() < 0.9
     assert chatting.p_accept(0) == pytest.approx(0.3)  # ... the others keep theirs
@@ -559,6 +565,43 @@ def test_each_draft_token_has_the_estimate_of_its_own_agreement() -> None:
     assert copy.p_accept(4) < BUCKET_PRIORS[4]
     assert copy.p_accept(2) == pytest.approx(BUCKET_PRIORS[2])  # no token of 4-7: untouched
     assert (copy.drafted, copy.accepted) == (12, 10)
+    # each length has its own record too, drawn toward its bucket's: 16+ saw 6 accepted and
+    # one rejected, 12 one accepted
+    assert copy.length_estimate(16) < copy.p_accept(4) < copy.length_estimate(12) <= 1.0
+    assert copy.length_estimate(5) == pytest.approx(BUCKET_PRIORS[2])
+
+
+def test_ngram_proposals_are_judged_without_drafting_them() -> None:
+    from lorad.daemon.speculative import BUCKET_PRIORS, Drafter
+
+    # Open text where a two-token agreement keeps coming back and keeps being right: the
+    # prior (0.45) does not pay at this cost, but every step judges the proposal's next token
+    # against the token produced, so drafting starts without one token spent on finding out.
+    drafter = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.5 * d)
+    drafter.start([1, 2, 3, 9, 1, 2])  # "1 2" was followed by 3
+    assert drafter.draft(64) == [] and drafter._found[:1] == [3]
+    assert drafter.length_estimate(2) == pytest.approx(BUCKET_PRIORS[1])
+    assert drafter.choose_depth(4) == 0
+    depths = []
+    for _ in range(6):
+        drafter.record(0, 0, 3)  # ... and the step produced 3 again
+        depths.append(drafter.choose_depth(4))
+    assert drafter.drafted == 0 and drafter.length_estimate(2) > 0.8
+    assert depths[-1] >= 2
+    # Where the proposal's next token is wrong, its length's estimate drops and nothing is
+    # drafted (no probe spends a step on it)
+    wrong = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.5 * d)
+    wrong.start([1, 2, 3, 9, 1, 2])
+    for _ in range(50):
+        assert wrong.draft(64) == []
+        wrong.record(0, 0, 4)
+    assert wrong.length_estimate(2) < 0.05 and wrong.drafted == 0
+    # a drafted token that was accepted, then the proposal's next one judged by the step's own
+    # token: the draft's two tokens are judged, and the estimate of their lengths rises
+    taken = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.35 * d, _found=[5, 6, 7],
+                    _matched=8, _bucket=3)
+    taken.record(1, 1, 6)
+    assert taken._length_trials[8:11] == [1.0, 1.0, 0.0] and taken._length_hits[9] == 1.0
 
 
 def test_a_draft_models_own_time_counts_in_the_depth() -> None:
@@ -586,10 +629,10 @@ def test_probes_are_rarer_where_they_are_dear() -> None:
 
     from lorad.daemon.speculative import PROBE_BUDGET, PROBE_EVERY, Drafter
 
-    dear = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.3 * d)  # a token: 0.3 of a step
+    dear = Drafter("draft_model", 8, cost=lambda d: 1 + 0.3 * d)  # a token: 0.3 of a step
     for _ in range(3):
         dear.record(2, 0)
-    assert dear._best(dear.p_accept(), 64) == 0 < dear._best(dear._p_if_accepted(), 64)
+    assert dear._best([dear.p_accept()] * 64) == 0 < dear._best([dear._p_if_accepted()] * 64)
     depths = [dear.choose_depth(64) for _ in range(400)]
     probes = [k for k, d in enumerate(depths) if d]
     assert len(probes) >= 3
