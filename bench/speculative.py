@@ -449,13 +449,13 @@ def run_section(name: str, configs: list[Config], prompts: dict[str, str], args:
                     runs.append(run)
                 attempts.append(runs)
                 contended = [x["config"] for x in runs if x["contended"]]
-                again = bool(contended) and attempt < args.retries
+                retry = bool(contended) and attempt < args.retries
                 tps = "  ".join(f"{x['config'].replace('llama-server', 'srv')}="
                                 f"{x['tps'] or 0:.1f}" for x in runs)
                 flag = f"  contended: {', '.join(contended)}" if contended else ""
                 print(f"  [{name}] round {r + 1}/{args.rounds} {pname:<10} {tps}{flag}"
-                      + ("  (measured again)" if again else ""), flush=True)
-                if not again:
+                      + ("  (measured again)" if retry else ""), flush=True)
+                if not retry:
                     break
             # keep the least contended attempt (the last one unless all were contended)
             best = min(range(len(attempts)), key=lambda i: (
