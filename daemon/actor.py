@@ -366,15 +366,16 @@ class ContextActor:
                                      "the draft model is the target model itself; use a "
                                      "smaller model with the same vocabulary")
         target = self.model.model
-        await trio.to_thread.run_sync(check_vocabularies, target, entry.model)
-        if not entry.model.can_roll_back:
-            raise refuse_speculative({"mode": "draft_model"}, "no_rollback", "the draft model's "
-                                     "memory cannot roll back rejected tokens")
-        p = self.params
-        draft = await trio.to_thread.run_sync(lambda: llama.Context(
-            entry.model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
-        self.drafts[entry.id] = (entry, draft)
-        entry.contexts.add(self.id)
+        async with entry.using() as model:  # an unload of the draft model waits, then closes
+            await trio.to_thread.run_sync(check_vocabularies, target, model)  # this context
+            if not model.can_roll_back:
+                raise refuse_speculative({"mode": "draft_model"}, "no_rollback", "the draft "
+                                         "model's memory cannot roll back rejected tokens")
+            p = self.params
+            draft = await trio.to_thread.run_sync(lambda: llama.Context(
+                model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
+            self.drafts[entry.id] = (entry, draft)
+            entry.contexts.add(self.id)
         return draft
 
     # -- generation ---------------------------------------------------------------------------

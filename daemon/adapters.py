@@ -22,7 +22,7 @@ from . import llama
 from .logs import log
 from .lora import AdapterInfo, FileIdentity, ModelTensors, incompatibilities, inspect_adapter
 from .metrics import Metrics
-from .registry import LoadedModel
+from .registry import LoadedModel, unloaded
 
 Key = tuple[str, str, FileIdentity]
 
@@ -78,6 +78,8 @@ class AdapterCache:
         tensors = self._model_tensors.get(model.id)
         if tensors is None:
             tensors = await trio.to_thread.run_sync(ModelTensors.read, model.path)
+            if model.detached:  # unloaded meanwhile: nothing may keep its tensors
+                raise unloaded(model)
             self._model_tensors[model.id] = tensors
         return tensors
 
@@ -126,7 +128,7 @@ class AdapterCache:
                                 f"{path.name} changed while it was being read; retry",
                                 path=str(path))
         started = time.perf_counter()
-        async with self._lock(model):
+        async with model.using(), self._lock(model):  # an unload waits for the load
             adapter = await trio.to_thread.run_sync(llama.Adapter, model.model, str(path))
         entry = LoadedAdapter(key, model, info, adapter)
         entry.load_ms = (time.perf_counter() - started) * 1000

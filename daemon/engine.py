@@ -28,7 +28,7 @@ from .config import DaemonConfig
 from .logs import log
 from .metrics import Metrics
 from .paths import AllowedDirs
-from .registry import LoadedModel, ModelRegistry
+from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
 from .stacks import Stacks
 from .templates import TemplateRenderer
@@ -45,10 +45,6 @@ class _Embedder:
     model: LoadedModel
     ctx: llama.Context
     lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-def _unloaded(entry: LoadedModel) -> ProtocolError:
-    return ProtocolError(ErrorCode.NOT_FOUND, f"model {entry.id!r} was unloaded", model=entry.id)
 
 
 class Engine:
@@ -121,6 +117,7 @@ class Engine:
                 model=entry.id, contexts=in_use,
             )
         self.models.detach(entry)  # from here no new context, embedding or adapter finds it
+        await entry.wait_unused()  # a context being made, an adapter or a text being read
         closed = sorted(entry.contexts)
         for ctx_id in closed:
             if ctx_id in self.contexts:
@@ -135,11 +132,11 @@ class Engine:
         self.metrics.forget_model(entry.id)
         return {"model": entry.id, "unloaded": True, "closed_contexts": closed}
 
-    def tokenizer(self, args: OpArgs, owner: bytes | None) -> llama.Model:
+    def tokenizer(self, args: OpArgs, owner: bytes | None) -> LoadedModel:
         """The model of ``args.context`` (if ``owner`` may use it) or ``args.model``."""
         if args.context is not None:
-            return self.context(args.context, owner).model.model
-        return self.models.get(args.model).model
+            return self.context(args.context, owner).model
+        return self.models.get(args.model)
 
     # -- embeddings ---------------------------------------------------------------------------
     async def embed(self, args: OpArgs, owner: bytes | None,
@@ -189,7 +186,7 @@ class Engine:
         try:
             async with found.lock:
                 if self._embedders.get(entry.id) is not found:  # unloaded while we waited
-                    raise _unloaded(entry)
+                    raise unloaded(entry)
                 vectors, counts = await trio.to_thread.run_sync(work)
         finally:
             await self.stacks.release(held)
@@ -205,17 +202,18 @@ class Engine:
             return found
         n_ctx = min(entry.info()["n_ctx_train"] or EMBED_N_CTX, EMBED_N_CTX,
                     self.limits.max_n_ctx)
-        ctx = await trio.to_thread.run_sync(lambda: llama.Context(
-            entry.model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
-            embeddings=True))
-        found = self._embedders.get(entry.id)
-        if found is None and self.models.holds(entry):
-            found = self._embedders[entry.id] = _Embedder(entry, ctx)
-            return found
-        await trio.to_thread.run_sync(ctx.close)  # made meanwhile, or the model went away
+        async with entry.using() as model:  # an unload waits, then frees what is made here
+            ctx = await trio.to_thread.run_sync(lambda: llama.Context(
+                model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
+                embeddings=True))
+            found = self._embedders.get(entry.id)
+            if found is None and self.models.holds(entry):
+                found = self._embedders[entry.id] = _Embedder(entry, ctx)
+                return found
+            await trio.to_thread.run_sync(ctx.close)  # made meanwhile, or the model went away
         if found is not None and found.model is entry:
             return found
-        raise _unloaded(entry)
+        raise unloaded(entry)
 
     # -- contexts -----------------------------------------------------------------------------
     def created_by(self, owner: bytes) -> int:
@@ -245,42 +243,43 @@ class Engine:
                                   self.limits.max_n_ctx)
         n_threads = args.n_threads or os.cpu_count() or 1
         n_batch = min(args.n_batch, n_ctx)
-        batcher = self._batcher(entry)
-        scheduler, seq = await batcher.attach(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                                              kv_type=args.kv_type, flash_attn=args.flash_attn)
-        n_ctx = seq.n_ctx
-        context_id = context_id or f"ctx-{secrets.token_hex(4)}"
-        persistent = creator is None or args.persistent
-        shared = creator is None or args.shared
-        params = {"n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
-                  "seed": args.seed, "kv_type": args.kv_type,
-                  "flash_attn": args.flash_attn, "speculative": args.speculative,
-                  "shared": shared}
-        actor = ContextActor(context_id, entry, batcher, scheduler, seq, seed=args.seed,
-                             max_queued=args.max_queued, persistent=persistent,
-                             owner=None if persistent else creator, params=params,
-                             adapters=self.adapters, speculative=args.speculative,
-                             templates=self.templates, limits=self.limits)
-        actor.creator = creator
-        actor.shared = shared
-        actor.resolve_model = self.model_for
-        actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
-        try:
-            if args.speculative:  # a context default that cannot run fails here, not later
-                await actor.prepare_speculative(args.speculative)
-            if args.loras:
-                stack, held = await self.stacks.build(entry, args.loras, [])
-                try:
-                    await actor.set_stack(stack)
-                finally:
-                    await self.stacks.release(held)
-        except BaseException:
-            await actor.dispose()
-            raise
-        self.contexts[context_id] = actor
-        entry.contexts.add(context_id)
-        assert self._nursery is not None, "the engine is not running"
-        self._nursery.start_soon(actor.run)
+        async with entry.using():  # an unload of the model waits, then closes it
+            batcher = self._batcher(entry)
+            scheduler, seq = await batcher.attach(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                                  kv_type=args.kv_type, flash_attn=args.flash_attn)
+            n_ctx = seq.n_ctx
+            context_id = context_id or f"ctx-{secrets.token_hex(4)}"
+            persistent = creator is None or args.persistent
+            shared = creator is None or args.shared
+            params = {"n_ctx": n_ctx, "n_batch": n_batch, "n_threads": n_threads,
+                      "seed": args.seed, "kv_type": args.kv_type,
+                      "flash_attn": args.flash_attn, "speculative": args.speculative,
+                      "shared": shared}
+            actor = ContextActor(context_id, entry, batcher, scheduler, seq, seed=args.seed,
+                                 max_queued=args.max_queued, persistent=persistent,
+                                 owner=None if persistent else creator, params=params,
+                                 adapters=self.adapters, speculative=args.speculative,
+                                 templates=self.templates, limits=self.limits)
+            actor.creator = creator
+            actor.shared = shared
+            actor.resolve_model = self.model_for
+            actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
+            try:
+                if args.speculative:  # a context default that cannot run fails here, not later
+                    await actor.prepare_speculative(args.speculative)
+                if args.loras:
+                    stack, held = await self.stacks.build(entry, args.loras, [])
+                    try:
+                        await actor.set_stack(stack)
+                    finally:
+                        await self.stacks.release(held)
+            except BaseException:
+                await actor.dispose()
+                raise
+            self.contexts[context_id] = actor
+            entry.contexts.add(context_id)
+            assert self._nursery is not None, "the engine is not running"
+            self._nursery.start_soon(actor.run)
         log.info("context_created", context=context_id, model=entry.id, **params)
         return actor
 

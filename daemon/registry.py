@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,32 @@ class LoadedModel:
     contexts: set[str] = field(default_factory=set)
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    detached: bool = False
+    """Unloaded or being unloaded: nothing new may use its weights."""
+    _users: int = 0
+    _unused: trio.Event | None = None
     _info: dict[str, Any] | None = None
+
+    @asynccontextmanager
+    async def using(self) -> AsyncIterator[llama.Model]:
+        """Hold the weights while a worker thread reads them or something is built on them (a
+        context, an adapter): an unload waits for the holders, and once it has begun, this
+        raises ``not_found``."""
+        if self.detached:
+            raise unloaded(self)
+        self._users += 1
+        try:
+            yield self.model
+        finally:
+            self._users -= 1
+            if not self._users and self._unused is not None:
+                self._unused.set()
+
+    async def wait_unused(self) -> None:
+        """Return once nothing holds the weights through :meth:`using`."""
+        while self._users:
+            self._unused = trio.Event()
+            await self._unused.wait()
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
@@ -40,6 +66,11 @@ class LoadedModel:
             "contexts": sorted(self.contexts),
             "load_seconds": round(self.load_seconds, 3),
         }
+
+
+def unloaded(entry: LoadedModel) -> ProtocolError:
+    """The error for a request that found ``entry`` before it was unloaded."""
+    return ProtocolError(ErrorCode.NOT_FOUND, f"model {entry.id!r} was unloaded", model=entry.id)
 
 
 class ModelRegistry:
@@ -120,7 +151,9 @@ class ModelRegistry:
         return ref not in self._by_id and looks_like_path(ref)
 
     def detach(self, entry: LoadedModel) -> None:
-        """Forget the model: lookups no longer find it (it is still allocated)."""
+        """Forget the model: lookups no longer find it (it is still allocated), and what
+        found it before must not start using it (``detached``)."""
+        entry.detached = True
         if self._by_id.get(entry.id) is entry:
             del self._by_id[entry.id]
         if self._by_key.get(entry.key) is entry:

@@ -49,12 +49,13 @@ async def list_models(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
 
 
 async def tokenize(s: Services, h: RequestHandle) -> list[int]:
-    model, a = s.engine.tokenizer(h.args, h.peer), h.args
+    entry, a = s.engine.tokenizer(h.args, h.peer), h.args
     limit = s.limits.max_array_len  # what a client can decode
     try:
-        return await trio.to_thread.run_sync(
-            lambda: model.tokenize(a.text, add_special=a.add_special,
-                                   parse_special=a.parse_special, limit=limit))
+        async with entry.using() as model:  # an unload waits for the thread
+            return await trio.to_thread.run_sync(
+                lambda: model.tokenize(a.text, add_special=a.add_special,
+                                       parse_special=a.parse_special, limit=limit))
     except llama.TooManyTokens as exc:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"the text has {exc.n} tokens, more than "
                             f"limits.max_array_len ({limit}) can carry", field="text",
@@ -62,10 +63,11 @@ async def tokenize(s: Services, h: RequestHandle) -> list[int]:
 
 
 async def detokenize(s: Services, h: RequestHandle) -> str:
-    model, tokens = s.engine.tokenizer(h.args, h.peer), h.args.tokens
-    bad = next((t for t in tokens if t >= model.n_vocab), None)
-    if bad is not None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f"token {bad} is outside the vocabulary ({model.n_vocab})",
-                            field="tokens")
-    return await trio.to_thread.run_sync(lambda: model.detokenize(tokens))
+    entry, tokens = s.engine.tokenizer(h.args, h.peer), h.args.tokens
+    async with entry.using() as model:  # an unload waits for the thread
+        bad = next((t for t in tokens if t >= model.n_vocab), None)
+        if bad is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"token {bad} is outside the vocabulary ({model.n_vocab})",
+                                field="tokens")
+        return await trio.to_thread.run_sync(lambda: model.detokenize(tokens))
