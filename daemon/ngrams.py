@@ -15,6 +15,9 @@ n-grams of 1-3 tokens: at most ~1.5 MiB a context)."""
 MEMORY_PROMPT = 16
 """The tokens of each earlier prompt kept before its output: what led into the output, so
 that the same request sent again finds its earlier answer from its first step."""
+END = -1
+"""Follows each output in a memory (never a token): a draft stops there rather than run on into
+another request's prompt, and no agreement is counted across it."""
 
 
 class Ngrams:
@@ -79,8 +82,9 @@ def agreement(source: list[int], start: int, g: int, history: list[int], longest
 
 class Memory:
     """What a context generated in its earlier requests, each output after the last
-    ``MEMORY_PROMPT`` tokens of its prompt, at most ``MEMORY_TOKENS`` tokens (the oldest half
-    goes when full); indexed on first use by a ``prompt_lookup`` request."""
+    ``MEMORY_PROMPT`` tokens of its prompt and before an ``END``, at most ``MEMORY_TOKENS``
+    tokens (the oldest half goes when full); indexed on first use by a ``prompt_lookup``
+    request."""
 
     def __init__(self, limit: int = MEMORY_TOKENS) -> None:
         self.limit = limit
@@ -90,7 +94,7 @@ class Memory:
     def add(self, prompt: list[int], output: list[int]) -> None:
         if not output:
             return
-        self.tokens += prompt[-MEMORY_PROMPT:] + output
+        self.tokens += [*prompt[-MEMORY_PROMPT:], *output, END]
         if len(self.tokens) > self.limit:
             self.tokens = self.tokens[-(self.limit // 2):]
             self._index = None

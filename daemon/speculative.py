@@ -52,7 +52,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 from lorad.protocol.args import OpArgs
 
 from . import llama
-from .ngrams import Ngrams, agreement
+from .ngrams import END, Ngrams, agreement
 
 PROBE_EVERY = 8
 PROBE_MAX = 64
@@ -79,17 +79,19 @@ def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
     size = len(history)
     for g in range(min(ngram_max, size), ngram_min - 1, -1):
         tail = tuple(history[size - g:])
-        best: tuple[int, list[int], int] | None = None
-        start = index.find(tail)
-        if start is not None:
-            best = (agreement(history, start, g, history, longest), history, start)
+        best: tuple[int, list[int], bool] | None = None
+        if (start := index.find(tail)) is not None:
+            best = (agreement(history, start, g, history, longest),
+                    history[start + g:start + g + n], False)
         if memory is not None and (at := memory.find(tail)) is not None:
+            found = memory.tokens[at + g:at + g + n]
+            if END in found:  # an earlier output ends there: what follows is another request
+                found = found[:found.index(END)]
             matched = agreement(memory.tokens, at, g, history, longest)
-            if best is None or matched > best[0]:
-                best = (matched, memory.tokens, at)
+            if found and (best is None or matched > best[0]):
+                best = (matched, found, True)
         if best is not None:
-            matched, source, start = best
-            return source[start + g:start + g + n], matched, source is not history
+            return best[1], best[0], best[2]
     return [], 0, False
 
 

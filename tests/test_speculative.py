@@ -356,13 +356,13 @@ def test_the_ngram_index_finds_what_a_scan_finds() -> None:
 
 
 def test_memory_drafts_where_it_agrees_longer_than_the_request() -> None:
-    from lorad.daemon.ngrams import MEMORY_PROMPT, Memory
+    from lorad.daemon.ngrams import END, MEMORY_PROMPT, Memory
 
     memory = Memory()
     prompt = list(range(100, 130))
     answer = [7, 8, 9, 10, 11, 12]
     memory.add(prompt, answer)
-    assert memory.tokens == prompt[-MEMORY_PROMPT:] + answer
+    assert memory.tokens == [*prompt[-MEMORY_PROMPT:], *answer, END]
     # the same prompt again, with one token of output: the memory agrees over all of it
     history = [*prompt, 7]
     found, matched, from_memory = lookup_draft(history, 1, 3, 4, memory=memory.index(range(1, 4)))
@@ -373,11 +373,29 @@ def test_memory_drafts_where_it_agrees_longer_than_the_request() -> None:
     # an output never seen: nothing
     assert lookup_draft([1, 2, 3, 4], 1, 3, 2, memory=memory.index(range(1, 4)))[0] == []
     memory.add(prompt, [])  # a request that generated nothing leaves nothing
-    assert len(memory) == MEMORY_PROMPT + len(answer)
+    assert len(memory) == MEMORY_PROMPT + len(answer) + 1
+
+
+def test_memory_drafts_stop_where_an_earlier_output_ended() -> None:
+    """An output that ended where it began again (a copy that loops) is found at its last
+    occurrence: the draft stops at the output's end, never running on into the next request's
+    prompt, and an n-gram that only ends an output is not drafted from."""
+    from lorad.daemon.ngrams import Memory
+
+    memory = Memory()
+    prompt = list(range(100, 120))
+    answer = [7, 8, 9, 10, 11, *prompt[-3:], 7, 8, 9]
+    memory.add(prompt, answer)
+    memory.add([50, 51, 52], [53])
+    index = memory.index(range(1, 4))
+    found, matched, from_memory = lookup_draft([*prompt], 1, 3, 8, memory=index)
+    assert (found, matched, from_memory) == ([7, 8, 9], 3, True)
+    # [8, 9] last ended the output: the history's own occurrence drafts instead
+    assert lookup_draft([8, 9, 4, 8, 9], 1, 3, 2, memory=index) == ([4, 8], 2, False)
 
 
 def test_memory_is_bounded_and_keeps_the_newest() -> None:
-    from lorad.daemon.ngrams import Memory
+    from lorad.daemon.ngrams import END, Memory
 
     memory = Memory(limit=100)
     for k in range(10):
@@ -385,7 +403,7 @@ def test_memory_is_bounded_and_keeps_the_newest() -> None:
         assert len(memory) <= 100
         index = memory.index(range(1, 3))
         assert index.tokens == memory.tokens
-    assert memory.tokens[-1] == 1000 + 20 * 9 + 19  # the newest stay
+    assert memory.tokens[-2:] == [1000 + 20 * 9 + 19, END]  # the newest stay
     assert memory.index(range(1, 3)).find((1000,)) is None  # the oldest went
     assert memory.pending(range(1, 3)) == 0
     assert memory.pending(range(1, 5)) == 2 * len(memory)  # sizes new to it: all tokens again
