@@ -60,15 +60,17 @@ not counted on either side. lorad's rate as its client sees the tokens arrive,
 
 Fairness: every configuration is greedy (temperature 0; llama-server ``repeat_penalty`` 1) with
 ``--tokens`` new tokens at most (both stop at end-of-generation), ``--threads`` threads, the whole
-prompt evaluated each time (llama-server ``cache_prompt: false``; lorad on a new context, or where
-the context is not new, after one token from another prompt, so no prefix is reused), the same
-weight repacking on both sides (``--repack``: lorad's ``auto`` rule decides for both), llama-server
-``-c 4096 -np 1 --swa-full``, lorad ``n_ctx`` 2048. ``--swa-full`` because lorad keeps a full-size
-SWA cache: with llama-server's default smaller SWA cache its greedy output on an open prompt
-differs from lorad's from the third token (a near tie that the other KV layout flips). The
-generated token ids of every configuration are compared with lorad's without speculation (greedy
-speculative output should be the same; a different batch shape can flip a near tie, so this is
-reported, not required).
+prompt evaluated each time (llama-server ``cache_prompt: false``; lorad after one token from a
+prompt without BOS on its context, new or not, so that no prefix is reused: logits differ slightly
+with the shape of the batch a token is computed in, so a prompt evaluated once whole and once after
+a reused BOS can part greedy outputs at a near tie, and a request sent again would part from its
+first answer for that reason alone), the same weight repacking on both sides (``--repack``: lorad's
+``auto`` rule decides for both), llama-server ``-c 4096 -np 1 --swa-full``, lorad ``n_ctx`` 2048.
+``--swa-full`` because lorad keeps a full-size SWA cache: with llama-server's default smaller SWA
+cache its greedy output on an open prompt differs from lorad's from the third token (a near tie
+that the other KV layout flips). The generated token ids of every configuration are compared with
+lorad's without speculation (greedy speculative output should be the same; a different batch shape
+can flip a near tie, so this is reported, not required).
 
 Alternation: each round runs every configuration on a prompt back to back, in an order that
 rotates from round to round and prompt to prompt (ABCDE, BCDEA, ...), after one warm-up run of
@@ -284,13 +286,11 @@ class Lorad:
                                  extra_args=["--repack", "on" if repack else "off"])
         self.client = Client(endpoint, timeout=600)
         self.contexts: dict[str, Any] = {}
-        self.fresh: set[str] = set()
 
     def context(self, model: str, *, n_ctx: int, threads: int) -> Any:
         if model not in self.contexts:
             self.contexts[model] = self.client.create_context(model, n_ctx=n_ctx,
                                                               n_threads=threads)
-            self.fresh.add(model)
         return self.contexts[model]
 
     def renew(self, model: str, *, n_ctx: int, threads: int) -> None:
@@ -302,10 +302,9 @@ class Lorad:
 
     def run(self, model: str, prompt: str, tokens: int, speculative: Any) -> dict[str, Any]:
         ctx = self.contexts[model]
-        if model in self.fresh:  # a new context has no prefix to reuse
-            self.fresh.discard(model)
-        else:
-            ctx.generate(FLUSH_PROMPT, max_tokens=1, temperature=0).collect()  # no prefix reuse
+        # Before every run, new context or not: a prompt without BOS, so that no prefix is
+        # reused and every run evaluates the whole prompt in one batch (the module's "Fairness").
+        ctx.generate(FLUSH_PROMPT, max_tokens=1, temperature=0, add_special=False).collect()
         stamps: list[float] = []
         ids: list[int] = []
         stream = ctx.generate(prompt, max_tokens=tokens, temperature=0, speculative=speculative)
