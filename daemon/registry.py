@@ -49,6 +49,14 @@ class LoadedModel:
             if not self._users and self._unused is not None:
                 self._unused.set()
 
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token, for the trio thread (the HTTP door's log-probabilities,
+        after a run): ``not_found`` once an unload has begun, since the vocabulary is freed
+        after it (the check and the call cannot be parted by an await)."""
+        if self.detached:
+            raise unloaded(self)
+        return self.model.piece(token)
+
     async def wait_unused(self) -> None:
         """Return once nothing holds the weights through :meth:`using`."""
         while self._users:

@@ -72,3 +72,16 @@ async def test_an_adapter_is_not_loaded_on_a_model_being_unloaded(tmp_path: Path
             assert refused.value.code == ErrorCode.NOT_FOUND
             assert "unloaded" in str(refused.value)
     assert log == ["unloading"] and not list(adapters)
+
+
+async def test_a_token_piece_is_refused_once_an_unload_has_begun(tmp_path: Path) -> None:
+    """The HTTP door renders log-probability tokens on the trio thread after a run: once the
+    model is being unloaded (its vocabulary freed after the holders go), that is ``not_found``,
+    not a read of freed memory."""
+    registry, entry, _ = await load(tmp_path)
+    token = (await trio.to_thread.run_sync(entry.model.tokenize, "hello"))[-1]
+    assert entry.piece(token) == entry.model.piece(token)
+    await unload(registry, entry, AdapterCache(), [])
+    with pytest.raises(ProtocolError) as refused:
+        entry.piece(token)
+    assert refused.value.code == ErrorCode.NOT_FOUND

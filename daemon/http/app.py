@@ -155,7 +155,12 @@ class Routes:
                 if reply is None:
                     reply = await run.next()
                 if reply.kind == "item":
-                    for chunk in out.add(reply.item):
+                    try:
+                        chunks = out.add(reply.item)
+                    except ProtocolError as exc:  # the model was unloaded under the stream
+                        yield _sse(ApiError.from_protocol(exc).body())
+                        return
+                    for chunk in chunks:
                         yield _sse(chunk)
                 elif reply.kind == "end":
                     if reply.result.get("finish_reason") == "cancelled":

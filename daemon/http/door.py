@@ -101,7 +101,7 @@ class Door:
                 await self.s.engine.stacks.submit(actor, handle)
         finally:
             self.pool.release(actor)
-        return run, entry.model.piece
+        return run, entry.piece
 
     async def embed(self, model: str, inputs: list[str], client: str | None = None
                     ) -> dict[str, Any]:
