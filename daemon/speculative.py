@@ -266,18 +266,25 @@ class Drafter:
         return ((self._length_hits[m] + LENGTH_WEIGHT * self.p_accept(_bucket(m)))
                 / (self._length_trials[m] + LENGTH_WEIGHT))
 
+    def _length(self, i: int) -> int:
+        """The agreement length of an n-gram draft's token ``i`` (from 0), once its
+        predecessors are accepted."""
+        assert self._matched is not None
+        return min(self._matched + i, LONGEST)
+
     def _lengths(self, n: int) -> list[int | None]:
         """The agreement length of each token of an ``n``-token draft (None: a draft model's)."""
         if self._matched is None:
             return [None] * n
-        return [min(self._matched + i, LONGEST) for i in range(n)]
+        return [self._length(i) for i in range(n)]
 
     def _estimates(self, n: int) -> list[float]:
-        """The estimate of each token of an ``n``-token draft."""
+        """The estimate of each token of an ``n``-token draft (those past ``LONGEST`` share
+        one, computed once)."""
         if self._matched is None:
             return [min(self.p_accept(), 0.999)] * n
-        head = [min(self.length_estimate(m), 0.999)
-                for m in range(self._matched, min(self._matched + n, LONGEST))]
+        head = [min(self.length_estimate(self._length(i)), 0.999)
+                for i in range(min(n, LONGEST - self._matched))]
         return head + [min(self.length_estimate(LONGEST), 0.999)] * (n - len(head))
 
     def _best(self, ps: list[float]) -> int:
@@ -396,8 +403,7 @@ class Drafter:
                   for i, m in enumerate(self._lengths(min(drafted, accepted + 1)))]
         if (following is not None and accepted == drafted and len(self._found) > drafted
                 and self._matched is not None):
-            judged.append((min(self._matched + drafted, LONGEST),
-                           self._found[drafted] == following))
+            judged.append((self._length(drafted), self._found[drafted] == following))
         self._judge(judged)
         if self._probing:
             self._probing = False
