@@ -316,10 +316,10 @@ class ContextActor:
         if source is None:
             return Drafter("prompt_lookup", spec["max_draft"], spec["ngram_min"],
                            spec["ngram_max"], adaptive=spec["adaptive"],
-                           cost=self.scheduler.draft_cost)
+                           cost=self.scheduler.draft_cost, whole=self.scheduler.draft_whole)
         return Drafter("draft_model", spec["max_draft"], source=source,
                        adaptive=spec["adaptive"], cost=self.scheduler.draft_cost,
-                       step_seconds=self.scheduler.step_seconds,
+                       whole=self.scheduler.draft_whole, step_seconds=self.scheduler.step_seconds,
                        draft_seconds=self.draft_seconds.get(id(source.ctx)))
 
     async def _start_drafter(self, drafter: Drafter, prompt: list[int]) -> None:

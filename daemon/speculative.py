@@ -23,18 +23,20 @@ that has just begun is trusted more the further it would go. (On gemma's own out
 agreeing over 16+ tokens were accepted about 99 % of the time, over one token about 40 %.)
 N-gram drafts learn for free: the proposal's next token after the drafted ones (all of it at
 depth 0) is judged against the token the step produces, so no draft is ever spent to find out
-whether drafting would pay. The engine knows what ``d`` more tokens add to a step
-(``cost(d)``, learnt from its own step times). A draft of ``d`` tokens yields
-``1 + p1 + p1 p2 + ... + p1...pd`` tokens on average for ``cost(d)`` the time, so the depth is
-the ``d`` (0 included) that maximises their ratio: a rejected draft's cost is counted, and where
-drafting cannot pay, it stops. A draft model's proposal costs its own decoding, so it has no
-free judgement: at depth 0 a one-token draft probes, but only where its success would change the
-decision (the estimate with one more accepted token would draft): the first such chance probes
-at once, the next ones come ``PROBE_EVERY`` steps later, the interval doubling after each
-rejected probe up to ``PROBE_MAX``, and at least as many steps as keep a failing probe's cost
-within ``PROBE_BUDGET`` of the time. Its own time per drafted token (measured, its catching up
-with the text included) counts in a draft's cost, and every token of its drafts has one
-estimate (prior 0.7).
+whether drafting would pay. The engine knows what ``d`` more tokens add to a step (``cost(d)``,
+learnt from its own step times). A draft of ``d`` tokens yields ``1 + p1 + p1 p2 + ... +
+p1...pd`` tokens on average for ``cost(d)`` the time, so the depth is the ``d`` (0 included)
+that maximises their ratio: a rejected draft's cost is counted, and where drafting cannot pay,
+it stops. Only depths that make a step of a size on the engine's grid (``batching.whole``: 2, 3,
+4, 6, 8, 12, 16, 24, ... tokens) are weighed, and the whole proposal where it is shorter than
+``max_draft``: step costs are not smooth in the size. A draft model's proposal costs its own
+decoding, so it has no free judgement: at depth 0 a one-token draft probes, but only where its
+success would change the decision (the estimate with one more accepted token would draft): the
+first such chance probes at once, the next ones come ``PROBE_EVERY`` steps later, the interval
+doubling after each rejected probe up to ``PROBE_MAX``, and at least as many steps as keep a
+failing probe's cost within ``PROBE_BUDGET`` of the time. Its own time per drafted token
+(measured, its catching up with the text included) counts in a draft's cost, and every token of
+its drafts has one estimate (prior 0.7).
 """
 
 from __future__ import annotations
@@ -221,6 +223,9 @@ class Drafter:
     """False: always draft ``max_draft`` tokens."""
     cost: Callable[[int], float] = lambda d: 1.0 + 0.5 * d
     """The relative cost of a step with ``d`` draft tokens (the engine's estimate)."""
+    whole: Callable[[int], bool] = lambda d: True
+    """Whether a step with ``d`` draft tokens is of a size on the engine's grid: the depth is
+    one of those, or the whole proposal where it is shorter than ``max_draft``."""
     step_seconds: Callable[[], float | None] = lambda: None
     """What a step without draft takes (for a draft model's own time, relative to it)."""
     draft_seconds: float | None = None
@@ -298,6 +303,7 @@ class Drafter:
         step = self.step_seconds()
         if self.draft_seconds is not None and step:
             per_draft_token = self.draft_seconds / step
+        short = n if n < self.max_draft else 0  # the whole proposal, or all the room left
         top = max(ps[:n])
         tail = top / (1 - top)  # what an endless draft adds per unit of the chance to get there
         best, best_value = 0, 1.0
@@ -309,6 +315,8 @@ class Drafter:
             reach *= ps[d - 1]
             expected += reach
             value = expected / cost
+            if not self.whole(d) and d != short:
+                continue  # a step size kernels handle with a tile part-used
             if value > best_value * 1.001:
                 best, best_value = d, value
         return best

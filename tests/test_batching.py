@@ -176,3 +176,33 @@ def test_step_costs_outlive_the_slab_they_were_learnt_on(client: Client, tiny_mo
         [slab] = slabs(client)
         assert slab["steps"] == 0  # a new slab that has decoded nothing ...
         assert slab["step_ms"] == learnt  # ... knows what steps of its kind cost
+
+
+async def test_a_step_wider_than_any_before_on_its_slab_is_not_timed(tiny_model: Path) -> None:
+    """Its first touch of llama.cpp's buffers (the output buffer is even allocated anew) would
+    make that size look dearer than it is; a step as wide again is timed."""
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=2, n_ctx_seq=128, n_batch=64, n_threads=1)
+    scheduler = SlabScheduler(slab, budget=64)
+    seq = scheduler.attach(128)
+    timed: list[list[int]] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.loop)
+            await scheduler.run(Step(seq, list(range(5, 25)), [], prompt=True))
+            for tokens in ([30, 31], [32], [33, 34, 35], [36, 37, 38], [39, 40], [41]):
+                await scheduler.run(Step(seq, tokens, [], outputs=len(tokens)))
+                timed.append([size for size, _ in scheduler.cost.table()])
+            nursery.cancel_scope.cancel()
+    finally:
+        slab.close()
+        model.close()
+    # 2 outputs fit the buffer llama.cpp reserves for 2 sequences; 3 outputs grow it: the
+    # first such step is not timed, the second is
+    assert timed == [[2], [1, 2], [1, 2], [1, 2, 3], [1, 2, 3], [1, 2, 3]]

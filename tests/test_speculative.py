@@ -657,3 +657,26 @@ def test_probes_are_rarer_where_they_are_dear() -> None:
     gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert min(gaps) >= round(0.3 / PROBE_BUDGET) > PROBE_EVERY  # a failing probe costs <= its
     # budget
+
+
+def test_draft_depths_make_steps_of_sizes_on_the_grid() -> None:
+    from lorad.daemon.batching import whole
+    from lorad.daemon.speculative import Drafter
+
+    assert [n for n in range(1, 100) if whole(n)] == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64,
+                                                      96]
+    copying = Drafter("prompt_lookup", 64, cost=lambda d: 1 + 0.3 * d,
+                      whole=lambda d: whole(1 + d), _bucket=4, _matched=16)
+    anywhere = Drafter("prompt_lookup", 64, cost=lambda d: 1 + 0.3 * d, _bucket=4, _matched=16)
+    for drafter in (copying, anywhere):
+        for _ in range(6):
+            drafter.record(8, 8)  # a passage being copied: deep drafts pay
+    free = [anywhere.choose_depth(limit) for limit in range(1, 65)]
+    sized = [copying.choose_depth(limit) for limit in range(1, 65)]
+    assert all(d > 0 for d in free + sized)
+    # ... on the grid where the room would allow more (a step of the draft and the token
+    # before it), all of the room where it is less than max_draft
+    assert all(whole(d + 1) or d == limit for limit, d in enumerate(sized, 1))
+    assert sized[-1] == 63 and any(not whole(d + 1) for d in free)
+    assert sized[9] == 10  # the room left (max_tokens or n_ctx) is 10 tokens
+
