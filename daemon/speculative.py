@@ -29,14 +29,15 @@ p1...pd`` tokens on average for ``cost(d)`` the time, so the depth is the ``d`` 
 that maximises their ratio: a rejected draft's cost is counted, and where drafting cannot pay,
 it stops. Only depths that make a step of a size on the engine's grid (``batching.whole``: 2, 3,
 4, 6, 8, 12, 16, 24, ... tokens) are weighed, and the whole proposal where it is shorter than
-``max_draft``: step costs are not smooth in the size. A draft model's proposal costs its own
-decoding, so it has no free judgement: at depth 0 a one-token draft probes, but only where its
-success would change the decision (the estimate with one more accepted token would draft): the
-first such chance probes at once, the next ones come ``PROBE_EVERY`` steps later, the interval
-doubling after each rejected probe up to ``PROBE_MAX``, and at least as many steps as keep a
-failing probe's cost within ``PROBE_BUDGET`` of the time. Its own time per drafted token
-(measured, its catching up with the text included) counts in a draft's cost, and every token of
-its drafts has one estimate (prior 0.7).
+``max_draft``: step costs are not smooth in the size. On a step whose draft could finish the
+request (``max_tokens``), a shorter draft is charged the one more step its rest would take. A
+draft model's proposal costs its own decoding, so it has no free judgement: at depth 0 a one-
+token draft probes, but only where its success would change the decision (the estimate with one
+more accepted token would draft): the first such chance probes at once, the next ones come
+``PROBE_EVERY`` steps later, the interval doubling after each rejected probe up to
+``PROBE_MAX``, and at least as many steps as keep a failing probe's cost within ``PROBE_BUDGET``
+of the time. Its own time per drafted token (measured, its catching up with the text included)
+counts in a draft's cost, and every token of its drafts has one estimate (prior 0.7).
 """
 
 from __future__ import annotations
@@ -254,6 +255,9 @@ class Drafter:
     _found: list[int] = field(default_factory=list)
     """The last n-gram proposal, drafted or not: its token after the drafted ones is judged
     against the token the step produces."""
+    _room: int | None = None
+    """The most tokens this step may draft (a draft of all of them finishes the request where
+    ``max_tokens`` is what bounds it)."""
     _probe_in: int = 1
     """A draft model's chances to probe before its next probe (the first chance probes)."""
     _probe_every: int = PROBE_EVERY
@@ -319,7 +323,27 @@ class Drafter:
                 continue  # a step size kernels handle with a tile part-used
             if value > best_value * 1.001:
                 best, best_value = d, value
+        if 0 < best < n == self._room and (self.whole(n) or n == short):
+            # This step could finish the request: a shorter draft leaves the rest (once it is
+            # accepted) to one more step, counted with it.
+            rest = n - best
+            tokens, reach = self._outlook(ps, best)
+            split = ((tokens + reach * rest)
+                     / (self.cost(best) + best * per_draft_token
+                        + reach * (self.cost(rest - 1) + (rest - 1) * per_draft_token)))
+            if self._outlook(ps, n)[0] / (self.cost(n) + n * per_draft_token) > split:
+                return n
         return best
+
+    @staticmethod
+    def _outlook(ps: list[float], d: int) -> tuple[float, float]:
+        """The tokens a ``d``-token draft's step is expected to give, and the chance that all
+        of the draft is accepted."""
+        tokens, reach = 1.0, 1.0
+        for p in ps[:d]:
+            reach *= p
+            tokens += reach
+        return tokens, reach
 
     def _interval(self) -> int:
         """Steps to the next probe: the current interval, or more where a probe is dear."""
@@ -369,6 +393,7 @@ class Drafter:
         """A draft model's next depth (0: no draft this step), chosen without touching its
         context: the caller hops to a thread only to :meth:`propose`."""
         self.steps += 1
+        self._room = limit
         self.depth = self.choose_depth(limit)
         return self.depth
 
@@ -389,6 +414,7 @@ class Drafter:
         n_ctx), inline; a draft model's go through :meth:`plan` and :meth:`propose`."""
         assert self.source is None, "a draft model drafts through plan and propose"
         self.steps += 1
+        self._room = limit
         found, matched, self._from_memory = lookup_draft(
             self.history, self.ngram_min, self.ngram_max, min(self.max_draft, limit),
             memory=self.memory, index=self._index)

@@ -680,3 +680,16 @@ def test_draft_depths_make_steps_of_sizes_on_the_grid() -> None:
     assert sized[-1] == 63 and any(not whole(d + 1) for d in free)
     assert sized[9] == 10  # the room left (max_tokens or n_ctx) is 10 tokens
 
+
+def test_the_step_that_could_finish_the_request_counts_what_a_shorter_draft_leaves() -> None:
+    from lorad.daemon.speculative import Drafter
+
+    def cost(d: int) -> float:  # 49 draft tokens a little dearer per token than 47
+        return 1 + 0.3 * d + (0.4 if d == 49 else 0.0)
+
+    copying = Drafter("prompt_lookup", 64, cost=cost, _bucket=4, _matched=16)
+    for _ in range(6):
+        copying.record(8, 8)
+    assert copying.choose_depth(49) == 47  # more to come after: the cheaper rate
+    copying._room = 49  # ... but 49 finish the request, where 47 leave 2 to one more step
+    assert copying.choose_depth(49) == 49
