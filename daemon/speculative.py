@@ -31,9 +31,9 @@ it stops. Only depths that make a step of a size on the engine's grid (``batchin
 4, 6, 8, 12, 16, 24, ... tokens) are weighed, and the whole proposal where it is shorter than
 ``max_draft``: step costs are not smooth in the size. On a step whose draft could finish the
 request (``max_tokens``), a shorter draft is charged the one more step its rest would take. A
-draft model's proposal costs its own decoding, so it has no free judgement: at depth 0 a one-
-token draft probes, but only where its success would change the decision (the estimate with one
-more accepted token would draft): the first such chance probes at once, the next ones come
+draft model's proposal costs its own decoding, so it has no free judgement: at depth 0 a
+one-token draft probes, but only where its success would change the decision (the estimate with
+one more accepted token would draft): the first such chance probes at once, the next ones come
 ``PROBE_EVERY`` steps later, the interval doubling after each rejected probe up to
 ``PROBE_MAX``, and at least as many steps as keep a failing probe's cost within ``PROBE_BUDGET``
 of the time. Its own time per drafted token (measured, its catching up with the text included)
