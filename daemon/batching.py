@@ -368,7 +368,7 @@ class SlabScheduler:
             self.widened = width[0] > self._widest[0] or width[1] > self._widest[1]
             self._widest = (max(width[0], self._widest[0]), max(width[1], self._widest[1]))
             starts = slab.decode(entries)
-            self.tokens += sum(len(t) for _, t, _ in entries)
+            self.tokens += width[0]
         except Exception as exc:
             for step, _, _ in stepped:
                 step.error, step.pending = exc, []

@@ -307,15 +307,19 @@ class Drafter:
         step = self.step_seconds()
         if self.draft_seconds is not None and step:
             per_draft_token = self.draft_seconds / step
+
+        def price(d: int) -> float:  # a step with d draft tokens, the draft's own decoding too
+            return self.cost(d) + d * per_draft_token
+
         short = n if n < self.max_draft else 0  # the whole proposal, or all the room left
         top = max(ps[:n])
         tail = top / (1 - top)  # what an endless draft adds per unit of the chance to get there
         best, best_value = 0, 1.0
         expected, reach = 1.0, 1.0  # tokens expected so far; the chance to reach the next
         for d in range(1, n + 1):
-            cost = self.cost(d) + d * per_draft_token
+            cost = price(d)
             if (expected + reach * tail) / cost <= best_value * 1.001:
-                break  # step costs do not fall as d grows: no deeper draft can do better
+                break  # costs hardly fall as d grows (odd sizes): no deeper draft does better
             reach *= ps[d - 1]
             expected += reach
             value = expected / cost
@@ -328,10 +332,8 @@ class Drafter:
             # accepted) to one more step, counted with it.
             rest = n - best
             tokens, reach = self._outlook(ps, best)
-            split = ((tokens + reach * rest)
-                     / (self.cost(best) + best * per_draft_token
-                        + reach * (self.cost(rest - 1) + (rest - 1) * per_draft_token)))
-            if self._outlook(ps, n)[0] / (self.cost(n) + n * per_draft_token) > split:
+            split = (tokens + reach * rest) / (price(best) + reach * price(rest - 1))
+            if self._outlook(ps, n)[0] / price(n) > split:
                 return n
         return best
 
