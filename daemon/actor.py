@@ -32,7 +32,14 @@ from .grammar import check_grammar
 from .ngrams import Memory
 from .registry import LoadedModel
 from .requests import RequestHandle
-from .speculative import OFF_METRICS, Drafter, DraftModel, check_request, check_vocabularies
+from .speculative import (
+    OFF_METRICS,
+    Acceptance,
+    Drafter,
+    DraftModel,
+    check_request,
+    check_vocabularies,
+)
 from .speculative import refuse as refuse_speculative
 from .speculative import verify as verify_draft
 from .templates import TemplateRenderer
@@ -101,6 +108,9 @@ class ContextActor:
         self.memory = Memory()
         """What this context's earlier requests generated: ``prompt_lookup`` drafts from it
         too (a request sent again, or an output shaped like an earlier one)."""
+        self.acceptance = Acceptance()
+        """How its ``prompt_lookup`` drafts were accepted, kept across requests: a request
+        starts from what the earlier ones judged (a passage copied again is trusted at once)."""
         self.model = model
         self.batcher = batcher
         self.scheduler = scheduler
@@ -316,7 +326,8 @@ class ContextActor:
         if source is None:
             return Drafter("prompt_lookup", spec["max_draft"], spec["ngram_min"],
                            spec["ngram_max"], adaptive=spec["adaptive"],
-                           cost=self.scheduler.draft_cost, whole=self.scheduler.draft_whole)
+                           cost=self.scheduler.draft_cost, whole=self.scheduler.draft_whole,
+                           acceptance=self.acceptance)
         return Drafter("draft_model", spec["max_draft"], source=source,
                        adaptive=spec["adaptive"], cost=self.scheduler.draft_cost,
                        whole=self.scheduler.draft_whole, step_seconds=self.scheduler.step_seconds,

@@ -106,19 +106,22 @@ def whole(tokens: int) -> bool:
 class StepCost:
     """What a decoding step costs, learnt online from the engine's own steps whose tokens all
     get logits: the median time of the last steps of each size (robust to the spikes a shared
-    machine adds); between sizes seen, interpolated. Beyond the largest size seen, each further
-    token is assumed to cost ``PRIOR`` of a one-token step, or the slope of the two largest
-    sizes seen when that is lower: optimistic where nothing is known, so that a deep draft is
-    tried when its acceptance would pay for it, and its real cost learnt from then on. (Costs
-    are not linear in the size: on CPUs a step of 2 or 3 tokens may cost nearly twice one of 1,
-    while further tokens cost a third of it each.)"""
+    machine adds). A size seen costs its own median; between sizes, the cost is interpolated
+    between those seen on the grid (:func:`whole`; any seen while none is): a size off it, as a
+    request's last step, is dearer than its neighbours and would make those above it look dear
+    too. Beyond the largest size, each further token is assumed to cost ``PRIOR`` of a one-token
+    step, or the slope of the two largest sizes when that is lower: optimistic where nothing is
+    known, so that a deep draft is tried when its acceptance would pay for it, and its real cost
+    learnt from then on. (Costs are not linear in the size: on CPUs a step of 2 or 3 tokens may
+    cost nearly twice one of 1, while further tokens cost a third of it each.)"""
 
     PRIOR = 0.35
     KEEP = 15
 
     def __init__(self) -> None:
         self.samples: dict[int, deque[float]] = {}
-        self._points: list[tuple[int, float]] | None = None  # the medians, until a new sample
+        self._medians: dict[int, float] = {}
+        self._points: list[tuple[int, float]] | None = None  # interpolated, until a new sample
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
@@ -127,7 +130,11 @@ class StepCost:
     def time(self, tokens: int) -> float:
         """The expected time of a step of ``tokens`` tokens (any unit)."""
         if self._points is None:  # a draft's depth asks this for every depth it weighs
-            self._points = sorted((x, statistics.median(ys)) for x, ys in self.samples.items())
+            self._medians = {x: statistics.median(ys) for x, ys in self.samples.items()}
+            seen = sorted(self._medians.items())
+            self._points = [(x, y) for x, y in seen if whole(x)] or seen
+        if (own := self._medians.get(tokens)) is not None:
+            return own
         points = self._points
         if not points:
             return 1 + self.PRIOR * (tokens - 1)

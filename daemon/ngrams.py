@@ -1,5 +1,6 @@
 """n-gram lookups for ``prompt_lookup`` drafts: an index of where each n-gram of a token
-sequence last occurred, and a context's memory of what its earlier requests generated.
+sequence last occurred (or its last few occurrences), and a context's memory of what its
+earlier requests generated.
 
 A lookup is a dictionary read, not a scan of the history: drafting on a long prompt costs the
 same per step as on a short one. Appending a token updates one entry per n-gram size.
@@ -11,7 +12,11 @@ from collections.abc import Iterable
 
 MEMORY_TOKENS = 4096
 """At most this many tokens of a context's earlier requests are kept for drafting (indexed for
-n-grams of 1-3 tokens: at most ~1.5 MiB a context)."""
+n-grams of 1-3 tokens: at most ~2 MiB a context)."""
+MEMORY_STARTS = 4
+"""Starts kept per n-gram in a memory's index: the newest is not always the one to draft from
+(an output that loops back to its beginning ends with its prompt's last n-gram, where the
+occurrence after the remembered prompt agrees longer and goes on)."""
 MEMORY_PROMPT = 16
 """The tokens of each earlier prompt kept before its output: what led into the output, so
 that the same request sent again finds its earlier answer from its first step."""
@@ -66,8 +71,59 @@ class Ngrams:
         table = self._last.get(len(gram))
         return None if table is None else table.get(gram)
 
+    def starts(self, gram: tuple[int, ...]) -> list[int]:
+        """Where ``gram`` started with a token after it, the newest last (here: only it)."""
+        return [] if (start := self.find(gram)) is None else [start]
+
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+class RecentNgrams(Ngrams):
+    """An :class:`Ngrams` that keeps the last ``keep`` starts of each n-gram (for a memory:
+    filled in bulk, not token by token on a request's hot path)."""
+
+    def __init__(self, sizes: range, tokens: Iterable[int] = (), keep: int = MEMORY_STARTS) -> None:
+        self.keep = keep
+        self._recent: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        super().__init__(sizes, tokens)
+
+    def cover(self, sizes: range) -> None:
+        for g in sizes:
+            if g not in self._recent:
+                self._recent[g] = {}
+                self._index(g, 0)
+
+    def _index(self, g: int, old: int) -> None:
+        toks, n, table, keep = self.tokens, len(self.tokens), self._recent[g], self.keep
+        first = max(old - g, 0)
+        grams = zip(*(toks[first + k:n - g + k] for k in range(g)), strict=True)
+        for start, gram in enumerate(grams, first):
+            if (seen := table.get(gram)) is None:
+                table[gram] = [start]
+            else:
+                seen.append(start)
+                if len(seen) > keep:
+                    del seen[0]
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        old = len(self.tokens)
+        self.tokens.extend(tokens)
+        for g in self._recent:
+            self._index(g, old)
+
+    def append(self, token: int) -> None:
+        self.extend((token,))
+
+    def covers(self, g: int) -> bool:
+        return g in self._recent
+
+    def find(self, gram: tuple[int, ...]) -> int | None:
+        return starts[-1] if (starts := self.starts(gram)) else None
+
+    def starts(self, gram: tuple[int, ...]) -> list[int]:
+        table = self._recent.get(len(gram))
+        return [] if table is None else table.get(gram, [])
 
 
 def agreement(source: list[int], start: int, g: int, history: list[int], longest: int) -> int:
@@ -89,7 +145,7 @@ class Memory:
     def __init__(self, limit: int = MEMORY_TOKENS) -> None:
         self.limit = limit
         self.tokens: list[int] = []
-        self._index: Ngrams | None = None
+        self._index: RecentNgrams | None = None
 
     def add(self, prompt: list[int], output: list[int]) -> None:
         if not output:
@@ -110,7 +166,7 @@ class Memory:
         """The memory indexed for n-grams of ``sizes`` (and those indexed before), brought up
         to date: the cost is the tokens added since, and all of them for a size new to it."""
         if self._index is None:
-            self._index = Ngrams(sizes)
+            self._index = RecentNgrams(sizes)
         self._index.cover(sizes)
         self._index.extend(self.tokens[len(self._index):])
         return self._index

@@ -11,33 +11,34 @@ token from ``p``), where ``p`` is the target's distribution after the request's 
 chain (top-k, top-p, min-p, temperature, as in ``llama.Sampler``) and ``q`` the draft's (a
 one-hot for n-gram drafts): the output distribution is the target's own.
 
-The depth is chosen for speed, step by step: the drafter estimates the chance that each draft
-token is accepted, given its predecessors were (tokens of this request judged so far, recent ones
-weighing more). For n-gram drafts there is one estimate per length of agreement between the
-history's end and the earlier occurrence drafted from (1 to 15 tokens, and 16+), each drawn
-toward the estimate of its group of lengths (1, 2-3, 4-7, 8-15, 16+: priors 0.3 to 0.98, a
-passage being copied agrees over many tokens, a common word in open text over one or two) until
-it has seen ``LENGTH_WEIGHT`` judged tokens of its own; the ``i``-th token of a draft whose first
-agrees over ``m`` tokens agrees over ``m + i - 1`` once its predecessors are accepted, so a copy
-that has just begun is trusted more the further it would go. (On gemma's own outputs, tokens
-agreeing over 16+ tokens were accepted about 99 % of the time, over one token about 40 %.)
-N-gram drafts learn for free: the proposal's next token after the drafted ones (all of it at
-depth 0) is judged against the token the step produces, so no draft is ever spent to find out
-whether drafting would pay. The engine knows what ``d`` more tokens add to a step (``cost(d)``,
-learnt from its own step times). A draft of ``d`` tokens yields ``1 + p1 + p1 p2 + ... +
-p1...pd`` tokens on average for ``cost(d)`` the time, so the depth is the ``d`` (0 included)
-that maximises their ratio: a rejected draft's cost is counted, and where drafting cannot pay,
-it stops. Only depths that make a step of a size on the engine's grid (``batching.whole``: 2, 3,
-4, 6, 8, 12, 16, 24, ... tokens) are weighed, and the whole proposal where it is shorter than
-``max_draft``: step costs are not smooth in the size. On a step whose draft could finish the
-request (``max_tokens``), a shorter draft is charged the one more step its rest would take. A
-draft model's proposal costs its own decoding, so it has no free judgement: at depth 0 a
-one-token draft probes, but only where its success would change the decision (the estimate with
-one more accepted token would draft): the first such chance probes at once, the next ones come
-``PROBE_EVERY`` steps later, the interval doubling after each rejected probe up to
-``PROBE_MAX``, and at least as many steps as keep a failing probe's cost within ``PROBE_BUDGET``
-of the time. Its own time per drafted token (measured, its catching up with the text included)
-counts in a draft's cost, and every token of its drafts has one estimate (prior 0.7).
+The depth is chosen for speed, step by step: the drafter estimates the chance that each draft token
+is accepted, given its predecessors were (tokens judged so far, recent ones weighing more: a draft
+model's in this request, n-gram drafts' in the context's requests, carried from one to the next, so
+that a passage copied well is drafted deep at once when sent again). For n-gram drafts there is one
+estimate per length of agreement between the history's end and the earlier occurrence drafted from
+(1 to 15 tokens, and 16+), each drawn toward the estimate of its group of lengths (1, 2-3, 4-7,
+8-15, 16+: priors 0.3 to 0.98, a passage being copied agrees over many tokens, a common word in open
+text over one or two) until it has seen ``LENGTH_WEIGHT`` judged tokens of its own; the ``i``-th
+token of a draft whose first agrees over ``m`` tokens agrees over ``m + i - 1`` once its
+predecessors are accepted, so a copy that has just begun is trusted more the further it would go.
+(On gemma's own outputs, tokens agreeing over 16+ tokens were accepted about 99 % of the time, over
+one token about 40 %.) N-gram drafts learn for free: the proposal's next token after the drafted
+ones (all of it at depth 0) is judged against the token the step produces, so no draft is ever spent
+to find out whether drafting would pay. The engine knows what ``d`` more tokens add to a step
+(``cost(d)``, learnt from its own step times). A draft of ``d`` tokens yields ``1 + p1 + p1 p2 + ...
++ p1...pd`` tokens on average for ``cost(d)`` the time, so the depth is the ``d`` (0 included) that
+maximises their ratio: a rejected draft's cost is counted, and where drafting cannot pay, it stops.
+Only depths that make a step of a size on the engine's grid (``batching.whole``: 2, 3, 4, 6, 8, 12,
+16, 24, ... tokens) are weighed, and the whole proposal where it is shorter than ``max_draft``: step
+costs are not smooth in the size. On a step whose draft could finish the request (``max_tokens``), a
+shorter draft is charged the one more step its rest would take. A draft model's proposal costs its
+own decoding, so it has no free judgement: at depth 0 a one-token draft probes, but only where its
+success would change the decision (the estimate with one more accepted token would draft): the first
+such chance probes at once, the next ones come ``PROBE_EVERY`` steps later, the interval doubling
+after each rejected probe up to ``PROBE_MAX``, and at least as many steps as keep a failing probe's
+cost within ``PROBE_BUDGET`` of the time. Its own time per drafted token (measured, its catching up
+with the text included) counts in a draft's cost, and every token of its drafts has one estimate
+(prior 0.7).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
     suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``), how many tokens
     (up to ``longest``) before that occurrence agree with the history's end (the longer the
     agreement, the likelier the draft is right), and whether they come from ``memory`` (a
-    context's earlier requests: used where it agrees longer than the history itself).
+    context's earlier requests: used where it agrees longer than the history itself; of the
+    memory's last few occurrences, the one that agrees longest, then the longer draft).
     ``index``: ``history``'s own index, when the caller keeps one."""
     if n <= 0:
         return [], 0, False
@@ -86,13 +88,17 @@ def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
         if (start := index.find(tail)) is not None:
             best = (agreement(history, start, g, history, longest),
                     history[start + g:start + g + n], False)
-        if memory is not None and (at := memory.find(tail)) is not None:
+        recalled: tuple[int, list[int], bool] | None = None
+        for at in memory.starts(tail) if memory is not None else ():
             found = memory.tokens[at + g:at + g + n]
             if END in found:  # an earlier output ends there: what follows is another request
                 found = found[:found.index(END)]
             matched = agreement(memory.tokens, at, g, history, longest)
-            if found and (best is None or matched > best[0]):
-                best = (matched, found, True)
+            if found and (recalled is None
+                          or (matched, len(found)) >= (recalled[0], len(recalled[1]))):
+                recalled = (matched, found, True)  # the longest agreement; then draft; newest
+        if recalled is not None and (best is None or recalled[0] > best[0]):
+            best = recalled
         if best is not None:
             return best[1], best[0], best[2]
     return [], 0, False
@@ -212,8 +218,23 @@ class DraftModel:
 
 
 @dataclass
+class Acceptance:
+    """Judged draft tokens, accepted (``hits``) of all (``trials``), per group of agreement
+    lengths (:data:`MATCH_BUCKETS`, starting from the priors) and per agreement length (an
+    n-gram draft's); earlier counts decay once a step. A context keeps its n-gram drafts' from
+    one request to the next."""
+
+    hits: list[float] = field(default_factory=lambda: [2 * p for p in BUCKET_PRIORS])
+    trials: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
+    length_hits: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
+    length_trials: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
+    """Per agreement length (index: the length, 1 to ``LONGEST``)."""
+
+
+@dataclass
 class Drafter:
-    """Per-request drafting state: parameters, acceptance estimates and counters."""
+    """Per-request drafting state: parameters, acceptance estimates (counts a context keeps
+    for its n-gram drafts) and counters."""
 
     mode: str
     max_draft: int
@@ -241,11 +262,8 @@ class Drafter:
     _index: Ngrams = field(default_factory=lambda: Ngrams(range(0)))
     """The text drafted from (prompt and output), indexed for n-gram drafts."""
     _from_memory: bool = False
-    _hits: list[float] = field(default_factory=lambda: [2 * p for p in BUCKET_PRIORS])
-    _trials: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
-    _length_hits: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
-    _length_trials: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
-    """Judged tokens per agreement length (index: the length, 1 to ``LONGEST``)."""
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    """The acceptance estimates' counts (a context's, for n-gram drafts)."""
     _bucket: int = 2
     """The estimate that applies to the draft's first token (a draft model's is always the
     middle one, prior 0.7, for every token); n-gram drafts pick theirs by agreement length."""
@@ -266,14 +284,15 @@ class Drafter:
     def p_accept(self, bucket: int | None = None) -> float:
         """The estimate of a bucket of agreement lengths (default: the draft's first token's)."""
         b = self._bucket if bucket is None else bucket
-        return self._hits[b] / self._trials[b]
+        return self.acceptance.hits[b] / self.acceptance.trials[b]
 
     def length_estimate(self, length: int) -> float:
         """The chance that a draft token agreeing over ``length`` tokens is accepted (given its
         predecessors were): its own length's record, drawn toward its bucket's estimate."""
         m = min(max(length, 1), LONGEST)
-        return ((self._length_hits[m] + LENGTH_WEIGHT * self.p_accept(_bucket(m)))
-                / (self._length_trials[m] + LENGTH_WEIGHT))
+        a = self.acceptance
+        return ((a.length_hits[m] + LENGTH_WEIGHT * self.p_accept(_bucket(m)))
+                / (a.length_trials[m] + LENGTH_WEIGHT))
 
     def _length(self, i: int) -> int:
         """The agreement length of an n-gram draft's token ``i`` (from 0), once its
@@ -370,7 +389,7 @@ class Drafter:
     def _p_if_accepted(self) -> float:
         """The current estimate after one more accepted draft token."""
         b = self._bucket
-        return (DECAY * self._hits[b] + 1) / (DECAY * self._trials[b] + 1)
+        return (DECAY * self.acceptance.hits[b] + 1) / (DECAY * self.acceptance.trials[b] + 1)
 
     @property
     def history(self) -> list[int]:
@@ -456,8 +475,9 @@ class Drafter:
             buckets.setdefault(self._bucket if m is None else _bucket(m), []).append(ok)
             if m is not None:
                 lengths.setdefault(m, []).append(ok)
-        for counts, hits, trials in ((buckets, self._hits, self._trials),
-                                     (lengths, self._length_hits, self._length_trials)):
+        a = self.acceptance
+        for counts, hits, trials in ((buckets, a.hits, a.trials),
+                                     (lengths, a.length_hits, a.length_trials)):
             for k, oks in counts.items():
                 hits[k] = DECAY * hits[k] + sum(oks)
                 trials[k] = DECAY * trials[k] + len(oks)

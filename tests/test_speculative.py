@@ -376,10 +376,10 @@ def test_memory_drafts_where_it_agrees_longer_than_the_request() -> None:
     assert len(memory) == MEMORY_PROMPT + len(answer) + 1
 
 
-def test_memory_drafts_stop_where_an_earlier_output_ended() -> None:
-    """An output that ended where it began again (a copy that loops) is found at its last
-    occurrence: the draft stops at the output's end, never running on into the next request's
-    prompt, and an n-gram that only ends an output is not drafted from."""
+def test_memory_drafts_from_the_occurrence_that_agrees_longest() -> None:
+    """An output that looped back to its beginning ends with its prompt's last n-gram: the
+    same prompt sent again drafts from the occurrence after the remembered prompt (it agrees
+    longer and goes on), not from the newest one, where the output ended."""
     from lorad.daemon.ngrams import Memory
 
     memory = Memory()
@@ -388,10 +388,48 @@ def test_memory_drafts_stop_where_an_earlier_output_ended() -> None:
     memory.add(prompt, answer)
     memory.add([50, 51, 52], [53])
     index = memory.index(range(1, 4))
+    assert index.find(tuple(prompt[-3:])) == 16 + 5  # the newest start is the output's end
     found, matched, from_memory = lookup_draft([*prompt], 1, 3, 8, memory=index)
-    assert (found, matched, from_memory) == ([7, 8, 9], 3, True)
+    assert (found, matched, from_memory) == ([7, 8, 9, 10, 11, 117, 118, 119], 16, True)
+
+
+def test_memory_drafts_stop_where_an_earlier_output_ended() -> None:
+    """Where the occurrence that agrees longest ends an output, the draft stops there, never
+    running on into the next request's prompt, and an n-gram that only ends an output is not
+    drafted from."""
+    from lorad.daemon.ngrams import Memory
+
+    memory = Memory()
+    prompt = list(range(100, 120))
+    answer = [7, 8, 9, 10, 11, *prompt[-3:], 7, 8, 9]
+    memory.add(prompt, answer)
+    memory.add([50, 51, 52], [53])
+    index = memory.index(range(1, 4))
+    found, matched, from_memory = lookup_draft([10, 11, *prompt[-3:]], 1, 3, 8, memory=index)
+    assert (found, matched, from_memory) == ([7, 8, 9], 5, True)
     # [8, 9] last ended the output: the history's own occurrence drafts instead
     assert lookup_draft([8, 9, 4, 8, 9], 1, 3, 2, memory=index) == ([4, 8], 2, False)
+
+
+def test_a_memory_index_keeps_the_last_starts_of_each_ngram() -> None:
+    """Built at once or token by token, a memory's index holds the newest ``MEMORY_STARTS``
+    starts of each n-gram that has a token after it, as a scan finds them."""
+    from lorad.daemon.ngrams import MEMORY_STARTS, RecentNgrams
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        tokens = [int(t) for t in rng.integers(0, 3, int(rng.integers(1, 50)))]
+        sizes = range(1, int(rng.integers(1, 4)) + 1)
+        whole, grown = RecentNgrams(sizes, tokens), RecentNgrams(range(1, 2))
+        for t in tokens:
+            grown.append(t)
+        grown.cover(sizes)
+        for g in sizes:
+            for gram in {tuple(tokens[i:i + g]) for i in range(len(tokens) - g + 1)}:
+                starts = [i for i in range(len(tokens) - g)
+                          if tuple(tokens[i:i + g]) == gram][-MEMORY_STARTS:]
+                assert whole.starts(gram) == grown.starts(gram) == starts
+                assert whole.find(gram) == (starts[-1] if starts else None)
 
 
 def test_memory_is_bounded_and_keeps_the_newest() -> None:
@@ -541,14 +579,24 @@ def test_step_cost_is_learnt_from_step_times() -> None:
     assert cost.relative(1, 1) == pytest.approx(2.0)
     # ... but beyond the sizes seen, tokens are assumed to cost only the prior (optimistic:
     # a deep draft gets tried when its acceptance would pay, then its cost is known)
-    assert cost.time(10) == pytest.approx(0.040 + 8 * StepCost.PRIOR * 0.020)
+    assert cost.time(8) == pytest.approx(0.040 + 6 * StepCost.PRIOR * 0.020)
     for _ in range(20):
-        cost.observe(10, 0.100)  # 10 tokens: 100 ms
-    assert cost.time(6) == pytest.approx(0.070)  # interpolated between the sizes seen
-    assert cost.time(14) == pytest.approx(0.100 + 4 * min(StepCost.PRIOR * 0.020, 0.060 / 8))
-    assert cost.table() == [[1, 20.0], [2, 40.0], [10, 100.0]]
+        cost.observe(8, 0.100)  # 8 tokens: 100 ms
+    assert cost.time(5) == pytest.approx(0.070)  # interpolated between the sizes seen
+    assert cost.time(12) == pytest.approx(0.100 + 4 * min(StepCost.PRIOR * 0.020, 0.060 / 6))
+    # a size off the grid (a request's last step) costs what it was seen to cost, but is no
+    # point to interpolate from: it is dearer than the sizes around it
+    for _ in range(3):
+        cost.observe(7, 0.110)
+    assert cost.time(7) == pytest.approx(0.110)
+    assert cost.time(6) == pytest.approx(0.080) and cost.time(12) > 0.100
+    assert cost.table() == [[1, 20.0], [2, 40.0], [7, 110.0], [8, 100.0]]
     cost.observe(1, 1.0)  # a spike on a shared machine moves the median, not the mean
     assert cost.time(1) == pytest.approx(0.020)
+    only_odd = StepCost()  # no size on the grid seen yet: the others are the points
+    only_odd.observe(5, 0.050)
+    only_odd.observe(7, 0.070)
+    assert only_odd.time(6) == pytest.approx(0.060)
 
 
 def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() -> None:
@@ -566,6 +614,30 @@ def test_a_long_agreement_is_trusted_with_a_deeper_draft_than_a_common_word() ->
     copying.record(len(draft), 0)  # estimates are per agreement length: this one drops ...
     assert copying.p_accept() < 0.9
     assert chatting.p_accept(0) == pytest.approx(0.3)  # ... the others keep theirs
+
+
+def test_a_contexts_acceptance_carries_into_its_next_request() -> None:
+    """A context hands its acceptance counts to each request's n-gram drafter: a passage that
+    was copied well is trusted with a deep draft from the next request's first step, where a
+    fresh estimate (the prior) drafts shallower."""
+    from lorad.daemon.speculative import Acceptance, Drafter
+
+    passage = list(range(100, 180))
+    kept = Acceptance()
+
+    def drafter(acceptance: Acceptance | None) -> Drafter:
+        d = Drafter("prompt_lookup", 64, cost=lambda d: 1 + 0.2 * d,
+                    **({"acceptance": acceptance} if acceptance is not None else {}))
+        d.start([*passage, 1, *passage[:20]])  # agrees over 16+ tokens
+        return d
+
+    fresh_depth = len(drafter(None).draft(64))
+    earlier = drafter(kept)
+    for _ in range(4):  # a request that copied: its drafts all accepted
+        n = len(earlier.draft(64))
+        earlier.record(n, n)
+    assert kept.trials[4] > 2.0  # the context's counts, not the request's own
+    assert len(drafter(kept).draft(64)) > fresh_depth > 0
 
 
 def test_each_draft_token_has_the_estimate_of_its_own_agreement() -> None:
@@ -619,7 +691,8 @@ def test_ngram_proposals_are_judged_without_drafting_them() -> None:
     taken = Drafter("prompt_lookup", 8, cost=lambda d: 1 + 0.35 * d, _found=[5, 6, 7],
                     _matched=8, _bucket=3)
     taken.record(1, 1, 6)
-    assert taken._length_trials[8:11] == [1.0, 1.0, 0.0] and taken._length_hits[9] == 1.0
+    assert (taken.acceptance.length_trials[8:11] == [1.0, 1.0, 0.0]
+            and taken.acceptance.length_hits[9] == 1.0)
 
 
 def test_a_draft_models_own_time_counts_in_the_depth() -> None:
