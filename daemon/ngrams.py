@@ -9,6 +9,7 @@ same per step as on a short one. Appending a token updates one entry per n-gram 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 MEMORY_TOKENS = 4096
 """At most this many tokens of a context's earlier requests are kept for drafting (indexed for
@@ -31,7 +32,8 @@ class Ngrams:
 
     def __init__(self, sizes: range, tokens: Iterable[int] = ()) -> None:
         self.tokens: list[int] = []
-        self._last: dict[int, dict[tuple[int, ...], int]] = {}
+        self._last: dict[int, dict[tuple[int, ...], Any]] = {}
+        """Per n-gram size: each n-gram's start (a list of starts in :class:`RecentNgrams`)."""
         self.cover(sizes)
         self.extend(tokens)
 
@@ -85,17 +87,10 @@ class RecentNgrams(Ngrams):
 
     def __init__(self, sizes: range, tokens: Iterable[int] = (), keep: int = MEMORY_STARTS) -> None:
         self.keep = keep
-        self._recent: dict[int, dict[tuple[int, ...], list[int]]] = {}
         super().__init__(sizes, tokens)
 
-    def cover(self, sizes: range) -> None:
-        for g in sizes:
-            if g not in self._recent:
-                self._recent[g] = {}
-                self._index(g, 0)
-
     def _index(self, g: int, old: int) -> None:
-        toks, n, table, keep = self.tokens, len(self.tokens), self._recent[g], self.keep
+        toks, n, table, keep = self.tokens, len(self.tokens), self._last[g], self.keep
         first = max(old - g, 0)
         grams = zip(*(toks[first + k:n - g + k] for k in range(g)), strict=True)
         for start, gram in enumerate(grams, first):
@@ -106,23 +101,14 @@ class RecentNgrams(Ngrams):
                 if len(seen) > keep:
                     del seen[0]
 
-    def extend(self, tokens: Iterable[int]) -> None:
-        old = len(self.tokens)
-        self.tokens.extend(tokens)
-        for g in self._recent:
-            self._index(g, old)
-
     def append(self, token: int) -> None:
         self.extend((token,))
-
-    def covers(self, g: int) -> bool:
-        return g in self._recent
 
     def find(self, gram: tuple[int, ...]) -> int | None:
         return starts[-1] if (starts := self.starts(gram)) else None
 
     def starts(self, gram: tuple[int, ...]) -> list[int]:
-        table = self._recent.get(len(gram))
+        table = self._last.get(len(gram))
         return [] if table is None else table.get(gram, [])
 
 

@@ -19,6 +19,7 @@ import tinymodels
 from conftest import DaemonProcess, start_daemon
 from lorad.client import BadRequest, Client, NotFound, SpeculativeUnsupported
 from lorad.daemon import llama
+from lorad.daemon.ngrams import Ngrams
 from lorad.daemon.speculative import chain_probs, lookup_draft, verify
 
 # Repetitive, input-grounded: n-gram drafts find matches in it.
@@ -376,20 +377,26 @@ def test_memory_drafts_where_it_agrees_longer_than_the_request() -> None:
     assert len(memory) == MEMORY_PROMPT + len(answer) + 1
 
 
-def test_memory_drafts_from_the_occurrence_that_agrees_longest() -> None:
-    """An output that looped back to its beginning ends with its prompt's last n-gram: the
-    same prompt sent again drafts from the occurrence after the remembered prompt (it agrees
-    longer and goes on), not from the newest one, where the output ended."""
+LOOP_PROMPT = list(range(100, 120))
+
+
+def looped_memory() -> Ngrams:
+    """The indexed memory of an answer that looped back to its beginning (it ends with its
+    prompt's last 3 tokens and the answer's first), then of another request."""
     from lorad.daemon.ngrams import Memory
 
     memory = Memory()
-    prompt = list(range(100, 120))
-    answer = [7, 8, 9, 10, 11, *prompt[-3:], 7, 8, 9]
-    memory.add(prompt, answer)
+    memory.add(LOOP_PROMPT, [7, 8, 9, 10, 11, *LOOP_PROMPT[-3:], 7, 8, 9])
     memory.add([50, 51, 52], [53])
-    index = memory.index(range(1, 4))
-    assert index.find(tuple(prompt[-3:])) == 16 + 5  # the newest start is the output's end
-    found, matched, from_memory = lookup_draft([*prompt], 1, 3, 8, memory=index)
+    return memory.index(range(1, 4))
+
+
+def test_memory_drafts_from_the_occurrence_that_agrees_longest() -> None:
+    """The same prompt sent again drafts from the occurrence after the remembered prompt (it
+    agrees longer and goes on), not from the newest one, where the output ended."""
+    index = looped_memory()
+    assert index.find(tuple(LOOP_PROMPT[-3:])) == 16 + 5  # the newest start: the output's end
+    found, matched, from_memory = lookup_draft([*LOOP_PROMPT], 1, 3, 8, memory=index)
     assert (found, matched, from_memory) == ([7, 8, 9, 10, 11, 117, 118, 119], 16, True)
 
 
@@ -397,15 +404,9 @@ def test_memory_drafts_stop_where_an_earlier_output_ended() -> None:
     """Where the occurrence that agrees longest ends an output, the draft stops there, never
     running on into the next request's prompt, and an n-gram that only ends an output is not
     drafted from."""
-    from lorad.daemon.ngrams import Memory
-
-    memory = Memory()
-    prompt = list(range(100, 120))
-    answer = [7, 8, 9, 10, 11, *prompt[-3:], 7, 8, 9]
-    memory.add(prompt, answer)
-    memory.add([50, 51, 52], [53])
-    index = memory.index(range(1, 4))
-    found, matched, from_memory = lookup_draft([10, 11, *prompt[-3:]], 1, 3, 8, memory=index)
+    index = looped_memory()
+    found, matched, from_memory = lookup_draft([10, 11, *LOOP_PROMPT[-3:]], 1, 3, 8,
+                                               memory=index)
     assert (found, matched, from_memory) == ([7, 8, 9], 5, True)
     # [8, 9] last ended the output: the history's own occurrence drafts instead
     assert lookup_draft([8, 9, 4, 8, 9], 1, 3, 2, memory=index) == ([4, 8], 2, False)
