@@ -13,11 +13,7 @@ from typing import Any
 
 MEMORY_TOKENS = 4096
 """At most this many tokens of a context's earlier requests are kept for drafting (indexed for
-n-grams of 1-3 tokens and of ``MEMORY_GRAM``: at most ~3 MiB a context)."""
-MEMORY_GRAM = 16
-"""A memory is also indexed for n-grams of this size (by their hash), looked up first: where an
-answer repeats phrases of its own, a short n-gram's last starts may all lie elsewhere than the
-place in an earlier answer that the text so far continues."""
+n-grams of 1-3 tokens: at most ~2 MiB a context)."""
 MEMORY_STARTS = 4
 """Starts kept per n-gram in a memory's index: the newest is not always the one to draft from
 (an output that loops back to its beginning ends with its prompt's last n-gram, where the
@@ -34,14 +30,14 @@ class Ngrams:
     """A token sequence and, per n-gram size in ``sizes``, the start of each n-gram's last
     occurrence that has a token after it (so a sequence's own suffix is not found in it)."""
 
-    def __init__(self, sizes: Iterable[int], tokens: Iterable[int] = ()) -> None:
+    def __init__(self, sizes: range, tokens: Iterable[int] = ()) -> None:
         self.tokens: list[int] = []
         self._last: dict[int, dict[tuple[int, ...], Any]] = {}
         """Per n-gram size: each n-gram's start (a list of starts in :class:`RecentNgrams`)."""
         self.cover(sizes)
         self.extend(tokens)
 
-    def cover(self, sizes: Iterable[int]) -> None:
+    def cover(self, sizes: range) -> None:
         """Index the n-grams of these sizes too."""
         for g in sizes:
             if g not in self._last:
@@ -87,11 +83,9 @@ class Ngrams:
 
 class RecentNgrams(Ngrams):
     """An :class:`Ngrams` that keeps the last ``keep`` starts of each n-gram (for a memory:
-    filled in bulk, not token by token on a request's hot path). N-grams longer than 4 tokens
-    are keyed by their hash (a caller compares the tokens at a start it uses)."""
+    filled in bulk, not token by token on a request's hot path)."""
 
-    def __init__(self, sizes: Iterable[int], tokens: Iterable[int] = (),
-                 keep: int = MEMORY_STARTS) -> None:
+    def __init__(self, sizes: range, tokens: Iterable[int] = (), keep: int = MEMORY_STARTS) -> None:
         self.keep = keep
         super().__init__(sizes, tokens)
 
@@ -100,9 +94,7 @@ class RecentNgrams(Ngrams):
         first = max(old - g, 0)
         if n - g <= first:
             return
-        grams: Iterable[Any] = zip(*(toks[first + k:n - g + k] for k in range(g)), strict=True)
-        if g > 4:
-            grams = map(hash, grams)
+        grams = zip(*(toks[first + k:n - g + k] for k in range(g)), strict=True)
         for start, gram in enumerate(grams, first):
             if (seen := table.get(gram)) is None:
                 table[gram] = [start]
@@ -119,9 +111,7 @@ class RecentNgrams(Ngrams):
 
     def starts(self, gram: tuple[int, ...]) -> list[int]:
         table = self._last.get(len(gram))
-        if table is None:
-            return []
-        return table.get(hash(gram) if len(gram) > 4 else gram, [])
+        return [] if table is None else table.get(gram, [])
 
 
 def agreement(source: list[int], start: int, g: int, history: list[int], longest: int) -> int:
@@ -155,20 +145,17 @@ class Memory:
 
     def pending(self, sizes: range) -> int:
         """What :meth:`index` has to index: tokens times n-gram sizes (to decide on a thread)."""
-        wanted = {*sizes, MEMORY_GRAM}
         if self._index is None:
-            return len(self.tokens) * len(wanted)
-        new = sum(not self._index.covers(g) for g in wanted)
-        return len(self.tokens) * new + (len(self.tokens) - len(self._index)) * len(wanted)
+            return len(self.tokens) * len(sizes)
+        new = sum(not self._index.covers(g) for g in sizes)
+        return len(self.tokens) * new + (len(self.tokens) - len(self._index)) * len(sizes)
 
     def index(self, sizes: range) -> Ngrams:
-        """The memory indexed for n-grams of ``sizes`` and ``MEMORY_GRAM`` (and those indexed
-        before), brought up to date: the cost is the tokens added since, and all of them for a
-        size new to it."""
-        wanted = {*sizes, MEMORY_GRAM}
+        """The memory indexed for n-grams of ``sizes`` (and those indexed before), brought up
+        to date: the cost is the tokens added since, and all of them for a size new to it."""
         if self._index is None:
-            self._index = RecentNgrams(wanted)
-        self._index.cover(wanted)
+            self._index = RecentNgrams(sizes)
+        self._index.cover(sizes)
         self._index.extend(self.tokens[len(self._index):])
         return self._index
 

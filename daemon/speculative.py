@@ -56,7 +56,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 from lorad.protocol.args import OpArgs
 
 from . import llama
-from .ngrams import END, MEMORY_GRAM, Ngrams, agreement
+from .ngrams import END, Ngrams, agreement
 
 PROBE_EVERY = 8
 PROBE_MAX = 64
@@ -67,11 +67,6 @@ DECAY = 0.9
 """Weight of the acceptance counts of the step before (per step)."""
 
 
-RANK = 64
-"""Agreement is counted up to this length to choose between occurrences (the estimates count
-it up to ``LONGEST``)."""
-
-
 def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
                  longest: int = 16, memory: Ngrams | None = None,
                  index: Ngrams | None = None) -> tuple[list[int], int, bool]:
@@ -79,47 +74,34 @@ def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
     suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``), how many tokens
     (up to ``longest``) before that occurrence agree with the history's end (the longer the
     agreement, the likelier the draft is right), and whether they come from ``memory`` (a
-    context's earlier requests: used where it agrees longer than the history itself, counted
-    up to ``RANK`` tokens; of the memory's last few occurrences of the history's last
-    ``MEMORY_GRAM`` tokens, or else of its n-gram, the one that agrees longest, then the longer
-    draft). ``index``: ``history``'s own index, when the caller keeps one."""
+    context's earlier requests: used where it agrees longer than the history itself; of the
+    memory's last few occurrences, the one that agrees longest, then the longer draft).
+    ``index``: ``history``'s own index, when the caller keeps one."""
     if n <= 0:
         return [], 0, False
     if index is None or index.tokens is not history:
         index = Ngrams(range(ngram_min, ngram_max + 1), history)
     size = len(history)
-    recalled = None
-    if memory is not None and size >= MEMORY_GRAM and memory.covers(MEMORY_GRAM):
-        recalled = _recall(memory, history, MEMORY_GRAM, n)
     for g in range(min(ngram_max, size), ngram_min - 1, -1):
-        best = recalled
-        if best is None and memory is not None:
-            best = _recall(memory, history, g, n)
-        if (start := index.find(tuple(history[size - g:]))) is not None:
-            matched = agreement(history, start, g, history, RANK)
-            if best is None or matched >= best[0]:
-                best = (matched, history[start + g:start + g + n], False)
+        tail = tuple(history[size - g:])
+        best: tuple[int, list[int], bool] | None = None
+        if (start := index.find(tail)) is not None:
+            best = (agreement(history, start, g, history, longest),
+                    history[start + g:start + g + n], False)
+        recalled: tuple[int, list[int], bool] | None = None
+        for at in memory.starts(tail) if memory is not None else ():
+            found = memory.tokens[at + g:at + g + n]
+            if END in found:  # an earlier output ends there: what follows is another request
+                found = found[:found.index(END)]
+            matched = agreement(memory.tokens, at, g, history, longest)
+            if found and (recalled is None
+                          or (matched, len(found)) >= (recalled[0], len(recalled[1]))):
+                recalled = (matched, found, True)  # the longest agreement; then draft; newest
+        if recalled is not None and (best is None or recalled[0] > best[0]):
+            best = recalled
         if best is not None:
-            return best[1], min(best[0], longest), best[2]
+            return best[1], best[0], best[2]
     return [], 0, False
-
-
-def _recall(memory: Ngrams, history: list[int], g: int, n: int
-            ) -> tuple[int, list[int], bool] | None:
-    """The memory's draft after its occurrence of ``history``'s last ``g`` tokens that agrees
-    longest (then drafts longest, then is newest): agreement, draft, True; or None."""
-    best = None
-    tail = history[len(history) - g:]
-    for at in memory.starts(tuple(tail)):
-        if memory.tokens[at:at + g] != tail:
-            continue  # a long n-gram's hash collided
-        found = memory.tokens[at + g:at + g + n]
-        if END in found:  # an earlier output ends there: what follows is another request
-            found = found[:found.index(END)]
-        matched = agreement(memory.tokens, at, g, history, RANK)
-        if found and (best is None or (matched, len(found)) >= (best[0], len(best[1]))):
-            best = (matched, found, True)
-    return best
 
 
 MATCH_BUCKETS = (1, 2, 4, 8, 16)
