@@ -73,10 +73,6 @@ class Ngrams:
         table = self._last.get(len(gram))
         return None if table is None else table.get(gram)
 
-    def starts(self, gram: tuple[int, ...]) -> list[int]:
-        """Where ``gram`` started with a token after it, the newest last (here: only it)."""
-        return [] if (start := self.find(gram)) is None else [start]
-
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -110,6 +106,7 @@ class RecentNgrams(Ngrams):
         return starts[-1] if (starts := self.starts(gram)) else None
 
     def starts(self, gram: tuple[int, ...]) -> list[int]:
+        """Where ``gram`` started with a token after it, the newest last."""
         table = self._last.get(len(gram))
         return [] if table is None else table.get(gram, [])
 
@@ -150,7 +147,7 @@ class Memory:
         new = sum(not self._index.covers(g) for g in sizes)
         return len(self.tokens) * new + (len(self.tokens) - len(self._index)) * len(sizes)
 
-    def index(self, sizes: range) -> Ngrams:
+    def index(self, sizes: range) -> RecentNgrams:
         """The memory indexed for n-grams of ``sizes`` (and those indexed before), brought up
         to date: the cost is the tokens added since, and all of them for a size new to it."""
         if self._index is None:

@@ -56,7 +56,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 from lorad.protocol.args import OpArgs
 
 from . import llama
-from .ngrams import END, Ngrams, agreement
+from .ngrams import END, Ngrams, RecentNgrams, agreement
 
 PROBE_EVERY = 8
 PROBE_MAX = 64
@@ -68,7 +68,7 @@ DECAY = 0.9
 
 
 def lookup_draft(history: list[int], ngram_min: int, ngram_max: int, n: int,
-                 longest: int = 16, memory: Ngrams | None = None,
+                 longest: int = 16, memory: RecentNgrams | None = None,
                  index: Ngrams | None = None) -> tuple[list[int], int, bool]:
     """Up to ``n`` tokens that followed the most recent earlier occurrence of the longest
     suffix n-gram of ``history`` (sizes ``ngram_max`` down to ``ngram_min``), how many tokens
@@ -256,7 +256,7 @@ class Drafter:
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
-    memory: Ngrams | None = None
+    memory: RecentNgrams | None = None
     """The context's earlier requests (n-gram drafts only)."""
     memory_drafted: int = 0
     _index: Ngrams = field(default_factory=lambda: Ngrams(range(0)))
