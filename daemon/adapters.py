@@ -23,6 +23,7 @@ from .logs import log
 from .lora import AdapterInfo, FileIdentity, ModelTensors, incompatibilities, inspect_adapter
 from .metrics import Metrics
 from .registry import LoadedModel, unloaded
+from .workers import FileWorkers
 
 Key = tuple[str, str, FileIdentity]
 
@@ -59,7 +60,10 @@ class LoadedAdapter:
 class AdapterCache:
     """Loads, shares and frees adapters; every public method may be called from trio tasks."""
 
-    def __init__(self, max_bytes: int = 4 * 1024**3, metrics: Metrics | None = None) -> None:
+    def __init__(self, files: FileWorkers, max_bytes: int = 4 * 1024**3,
+                 metrics: Metrics | None = None) -> None:
+        self.files = files
+        """The pool that reads and parses adapter files (see :mod:`.workers`)."""
         self.max_bytes = max_bytes
         """Total adapter tensor bytes allowed (``limits.max_adapter_bytes``)."""
         self.metrics = metrics
@@ -77,7 +81,7 @@ class AdapterCache:
     async def model_tensors(self, model: LoadedModel) -> ModelTensors:
         tensors = self._model_tensors.get(model.id)
         if tensors is None:
-            tensors = await trio.to_thread.run_sync(ModelTensors.read, model.path)
+            tensors = await self.files.run(ModelTensors.read, model.path)
             if model.detached:  # unloaded meanwhile: nothing may keep its tensors
                 raise unloaded(model)
             self._model_tensors[model.id] = tensors
@@ -89,7 +93,7 @@ class AdapterCache:
 
         Raises ``lora_file_not_found``/``lora_invalid`` for a file that is not a LoRA adapter.
         """
-        info = await trio.to_thread.run_sync(inspect_adapter, path)
+        info = await self.files.run(inspect_adapter, path)
         return info, incompatibilities(info, await self.model_tensors(model))
 
     async def acquire(self, model: LoadedModel, path: Path) -> LoadedAdapter:
@@ -97,7 +101,7 @@ class AdapterCache:
 
         Every check runs before llama.cpp sees the file; the caller must :meth:`release` it.
         """
-        identity = await trio.to_thread.run_sync(FileIdentity.of, path)
+        identity = await self.files.run(FileIdentity.of, path)
         key = (model.id, str(path), identity)
         while key in self._loading:
             await self._loading[key].wait()
@@ -129,7 +133,7 @@ class AdapterCache:
                                 path=str(path))
         started = time.perf_counter()
         async with model.using(), self._lock(model):  # an unload waits for the load
-            adapter = await trio.to_thread.run_sync(llama.Adapter, model.model, str(path))
+            adapter = await self.files.run(llama.Adapter, model.model, str(path))
         entry = LoadedAdapter(key, model, info, adapter)
         entry.load_ms = (time.perf_counter() - started) * 1000
         if adapter.alora_invocation_tokens is not None and info.alora_invocation_tokens is None:

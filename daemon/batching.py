@@ -26,7 +26,9 @@ import trio
 from lorad.protocol import ErrorCode, ProtocolError
 
 from . import llama
+from .budget import KvShape, MemoryBudget, Reservation
 from .logs import log
+from .workers import DECODE
 
 StackPairs = list[tuple[llama.Adapter, float]]
 GATHER_S = 0.02
@@ -188,6 +190,10 @@ class SlabScheduler:
         it touched memory of llama.cpp's buffers for the first time (the output buffer is even
         allocated anew), ~15 % of its time for a 64-token step, so it is not timed."""
         self.closed = False
+        self._stepping = trio.Lock()
+        """Held while a step decodes (and while the slab is replaced by a wider one)."""
+        self.reservation: Reservation | None = None
+        """The slab's KV cache in the memory budget (released with the slab)."""
 
     # -- sequences ------------------------------------------------------------------------------
     def attach(self, n_ctx: int) -> llama.Sequence:
@@ -198,6 +204,23 @@ class SlabScheduler:
         seq = llama.Sequence(self.slab, seq_id, n_ctx)
         self.sequences[seq.seq_id] = seq
         return seq
+
+    async def widen(self, slab: llama.Slab) -> None:
+        """Move every sequence into ``slab`` (wider, of the same kind) between two steps and
+        free the old slab: the sequences keep their ids and cached tokens."""
+        async with self._stepping:
+            old = self.slab
+
+            def move() -> None:
+                old.move_to(slab, list(self.sequences.values()))
+                old.close()
+
+            with trio.CancelScope(shield=True):  # half-moved sequences must not be left
+                await trio.to_thread.run_sync(move, limiter=DECODE)
+            self.slab = slab
+            self.free_ids += range(old.n_seq, slab.n_seq)
+            self._widest = (0, slab.n_seq)  # its buffers are new: the next steps widen them
+            self.budget = max(1, min(self.budget, slab.n_batch))
 
     async def detach(self, seq: llama.Sequence) -> None:
         """Free the sequence's cells and its place (after its last step)."""
@@ -278,8 +301,9 @@ class SlabScheduler:
                 if trio.current_time() >= deadline:
                     break
             batch = self._pick()
-            started = time.perf_counter()
-            await trio.to_thread.run_sync(self._decode, batch)
+            async with self._stepping:
+                started = time.perf_counter()
+                await trio.to_thread.run_sync(self._decode, batch, limiter=DECODE)
             if (batch and not self.widened
                     and all(not s.prompt and s.outputs == len(s.tokens) for s in batch)):
                 self.cost.observe(sum(len(s.tokens) for s in batch),
@@ -420,14 +444,22 @@ class SlabKey:
 
 class Batcher:
     """The slabs of one model: places a new context in a slab of its kind with a free
-    sequence, or makes a new slab (never rebuilding one: other contexts' KV stays)."""
+    sequence; a full slab is widened (twice as many sequences, up to ``sequences``: the
+    contexts' cached tokens are moved into it, not evaluated again), and a kind whose slab
+    is at its widest gets another slab. A slab starts with one sequence, so memory follows
+    the contexts that exist: at most twice their KV caches, and a context alone costs its
+    own."""
 
     def __init__(self, model: llama.Model, *, sequences: int, budget: int, unified: bool,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, memory: MemoryBudget | None = None,
+                 model_id: str = "") -> None:
         self.model = model
         self.sequences = sequences
         self.budget = budget
         self.unified = unified
+        self.memory = memory if memory is not None else MemoryBudget()
+        self.model_id = model_id
+        self.kv = KvShape(*model.kv_widths())
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
         self.costs: dict[SlabKey, StepCost] = {}
@@ -438,21 +470,43 @@ class Batcher:
     async def attach(self, *, n_ctx: int, n_batch: int, n_threads: int, kv_type: str,
                      flash_attn: bool | None) -> tuple[SlabScheduler, llama.Sequence]:
         key = SlabKey(llama.padded_n_ctx(n_ctx), kv_type, flash_attn, n_threads)
+        n_batch = max(self.budget, n_batch)
         async with self._lock:
-            for scheduler, _ in self.slabs.get(key, []):
+            slabs = self.slabs.get(key, [])
+            for scheduler, _ in slabs:
                 if scheduler.free_ids:
                     return scheduler, scheduler.attach(key.n_ctx_seq)
+            growing = next((s for s, _ in slabs if s.slab.n_seq < self.sequences), None)
+            n_seq = 1 if growing is None else min(self.sequences, growing.slab.n_seq * 2)
+            nbytes = self.kv.bytes(key.n_ctx_seq * n_seq, kv_type)
+            what = (f"a KV cache of {n_seq} x {key.n_ctx_seq} cells ({kv_type}) on model "
+                    f"{self.model_id!r}")
+            # While the wider slab is made, the old one still holds its sequences.
+            self.memory.check(what, nbytes, model=self.model_id, n_ctx=key.n_ctx_seq,
+                              sequences=n_seq, kv_type=kv_type,
+                              replacing=growing.reservation.nbytes
+                              if growing is not None and growing.reservation else 0)
             started = time.perf_counter()
             slab = await trio.to_thread.run_sync(lambda: llama.Slab(
-                self.model, n_seq=self.sequences, n_ctx_seq=key.n_ctx_seq,
-                n_batch=max(self.budget, n_batch), n_threads=n_threads, kv_type=kv_type,
-                flash_attn=flash_attn, unified=self.unified))
+                self.model, n_seq=n_seq, n_ctx_seq=key.n_ctx_seq, n_batch=n_batch,
+                n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
+                unified=self.unified))
+            ms = round((time.perf_counter() - started) * 1000, 1)
+            if growing is not None:
+                moved = len(growing.sequences)
+                await growing.widen(slab)
+                if growing.reservation is not None:
+                    growing.reservation.resize(nbytes)
+                log.info("slab_widened", model=self.model_id, sequences=n_seq, moved=moved,
+                         n_ctx_seq=slab.n_ctx_seq, kv_bytes=nbytes, ms=ms)
+                return growing, growing.attach(key.n_ctx_seq)
             scheduler = SlabScheduler(slab, self.budget, self.costs.setdefault(key, StepCost()))
+            scheduler.reservation = self.memory.reserve(what, nbytes)
             scope = await self._nursery.start(self._serve, scheduler)
             self.slabs.setdefault(key, []).append((scheduler, scope))
-            log.info("slab_created", sequences=self.sequences, n_ctx_seq=slab.n_ctx_seq,
-                     kv_type=kv_type, unified=self.unified,
-                     ms=round((time.perf_counter() - started) * 1000, 1))
+            log.info("slab_created", model=self.model_id, sequences=n_seq,
+                     n_ctx_seq=slab.n_ctx_seq, kv_type=kv_type, unified=self.unified,
+                     kv_bytes=nbytes, ms=ms)
             return scheduler, scheduler.attach(key.n_ctx_seq)
 
     async def _serve(self, scheduler: SlabScheduler, *,
@@ -478,6 +532,8 @@ class Batcher:
                 if not slabs:
                     del self.slabs[key]
             scheduler.closed = True
+            if scheduler.reservation is not None:
+                scheduler.reservation.release()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(scheduler.slab.close)
 
@@ -487,6 +543,8 @@ class Batcher:
             for scheduler, scope in slabs:
                 scope.cancel()
                 scheduler.closed = True
+                if scheduler.reservation is not None:
+                    scheduler.reservation.release()
                 scheduler.slab.close()
         self.slabs.clear()
 

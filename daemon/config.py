@@ -49,8 +49,9 @@ class ContextSpec:
 class BatchingConfig:
     """How contexts of one model share batched llama contexts (``[batching]``)."""
 
-    sequences: int = 4
-    """Contexts per batched llama context (its KV cache is made for this many at once)."""
+    sequences: int = 64
+    """The most contexts a batched llama context (a slab) grows to: it starts with one and
+    doubles when full (the KV caches of its contexts are moved, not evaluated again)."""
     step_tokens: int = 512
     """Tokens decoded per step at most: a long prompt is fed in chunks of what is left."""
     kv_unified: bool = False

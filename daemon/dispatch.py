@@ -21,6 +21,7 @@ from .logs import log
 from .operations import OPERATIONS
 from .requests import RequestHandle
 from .services import Services
+from .workers import CLIENT
 
 Send = Callable[[bytes, Reply], None]
 
@@ -90,6 +91,7 @@ class Dispatcher:
     async def run(self, h: RequestHandle) -> None:
         """Run the handler of ``h``; exactly one reply (or a stream's end) comes of it."""
         operation = OPERATIONS[h.op]
+        client = CLIENT.set(h.peer)  # the slow-file-work cap counts against this peer
         try:
             result = await operation.handler(self.s, h)
         except (ProtocolError, DaemonError) as exc:
@@ -103,6 +105,8 @@ class Dispatcher:
                     h.send_error(ProtocolError(ErrorCode.CANCELLED, "cancelled"))
                 else:
                     h.send_result(result)
+        finally:
+            CLIENT.reset(client)
 
     def _done(self, handle: RequestHandle) -> None:
         self.s.sessions.done(handle)

@@ -24,6 +24,7 @@ from . import llama
 from .actor import ContextActor
 from .adapters import AdapterCache
 from .batching import Batcher
+from .budget import MemoryBudget
 from .config import DaemonConfig
 from .logs import log
 from .metrics import Metrics
@@ -32,6 +33,7 @@ from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
 from .stacks import Stacks
 from .templates import TemplateRenderer
+from .workers import FileWorkers, usable_cpus
 
 DEFAULT_N_CTX = 4096
 EMBED_N_CTX = 2048
@@ -58,8 +60,12 @@ class Engine:
         adapter_dirs = [Path(d).expanduser().resolve() for d in config.adapter_dirs]
         peft_cache = Path(config.peft_cache_dir).expanduser()
         self.repack = decide_repack(config.repack)
-        self.models = ModelRegistry(self.allowed, repack=self.repack.enabled)
-        self.adapters = AdapterCache(config.limits.max_adapter_bytes, metrics)
+        self.memory = MemoryBudget(config.limits.memory_budget_bytes)
+        """Model weights and KV caches, admitted against ``limits.memory_budget_bytes``."""
+        self.max_threads = config.limits.max_n_threads or usable_cpus()
+        self.models = ModelRegistry(self.allowed, repack=self.repack.enabled, memory=self.memory)
+        self.files = FileWorkers(config.limits)
+        self.adapters = AdapterCache(self.files, config.limits.max_adapter_bytes, metrics)
         self.stacks = Stacks(
             self.adapters, adapter_dirs,
             AllowedDirs([*config.allowed_dirs, *config.adapter_dirs, peft_cache]),
@@ -110,14 +116,17 @@ class Engine:
         entry = self.models.get(ref)
         in_use = sorted(c for c in entry.contexts if c not in self.contexts
                         or not self.contexts[c].managed or not self.contexts[c].idle)
-        if in_use and not force:
+        if (in_use or entry.creating) and not force:
             raise ProtocolError(
                 ErrorCode.IN_USE,
-                f"model {entry.id!r} has {len(in_use)} context(s); close them or force",
-                model=entry.id, contexts=in_use,
-            )
+                f"model {entry.id!r} has {len(in_use)} context(s)"
+                + (f" and {entry.creating} being created" if entry.creating else "")
+                + "; close them or force", model=entry.id, contexts=in_use,
+                creating=entry.creating)
         self.models.detach(entry)  # from here no new context, embedding or adapter finds it
         await entry.wait_unused()  # a context being made, an adapter or a text being read
+        for actor in [a for a in self._closing if a.model is entry]:
+            await actor.closed.wait()  # a context being closed still frees its sequence
         closed = sorted(entry.contexts)
         for ctx_id in closed:
             if ctx_id in self.contexts:
@@ -241,8 +250,23 @@ class Engine:
         entry = await self.model_for(args.model)
         n_ctx = args.n_ctx or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
                                   self.limits.max_n_ctx)
-        n_threads = args.n_threads or os.cpu_count() or 1
+        if args.n_threads is not None and args.n_threads > self.max_threads:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"n_threads {args.n_threads} is above the "
+                f"{self.max_threads} this daemon may run (limits.max_n_threads, default: its "
+                "CPUs)", field="n_threads", limit="max_n_threads", value=self.max_threads)
+        n_threads = args.n_threads or min(os.cpu_count() or 1, self.max_threads)
         n_batch = min(args.n_batch, n_ctx)
+        entry.creating += 1  # an unload without force refuses until it is made or failed
+        try:
+            return await self._create(entry, args, n_ctx=n_ctx, n_threads=n_threads,
+                                      n_batch=n_batch, creator=creator, context_id=context_id)
+        finally:
+            entry.creating -= 1
+
+    async def _create(self, entry: LoadedModel, args: OpArgs, *, n_ctx: int, n_threads: int,
+                      n_batch: int, creator: bytes | None,
+                      context_id: str | None) -> ContextActor:
         async with entry.using():  # an unload of the model waits, then closes it
             batcher = self._batcher(entry)
             scheduler, seq = await batcher.attach(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
@@ -273,6 +297,8 @@ class Engine:
                         await actor.set_stack(stack)
                     finally:
                         await self.stacks.release(held)
+                if entry.detached:  # a forced unload began meanwhile: it would close it
+                    raise unloaded(entry)
             except BaseException:
                 await actor.dispose()
                 raise
@@ -290,7 +316,7 @@ class Engine:
             b = self.config.batching
             batcher = self._batchers[id(entry)] = Batcher(
                 entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
-                nursery=self._nursery)
+                nursery=self._nursery, memory=self.memory, model_id=entry.id)
         return batcher
 
     def batching_info(self) -> list[dict[str, Any]]:

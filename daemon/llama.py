@@ -13,6 +13,7 @@ models load without it there; elsewhere (AVX2 EPYCs) repacking is on, about 9 % 
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 import time
 from collections import deque
@@ -195,6 +196,21 @@ class Model:
             "n_layer": int(C.llama_model_n_layer(self.ptr)),
             "chat_template": self.chat_template is not None,
         }
+
+    def kv_widths(self) -> tuple[int, int, int]:
+        """``(n_layer, n_embd_k, n_embd_v)``: the elements a KV cell holds per layer for keys
+        and for values (head length x KV heads)."""
+        arch = self.meta("general.architecture") or ""
+        n_head = max(1, int(C.llama_model_n_head(self.ptr)))
+        n_head_kv = max(1, int(C.llama_model_n_head_kv(self.ptr)))
+        n_embd = int(C.llama_model_n_embd(self.ptr))
+
+        def length(key: str) -> int:
+            value = self.meta(f"{arch}.attention.{key}")
+            return int(value) if value and value.isdigit() else n_embd // n_head
+
+        return (int(C.llama_model_n_layer(self.ptr)), length("key_length") * n_head_kv,
+                length("value_length") * n_head_kv)
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False,
                  limit: int | None = None) -> list[int]:
@@ -575,6 +591,7 @@ class Slab:
                  unified: bool = False) -> None:
         params = C.llama_context_default_params()
         params.kv_unified = unified
+        self.unified = unified
         self.ptr = _new_context(model, params, n_ctx=n_ctx_seq * n_seq, n_seq=n_seq,
                                 n_batch=n_batch, n_threads=n_threads, kv_type=kv_type,
                                 flash_attn=flash_attn)
@@ -637,6 +654,57 @@ class Slab:
     def clear_seq(self, seq: Sequence) -> None:
         C.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
         seq._cut(0)
+
+    def _seq_state(self, seq_id: int, flags: int) -> bytes:
+        n = C.llama_state_seq_get_size_ext(self.ptr, seq_id, flags)
+        buf = (ctypes.c_uint8 * n)()
+        written = C.llama_state_seq_get_data_ext(self.ptr, buf, n, seq_id, flags)
+        return bytes(buf)[:written]
+
+    def move_to(self, other: Slab, sequences: list[Sequence]) -> None:
+        """Copy each sequence's cells into the same sequence id of ``other`` (llama.cpp's
+        sequence state, without evaluating anything again) and make them ``other``'s. A
+        sequence whose state ``other`` refuses starts empty there (its next prompt is
+        evaluated whole: correct, only slower)."""
+        for seq in sequences:
+            if seq.tokens:
+                state = self._moved_state(seq.seq_id, other.n_seq)
+                if state is None or not C.llama_state_seq_set_data_ext(
+                        other.ptr, (ctypes.c_uint8 * len(state)).from_buffer_copy(state),
+                        len(state), seq.seq_id, 0):
+                    C.llama_memory_seq_rm(other.memory, seq.seq_id, -1, -1)
+                    seq._cut(0)
+            seq.slab = other
+
+    def _moved_state(self, seq_id: int, n_seq: int) -> bytes | None:
+        """The sequence's state as a slab of ``n_seq`` sequences reads it, or None.
+
+        With a KV pool per sequence (not unified), llama.cpp writes a cache's sequence state as
+        its number of streams (one per sequence) then, per stream, a cell count (0 for every
+        stream but the sequence's own) and that stream's cells; it reads it back only into a
+        cache of as many streams. So each cache's part is re-headed for ``n_seq`` streams. A
+        model with sliding-window layers has two caches: the state of the second alone is
+        what ``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`` gives, which splits the two. Both come
+        after an 8-byte header (a magic number and the sequence id)."""
+        state = self._seq_state(seq_id, 0)
+        if self.unified or len(state) < 12:
+            return state or None
+        head, full = state[:8], state[8:]
+        tail = self._seq_state(seq_id, C.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)[8:]
+        if not tail or len(tail) > len(full) or not full.endswith(tail):
+            return None
+        parts = [full] if len(tail) == len(full) else [full[:len(full) - len(tail)], tail]
+        out = []
+        zero = struct.pack("<I", 0)
+        for part in parts:
+            (n_old,) = struct.unpack_from("<I", part)
+            after = n_old - 1 - seq_id
+            own = part[4 + 4 * seq_id:len(part) - 4 * after]
+            if (n_old != self.n_seq or part[4:4 + 4 * seq_id] != zero * seq_id
+                    or part[len(part) - 4 * after:] != zero * after):
+                return None  # not the layout described above
+            out += [struct.pack("<I", n_seq), zero * seq_id, own, zero * (n_seq - 1 - seq_id)]
+        return head + b"".join(out)
 
     def close(self) -> None:
         if self.ptr:

@@ -14,6 +14,7 @@ import trio
 from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
 from . import llama
+from .budget import MemoryBudget, Reservation
 from .logs import log
 from .paths import AllowedDirs, check_path_text
 
@@ -30,6 +31,10 @@ class LoadedModel:
     load_seconds: float = 0.0
     detached: bool = False
     """Unloaded or being unloaded: nothing new may use its weights."""
+    reservation: Reservation | None = None
+    """Its weights in the memory budget (released when it is freed)."""
+    creating: int = 0
+    """Contexts being created on it: an unload without ``force`` refuses (``in_use``)."""
     _users: int = 0
     _unused: trio.Event | None = None
     _info: dict[str, Any] | None = None
@@ -84,10 +89,13 @@ def unloaded(entry: LoadedModel) -> ProtocolError:
 class ModelRegistry:
     """Loads, shares and frees models. Lookups accept an id, an alias or a file path."""
 
-    def __init__(self, allowed: AllowedDirs, repack: bool = False) -> None:
+    def __init__(self, allowed: AllowedDirs, repack: bool = False,
+                 memory: MemoryBudget | None = None) -> None:
         self.allowed = allowed
         self.repack = repack
         """Whether llama.cpp may repack weights for this CPU (decided once, at start)."""
+        self.memory = memory if memory is not None else MemoryBudget()
+        """Model weights are reserved here (their file's size) before llama.cpp loads them."""
         self._by_id: dict[str, LoadedModel] = {}
         self._by_key: dict[tuple[Any, ...], LoadedModel] = {}
         self._loading: dict[tuple[Any, ...], trio.Event] = {}
@@ -120,6 +128,12 @@ class ModelRegistry:
         if key in self._by_key:
             return self._by_key[key]
         model_id = self._new_id(resolved, alias)
+        try:
+            size = resolved.stat().st_size
+        except OSError as exc:  # gone since it was checked
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"cannot read model {path!r}: "
+                                f"{exc.strerror}", path=path) from None
+        reservation = self.memory.reserve(f"model {resolved.name!r}", size, path=str(resolved))
         done = self._loading[key] = trio.Event()
         started = time.perf_counter()
         try:
@@ -127,10 +141,13 @@ class ModelRegistry:
                 lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
                                     progress=progress, repack=self.repack)
             )
+        except BaseException:
+            reservation.release()
+            raise
         finally:
             del self._loading[key]
             done.set()
-        entry = LoadedModel(model_id, resolved, key, model, params)
+        entry = LoadedModel(model_id, resolved, key, model, params, reservation=reservation)
         entry.load_seconds = time.perf_counter() - started
         self._by_id[model_id] = self._by_key[key] = entry
         log.info("model_loaded", model=model_id, path=str(resolved),
@@ -171,4 +188,6 @@ class ModelRegistry:
         """Forget and free the model (the caller has closed what uses it)."""
         self.detach(entry)
         await trio.to_thread.run_sync(entry.model.close)
+        if entry.reservation is not None:
+            entry.reservation.release()
         log.info("model_unloaded", model=entry.id)

@@ -54,9 +54,9 @@ class Stacks:
     async def adapter_file(self, ref: str, model: LoadedModel) -> Path:
         """The GGUF file for ``ref``: the file itself, or a PEFT directory converted for
         ``model`` (cached by content)."""
-        path = await trio.to_thread.run_sync(self.resolve, ref)
+        path = await self.adapters.files.run(self.resolve, ref)
         if path.is_dir():
-            path = await trio.to_thread.run_sync(cached_conversion, path, model.path,
+            path = await self.adapters.files.run(cached_conversion, path, model.path,
                                                  self.peft_cache)
         return path
 

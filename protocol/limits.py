@@ -56,6 +56,21 @@ class Limits:
     """Chat templates rendered at once (each in its own worker process)."""
     max_embed_inputs: int = 64
     """Most inputs of one ``embed`` request."""
+    memory_budget_bytes: int = 0
+    """Memory the daemon may commit to model weights and KV caches together; a model load, a
+    context or a slab growth past it is refused with ``too_large`` and the figures. 0: derived
+    from the machine's physical memory when the daemon starts (see ``capabilities()["memory"]``)."""
+    max_n_threads: int = 0
+    """Largest ``n_threads`` of a context. 0: the number of CPUs the daemon may run on."""
+    file_workers: int = 2
+    """Threads for slow file work (reading, parsing and converting adapter files); decoding and
+    everything else never waits for them."""
+    max_file_ops_per_client: int = 2
+    """Slow file operations (adapter validations, loads and conversions) one client connection
+    may have under way at once; past it a request gets ``too_large``."""
+    max_adapter_file_bytes: int = 2 * 1024**3
+    """Largest adapter file (or PEFT weights file) the daemon reads; it reads a private snapshot
+    of the file, never a memory map of it."""
 
 
 DEFAULT_LIMITS = Limits()

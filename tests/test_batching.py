@@ -86,26 +86,71 @@ def test_contexts_decode_together_and_give_their_output_alone(
     assert slabs(client) == []  # the last context freed the batched llama context
 
 
-def test_a_fifth_context_gets_a_new_slab_and_leaves_the_others_cache(
-        client: Client, tiny_model: Path) -> None:
-    ctxs = [client.create_context(tiny_model, **EXACT) for _ in range(4)]
+def test_a_full_slab_widens_and_keeps_the_others_cache(client: Client, tiny_model: Path) -> None:
+    ctxs = [client.create_context(tiny_model, **EXACT)]
     try:
+        assert [(s["sequences"], s["used"]) for s in slabs(client)] == [(1, 1)]  # its own KV
         first = ctxs[0]
         greedy(first, PROMPTS[0], 4)
-        fifth = client.create_context(tiny_model, **EXACT)
-        ctxs.append(fifth)
-        assert [s["used"] for s in slabs(client)] == [4, 1]
+        for want in (2, 4, 4, 8):  # a slab doubles when full
+            ctxs.append(client.create_context(tiny_model, **EXACT))
+            assert [(s["sequences"], s["used"]) for s in slabs(client)] == [(want, len(ctxs))]
         stream = first.generate(PROMPTS[0], max_tokens=2, temperature=0)
         stream.collect()
         n = stream.metrics["prompt_tokens"]
-        assert stream.metrics["cached_prompt_tokens"] == n - 1  # nothing re-evaluated
+        assert stream.metrics["cached_prompt_tokens"] == n - 1  # moved, not evaluated again
         # a context of another kind (n_ctx) is a sequence of a slab of its own kind
         other = client.create_context(tiny_model, n_ctx=512, kv_type="f32", flash_attn=False)
         ctxs.append(other)
-        assert sorted(s["n_ctx_seq"] for s in slabs(client)) == [256, 256, 512]
+        assert sorted(s["n_ctx_seq"] for s in slabs(client)) == [256, 512]
     finally:
         for c in ctxs:
             c.close()
+
+
+def test_streams_keep_their_output_while_their_slab_widens(
+        client: Client, batch_daemon: DaemonProcess, tiny_model: Path) -> None:
+    alone = {}
+    with client.create_context(tiny_model, **EXACT) as ctx:
+        for p in PROMPTS[:2]:
+            ctx.generate("x", max_tokens=1).collect()  # nothing of p cached
+            alone[p] = greedy(ctx, p, 40)
+    with batch_daemon.client() as a, batch_daemon.client() as b:
+        streaming = [a.create_context(tiny_model, **EXACT), b.create_context(tiny_model, **EXACT)]
+        # credit 1: each stream waits for its reader, so the slab widens between their steps
+        streams = [iter(c.generate(p, max_tokens=40, temperature=0, credit=1))
+                   for c, p in zip(streaming, PROMPTS, strict=False)]
+        got = [list(next(s).token_ids) for s in streams]
+        comers = []
+        for _ in range(4):  # 2 -> 4 -> 8 sequences, moving the streams' cells twice
+            comers.append(client.create_context(tiny_model, **EXACT))
+            for i, s in enumerate(streams):
+                got[i] += next(s).token_ids
+        for c in comers[:3]:  # contexts going while the streams go on
+            c.close()
+        assert [(s["sequences"], s["used"]) for s in slabs(client)] == [(8, 3)]
+        for i, s in enumerate(streams):
+            got[i] += [t for chunk in s for t in chunk.token_ids]
+        comers[3].close()
+        for c in streaming:
+            c.close()
+    assert got == [alone[p] for p in PROMPTS[:2]]
+
+
+@pytest.mark.parametrize("sequences", [2])
+def test_a_kind_at_its_widest_gets_another_slab(tmp_path: Path, models_dir: Path,
+                                                tiny_model: Path, sequences: int) -> None:
+    config = tmp_path / "lorad.toml"
+    config.write_text(f"[batching]\nsequences = {sequences}\n")
+    d = start_daemon(tmp_path, [models_dir], "--config", str(config))
+    try:
+        with d.client() as c:
+            ctxs = [c.create_context(tiny_model, **EXACT) for _ in range(3)]
+            assert [(s["sequences"], s["used"]) for s in slabs(c)] == [(2, 2), (1, 1)]
+            outs = [greedy(x, PROMPTS[0], 8) for x in ctxs]
+            assert outs[0] == outs[1] == outs[2]
+    finally:
+        assert d.stop() == 0, d.log()
 
 
 def test_each_context_keeps_its_own_n_ctx(client: Client, tiny_model: Path) -> None:

@@ -16,7 +16,8 @@ import tinymodels
 from lorad.daemon.adapters import AdapterCache
 from lorad.daemon.paths import AllowedDirs
 from lorad.daemon.registry import LoadedModel, ModelRegistry
-from lorad.protocol import ErrorCode, ProtocolError
+from lorad.daemon.workers import FileWorkers
+from lorad.protocol import ErrorCode, Limits, ProtocolError
 
 
 async def load(tmp_path: Path) -> tuple[ModelRegistry, LoadedModel, Path]:
@@ -40,7 +41,7 @@ async def unload(registry: ModelRegistry, entry: LoadedModel, adapters: AdapterC
 async def test_an_unload_waits_for_the_weights_in_use_then_refuses_new_use(
         tmp_path: Path) -> None:
     registry, entry, _ = await load(tmp_path)
-    adapters = AdapterCache()
+    adapters = AdapterCache(FileWorkers(Limits()))
     log: list[str] = []
     async with trio.open_nursery() as nursery:
         async with entry.using() as model:
@@ -59,7 +60,7 @@ async def test_an_unload_waits_for_the_weights_in_use_then_refuses_new_use(
 
 async def test_an_adapter_is_not_loaded_on_a_model_being_unloaded(tmp_path: Path) -> None:
     registry, entry, lora = await load(tmp_path)
-    adapters = AdapterCache()
+    adapters = AdapterCache(FileWorkers(Limits()))
     held = await adapters.acquire(entry, lora)  # loads while the model is there
     await adapters.release(held)
     log: list[str] = []
@@ -81,7 +82,7 @@ async def test_a_token_piece_is_refused_once_an_unload_has_begun(tmp_path: Path)
     registry, entry, _ = await load(tmp_path)
     token = (await trio.to_thread.run_sync(entry.model.tokenize, "hello"))[-1]
     assert entry.piece(token) == entry.model.piece(token)
-    await unload(registry, entry, AdapterCache(), [])
+    await unload(registry, entry, AdapterCache(FileWorkers(Limits())), [])
     with pytest.raises(ProtocolError) as refused:
         entry.piece(token)
     assert refused.value.code == ErrorCode.NOT_FOUND

@@ -31,6 +31,8 @@ async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
         "contexts": contexts,
         "adapters": [a.to_wire() for a in engine.adapters],
         "batching": engine.batching_info(),
+        "memory": engine.memory.info(),
+        "file_workers": engine.files.info(),
         "contexts_total": len(engine.contexts),
         "queued_requests": sum(c["queued"] for c in contexts),
         "running_requests": sum(1 for c in contexts if c["running"] is not None),
@@ -72,6 +74,9 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
         "busy_policy": "queue",
         "heartbeat_ms": s.config.heartbeat_ms,
         "limits": s.limits.__dict__,
+        "memory": {"budget": engine.memory.limit, "in_use": engine.memory.in_use,
+                   "machine": engine.memory.machine, "source": engine.memory.info()["source"]},
+        "max_n_threads": engine.max_threads,
         "allowed_dirs": [str(d) for d in engine.allowed.dirs],
         "adapter_dirs": [str(d) for d in engine.adapter_dirs],
         "speculative": {

@@ -26,6 +26,7 @@ from ..errors import DaemonError, to_protocol
 from ..logs import log
 from ..requests import RequestHandle
 from ..services import Services
+from ..workers import CLIENT
 from .catalog import Catalog
 from .openai import ApiError, Call
 from .pool import ContextPool
@@ -80,6 +81,7 @@ class Door:
         """Queue ``call`` (from ``client``, an address for the log); its run and the model's
         ``piece`` (token -> bytes)."""
         self.check_open()
+        CLIENT.set(f"http:{client}".encode())  # this request's task: its file-work cap
         entry, names = await self.catalog.resolve(call.model)
         items = [(name, 1.0) for name in names] + call.loras
         args: dict[str, Any] = {**call.args, "loras": [list(i) for i in items],
