@@ -27,6 +27,7 @@ from . import llama
 from .adapters import AdapterCache, LoadedAdapter
 from .alora import activation
 from .batching import Batcher, SlabScheduler, Step
+from .budget import KvShape, Reservation
 from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
 from .ngrams import Memory
@@ -101,6 +102,8 @@ class ContextActor:
         self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
         """How a draft model named by id or path is found (set by the server)."""
         self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
+        self._draft_memory: dict[str, Reservation] = {}
+        """Each draft context's KV cache in the memory budget."""
         """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self.draft_seconds: dict[int, float] = {}
         """What drafting a token took on each draft context (by ``id``), kept across
@@ -361,6 +364,9 @@ class ContextActor:
             await trio.to_thread.run_sync(draft.close)
             entry.contexts.discard(self.id)
         self.drafts.clear()
+        for reservation in self._draft_memory.values():
+            reservation.release()
+        self._draft_memory.clear()
         self.draft_seconds.clear()
         self.stack, self._applied = [], []
         await self._sync_holds()
@@ -383,9 +389,17 @@ class ContextActor:
                 raise refuse_speculative({"mode": "draft_model"}, "no_rollback", "the draft "
                                          "model's memory cannot roll back rejected tokens")
             p = self.params
-            draft = await trio.to_thread.run_sync(lambda: llama.Context(
-                model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
+            reservation = self.batcher.memory.reserve(
+                f"the draft context of {self.id!r} on model {entry.id!r}",
+                KvShape(*model.kv_widths()).bytes(self.n_ctx, "f16"), model=entry.id)
+            try:
+                draft = await trio.to_thread.run_sync(lambda: llama.Context(
+                    model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
+            except BaseException:
+                reservation.release()
+                raise
             self.drafts[entry.id] = (entry, draft)
+            self._draft_memory[entry.id] = reservation
             entry.contexts.add(self.id)
         return draft
 

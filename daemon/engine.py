@@ -24,7 +24,7 @@ from . import llama
 from .actor import ContextActor
 from .adapters import AdapterCache
 from .batching import Batcher
-from .budget import MemoryBudget
+from .budget import KvShape, MemoryBudget, Reservation
 from .config import DaemonConfig
 from .logs import log
 from .metrics import Metrics
@@ -46,6 +46,7 @@ class _Embedder:
 
     model: LoadedModel
     ctx: llama.Context
+    reservation: Reservation
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -135,6 +136,7 @@ class Engine:
         if embedder is not None:
             async with embedder.lock:  # an embedding in progress finishes first
                 await trio.to_thread.run_sync(embedder.ctx.close)
+            embedder.reservation.release()
         self._batchers.pop(id(entry), None)  # its contexts are closed: no slab is left
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
@@ -212,13 +214,21 @@ class Engine:
         n_ctx = min(entry.info()["n_ctx_train"] or EMBED_N_CTX, EMBED_N_CTX,
                     self.limits.max_n_ctx)
         async with entry.using() as model:  # an unload waits, then frees what is made here
-            ctx = await trio.to_thread.run_sync(lambda: llama.Context(
-                model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count() or 1,
-                embeddings=True))
+            reservation = self.memory.reserve(
+                f"the embedding context of model {entry.id!r}",
+                KvShape(*model.kv_widths()).bytes(n_ctx, "f16"), model=entry.id)
+            try:
+                ctx = await trio.to_thread.run_sync(lambda: llama.Context(
+                    model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.max_threads,
+                    embeddings=True))
+            except BaseException:
+                reservation.release()
+                raise
             found = self._embedders.get(entry.id)
             if found is None and self.models.holds(entry):
-                found = self._embedders[entry.id] = _Embedder(entry, ctx)
+                found = self._embedders[entry.id] = _Embedder(entry, ctx, reservation)
                 return found
+            reservation.release()
             await trio.to_thread.run_sync(ctx.close)  # made meanwhile, or the model went away
         if found is not None and found.model is entry:
             return found

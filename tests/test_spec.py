@@ -641,7 +641,8 @@ def test_load_unload_close_results(peer: Peer, tiny_model_b: Path) -> None:
     closed = peer.call("create_context", {"model": model_id, "n_ctx": 64})
     check_keys(peer.call("close_context", {"context": closed["id"]}), "close_context")
     kept = peer.call("create_context", {"model": model_id, "n_ctx": 64})
-    assert_error(peer.error("unload_model", {"model": model_id}), "in_use", {"model", "contexts"})
+    assert_error(peer.error("unload_model", {"model": model_id}), "in_use",
+                 {"model", "contexts", "creating"})
     result = peer.call("unload_model", {"model": model_id, "force": True})
     check_keys(result, "unload_model")
     assert result["closed_contexts"] == [kept["id"]]
@@ -797,7 +798,8 @@ def test_request_errors(peer: Peer, model: dict[str, Any], files: Files, tiny_mo
         assert_error(end["error"], "bad_request", {"field", "limit", "value", "found"})
         assert_error(peer.error("remove_lora", {"context": c, "path": str(files.small)}),
                      "not_found", {"path", "stack"})
-        assert_error(peer.error("unload_model", {"model": m}), "in_use", {"model", "contexts"})
+        assert_error(peer.error("unload_model", {"model": m}), "in_use",
+                     {"model", "contexts", "creating"})
 
 
 def test_lora_errors(peer: Peer, model: dict[str, Any], files: Files) -> None:

@@ -1,0 +1,77 @@
+"""Shared means isolated: one client's flood of slow file work never holds another client's
+stream, and is bounded per client (``limits.max_file_ops_per_client``), through a real daemon.
+
+The flood that used to freeze the daemon: 40 ``validate_lora`` at once of an adapter whose
+GGUF header holds 200,000 strings (3.2 s of parsing each); they took every worker thread
+decoding needed too, and another client's 8-token ``generate`` got no reply for 120 s.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import DaemonProcess
+from lorad.client import Client
+from lorad.protocol import DEFAULT_LIMITS
+from lorad.protocol.codec import decode_reply
+
+TAG = b"lorad/1"
+FLOOD = 40
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_many_strings_adapter(path: Path, n: int = 200_000) -> Path:
+    """A GGUF whose header holds an array of ``n`` one-byte strings before its adapter keys."""
+    kvs = [_string("general.junk") + struct.pack("<IIQ", 9, 8, n) + _string("x") * n,
+           _string("general.type") + struct.pack("<I", 8) + _string("adapter"),
+           _string("adapter.type") + struct.pack("<I", 8) + _string("lora")]
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_adapter(models_dir: Path) -> Path:
+    return write_many_strings_adapter(models_dir / "many-strings.gguf")
+
+
+def test_a_flood_of_slow_validations_leaves_another_clients_stream_alone(
+        daemon: DaemonProcess, client: Client, tiny_model: Path, hostile_adapter: Path) -> None:
+    model = client.load_model(tiny_model)["id"]
+    flooder = zmq.Context.instance().socket(zmq.DEALER)
+    flooder.setsockopt(zmq.LINGER, 0)
+    flooder.connect(daemon.endpoint)
+    try:
+        for i in range(FLOOD):  # all at once, pipelined on one connection
+            flooder.send_multipart([TAG, msgpack.packb({
+                "v": 1, "id": i, "op": "validate_lora",
+                "args": {"model": model, "path": str(hostile_adapter)}})])
+        with daemon.client(timeout=20) as other, \
+                other.create_context(tiny_model, n_ctx=256) as ctx:
+            stream = ctx.generate("Hello world, the cat", max_tokens=8, temperature=0)
+            stream.collect()
+            assert stream.metrics["generated_tokens"] == 8
+            assert other.ping()["pong"]
+        codes: list[str] = []
+        while len(codes) < FLOOD:
+            assert flooder.poll(30_000), f"{len(codes)} of {FLOOD} validations answered"
+            reply = decode_reply(flooder.recv_multipart())
+            assert reply.kind in ("error", "result"), reply
+            codes.append(reply.error["code"] if reply.kind == "error"
+                         else reply.result["problems"][0]["code"])
+        assert set(codes) <= {"lora_invalid", "too_large"}, codes
+        refused = [c for c in codes if c == "too_large"]
+        assert len(codes) - len(refused) >= 1  # the first ones were looked at
+        status = client.status()["file_workers"]
+        assert status["per_client"] == DEFAULT_LIMITS.max_file_ops_per_client
+        assert status["busy"] == 0 and status["refused"] >= len(refused)
+    finally:
+        flooder.close()
