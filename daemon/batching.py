@@ -167,8 +167,12 @@ class StepCost:
 class SlabScheduler:
     """Decodes the steps of one slab's sequences, a batch per step (see the module)."""
 
-    def __init__(self, slab: llama.Slab, budget: int, cost: StepCost | None = None) -> None:
+    def __init__(self, slab: llama.Slab, budget: int, cost: StepCost | None = None,
+                 cores: trio.Lock | None = None) -> None:
         self.slab = slab
+        self.cores = cores if cores is not None else trio.Lock()
+        """Held while a step decodes, shared by the slabs of one model: two of them never
+        decode at once on the same cores (they would only slow each other down)."""
         self.budget = max(1, min(budget, slab.n_batch))
         self.free_ids = list(range(slab.n_seq))
         self.sequences: dict[int, llama.Sequence] = {}
@@ -301,7 +305,7 @@ class SlabScheduler:
                 if trio.current_time() >= deadline:
                     break
             batch = self._pick()
-            async with self._stepping:
+            async with self._stepping, self.cores:
                 started = time.perf_counter()
                 await trio.to_thread.run_sync(self._decode, batch, limiter=DECODE)
             if (batch and not self.widened
@@ -462,6 +466,8 @@ class Batcher:
         self.kv = KvShape(*model.kv_widths())
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
+        self.cores = trio.Lock()
+        """Taken by each of the model's slabs for a step (see :class:`SlabScheduler`)."""
         self.costs: dict[SlabKey, StepCost] = {}
         """Step costs learnt per kind of slab, kept when its slabs go: a context created
         after the last one closed drafts from the first step on what steps are known to cost."""
@@ -500,7 +506,8 @@ class Batcher:
                 log.info("slab_widened", model=self.model_id, sequences=n_seq, moved=moved,
                          n_ctx_seq=slab.n_ctx_seq, kv_bytes=nbytes, ms=ms)
                 return growing, growing.attach(key.n_ctx_seq)
-            scheduler = SlabScheduler(slab, self.budget, self.costs.setdefault(key, StepCost()))
+            scheduler = SlabScheduler(slab, self.budget, self.costs.setdefault(key, StepCost()),
+                                      self.cores)
             scheduler.reservation = self.memory.reserve(what, nbytes)
             scope = await self._nursery.start(self._serve, scheduler)
             self.slabs.setdefault(key, []).append((scheduler, scope))
