@@ -102,17 +102,22 @@ def test_copying_batched_and_speculative_is_the_output_alone(gemma_daemon: Daemo
 
 def test_the_same_request_again_is_drafted_from_memory(gemma_daemon: DaemonProcess,
                                                        gemma: Path) -> None:
-    # open text that does not repeat itself: n-grams of the request itself find little
+    """What lorad promises: a request sent again to a context drafts from the context's memory
+    of its earlier answer, and where the new answer repeats the old one, those drafts are
+    accepted. Not promised: how much of the first answer its own n-grams draft (that depends
+    on the text, which differs from CPU to CPU), nor that the two answers never part (a near
+    tie can fall the other way under another batch shape: Q4_K's multi-row kernels round
+    differently; the memory's drafts after that point are rejected)."""
     prompt = "Here are some tips for staying healthy during the winter:\n\n1."
     with gemma_daemon.client() as c, c.create_context(gemma, n_ctx=1024) as ctx:
-        first = ctx.generate(prompt, max_tokens=96, temperature=0, speculative=LOOKUP)
-        first.collect()
-        again = ctx.generate(prompt, max_tokens=96, temperature=0, speculative=LOOKUP)
-        again.collect()
-    # (the two outputs may part where a near tie falls the other way under another batch
-    # shape: Q4_K's multi-row kernels round differently; the drafts after that are rejected)
-    m = again.metrics
-    assert first.metrics["memory_drafted_tokens"] == 0
-    assert m["memory_drafted_tokens"] >= 10, m  # the answer it gave before (35-101 drafted
-    # in probes; fewer where the answers part early)
-    assert m["accepted_tokens"] >= 10 > first.metrics["accepted_tokens"], (m, first.metrics)
+        runs = []
+        for _ in range(2):
+            stream = ctx.generate(prompt, max_tokens=96, temperature=0, speculative=LOOKUP)
+            runs.append(([t for chunk in stream for t in chunk.token_ids], stream.metrics))
+    (first, m1), (again, m2) = runs
+    pairs = enumerate(zip(first, again, strict=False))
+    shared = next((i for i, (a, b) in pairs if a != b), min(len(first), len(again)))
+    assert m1["memory_drafted_tokens"] == 0, m1  # nothing in memory yet
+    assert m2["memory_drafted_tokens"] >= min(10, shared), (shared, m2)
+    if shared >= 32:  # a repeated stretch of the answer is drafted and accepted
+        assert m2["accepted_tokens"] >= shared // 2, (shared, m2)
