@@ -3,8 +3,10 @@
 An adapter is loaded the first time a context (or a request) asks for it on a model, counted
 while stacks hold it, and freed when the last holder lets go (or with its model). A file that
 changed on disk (device, inode, size or mtime) is a new version: it is loaded afresh, never
-served stale. Loading and freeing adapters of one model are serialised (llama.cpp keeps a
-per-model set of adapters).
+served stale. A file is read once into a private snapshot (:mod:`.snapshot`), which is checked
+and then given to llama.cpp: a client that rewrites the file meanwhile gets an error for its
+request, never a daemon that reads a half-written file. Loading and freeing adapters of one
+model are serialised (llama.cpp keeps a per-model set of adapters).
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ from typing import Any
 
 import trio
 
-from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol import DEFAULT_LIMITS, ErrorCode, ProtocolError
 
 from . import llama
+from .errors import LlamaError
 from .logs import log
-from .lora import AdapterInfo, FileIdentity, ModelTensors, incompatibilities, inspect_adapter
+from .lora import (
+    AdapterInfo,
+    ModelTensors,
+    incompatibilities,
+    inspect_adapter,
+    inspect_snapshot,
+)
 from .metrics import Metrics
 from .registry import LoadedModel, unloaded
+from .snapshot import FileIdentity, changed, identity_of, snapshot
 from .workers import FileWorkers
 
 Key = tuple[str, str, FileIdentity]
@@ -61,11 +71,14 @@ class AdapterCache:
     """Loads, shares and frees adapters; every public method may be called from trio tasks."""
 
     def __init__(self, files: FileWorkers, max_bytes: int = 4 * 1024**3,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *,
+                 max_file_bytes: int = DEFAULT_LIMITS.max_adapter_file_bytes) -> None:
         self.files = files
         """The pool that reads and parses adapter files (see :mod:`.workers`)."""
         self.max_bytes = max_bytes
         """Total adapter tensor bytes allowed (``limits.max_adapter_bytes``)."""
+        self.max_file_bytes = max_file_bytes
+        """The largest adapter file read (``limits.max_adapter_file_bytes``)."""
         self.metrics = metrics
         self._entries: dict[Key, LoadedAdapter] = {}
         self._loading: dict[Key, trio.Event] = {}
@@ -93,7 +106,7 @@ class AdapterCache:
 
         Raises ``lora_file_not_found``/``lora_invalid`` for a file that is not a LoRA adapter.
         """
-        info = await self.files.run(inspect_adapter, path)
+        info = await self.files.run(inspect_adapter, path, self.max_file_bytes)
         return info, incompatibilities(info, await self.model_tensors(model))
 
     async def acquire(self, model: LoadedModel, path: Path) -> LoadedAdapter:
@@ -101,7 +114,7 @@ class AdapterCache:
 
         Every check runs before llama.cpp sees the file; the caller must :meth:`release` it.
         """
-        identity = await self.files.run(FileIdentity.of, path)
+        identity = await self.files.run(identity_of, path)
         key = (model.id, str(path), identity)
         while key in self._loading:
             await self._loading[key].wait()
@@ -116,24 +129,12 @@ class AdapterCache:
         return self.hold(entry)
 
     async def _load(self, model: LoadedModel, path: Path, key: Key) -> LoadedAdapter:
-        info, problems = await self.validate(model, path)
-        if problems:
-            wire = [p.to_wire() for p in problems]
-            first = problems[0]
-            raise ProtocolError(first.code, first.message, **first.details, problems=wire)
-        loaded = sum(e.info.nbytes for e in self._entries.values())
-        if loaded + info.nbytes > self.max_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE,
-                                f"{path.name} needs {info.nbytes} bytes; loaded adapters hold "
-                                f"{loaded} of limits.max_adapter_bytes ({self.max_bytes})",
-                                path=str(path), limit="max_adapter_bytes", value=self.max_bytes)
-        if info.identity != key[2]:  # rewritten while we read it: try again later
-            raise ProtocolError(ErrorCode.LORA_LOAD_FAILED,
-                                f"{path.name} changed while it was being read; retry",
-                                path=str(path))
+        tensors = await self.model_tensors(model)
         started = time.perf_counter()
         async with model.using(), self._lock(model):  # an unload waits for the load
-            adapter = await self.files.run(llama.Adapter, model.model, str(path))
+            loaded = sum(e.info.nbytes for e in self._entries.values())
+            info, adapter = await self.files.run(self._load_file, model, path, key[2], tensors,
+                                                 loaded)
         entry = LoadedAdapter(key, model, info, adapter)
         entry.load_ms = (time.perf_counter() - started) * 1000
         if adapter.alora_invocation_tokens is not None and info.alora_invocation_tokens is None:
@@ -144,6 +145,35 @@ class AdapterCache:
         log.info("adapter_loaded", model=model.id, path=str(path), bytes=info.nbytes,
                  ms=round(entry.load_ms, 3))
         return entry
+
+    def _load_file(self, model: LoadedModel, path: Path, identity: FileIdentity,
+                   tensors: ModelTensors, loaded: int) -> tuple[AdapterInfo, llama.Adapter]:
+        """In a file worker: snapshot ``path``, check the snapshot and load it into llama.cpp.
+
+        The snapshot lives only in this call (at most one per model at a time: the caller holds
+        the model's lock), and llama.cpp reads the very bytes that were checked.
+        """
+        with snapshot(path, self.max_file_bytes) as snap:
+            info = inspect_snapshot(snap)
+            if problems := incompatibilities(info, tensors):
+                wire = [p.to_wire() for p in problems]
+                first = problems[0]
+                raise ProtocolError(first.code, first.message, **first.details, problems=wire)
+            if loaded + info.nbytes > self.max_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f"{path.name} needs {info.nbytes} bytes; loaded adapters "
+                                    f"hold {loaded} of limits.max_adapter_bytes "
+                                    f"({self.max_bytes})", path=str(path),
+                                    limit="max_adapter_bytes", value=self.max_bytes)
+            if snap.identity != identity:  # another version than the one asked for: retry
+                raise changed(path)
+            try:
+                adapter = llama.Adapter(model.model, snap.path)
+            except LlamaError as exc:  # name the client's file, not the snapshot
+                raise LlamaError(f"llama.cpp could not load adapter {str(path)!r}", exc.code,
+                                 **{**exc.details, "path": str(path)}) from None
+        adapter.path = str(path)
+        return info, adapter
 
     def hold(self, entry: LoadedAdapter) -> LoadedAdapter:
         """One more reference to an adapter already held (release it with :meth:`release`)."""

@@ -1,11 +1,14 @@
 """LoRA adapter files: name resolution, GGUF inspection and compatibility checks (pure Python).
 
-Every check llama.cpp makes when it loads an adapter is made here first, with the ``gguf``
-package, so that a bad adapter gets a typed, precise error instead of llama.cpp's bare NULL:
+Every check llama.cpp makes when it loads an adapter is made here first, on a private snapshot of
+the file (:mod:`.snapshot`) with a bounded header parser (:mod:`.gguf_header`), so that a bad
+adapter gets a typed, precise error instead of llama.cpp's bare NULL (or its ``abort()`` on a
+key of an unexpected type), and what was checked is what llama.cpp loads:
 
 * ``lora_file_not_found``: no such file (or unreadable); a name that resolves nowhere lists the
   places searched;
-* ``lora_invalid``: not a GGUF, not an adapter (``general.type``/``adapter.type``), a tensor with
+* ``lora_invalid``: not a GGUF, a header past its bounds or cut short, not an adapter
+  (``general.type``/``adapter.type``), a key of a type llama.cpp does not expect, a tensor with
   an unexpected suffix, a ``lora_a`` without its ``lora_b``, ranks that disagree;
 * ``lora_incompatible``: another architecture, a target tensor the model lacks, a shape that does
   not fit the model's tensor.
@@ -16,35 +19,26 @@ Shapes are reported in numpy order (rows, columns): a weight ``W`` is ``(n_out, 
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gguf
+from lorad.protocol import DEFAULT_LIMITS, ErrorCode, ProtocolError, looks_like_path
 
-from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
-
+from .gguf_header import (
+    ADAPTER_BOUNDS,
+    FLOAT32,
+    MODEL_BOUNDS,
+    STRING,
+    TYPE_NAMES,
+    GGUFError,
+    read_header,
+)
 from .paths import AllowedDirs, check_path_text
+from .snapshot import FileIdentity, Snapshot, snapshot
 
 SUFFIXES = (".lora_a", ".lora_b")
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """What says a file is still the one that was loaded: device, inode, size, mtime."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: Path) -> FileIdentity:
-        st = path.stat()
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _is_adapter(path: Path) -> bool:
@@ -148,57 +142,67 @@ def _invalid(path: Path, message: str, **details: Any) -> ProtocolError:
                          **details)
 
 
-def _field(reader: gguf.GGUFReader, key: str) -> Any:
-    f = reader.get_field(key)
-    return None if f is None else f.contents()
+def _header_invalid(path: Path, exc: GGUFError) -> ProtocolError:
+    details: dict[str, Any] = {} if exc.bound is None else {"bound": exc.bound,
+                                                             "value": exc.value}
+    return _invalid(path, exc.message, **details)
 
 
-def _shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
-    """numpy order: the reverse of ggml's ``ne``."""
-    return tuple(int(n) for n in reversed(tensor.shape.tolist()))
+_TYPED_KEYS = {"general.type": STRING, "general.architecture": STRING, "adapter.type": STRING,
+               "adapter.lora.alpha": FLOAT32}
+"""Keys llama.cpp reads with a typed getter, which aborts the process on another type."""
 
 
-def inspect_adapter(path: Path) -> AdapterInfo:
-    """Read and check an adapter file's header and tensor table; raises ``lora_invalid``."""
-    try:
-        identity = FileIdentity.of(path)
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise ProtocolError(ErrorCode.LORA_FILE_NOT_FOUND, f"cannot read {str(path)!r}: {exc}",
-                            path=str(path)) from None
-    if magic != b"GGUF":
-        raise _invalid(path, "not a GGUF file (bad magic)", magic=magic.hex())
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the gguf reader raises ValueError, IndexError, struct errors
-        raise _invalid(path, f"unreadable GGUF ({type(exc).__name__}: {exc})") from None
-    general_type = _field(reader, "general.type")
+def _check_general_type(path: Path, kv: dict[str, Any]) -> None:
+    general_type = kv.get("general.type")
     if general_type != "adapter":
         raise _invalid(path, f"general.type is {general_type!r}, not 'adapter' (is this a model?)",
                        general_type=general_type)
-    adapter_type = _field(reader, "adapter.type")
+
+
+def inspect_snapshot(snap: Snapshot) -> AdapterInfo:
+    """Check an adapter's header and tensor table in its snapshot (what :func:`inspect_adapter`
+    does, for a snapshot that is then loaded); raises ``lora_invalid``."""
+    path = snap.origin
+    magic = os.pread(snap.fd, 4, 0)
+    if magic != b"GGUF":
+        raise _invalid(path, "not a GGUF file (bad magic)", magic=magic.hex())
+    try:
+        header, size = read_header(snap.fd, ADAPTER_BOUNDS)
+    except GGUFError as exc:
+        if exc.kv.get("general.type", "adapter") != "adapter":  # a model's vocabulary, say
+            _check_general_type(path, exc.kv)
+        raise _header_invalid(path, exc) from None
+    kv, types = header.kv, header.types
+    _check_general_type(path, kv)
+    adapter_type = kv.get("adapter.type")
     if adapter_type != "lora":
         raise _invalid(path, f"adapter.type is {adapter_type!r}, not 'lora'",
                        adapter_type=adapter_type)
-    alpha = _field(reader, "adapter.lora.alpha")
-    invocation = _field(reader, "adapter.alora.invocation_tokens")
+    for key, want in _TYPED_KEYS.items():
+        if key in types and types[key] != want:
+            raise _invalid(path, f"{key} is of type {TYPE_NAMES[types[key]]}, not "
+                                 f"{TYPE_NAMES[want]} (llama.cpp would abort)", key=key)
+    invocation = kv.get("adapter.alora.invocation_tokens")
+    if "adapter.alora.invocation_tokens" in types and not (
+            isinstance(invocation, list)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in invocation)):
+        raise _invalid(path, "adapter.alora.invocation_tokens is not an array of integers")
     a_shapes: dict[str, tuple[int, ...]] = {}
     b_shapes: dict[str, tuple[int, ...]] = {}
     nbytes = 0
-    file_size = identity.size
-    for t in reader.tensors:
+    for t in header.tensors:
         if t.name.endswith(".lora_a"):
-            a_shapes[t.name.removesuffix(".lora_a")] = _shape(t)
+            a_shapes[t.name.removesuffix(".lora_a")] = t.shape
         elif t.name.endswith(".lora_b"):
-            b_shapes[t.name.removesuffix(".lora_b")] = _shape(t)
+            b_shapes[t.name.removesuffix(".lora_b")] = t.shape
         else:
             raise _invalid(path, f"tensor {t.name!r} has neither a .lora_a nor a .lora_b suffix",
                            tensor=t.name)
-        if t.data_offset + t.n_bytes > file_size:
+        if header.data_start + t.offset + t.nbytes > size:
             raise _invalid(path, f"tensor {t.name!r} lies beyond the end of the file "
                                  "(truncated?)", tensor=t.name)
-        nbytes += int(t.n_bytes)
+        nbytes += t.nbytes
     if not a_shapes and not b_shapes:
         raise _invalid(path, "the adapter has no LoRA tensors")
     targets: dict[str, LoraPair] = {}
@@ -216,78 +220,44 @@ def inspect_adapter(path: Path) -> AdapterInfo:
                                  f"lora_b {b} ({b[1]})",
                            tensor=base, lora_a=list(a), lora_b=list(b))
         targets[base] = LoraPair(a, b)
+    alpha = kv.get("adapter.lora.alpha")
     return AdapterInfo(
-        path=path, identity=identity,
-        architecture=_field(reader, "general.architecture"),
-        alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
-        name=_field(reader, "general.name"),
+        path=path, identity=snap.identity,
+        architecture=kv.get("general.architecture"),
+        alpha=float(alpha) if isinstance(alpha, float) else None,
+        name=name if isinstance(name := kv.get("general.name"), str) else None,
         targets=targets, nbytes=nbytes,
-        alora_invocation_tokens=[int(t) for t in invocation] if invocation is not None else None,
+        alora_invocation_tokens=list(invocation) if invocation is not None else None,
     )
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}
+def inspect_adapter(path: Path, max_bytes: int = DEFAULT_LIMITS.max_adapter_file_bytes
+                    ) -> AdapterInfo:
+    """Read and check an adapter file's header and tensor table, from a private snapshot of it
+    (at most ``max_bytes``); raises ``lora_invalid`` (and the errors of :func:`snapshot`)."""
+    with snapshot(path, max_bytes) as snap:
+        return inspect_snapshot(snap)
 
 
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """A GGUF file's scalar and string metadata (arrays skipped) and its tensors' shapes in
-    numpy order, read straight from the header.
+    numpy order, read from its header with ordinary reads (never a memory map) within
+    :data:`MODEL_BOUNDS`; raises :class:`GGUFError` or ``OSError``."""
+    with open(path, "rb") as f:
+        header, _ = read_header(f.fileno(), MODEL_BOUNDS)
+    return header.scalars(), {t.name: t.shape for t in header.tensors}
 
-    ``gguf.GGUFReader`` builds an object per array element: on a model with a 262,144-entry
-    vocabulary that takes over ten seconds and tens of MiB, where this takes a fraction of one.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ValueError("not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported")
-        pos = 24
 
-        def string() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            text = bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", "replace")
-            pos += 8 + n
-            return text
-
-        def skip(kind: int, count: int) -> None:
-            nonlocal pos
-            if kind == 8:
-                for _ in range(count):
-                    (n,) = struct.unpack_from("<Q", buf, pos)
-                    pos += 8 + n
-            elif kind == 9:
-                for _ in range(count):
-                    sub, sub_count = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    skip(sub, sub_count)
-            else:
-                pos += struct.calcsize(_SCALARS[kind]) * count
-
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if kind == 8:
-                meta[key] = string()
-            elif kind == 9:
-                sub, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                skip(sub, count)
-            else:
-                (meta[key],) = struct.unpack_from(_SCALARS[kind], buf, pos)
-                pos += struct.calcsize(_SCALARS[kind])
-        shapes: dict[str, tuple[int, ...]] = {}
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = struct.unpack_from("<I", buf, pos)
-            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-            pos += 4 + 8 * n_dims + 4 + 8  # dims, type, offset
-            shapes[name] = tuple(int(d) for d in reversed(dims))
-    return meta, shapes
+def read_model_header(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """:func:`read_gguf_header` of a loaded model's file, for checking an adapter against it;
+    ``lora_load_failed`` where the file cannot be read (changed since it was loaded?)."""
+    try:
+        return read_gguf_header(path)
+    except (OSError, GGUFError) as exc:
+        raise ProtocolError(ErrorCode.LORA_LOAD_FAILED,
+                            f"cannot read the model file {str(path)!r} to check the adapter "
+                            f"against it (changed since it was loaded?): {exc}",
+                            model_path=str(path)) from None
 
 
 @dataclass(frozen=True)
@@ -299,8 +269,9 @@ class ModelTensors:
 
     @classmethod
     def read(cls, path: Path) -> ModelTensors:
-        meta, shapes = read_gguf_header(path)
-        return cls(meta.get("general.architecture"), shapes)
+        meta, shapes = read_model_header(path)
+        arch = meta.get("general.architecture")
+        return cls(arch if isinstance(arch, str) else None, shapes)
 
 
 def expected_pair_shapes(target: str, weight: tuple[int, ...], rank: int

@@ -24,6 +24,11 @@ adapters are refused (``tied_embeddings``). The copy of those modules' weights t
 beside them (``base_layer.weight``) is not part of the adapter and is skipped.
 
 What cannot be converted faithfully is refused with ``lora_unsupported`` and the reason.
+
+Files. Both files are read once into private memory (:class:`PeftFiles`, bounded by
+``limits.max_adapter_file_bytes``; a file that changes while it is read is refused), never
+memory-mapped: the cache key, the checks and the conversion see the same bytes, and a client that
+truncates the weights meanwhile cannot crash the daemon.
 """
 
 from __future__ import annotations
@@ -32,15 +37,17 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from lorad.protocol import ErrorCode, ProtocolError
+from lorad.protocol import DEFAULT_LIMITS, ErrorCode, ProtocolError
 
-from .lora import expected_pair_shapes, read_gguf_header
+from .lora import expected_pair_shapes, read_model_header
+from .snapshot import read_private
 
 CONVERTER_VERSION = 2
 """Part of the cache key: a converted file from an older converter is converted again."""
@@ -67,17 +74,40 @@ def is_peft_dir(path: Path) -> bool:
     return path.is_dir() and (path / "adapter_config.json").is_file()
 
 
-def content_hash(peft_dir: Path) -> str:
-    """A digest of the adapter's config and weights (what a converted file is cached under)."""
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        f = peft_dir / name
-        h.update(name.encode())
-        if f.is_file():
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:32]
+CONFIG_MAX_BYTES = 1024 * 1024
+"""The largest ``adapter_config.json`` read (real ones are a few KiB)."""
+
+
+@dataclass(frozen=True)
+class PeftFiles:
+    """Private copies of a PEFT adapter's two files, read once (see :mod:`.snapshot`): the
+    cache key, the checks and the conversion all see the same bytes."""
+
+    config: bytes
+    weights: bytes | None
+    """None: there is no ``adapter_model.safetensors``."""
+
+    @classmethod
+    def read(cls, peft_dir: Path, max_bytes: int = DEFAULT_LIMITS.max_adapter_file_bytes
+             ) -> PeftFiles:
+        """Both files of ``peft_dir``, the weights bounded by ``max_bytes``
+        (``limits.max_adapter_file_bytes``), the config by :data:`CONFIG_MAX_BYTES`; raises
+        ``too_large``, ``lora_file_not_found`` or ``lora_load_failed`` (changed meanwhile)."""
+        config, _ = read_private(peft_dir / "adapter_config.json", CONFIG_MAX_BYTES,
+                                 "the bound of an adapter_config.json")
+        weights_file = peft_dir / "adapter_model.safetensors"
+        weights = read_private(weights_file, max_bytes)[0] if weights_file.is_file() else None
+        return cls(config, weights)
+
+    def digest(self) -> str:
+        """A digest of the config and the weights (what a converted file is cached under)."""
+        h = hashlib.sha256()
+        for name, data in (("adapter_config.json", self.config),
+                           ("adapter_model.safetensors", self.weights)):
+            h.update(name.encode())
+            if data is not None:
+                h.update(data)
+        return h.hexdigest()[:32]
 
 
 def _refuse(path: Path, reason: str, message: str, **details: Any) -> ProtocolError:
@@ -129,13 +159,19 @@ def pattern_value(patterns: list[tuple[re.Pattern, Any]], module: str, default: 
     return next((v for p, v in patterns if p.match(module)), default)
 
 
-def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
-    """Write the llama.cpp LoRA GGUF for ``peft_dir`` and the model at ``model_path``."""
-    from safetensors.numpy import load_file
+def convert_peft(peft_dir: Path, model_path: Path, out: Path, *,
+                 max_bytes: int = DEFAULT_LIMITS.max_adapter_file_bytes) -> Path:
+    """Write the llama.cpp LoRA GGUF for ``peft_dir`` and the model at ``model_path``, from
+    private copies of the adapter's files (the weights at most ``max_bytes``)."""
+    return _convert(peft_dir, PeftFiles.read(peft_dir, max_bytes), model_path, out)
+
+
+def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> Path:
+    from safetensors.numpy import load
 
     try:
-        config = json.loads((peft_dir / "adapter_config.json").read_text())
-    except (OSError, ValueError) as exc:
+        config = json.loads(files.config)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting 1 MiB deep
         raise _invalid(peft_dir, f"unreadable adapter_config.json: {exc}") from None
     if not isinstance(config, dict):
         raise _invalid(peft_dir, "adapter_config.json is not an object")
@@ -148,16 +184,15 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
     if config.get("modules_to_save"):
         raise _refuse(peft_dir, "modules_to_save", "modules_to_save holds whole trained modules "
                       f"({config['modules_to_save']}), which a LoRA GGUF cannot carry")
-    weights_file = peft_dir / "adapter_model.safetensors"
-    if not weights_file.is_file():
+    if files.weights is None:
         raise _refuse(peft_dir, "no_safetensors", "adapter_model.safetensors is missing (a "
                       ".bin adapter needs torch to read: re-save it with safe_serialization)")
     try:
-        tensors = load_file(str(weights_file))
+        tensors = load(files.weights)  # copies out of the snapshot: no map of the file
     except Exception as exc:
         raise _invalid(peft_dir, f"unreadable adapter_model.safetensors: {exc}") from None
 
-    meta, shapes = read_gguf_header(model_path)
+    meta, shapes = read_model_header(model_path)
     arch = meta.get("general.architecture")
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_enum is None:
@@ -276,14 +311,17 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path) -> Path:
     return out
 
 
-def cached_conversion(peft_dir: Path, model_path: Path, cache: Path) -> Path:
+def cached_conversion(peft_dir: Path, model_path: Path, cache: Path, *,
+                      max_bytes: int = DEFAULT_LIMITS.max_adapter_file_bytes) -> Path:
     """The converted GGUF for (``peft_dir``'s content, the model's architecture and shapes, the
-    converter's version), converted once and kept in ``cache``."""
-    meta, _ = read_gguf_header(model_path)
+    converter's version), converted once and kept in ``cache`` (loading it reads a snapshot of
+    it, as of any adapter file)."""
+    files = PeftFiles.read(peft_dir, max_bytes)
+    meta, _ = read_model_header(model_path)
     st = model_path.stat()
-    key = hashlib.sha256(f"{CONVERTER_VERSION}:{content_hash(peft_dir)}:{model_path.resolve()}:"
+    key = hashlib.sha256(f"{CONVERTER_VERSION}:{files.digest()}:{model_path.resolve()}:"
                          f"{st.st_size}:{st.st_mtime_ns}".encode())
     out = cache / f"{peft_dir.name}-{meta.get('general.architecture')}-{key.hexdigest()[:16]}.gguf"
     if not out.is_file():
-        convert_peft(peft_dir, model_path, out)
+        _convert(peft_dir, files, model_path, out)
     return out
