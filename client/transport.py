@@ -74,7 +74,8 @@ _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class ZmqTransport:
-    """A DEALER socket connected to ``endpoint``, with a monitor for disconnects."""
+    """A DEALER socket connected to ``endpoint``, with a monitor for handshakes and
+    disconnects: ``connected`` is what the monitor said last, and sends wait for it."""
 
     def __init__(self, endpoint: str, curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
@@ -89,21 +90,32 @@ class ZmqTransport:
         self._lost = False  # a disconnect not reported yet
 
     def send(self, frames: list[bytes], timeout: float) -> bool:
+        # Never hand a message to zmq while the monitor said the connection is down: the
+        # socket may not have dropped that connection's pipe yet, and a message queued there
+        # is lost with no second disconnect to report it (the request would wait its timeout).
         deadline = None
         while True:
-            try:
-                self._sock.send_multipart(frames, _NOBLOCK)
-                return True
-            except zmq.Again:
-                now = time.monotonic()
-                deadline = now + timeout if deadline is None else deadline
-                remaining = deadline - now
-                if remaining <= 0:
-                    return False
-                self._sock.poll(int(min(remaining, 0.05) * 1000) + 1, zmq.POLLOUT)
-                self._read_monitor()
+            if self.connected:
+                try:
+                    self._sock.send_multipart(frames, _NOBLOCK)
+                    return True
+                except zmq.Again:
+                    pass
+            now = time.monotonic()
+            deadline = now + timeout if deadline is None else deadline
+            remaining = deadline - now
+            if remaining <= 0:
+                return False
+            wait_ms = int(min(remaining, 0.05) * 1000) + 1
+            if self.connected:  # a pipe not attached yet, or a full one
+                self._sock.poll(wait_ms, zmq.POLLOUT)
+            else:  # a handshake is what can change that
+                self._monitor.poll(wait_ms, zmq.POLLIN)
+            self._read_monitor()
 
     def send_nowait(self, frames: list[bytes]) -> bool:
+        if not self.connected:
+            return False
         try:
             self._sock.send_multipart(frames, _NOBLOCK)
             return True

@@ -67,6 +67,10 @@ class ZmqPump:
         finally:
             self._wait_scope = None
 
+    def drop_queued(self) -> None:
+        """Forget the messages not sent yet (their connection is gone)."""
+        self._out.clear()
+
     def _send_one(self) -> None:
         try:
             self.sock.send_multipart(self._out.popleft(), zmq.NOBLOCK)
@@ -87,7 +91,8 @@ class TrioZmqTransport:
     """The trio client's ZeroMQ transport: a DEALER socket connected to ``endpoint``.
 
     :meth:`run` pumps the socket and its monitor; a disconnect is delivered as
-    :data:`~lorad.client.core.CONNECTION_LOST`, and sends wait for a connection."""
+    :data:`~lorad.client.core.CONNECTION_LOST` (what was queued for that connection is
+    dropped), and sends wait for the next handshake, up to their timeout."""
 
     def __init__(self, endpoint: str, curve: CurveKeys | None = None) -> None:
         self.endpoint = endpoint
@@ -109,6 +114,9 @@ class TrioZmqTransport:
                 self._connected.set()
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected = trio.Event()
+                # What waits for that connection's pipe belongs to requests that fail now:
+                # sent on the next connection, it would run with nobody waiting for it.
+                self._pump.drop_queued()
                 deliver(CONNECTION_LOST)
 
         async with trio.open_nursery() as nursery:

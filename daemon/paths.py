@@ -35,33 +35,57 @@ PATH_MAX, NAME_MAX = 4096, 255
 
 
 def check_path_text(ref: str, field: str = "path") -> None:
-    """``bad_request`` for a reference no file can have: a NUL byte, a path longer than
-    ``PATH_MAX`` or a name longer than ``NAME_MAX`` (the file system would raise instead)."""
+    """``bad_request`` for a reference no file can have: a NUL byte, text that is no file name
+    (a lone surrogate), a path longer than ``PATH_MAX`` or a name longer than ``NAME_MAX`` (the
+    file system would raise instead), or a leading ``~user`` that names no home directory."""
     problem = None
+    try:
+        raw = os.fsencode(ref)
+    except UnicodeEncodeError:
+        raw = b""
+        problem = "is not valid text for a file name"
     if "\x00" in ref:
         problem = "contains a NUL byte"
-    else:
-        raw = os.fsencode(ref)
-        if len(raw) > PATH_MAX:
-            problem = f"is longer than {PATH_MAX} bytes"
-        elif any(len(part) > NAME_MAX - len(".gguf") for part in raw.split(b"/")):
-            problem = f"has a name longer than {NAME_MAX - len('.gguf')} bytes"
+    elif len(raw) > PATH_MAX:
+        problem = f"is longer than {PATH_MAX} bytes"
+    elif any(len(part) > NAME_MAX - len(".gguf") for part in raw.split(b"/")):
+        problem = f"has a name longer than {NAME_MAX - len('.gguf')} bytes"
     if problem is not None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{field}: {echo(ref)!r} {problem}",
                             field=field)
+    expand_user(ref, field)
+
+
+def expand_user(ref: str | Path, field: str = "path") -> Path:
+    """``ref`` with a leading ``~`` or ``~user`` expanded (``Path.expanduser``, which raises
+    ``RuntimeError`` where there is no such home directory): ``bad_request`` for a user the
+    system does not know, or a ``~`` with no home directory."""
+    path = Path(ref)
+    if not str(ref).startswith("~"):
+        return path
+    try:
+        return path.expanduser()
+    except (RuntimeError, KeyError, ValueError) as exc:
+        head = str(ref).split("/", 1)[0]
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"{field}: {echo(str(ref))!r} starts with {echo(head)!r}, which names no home "
+            f"directory ({'no such user' if head != '~' else 'no home directory'})",
+            field=field, path=str(ref),
+        ) from exc
 
 
 class AllowedDirs:
     """The directories files may be loaded from; symlinks are resolved before the check."""
 
     def __init__(self, dirs: list[str | Path]) -> None:
-        self.dirs = [Path(d).expanduser().resolve() for d in dirs]
+        self.dirs = [expand_user(d, "allowed_dirs").resolve() for d in dirs]
 
     def check(self, path: str | Path, what: str = "file", *, directory: bool = False) -> Path:
         """Return the resolved path, or raise ``forbidden_path`` / ``not_found`` (a regular
         file is expected, or a directory with ``directory=True``)."""
         check_path_text(str(path))
-        resolved = Path(path).expanduser().resolve()
+        resolved = expand_user(path).resolve()
         if not any(resolved == d or resolved.is_relative_to(d) for d in self.dirs):
             raise ProtocolError(
                 ErrorCode.FORBIDDEN_PATH,

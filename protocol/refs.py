@@ -14,9 +14,15 @@ def looks_like_path(ref: str) -> bool:
 
 def absolute_ref(ref: str | os.PathLike) -> str:
     """``ref`` for another process: a path (a PathLike, or what :func:`looks_like_path`
-    says is one) becomes absolute, ``~`` expanded; a name stays a name."""
+    says is one) becomes absolute, ``~`` expanded; a name stays a name. A ``~user`` that names
+    no home directory here stays as it is (not a path under the working directory, as
+    ``os.path.expanduser`` would leave it): the daemon refuses it with ``bad_request``."""
     if isinstance(ref, os.PathLike) or looks_like_path(ref):
-        return os.path.abspath(os.path.expanduser(os.fspath(ref)))
+        text = os.fspath(ref)
+        expanded = os.path.expanduser(text)
+        if expanded.startswith("~"):
+            return text
+        return os.path.abspath(expanded)
     return ref
 
 

@@ -2,21 +2,27 @@
 
 A scripted daemon answers through in-memory transports (the seam of ``lorad.client.transport``):
 reply routing, stream order checks, credit, cancel, connection loss and error mapping are tested
-here for the sync and the trio client alike. The last tests cover ``lorad serve``'s flags, now
-applied by ``lorad.daemon.config.apply_overrides``.
+here for the sync and the trio client alike. Then the ZeroMQ transports' connection state, with
+a bare ROUTER socket and a stand-in for the socket monitor. The last tests cover ``lorad
+serve``'s flags, now applied by ``lorad.daemon.config.apply_overrides``.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import shutil
+import struct
+import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import zmq
 
 from lorad.client import (
     AsyncClient,
@@ -552,6 +558,143 @@ async def test_async_client_body_cancellation_is_not_swallowed(daemon: ScriptedD
         async with AsyncClient(ENDPOINT, transport=AsyncMemoryTransport(daemon)):
             await trio.sleep_forever()
     assert scope.cancelled_caught
+
+
+# -- the ZeroMQ transports: connection state from the socket monitor --------------------------
+class FakeMonitor:
+    """Stands in for a DEALER's socket monitor (``get_monitor_socket``), so that a test says
+    when the client learns of a handshake or a disconnect, whatever the socket itself does."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        ctx = zmq.Context.instance()
+        address = f"inproc://fake-monitor-{id(self)}"
+        self.reader = ctx.socket(zmq.PAIR)
+        self.reader.bind(address)
+        self.writer = ctx.socket(zmq.PAIR)
+        self.writer.connect(address)
+        monkeypatch.setattr(zmq.Socket, "get_monitor_socket",
+                            lambda sock, events=None, addr=None: self.reader)
+
+    def emit(self, event: int) -> None:
+        self.writer.send_multipart([struct.pack("=hi", event, 0), b"ipc://fake"])
+
+    def close(self) -> None:
+        self.writer.close(linger=0)
+        self.reader.close(linger=0)
+
+
+@pytest.fixture
+def monitor(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeMonitor]:
+    m = FakeMonitor(monkeypatch)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def router() -> Iterator[tuple[str, zmq.Socket]]:
+    """A daemon's socket that answers nothing by itself, on a short ipc path."""
+    folder = tempfile.mkdtemp(prefix="lorad-t-")
+    endpoint = f"ipc://{folder}/d.sock"
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    yield endpoint, sock
+    sock.close(linger=0)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (5 s at most) until ``condition()`` holds."""
+    with trio.fail_after(5):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+def answer_ping(sock: zmq.Socket) -> RequestId:
+    """Answer the next request (a ping) on a ROUTER socket; its id."""
+    peer, *frames = sock.recv_multipart()
+    request = decode_request(frames)
+    assert request.op == "ping"
+    sock.send_multipart([peer, *reply("result", request.id, result={"pong": True})])
+    return request.id
+
+
+def test_a_request_while_the_monitor_says_down_fails_within_connect_timeout(
+        monitor: FakeMonitor, router: tuple[str, zmq.Socket]) -> None:
+    """The monitor's disconnect can come before the socket drops the connection's pipe: a
+    request sent then was queued on that pipe and lost, and waited its whole timeout
+    (``RequestTimeout``) instead of failing within ``connect_timeout``."""
+    endpoint, sock = router
+    with Client(endpoint, timeout=3, connect_timeout=0.3) as client:
+        monitor.emit(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        pinger = threading.Thread(target=answer_ping, args=(sock,))
+        pinger.start()
+        assert client.ping() == {"pong": True}
+        pinger.join()
+        monitor.emit(zmq.EVENT_DISCONNECTED)  # the socket's pipe is still there
+        started = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match="no lorad daemon answers"):
+            client.ping()
+        assert time.monotonic() - started < 1.5
+        assert sock.poll(100) == 0  # nothing was handed to the old connection
+        monitor.emit(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # connected again: requests go through
+        pinger = threading.Thread(target=answer_ping, args=(sock,))
+        pinger.start()
+        assert client.ping() == {"pong": True}
+        pinger.join()
+
+
+async def test_async_request_while_the_monitor_says_down_fails_within_connect_timeout(
+        monitor: FakeMonitor, router: tuple[str, zmq.Socket]) -> None:
+    endpoint, sock = router
+    async with AsyncClient(endpoint, timeout=3, connect_timeout=0.3) as client:
+        monitor.emit(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, answer_ping, sock)
+            assert await client.ping() == {"pong": True}
+        monitor.emit(zmq.EVENT_DISCONNECTED)
+        await until(lambda: not client._transport._connected.is_set())  # the pump took it in
+        started = trio.current_time()
+        with pytest.raises(DaemonUnavailable, match="no lorad daemon answers"):
+            await client.ping()
+        assert trio.current_time() - started < 1.5
+        assert sock.poll(100) == 0
+
+
+async def test_async_a_request_queued_for_a_lost_connection_is_not_sent_on_the_next(
+        monitor: FakeMonitor) -> None:
+    """What waited for a connection that was lost failed with it; it must not run on the
+    daemon the client connects to next (nobody waits for its answer)."""
+    folder = tempfile.mkdtemp(prefix="lorad-t-")
+    endpoint = f"ipc://{folder}/d.sock"
+    try:
+        async with AsyncClient(endpoint, timeout=3, connect_timeout=0.3) as client:
+            monitor.emit(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # said, but no pipe: nobody listens
+            async with trio.open_nursery() as nursery:
+                async def lost_ping() -> None:
+                    with pytest.raises(DaemonUnavailable, match="went away"):
+                        await client.ping()
+
+                nursery.start_soon(lost_ping)
+                await until(lambda: bool(client._transport._pump._out))  # the ping waits there
+                monitor.emit(zmq.EVENT_DISCONNECTED)
+            sock = zmq.Context.instance().socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            try:
+                sock.bind(endpoint)
+                monitor.emit(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                async with trio.open_nursery() as nursery:
+                    async def answer() -> None:
+                        answered.append(await trio.to_thread.run_sync(answer_ping, sock))
+
+                    answered: list[RequestId] = []
+                    nursery.start_soon(answer)
+                    assert await client.ping() == {"pong": True}
+                assert answered == [2]  # the first ping (id 1) never reached the daemon
+            finally:
+                sock.close(linger=0)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- lorad serve's flags (the daemon's config overrides) -------------------------------------------

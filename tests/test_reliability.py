@@ -11,17 +11,19 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgpack
 import pytest
+import trio
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tinymodels
 from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
-from lorad.client import Client, DaemonUnavailable, ModelLoadFailed, NotFound
+from lorad.client import AsyncClient, Client, DaemonUnavailable, ModelLoadFailed, NotFound
 from lorad.protocol import TAG, decode_reply
 
 HERE = Path(__file__).resolve().parent
@@ -138,15 +140,24 @@ def test_bad_model_files_are_typed_errors(client: Client, models_dir: Path, tiny
 
 
 # -- restart -----------------------------------------------------------------------------------
+CONNECT_TIMEOUT = 2.0
+TIMEOUT = 10.0
+"""The restart tests' clients: a request with no connection must fail within the first (plus
+a margin for a loaded machine), far from the second."""
+
+
 def test_clients_survive_a_daemon_restart(tmp_path: Path, models_dir: Path,
                                           tiny_model: Path) -> None:
     d = start_daemon(tmp_path, [models_dir])
-    with Client(d.endpoint, timeout=5, connect_timeout=1) as client:
+    with Client(d.endpoint, timeout=TIMEOUT, connect_timeout=CONNECT_TIMEOUT) as client:
         assert client.ping()["pong"]
         d.proc.kill()
         d.proc.wait()
-        with pytest.raises(DaemonUnavailable):
-            client.ping()
+        for _ in range(2):  # the one that sees the connection go, then one sent knowing it
+            started = time.monotonic()
+            with pytest.raises(DaemonUnavailable):
+                client.ping()
+            assert time.monotonic() - started < CONNECT_TIMEOUT + 1.5
         again = start_daemon(tmp_path, [models_dir])  # same config, same endpoint
         try:
             assert client.ping()["pong"]  # the same client object, reconnected by ZeroMQ
@@ -154,6 +165,29 @@ def test_clients_survive_a_daemon_restart(tmp_path: Path, models_dir: Path,
                 assert ctx.generate(PROMPT, max_tokens=2, temperature=0).collect() is not None
         finally:
             assert again.stop() == 0
+
+
+async def test_trio_clients_survive_a_daemon_restart(tmp_path: Path, models_dir: Path,
+                                                     tiny_model: Path) -> None:
+    d = await trio.to_thread.run_sync(start_daemon, tmp_path, [models_dir])
+    async with AsyncClient(d.endpoint, timeout=TIMEOUT,
+                           connect_timeout=CONNECT_TIMEOUT) as client:
+        assert (await client.ping())["pong"]
+        d.proc.kill()
+        await trio.to_thread.run_sync(d.proc.wait)
+        for _ in range(2):
+            started = trio.current_time()
+            with pytest.raises(DaemonUnavailable):
+                await client.ping()
+            assert trio.current_time() - started < CONNECT_TIMEOUT + 1.5
+        again = await trio.to_thread.run_sync(start_daemon, tmp_path, [models_dir])
+        try:
+            assert (await client.ping())["pong"]
+            async with await client.create_context(tiny_model, n_ctx=128) as ctx:
+                async with await ctx.generate(PROMPT, max_tokens=2, temperature=0) as stream:
+                    assert [chunk async for chunk in stream]
+        finally:
+            assert await trio.to_thread.run_sync(again.stop) == 0
 
 
 # -- many clients, cancels and swaps; leaks ----------------------------------------------------
