@@ -45,6 +45,7 @@ from .speculative import refuse as refuse_speculative
 from .speculative import verify as verify_draft
 from .templates import TemplateRenderer
 from .text import TextAssembler
+from .workers import CLIENT, Pool, TextWorkers
 
 INLINE_INDEX = 6000
 """n-gram index entries (tokens times sizes, about 1 ms) built on the event loop; more go to a
@@ -86,9 +87,11 @@ class ContextActor:
                  seed: int, max_queued: int, persistent: bool, owner: bytes | None,
                  params: dict[str, Any], adapters: AdapterCache,
                  templates: TemplateRenderer, speculative: dict[str, Any] | bool | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS, text: Pool | None = None) -> None:
         self.id = context_id
         self.limits = limits
+        self.text = text if text is not None else TextWorkers(limits)
+        """Where prompts are tokenized (the daemon's pool for text work)."""
         self.templates = templates
         """Where Jinja chat templates are rendered (worker processes shared by the daemon)."""
         self.creator: bytes | None = owner
@@ -170,6 +173,7 @@ class ContextActor:
         self.queued.append(job)
 
     async def run(self) -> None:
+        CLIENT.set(None)  # its prompts are the context's own work, capped by its queue
         try:
             async for job in self._recv:
                 self.queued.remove(job)
@@ -429,13 +433,13 @@ class ContextActor:
             bos = [model.bos] if model.add_bos and not (bos_text and text.startswith(bos_text)) \
                 else []
             try:
-                tokens = bos + await trio.to_thread.run_sync(lambda: model.tokenize(
+                tokens = bos + await self.text.run(lambda: model.tokenize(
                     text, add_special=False, parse_special=True, limit=room - len(bos)))
             except llama.TooManyTokens as exc:
                 raise overflow(exc.n + len(bos)) from None
         else:
             try:
-                tokens = await trio.to_thread.run_sync(lambda: model.tokenize(
+                tokens = await self.text.run(lambda: model.tokenize(
                     args.prompt, add_special=args.add_special, limit=room))
             except llama.TooManyTokens as exc:
                 raise overflow(exc.n) from None

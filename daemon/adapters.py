@@ -92,7 +92,7 @@ class AdapterCache:
         return self._locks.setdefault(model.id, trio.Lock())
 
     async def model_tensors(self, model: LoadedModel) -> ModelTensors:
-        tensors = self._model_tensors.get(model.id)
+        tensors = self._model_tensors.get(model.id) or model.tensors
         if tensors is None:
             tensors = await self.files.run(ModelTensors.read, model.path)
             if model.detached:  # unloaded meanwhile: nothing may keep its tensors

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lorad.protocol import Limits, looks_like_path, validate_args
+from lorad.protocol import Limits, ProtocolError, looks_like_path, validate_args
 
 from .errors import ConfigError
-from .paths import adapter_dir, cache_dir, default_endpoint, model_dir
+from .paths import adapter_dir, cache_dir, default_endpoint, expand_user, model_dir
 from .repack import MODES as REPACK_MODES
 
 if sys.version_info >= (3, 11):
@@ -112,6 +112,14 @@ _AT_LEAST_ONE = {"template_workers", "template_memory_bytes"}
 """Limits for which 0 would mean something else than a limit (no worker; no memory bound)."""
 
 
+def _home(ref: str, field: str) -> Path:
+    """``ref`` with ``~``/``~user`` expanded; :class:`ConfigError` for a user with no home."""
+    try:
+        return expand_user(ref, field)
+    except ProtocolError as exc:
+        raise ConfigError(exc.message, field=field) from None
+
+
 def _config_error(message: str, **details: Any) -> ConfigError:
     return ConfigError(f"config: {message}", **details)
 
@@ -141,9 +149,9 @@ def load_config(path: str | Path | None) -> DaemonConfig:
     if "heartbeat_ms" in data:
         config.heartbeat_ms = int(data["heartbeat_ms"])
     if "allowed_dirs" in data:
-        config.allowed_dirs = [str(Path(d).expanduser()) for d in data["allowed_dirs"]]
+        config.allowed_dirs = [str(_home(d, "allowed_dirs")) for d in data["allowed_dirs"]]
     if "adapter_dirs" in data:
-        config.adapter_dirs = [str(Path(d).expanduser()) for d in data["adapter_dirs"]]
+        config.adapter_dirs = [str(_home(d, "adapter_dirs")) for d in data["adapter_dirs"]]
     for m in data.get("models", []):
         args = validate_args("load_model", m)
         config.models.append(ModelSpec(**{k: args[k] for k in ("path", "alias", "n_gpu_layers",
@@ -216,7 +224,7 @@ def _http(table: Any) -> HttpSettings:
 def read_api_keys(path: str) -> list[str]:
     """API keys from a file: one per line; blank lines and ``#`` comments skipped."""
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
+        text = _home(path, "api_key_file").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"api key file {path!r}: {exc}", field="api_key_file") from None
     keys = [line.strip() for line in text.splitlines()
@@ -280,7 +288,8 @@ def apply_overrides(
     if allow_dir:
         config.allowed_dirs = [*config.allowed_dirs, *allow_dir]
     if adapter_dir:
-        config.adapter_dirs = [*adapter_dir, *config.adapter_dirs]
+        config.adapter_dirs = [*(str(_home(d, "adapter_dir")) for d in adapter_dir),
+                               *config.adapter_dirs]
     for name, value in (("log_format", log_format), ("log_level", log_level),
                         ("metrics_address", metrics_address),
                         ("curve_secret_key", curve_secret_key),
@@ -292,7 +301,7 @@ def apply_overrides(
     if api_key_file:
         config.api_keys = [*config.api_keys, *read_api_keys(api_key_file)]
     if model:
-        model_path = str(Path(model).expanduser().resolve())
+        model_path = str(_home(model, "model").resolve())
         config.allowed_dirs.append(str(Path(model_path).parent))
         config.models.append(ModelSpec(path=model_path, alias=alias))
         ctx_params: dict[str, Any] = {}

@@ -33,9 +33,11 @@ from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
 from .stacks import Stacks
 from .templates import TemplateRenderer
-from .workers import FileWorkers, usable_cpus
+from .workers import FileWorkers, TextWorkers, usable_cpus
 
 DEFAULT_N_CTX = 4096
+UNUSED_WAIT_S = 30
+"""How long a stopping daemon waits for worker threads still reading a model."""
 EMBED_N_CTX = 2048
 """Context size of the embedding contexts (at most the model's training context)."""
 
@@ -66,7 +68,9 @@ class Engine:
         self.max_threads = config.limits.max_n_threads or usable_cpus()
         self.models = ModelRegistry(self.allowed, repack=self.repack.enabled, memory=self.memory)
         self.files = FileWorkers(config.limits)
-        self.adapters = AdapterCache(self.files, config.limits.max_adapter_bytes, metrics)
+        self.text = TextWorkers(config.limits)
+        self.adapters = AdapterCache(self.files, config.limits.max_adapter_bytes, metrics,
+                                     max_file_bytes=config.limits.max_adapter_file_bytes)
         self.stacks = Stacks(
             self.adapters, adapter_dirs,
             AllowedDirs([*config.allowed_dirs, *config.adapter_dirs, peft_cache]),
@@ -99,12 +103,18 @@ class Engine:
         finally:
             with trio.CancelScope(shield=True):
                 await self.templates.aclose()
+                # A request's worker thread may still read a model (a tokenization of
+                # megabytes takes a second): its weights are freed only once it is done.
+                with trio.move_on_after(UNUSED_WAIT_S):
+                    for entry in self.models:
+                        await entry.wait_unused()
             for embedder in self._embedders.values():
                 embedder.ctx.close()
             for batcher in self._batchers.values():
                 batcher.close()
             for entry in self.models:
-                entry.model.close()
+                if not entry.in_use:  # else left to the process's exit
+                    entry.model.close()
 
     # -- models -------------------------------------------------------------------------------
     async def model_for(self, ref: str) -> LoadedModel:
@@ -293,7 +303,8 @@ class Engine:
                                  max_queued=args.max_queued, persistent=persistent,
                                  owner=None if persistent else creator, params=params,
                                  adapters=self.adapters, speculative=args.speculative,
-                                 templates=self.templates, limits=self.limits)
+                                 templates=self.templates, limits=self.limits,
+                                 text=self.text)
             actor.creator = creator
             actor.shared = shared
             actor.resolve_model = self.model_for

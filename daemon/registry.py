@@ -16,6 +16,7 @@ from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 from . import llama
 from .budget import MemoryBudget, Reservation
 from .logs import log
+from .lora import ModelTensors
 from .paths import AllowedDirs, check_path_text
 
 
@@ -35,6 +36,9 @@ class LoadedModel:
     """Its weights in the memory budget (released when it is freed)."""
     creating: int = 0
     """Contexts being created on it: an unload without ``force`` refuses (``in_use``)."""
+    tensors: ModelTensors | None = None
+    """Its architecture and tensor shapes, read from its file's header when it was loaded (what
+    adapters are checked against: a file replaced by rename since is not the loaded one)."""
     _users: int = 0
     _unused: trio.Event | None = None
     _info: dict[str, Any] | None = None
@@ -62,6 +66,11 @@ class LoadedModel:
             raise unloaded(self)
         return self.model.piece(token)
 
+    @property
+    def in_use(self) -> bool:
+        """Whether something holds the weights through :meth:`using`."""
+        return self._users > 0
+
     async def wait_unused(self) -> None:
         """Return once nothing holds the weights through :meth:`using`."""
         while self._users:
@@ -79,6 +88,15 @@ class LoadedModel:
             "contexts": sorted(self.contexts),
             "load_seconds": round(self.load_seconds, 3),
         }
+
+
+def _header(path: Path) -> ModelTensors | None:
+    """The model file's tensor shapes (None if lorad's parser cannot read its header: adapters
+    are then checked against a later read, or by llama.cpp alone)."""
+    try:
+        return ModelTensors.read(path)
+    except Exception:  # a model llama.cpp loads but the bounded parser refuses
+        return None
 
 
 def unloaded(entry: LoadedModel) -> ProtocolError:
@@ -141,13 +159,15 @@ class ModelRegistry:
                 lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
                                     progress=progress, repack=self.repack)
             )
+            tensors = await trio.to_thread.run_sync(_header, resolved)
         except BaseException:
             reservation.release()
             raise
         finally:
             del self._loading[key]
             done.set()
-        entry = LoadedModel(model_id, resolved, key, model, params, reservation=reservation)
+        entry = LoadedModel(model_id, resolved, key, model, params, reservation=reservation,
+                            tensors=tensors)
         entry.load_seconds = time.perf_counter() - started
         self._by_id[model_id] = self._by_key[key] = entry
         log.info("model_loaded", model=model_id, path=str(resolved),

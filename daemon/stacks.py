@@ -9,6 +9,7 @@ the context's stack is unchanged.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,9 @@ class Stacks:
         ``model`` (cached by content)."""
         path = await self.adapters.files.run(self.resolve, ref)
         if path.is_dir():
-            path = await self.adapters.files.run(cached_conversion, path, model.path,
-                                                 self.peft_cache)
+            path = await self.adapters.files.run(partial(
+                cached_conversion, path, model.path, self.peft_cache,
+                max_bytes=self.limits.max_adapter_file_bytes))
         return path
 
     def _too_many(self, field: str) -> ProtocolError:

@@ -8,7 +8,10 @@ Here each kind has its own limiter:
 * **files**: slow file work (reading, parsing and converting adapter and PEFT files), a few
   threads (``limits.file_workers``), and at most ``limits.max_file_ops_per_client`` calls of
   one client under way at once: past that its request gets ``too_large`` at once;
-* everything else (model loads, context creation, tokenization) keeps trio's default limiter.
+* **text**: tokenization and detokenization (``limits.text_workers`` threads; a client's
+  ``tokenize``/``detokenize`` calls are capped by ``limits.max_text_ops_per_client``, a
+  prompt's tokenization in its context's actor is not);
+* everything else (model loads, context creation) keeps trio's default limiter.
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -34,24 +37,28 @@ CLIENT: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("lorad_cli
 work (the config file's contexts), which no per-client cap applies to."""
 
 
-class FileWorkers:
-    """The pool for slow file work, with a per-client cap on calls under way."""
+class Pool:
+    """Threads for one kind of work, with a per-client cap on calls under way."""
 
-    def __init__(self, limits: Limits) -> None:
-        self.limiter = trio.CapacityLimiter(max(1, limits.file_workers))
-        self.per_client = limits.max_file_ops_per_client
+    def __init__(self, kind: str, threads: int, per_client: int, limit: str) -> None:
+        self.kind = kind
+        self.limiter = trio.CapacityLimiter(max(1, threads))
+        self.per_client = per_client
+        self.limit = limit
+        """The name of the per-client limit (what a refusal names)."""
         self.running: Counter[bytes] = Counter()
         self.refused = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a file worker thread, counted against the current client's cap."""
+        """``fn(*args)`` in one of the pool's threads, counted against the current client's
+        cap (``too_large`` past it)."""
         client = CLIENT.get()
         if client is not None and self.running[client] >= self.per_client:
             self.refused += 1
             raise ProtocolError(
-                ErrorCode.TOO_LARGE, f"this client already has {self.running[client]} slow file "
-                "operations under way (limits.max_file_ops_per_client); retry when one ends",
-                limit="max_file_ops_per_client", value=self.per_client)
+                ErrorCode.TOO_LARGE, f"this client already has {self.running[client]} slow "
+                f"{self.kind} operations under way (limits.{self.limit}); retry when one ends",
+                limit=self.limit, value=self.per_client)
         if client is not None:
             self.running[client] += 1
         try:
@@ -66,6 +73,23 @@ class FileWorkers:
         return {"threads": self.limiter.total_tokens, "busy": self.limiter.borrowed_tokens,
                 "waiting": self.limiter.statistics().tasks_waiting,
                 "per_client": self.per_client, "refused": self.refused}
+
+
+class FileWorkers(Pool):
+    """The pool for slow file work: reading, parsing and converting adapter and PEFT files."""
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__("file", limits.file_workers, limits.max_file_ops_per_client,
+                         "max_file_ops_per_client")
+
+
+class TextWorkers(Pool):
+    """The pool for tokenizing and detokenizing: a client's ``tokenize``/``detokenize`` (capped
+    per client) and every prompt's tokenization (the context's own work: not capped)."""
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__("text", limits.text_workers, limits.max_text_ops_per_client,
+                         "max_text_ops_per_client")
 
 
 def usable_cpus() -> int:

@@ -68,6 +68,11 @@ class Limits:
     max_file_ops_per_client: int = 2
     """Slow file operations (adapter validations, loads and conversions) one client connection
     may have under way at once; past it a request gets ``too_large``."""
+    text_workers: int = 2
+    """Threads for tokenizing and detokenizing (requests' and prompts')."""
+    max_text_ops_per_client: int = 4
+    """``tokenize``/``detokenize`` calls one client connection may have under way at once;
+    past it a request gets ``too_large``."""
     max_adapter_file_bytes: int = 2 * 1024**3
     """Largest adapter file (or PEFT weights file) the daemon reads; it reads a private snapshot
     of the file, never a memory map of it."""

@@ -38,6 +38,22 @@ def write_many_strings_adapter(path: Path, n: int = 200_000) -> Path:
     return path
 
 
+def answers(sock: zmq.Socket) -> list[str]:
+    """The outcome of each of the flood's requests (ids ``0 .. FLOOD - 1``): an error code,
+    the first problem's code of a validation report, or ``ok``. (The daemon also sends its
+    own messages, liveness probes, when another connection drops.)"""
+    got: dict[int, str] = {}
+    while len(got) < FLOOD:
+        assert sock.poll(30_000), f"{len(got)} of {FLOOD} requests answered"
+        reply = decode_reply(sock.recv_multipart())
+        if reply.kind == "error":
+            got[reply.id] = reply.error["code"]
+        elif reply.kind == "result" and isinstance(reply.id, int):
+            problems = reply.result.get("problems") if isinstance(reply.result, dict) else None
+            got[reply.id] = problems[0]["code"] if problems else "ok"
+    return list(got.values())
+
+
 @pytest.fixture(scope="module")
 def hostile_adapter(models_dir: Path) -> Path:
     return write_many_strings_adapter(models_dir / "many-strings.gguf")
@@ -60,18 +76,37 @@ def test_a_flood_of_slow_validations_leaves_another_clients_stream_alone(
             stream.collect()
             assert stream.metrics["generated_tokens"] == 8
             assert other.ping()["pong"]
-        codes: list[str] = []
-        while len(codes) < FLOOD:
-            assert flooder.poll(30_000), f"{len(codes)} of {FLOOD} validations answered"
-            reply = decode_reply(flooder.recv_multipart())
-            assert reply.kind in ("error", "result"), reply
-            codes.append(reply.error["code"] if reply.kind == "error"
-                         else reply.result["problems"][0]["code"])
+        codes = answers(flooder)
         assert set(codes) <= {"lora_invalid", "too_large"}, codes
         refused = [c for c in codes if c == "too_large"]
         assert len(codes) - len(refused) >= 1  # the first ones were looked at
         status = client.status()["file_workers"]
         assert status["per_client"] == DEFAULT_LIMITS.max_file_ops_per_client
         assert status["busy"] == 0 and status["refused"] >= len(refused)
+    finally:
+        flooder.close()
+
+
+def test_a_flood_of_huge_tokenizations_is_bounded_and_leaves_another_stream_alone(
+        daemon: DaemonProcess, client: Client, tiny_model: Path) -> None:
+    model = client.load_model(tiny_model)["id"]
+    text = "the cat and the dog " * 200_000  # 4 MB: tokenized up to limits.max_array_len
+    flooder = zmq.Context.instance().socket(zmq.DEALER)
+    flooder.setsockopt(zmq.LINGER, 0)
+    flooder.connect(daemon.endpoint)
+    try:
+        for i in range(FLOOD):
+            flooder.send_multipart([TAG, msgpack.packb({
+                "v": 1, "id": i, "op": "tokenize", "args": {"model": model, "text": text}})])
+        with daemon.client(timeout=20) as other, \
+                other.create_context(tiny_model, n_ctx=256) as ctx:
+            stream = ctx.generate("Hello world, the cat", max_tokens=8, temperature=0)
+            stream.collect()
+            assert stream.metrics["generated_tokens"] == 8
+        codes = answers(flooder)
+        assert set(codes) <= {"too_large", "ok"}, codes  # (too many tokens, or the cap)
+        status = client.status()["text_workers"]
+        assert status["per_client"] == DEFAULT_LIMITS.max_text_ops_per_client
+        assert status["busy"] == 0 and status["refused"] >= 1
     finally:
         flooder.close()

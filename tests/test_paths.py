@@ -201,6 +201,27 @@ def test_an_allowed_dir_of_an_unknown_user_is_a_clear_error(tmp_path: Path) -> N
     assert "Traceback" not in str(info.value)
 
 
+@pytest.mark.parametrize(("where", "setting"), [
+    ("config", 'allowed_dirs = ["~{user}/models"]'),
+    ("config", 'adapter_dirs = ["~{user}/adapters"]'),
+    ("flag", "--adapter-dir=~{user}/adapters"),
+    ("flag", "--model=~{user}/m.gguf"),
+])
+def test_an_operators_path_of_an_unknown_user_is_a_clear_error(tmp_path: Path, where: str,
+                                                               setting: str) -> None:
+    """The config file's directories and the command line's paths: a message, no traceback."""
+    args = []
+    if where == "config":
+        config = tmp_path / "lorad.toml"
+        config.write_text(setting.format(user=USER) + "\n")
+        args = ["--config", str(config)]
+    else:
+        args = [setting.format(user=USER)]
+    with pytest.raises(RuntimeError, match="no such user") as info:
+        start_daemon(tmp_path, [tmp_path], *args, ready_timeout=30)
+    assert "Traceback" not in str(info.value)
+
+
 def test_the_http_door_refuses_a_path_that_is_no_file_name(door: DaemonProcess) -> None:
     """A lone surrogate (JSON's ``\\ud800``) can be no file name: ``bad_request``, not 500."""
     cases = [{"model": "tiny", "lora": [{"path": "/x/\ud800"}]}, {"model": "tiny:\ud800"},

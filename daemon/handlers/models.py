@@ -53,7 +53,7 @@ async def tokenize(s: Services, h: RequestHandle) -> list[int]:
     limit = s.limits.max_array_len  # what a client can decode
     try:
         async with entry.using() as model:  # an unload waits for the thread
-            return await trio.to_thread.run_sync(
+            return await s.engine.text.run(
                 lambda: model.tokenize(a.text, add_special=a.add_special,
                                        parse_special=a.parse_special, limit=limit))
     except llama.TooManyTokens as exc:
@@ -70,4 +70,4 @@ async def detokenize(s: Services, h: RequestHandle) -> str:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"token {bad} is outside the vocabulary ({model.n_vocab})",
                                 field="tokens")
-        return await trio.to_thread.run_sync(lambda: model.detokenize(tokens))
+        return await s.engine.text.run(lambda: model.detokenize(tokens))
