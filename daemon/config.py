@@ -56,6 +56,10 @@ class BatchingConfig:
     """Tokens decoded per step at most: a long prompt is fed in chunks of what is left."""
     kv_unified: bool = False
     """One KV pool for the sequences of a batched context (True) or a pool each (False)."""
+    prompt_share: float = 0.5
+    """While contexts of a model stream, the prompt tokens of a step may add at most this
+    share to the time of their step (a long prompt then never slows a stream by more than
+    half); prompts alone take the whole ``step_tokens``."""
 
 
 @dataclass
@@ -210,6 +214,11 @@ def _batching(table: Any) -> BatchingConfig:
                  {"sequences": (1, 256), "step_tokens": (16, 1 << 16)})
     if not isinstance(out.kv_unified, bool):
         raise _config_error("batching.kv_unified must be true or false", field="kv_unified")
+    share = out.prompt_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.05 <= share <= 1e3:
+        raise _config_error("batching.prompt_share must be a number in 0.05..1000",
+                            field="prompt_share")
+    out.prompt_share = float(share)
     return out
 
 

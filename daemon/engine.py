@@ -337,7 +337,8 @@ class Engine:
             b = self.config.batching
             batcher = self._batchers[id(entry)] = Batcher(
                 entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
-                nursery=self._nursery, memory=self.memory, model_id=entry.id)
+                nursery=self._nursery, memory=self.memory, model_id=entry.id,
+                prompt_share=b.prompt_share)
         return batcher
 
     def batching_info(self) -> list[dict[str, Any]]:

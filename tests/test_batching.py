@@ -251,3 +251,42 @@ async def test_a_step_wider_than_any_before_on_its_slab_is_not_timed(tiny_model:
     # 2 outputs fit the buffer llama.cpp reserves for 2 sequences; 3 outputs grow it: the
     # first such step is not timed, the second is
     assert timed == [[2], [1, 2], [1, 2], [1, 2, 3], [1, 2, 3], [1, 2, 3]]
+
+
+def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) -> None:
+    """While contexts stream, a step's prompt tokens may add at most ``prompt_share`` to the
+    step (a long prompt never slows a stream by more than half); alone, prompts take the whole
+    budget; a stream of another slab of the model limits them too (its step waits for this
+    one)."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import Cores, SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slabs_ = [llama.Slab(model, n_seq=2, n_ctx_seq=512, n_batch=512, n_threads=1)
+              for _ in range(2)]
+    cores = Cores(prompt_share=0.5)
+    try:
+        here, there = (SlabScheduler(s, budget=512, cores=cores) for s in slabs_)
+        for _ in range(3):  # a 10 ms one-token step; a prompt token adds 2 ms
+            here.cost.observe(1, 0.010)
+            here.cost.prompt_samples.append(0.002)
+        streaming, prompting = here.attach(512), here.attach(512)
+        decode = Step(streaming, [5], [])
+        prompt = Step(prompting, list(range(5, 405)), [], prompt=True)
+
+        def picked(*steps: Step) -> tuple[list[Step], int]:
+            here._waiting = list(steps)
+            return here._pick(), here._room
+
+        assert picked(decode, prompt) == ([decode, prompt], 2)  # 0.5 x 10 ms / 2 ms
+        assert picked(prompt) == ([prompt], 512)
+        cores.streaming(there, 0.030)  # another slab streams with 30 ms steps
+        assert picked(prompt) == ([prompt], 7)
+        assert picked(decode, prompt)[1] == 7  # the longer of the two waits
+        cores.streaming(there, None)
+        assert picked(prompt)[1] == 512
+    finally:
+        for s in slabs_:
+            s.close()
+        model.close()
