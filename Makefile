@@ -25,10 +25,11 @@ test: lint
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-# The full fuzzing run of tests/test_fuzz.py (make test runs its fast slice); -s prints the
-# findings and the summary line. LORAD_FUZZ_SEED=N reorders the cases.
+# The full fuzzing runs of tests/test_fuzz.py (ZeroMQ) and tests/test_http_fuzz.py (the HTTP
+# door); make test runs their fast slices. -s prints the findings and the summary lines.
+# LORAD_FUZZ_SEED=N reorders the cases.
 fuzz: $(VENV)/.installed
-	$(PY) -m pytest -q -s -m fuzz tests/test_fuzz.py
+	$(PY) -m pytest -q -s -m fuzz tests/test_fuzz.py tests/test_http_fuzz.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/throughput.py

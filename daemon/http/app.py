@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import trio
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorad.protocol import ProtocolError, Reply
 
@@ -57,9 +60,48 @@ async def _body(request: Request, limit: int) -> Any:
             raise ApiError(413, f"the request body is larger than limits.max_message_bytes "
                            f"({limit} bytes)", code="too_large")
     try:
-        return json.loads(data)
+        text = data.decode("utf-8-sig")  # JSON is UTF-8 (RFC 8259; a BOM is ignored)
+    except UnicodeDecodeError as exc:
+        raise openai.bad(f"the body is not UTF-8 ({str(exc)[:100]})") from None
+    try:
+        value = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise openai.bad(f"the body is not valid JSON ({str(exc)[:100]})") from None
+    _check_values(text, value)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONG_NUMBER = re.compile(r"[0-9]{20}")
+_INT_RANGE = range(-(2**63), 2**64)
+"""The integers a lorad message can carry (msgpack's)."""
+
+
+def _check_values(text: str, value: Any) -> None:
+    """Refuse what JSON can say but a lorad message cannot: a lone surrogate (a \\uD800-\\uDFFF
+    escape without its pair: pairs decode to one character) in a string or key, or an integer
+    past 64 bits. The text is searched first, so a body with neither is not walked."""
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    long_numbers = _LONG_NUMBER.search(text) is not None
+    stack: list[tuple[Any, str | None]] = [(value, None)]
+    while stack and (surrogates or long_numbers):
+        item, top = stack.pop()
+        if isinstance(item, str):
+            if surrogates and _SURROGATE.search(item):
+                raise openai.bad("a string has a lone surrogate (a \\uD800-\\uDFFF escape "
+                                 "without its pair): strings must be Unicode text", top)
+        elif isinstance(item, int):
+            if long_numbers and item not in _INT_RANGE:
+                raise openai.bad("an integer does not fit 64 bits", top)
+        elif isinstance(item, dict):
+            for key, v in item.items():
+                if surrogates and _SURROGATE.search(key):
+                    raise openai.bad("a key has a lone surrogate (a \\uD800-\\uDFFF escape "
+                                     "without its pair): keys must be Unicode text", top)
+                stack.append((v, top if item is not value else key))
+        elif isinstance(item, list):
+            stack.extend((v, top) for v in item)
 
 
 def _sse(obj: Any) -> bytes:
@@ -102,6 +144,9 @@ class Routes:
                     if api.status >= 500 and not isinstance(exc, ApiError):
                         log.exception("http_internal_error", path=request.url.path)
                     self.door.refused(api, request.url.path, _client(request))
+                elif api.status >= 500:  # its request line has the code only: say why
+                    log.warning("http_server_error", path=request.url.path, status=api.status,
+                                code=api.code, error=api.message, client=_client(request))
                 return _error(api)
         return endpoint
 
@@ -246,6 +291,83 @@ async def _not_found(request: Request, exc: Exception) -> Response:
                            code="not_found" if status == 404 else "bad_request"))
 
 
+async def _internal(request: Request, exc: Exception) -> Response:
+    """Anything no handler answered (a bug): logged with its traceback, answered in OpenAI's
+    shape."""
+    log.error("http_internal_error", path=request.url.path, exc_info=exc)
+    return _error(ApiError(500, f"internal error ({type(exc).__name__})", code="internal"))
+
+
+_BROKEN = (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class _BrokenConnections:
+    """A connection that breaks under its answer ends that request with a warning, not an
+    error: Hypercorn sends the EOF of a connection the client half-closed while the app is
+    writing to it (``BusyResourceError``), which is the client's doing, not a bug here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except _BROKEN as exc:
+            log.warning("http_connection_failed", path=scope.get("path"),
+                        error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+class _UnreadBodies:
+    """An answer sent before its request's body was read (a 404, a 415, a 413 on
+    ``Content-Length``, a refused ``Host``...) says ``Connection: close``: Hypercorn closes such
+    a connection after the answer, and a client that reused it meanwhile lost its next request
+    (the HTTP fuzz: 1 in ~300)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def receiving() -> Message:
+            nonlocal read
+            message = await receive()
+            read = read or message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start" and not read:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receiving, sending)
+
+
+class _TrustedHosts:
+    """Only requests whose ``Host`` names one of ``hosts`` (no DNS rebinding onto a keyless
+    loopback door); any other is a 400 in OpenAI's shape."""
+
+    def __init__(self, app: ASGIApp, hosts: list[str]) -> None:
+        self.app = app
+        self.hosts = {h.lower() for h in hosts}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "").lower()
+            name = host[: host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
+            if name not in self.hosts:
+                error = ApiError(400, "the Host header names no address of this door",
+                                 code="bad_request")
+                await _error(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _client(request: Request) -> str | None:
     """The client's address, ``host:port`` (for the log)."""
     return f"{request.client.host}:{request.client.port}" if request.client else None
@@ -262,11 +384,13 @@ def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str],
         Route("/v1/completions", r.guarded(r.completions), methods=["POST"]),
         Route("/v1/embeddings", r.guarded(r.embeddings), methods=["POST"]),
     ]
-    middleware = []
+    middleware = [Middleware(_BrokenConnections), Middleware(_UnreadBodies)]
     if hosts is not None:  # no keys: no DNS rebinding onto the loopback door
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
+        middleware.append(Middleware(_TrustedHosts, hosts=hosts))
     if cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins,
                                      allow_methods=["GET", "POST"], allow_headers=["*"]))
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={404: _not_found, 405: _not_found})
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={404: _not_found, 405: _not_found, Exception: _internal})
+    app.router.redirect_slashes = False  # "/v1/models/" is a 404, not a bare 307
+    return app

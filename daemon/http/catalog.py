@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
+from lorad.protocol.errors import echo
 
 from ..engine import Engine
 from ..registry import LoadedModel
@@ -28,7 +29,7 @@ MAX_LISTED = 1000
 
 
 def _not_found(ref: str, engine: Engine) -> ApiError:
-    return ApiError(404, f"the model {ref!r} does not exist: give a loaded model id, an "
+    return ApiError(404, f"the model {echo(ref)!r} does not exist: give a loaded model id, an "
                     "adapter name from the adapter directories, or model-id:adapter "
                     f"(loaded: {', '.join(m.id for m in engine.models) or 'none'})",
                     code="model_not_found", param="model")

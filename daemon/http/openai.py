@@ -445,10 +445,11 @@ class Output:
         chosen = item.get("token_logprobs") or []
         for token, top, lp in zip(item.get("token_ids", []), tops, chosen, strict=False):
             text, data = self._token(token)
-            entry = {"token": text, "logprob": lp, "bytes": data, "top_logprobs": []}
+            entry = {"token": text, "logprob": _finite(lp), "bytes": data, "top_logprobs": []}
             for t, p in top[: self.call.logprobs or 0]:
                 t_text, t_data = self._token(int(t))
-                entry["top_logprobs"].append({"token": t_text, "logprob": p, "bytes": t_data})
+                entry["top_logprobs"].append({"token": t_text, "logprob": _finite(p),
+                                              "bytes": t_data})
             out.append(entry)
         return out
 
@@ -513,6 +514,15 @@ class Output:
         kind = "chat.completion.chunk" if self.call.kind == "chat" else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": choices, "system_fingerprint": None}
+
+
+UNLIKELY = -9999.0
+"""OpenAI's log-probability for "very unlikely": what a -inf (or NaN) is sent as, since JSON
+has no infinities (a -inf made the response unrenderable: a 500, found by the HTTP fuzz)."""
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else UNLIKELY
 
 
 def _completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Running the HTTP door: Hypercorn's trio worker in the daemon's nursery.
+"""Running the HTTP door: Hypercorn's HTTP/1.1 connections in the daemon's nursery, each
+contained (whatever fails in one connection ends that connection, never the daemon).
 
 Security rule, checked before anything binds: a non-loopback address needs API keys
 (``--api-key-file`` / ``api_keys``); without them only loopback (127.0.0.0/8, ::1,
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from functools import partial
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from ..errors import ConfigError
+from ..logs import log
 from .app import make_app
 from .door import Door
 
@@ -71,20 +76,37 @@ async def serve_http(door: Door, address: str, *, api_keys: list[str], cors_orig
     except OSError as exc:
         raise ConfigError(f"cannot serve HTTP on {address!r}: {exc}",
                           field="http_address") from None
-    await worker_serve(wrap_app(app, config.wsgi_max_body_size, None), config,
-                       sockets=sockets, task_status=_Relay(task_status))
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                 for sock in sockets.insecure_sockets]
+    first = sockets.insecure_sockets[0]
+    handler = partial(_connection, wrap_app(app, config.wsgi_max_body_size, None), config,
+                      WorkerContext(None))
+    async with trio.open_nursery() as connections:
+        task_status.started(f"http://{repr_socket_addr(first.family, first.getsockname())}")
+        await trio.serve_listeners(handler, listeners, handler_nursery=connections)
+
+
+async def _connection(app: AppWrapper, config: Config, context: WorkerContext,
+                      stream: trio.SocketStream) -> None:
+    """One client connection, served by Hypercorn (what its ``worker_serve`` does, less the
+    lifespan events this app has no use for). Whatever escapes a connection ends that
+    connection only: a body shorter than its ``Content-Length`` and then a half-close made
+    Hypercorn answer h11's error while the app was answering, and its ``BusyResourceError``
+    went up through ``worker_serve`` and stopped the daemon (the HTTP fuzz, issue 24)."""
+    try:
+        await TCPServer(app, config, context, ConnectionState({}), stream)
+    except Exception as exc:
+        log.warning("http_connection_failed", error=_describe(exc)[:300])
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, for each exception inside a group."""
+    inner = getattr(exc, "exceptions", None)
+    if inner:
+        return "; ".join(_describe(e) for e in inner)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _loopback_hosts(host: str) -> list[str]:
     """The ``Host`` values a keyless (loopback) door answers."""
     return sorted({"localhost", "127.0.0.1", "::1", "[::1]", host})
-
-
-class _Relay:
-    """Passes Hypercorn's list of bound URLs on as the first one."""
-
-    def __init__(self, status: trio.TaskStatus[str]) -> None:
-        self.status = status
-
-    def started(self, binds: list[str] | None = None) -> None:
-        self.status.started((binds or [""])[0])
