@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control bench-concurrency soak train-adapters demo lint clean
+.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control bench-concurrency bench-noisy soak train-adapters demo lint clean
 
 # llama-cpp-python compiles llama.cpp here (~5 minutes the first time, cached by pip after).
 $(VENV)/.installed: pyproject.toml
@@ -58,6 +58,12 @@ bench-concurrency: $(VENV)/.installed
 
 soak: $(VENV)/.installed
 	$(PY) bench/soak.py
+
+# One client streams while another floods the daemon (slow validations, giant prompts,
+# maximum-n_ctx contexts, credit, fuzzed HTTP): inter-token p50/p99 quiet vs during each flood
+# (~7 minutes on an idle 2-core machine). A smoke run: ARGS="--tiny --phase-seconds 3 --rounds 1"
+bench-noisy: $(VENV)/.installed
+	$(PY) bench/noisy.py $(ARGS)
 
 # Trains examples/train_lora/adapters/{pirate,french}.gguf (a few minutes on 2 cores).
 train-adapters: $(VENV)/.installed
