@@ -28,7 +28,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 from . import llama
 from .budget import KvShape, MemoryBudget, Reservation
 from .logs import log
-from .workers import DECODE
+from .workers import BUILD, DECODE
 
 StackPairs = list[tuple[llama.Adapter, float]]
 GATHER_S = 0.02
@@ -393,12 +393,9 @@ class SlabScheduler:
                 break
             batch.append(s)
             used += len(s.tokens)
-        self._room = room = min(self.budget - used, self._prompt_room(used))
-        for s in prompts:
-            if room <= 0:
-                break
-            batch.append(s)
-            room -= min(s.chunk, len(s.pending) if s.started else len(s.tokens))
+        self._room = min(self.budget - used, self._prompt_room(used))
+        if self._room > 0:  # every prompt: the step's room is shared out among them
+            batch += prompts
         return batch
 
     def _prompt_room(self, decodes: int) -> int:
@@ -426,29 +423,20 @@ class SlabScheduler:
         batch = sorted(batch, key=lambda step: step.seq.seq_id)
         entries: list[tuple[llama.Sequence, list[int], int]] = []
         stepped: list[tuple[Step, list[int], bool]] = []
-        left = self._room  # prompt tokens (decodes were counted when the batch was picked)
         decoded = prompted = 0
+        quotas = self._prompt_quotas(batch, key)
         for step in batch:
             try:
                 if step.prompt:
-                    if not step.started:
-                        self._start_prompt(step)
-                    if step.should_stop():
-                        step.stopped, step.pending = True, []
-                        step.finished = True
+                    if step.finished:  # stopped (or failed) as its quota was reckoned
                         continue
-                    if step.key != key:  # its cache reached past a change of stack
-                        continue
-                    n = min(step.chunk, left, len(step.pending))
-                    if step.position < step.split:  # up to the change of stack at most
-                        n = min(n, step.split - step.position)
+                    n = quotas.get(id(step), 0)
                     if n <= 0:  # no room left in this step: the next one goes on
                         continue
                     tokens, step.pending = step.pending[:n], step.pending[n:]
                     last = not step.pending
                     entries.append((step.seq, tokens, 1 if last else 0))
                     stepped.append((step, tokens, last))
-                    left -= n
                     prompted += n
                 elif step.tokens:
                     if step.seq.tokens and step.seq.stack_key != step.key:
@@ -491,6 +479,41 @@ class SlabScheduler:
             except Exception as exc:
                 step.error = exc
             step.finished = True
+
+    def _prompt_quotas(self, batch: list[Step], key: tuple[tuple[int, float], ...]
+                       ) -> dict[int, int]:
+        """The tokens each prompt of ``batch`` decodes in this step (by ``id``): the step's
+        prompt room shared out, the shortest first, each taking at most an equal share of what
+        is left, so that a short prompt is not held behind a long one (each prompt at most
+        its own chunk, and up to its change of stack)."""
+        wants: list[tuple[int, Step]] = []
+        for step in batch:
+            if not step.prompt:
+                continue
+            try:
+                if not step.started:
+                    self._start_prompt(step)
+                if step.should_stop():
+                    step.stopped, step.pending = True, []
+                    step.finished = True
+                    continue
+            except Exception as exc:  # handed to the step's owner
+                step.error, step.pending = exc, []
+                step.finished = True
+                continue
+            if step.key != key:  # its cache reached past a change of stack
+                continue
+            n = min(step.chunk, len(step.pending))
+            if step.position < step.split:
+                n = min(n, step.split - step.position)
+            wants.append((n, step))
+        wants.sort(key=lambda w: w[0])
+        quotas: dict[int, int] = {}
+        left = self._room
+        for i, (n, step) in enumerate(wants):
+            quotas[id(step)] = q = min(n, -(-left // (len(wants) - i)))  # ceil
+            left -= q
+        return quotas
 
     def _start_prompt(self, step: Step) -> None:
         seq, prompt = step.seq, step.tokens
@@ -564,7 +587,7 @@ class Batcher:
                               replacing=growing.reservation.nbytes
                               if growing is not None and growing.reservation else 0)
             started = time.perf_counter()
-            slab = await trio.to_thread.run_sync(lambda: llama.Slab(
+            slab = await BUILD.run(lambda: llama.Slab(
                 self.model, n_seq=n_seq, n_ctx_seq=key.n_ctx_seq, n_batch=n_batch,
                 n_threads=n_threads, kv_type=kv_type, flash_attn=flash_attn,
                 unified=self.unified))

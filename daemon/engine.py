@@ -33,7 +33,7 @@ from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
 from .stacks import Stacks
 from .templates import TemplateRenderer
-from .workers import FileWorkers, TextWorkers, usable_cpus
+from .workers import BUILD, FileWorkers, TextWorkers, usable_cpus
 
 DEFAULT_N_CTX = 4096
 UNUSED_WAIT_S = 30
@@ -228,7 +228,7 @@ class Engine:
                 f"the embedding context of model {entry.id!r}",
                 KvShape(*model.kv_widths()).bytes(n_ctx, "f16"), model=entry.id)
             try:
-                ctx = await trio.to_thread.run_sync(lambda: llama.Context(
+                ctx = await BUILD.run(lambda: llama.Context(
                     model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.max_threads,
                     embeddings=True))
             except BaseException:

@@ -18,6 +18,7 @@ from .budget import MemoryBudget, Reservation
 from .logs import log
 from .lora import ModelTensors
 from .paths import AllowedDirs, check_path_text
+from .workers import BUILD
 
 
 @dataclass
@@ -155,11 +156,11 @@ class ModelRegistry:
         done = self._loading[key] = trio.Event()
         started = time.perf_counter()
         try:
-            model = await trio.to_thread.run_sync(
+            model = await BUILD.run(
                 lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
                                     progress=progress, repack=self.repack)
             )
-            tensors = await trio.to_thread.run_sync(_header, resolved)
+            tensors = await BUILD.run(_header, resolved)
         except BaseException:
             reservation.release()
             raise

@@ -2,16 +2,22 @@
 
 trio runs every ``to_thread.run_sync`` call under one default limiter (40 threads) unless told
 otherwise: a flood of slow adapter parses could take every place and hold a decode step back.
-Here each kind has its own limiter:
+Here each kind has threads of its own:
 
-* **decode**: a slab's decode steps (one thread each; a slab decodes one step at a time);
+* **decode**: a slab's decode steps (trio's threads under a limiter of their own; a slab
+  decodes one step at a time);
 * **files**: slow file work (reading, parsing and converting adapter and PEFT files), a few
   threads (``limits.file_workers``), and at most ``limits.max_file_ops_per_client`` calls of
   one client under way at once: past that its request gets ``too_large`` at once;
 * **text**: tokenization and detokenization (``limits.text_workers`` threads; a client's
   ``tokenize``/``detokenize`` calls are capped by ``limits.max_text_ops_per_client``, a
   prompt's tokenization in its context's actor is not);
-* everything else (model loads, context creation) keeps trio's default limiter.
+* **build**: making models and llama contexts (loads, slabs, draft and embedding contexts:
+  allocating and clearing gigabytes of KV cache takes a second), :data:`BUILD`.
+
+The threads of files, text and build are their own (never trio's cache, which decode steps
+use) and run at a lower priority (nice +:data:`NICE`): where the cores are short, a decode step
+goes first, and the slow work of a flood takes what is left.
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import contextvars
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import trio
@@ -31,28 +39,48 @@ from lorad.protocol import ErrorCode, Limits, ProtocolError
 
 T = TypeVar("T")
 
+NICE = 10
+"""How much lower than the daemon's the priority of slow work's threads is."""
+
 CLIENT: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("lorad_client",
                                                                        default=None)
 """The client (transport peer id) whose request the current task runs; None: the daemon's own
 work (the config file's contexts), which no per-client cap applies to."""
 
 
-class Pool:
-    """Threads for one kind of work, with a per-client cap on calls under way."""
+def _lower_priority() -> None:
+    """Run this thread at nice +``NICE`` (Linux: a thread's own priority, by its id)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
 
-    def __init__(self, kind: str, threads: int, per_client: int, limit: str) -> None:
+
+class Pool:
+    """Threads of their own for one kind of work, at a lower priority, with a per-client
+    cap on calls under way (None: no cap)."""
+
+    def __init__(self, kind: str, threads: int, per_client: int | None = None,
+                 limit: str = "") -> None:
         self.kind = kind
-        self.limiter = trio.CapacityLimiter(max(1, threads))
+        self.threads = max(1, threads)
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=f"lorad-{kind}",
+                                            initializer=_lower_priority)
         self.per_client = per_client
         self.limit = limit
         """The name of the per-client limit (what a refusal names)."""
         self.running: Counter[bytes] = Counter()
+        self.busy = 0
+        self.queued = 0
         self.refused = 0
+        self._counts = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in one of the pool's threads, counted against the current client's
-        cap (``too_large`` past it)."""
-        client = CLIENT.get()
+        cap (``too_large`` past it). Like ``trio.to_thread.run_sync``, it is not cancelled
+        once submitted: the caller waits for the thread."""
+        client = CLIENT.get() if self.per_client is not None else None
         if client is not None and self.running[client] >= self.per_client:
             self.refused += 1
             raise ProtocolError(
@@ -61,8 +89,33 @@ class Pool:
                 limit=self.limit, value=self.per_client)
         if client is not None:
             self.running[client] += 1
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def work() -> T:
+            with self._counts:
+                self.busy += 1
+                self.queued -= 1
+            try:
+                return fn(*args)
+            finally:
+                with self._counts:
+                    self.busy -= 1
+
+        def finished(_future: Future) -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:  # the daemon stopped meanwhile
+                pass
+
+        with self._counts:
+            self.queued += 1
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+            future = self._executor.submit(work)
+            future.add_done_callback(finished)
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            return future.result()
         finally:
             if client is not None:
                 self.running[client] -= 1
@@ -70,8 +123,7 @@ class Pool:
                     del self.running[client]
 
     def info(self) -> dict[str, Any]:
-        return {"threads": self.limiter.total_tokens, "busy": self.limiter.borrowed_tokens,
-                "waiting": self.limiter.statistics().tasks_waiting,
+        return {"threads": self.threads, "busy": self.busy, "waiting": self.queued,
                 "per_client": self.per_client, "refused": self.refused}
 
 
@@ -99,6 +151,9 @@ def usable_cpus() -> int:
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
 
+
+BUILD = Pool("build", 2)
+"""Models and llama contexts are made here (see the module)."""
 
 DECODE = trio.CapacityLimiter(1024)
 """Decode steps: one thread per slab stepping, never shared with other work (slabs are bounded

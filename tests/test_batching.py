@@ -290,3 +290,26 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         for s in slabs_:
             s.close()
         model.close()
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_one(tiny_model: Path) -> None:
+    """A step's prompt room is shared out, the shortest prompt first, each at most an equal
+    share of what is left: a 10-token prompt beside a 400-token one is done in one step."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=2, n_ctx_seq=512, n_batch=512, n_threads=1)
+    try:
+        scheduler = SlabScheduler(slab, budget=512)
+        long_seq, short_seq = scheduler.attach(512), scheduler.attach(512)
+        for room, want in ((64, (54, 10)), (2, (1, 1)), (1, (0, 1)), (512, (400, 10))):
+            long_ = Step(long_seq, list(range(5, 405)), [], prompt=True)
+            short = Step(short_seq, list(range(5, 15)), [], prompt=True)
+            scheduler._room = room
+            quotas = scheduler._prompt_quotas([long_, short], long_.key)
+            assert (quotas[id(long_)], quotas[id(short)]) == want, room
+    finally:
+        slab.close()
+        model.close()

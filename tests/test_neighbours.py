@@ -110,3 +110,23 @@ def test_a_flood_of_huge_tokenizations_is_bounded_and_leaves_another_stream_alon
         assert status["busy"] == 0 and status["refused"] >= 1
     finally:
         flooder.close()
+
+
+async def test_slow_work_runs_at_a_lower_priority_than_decoding() -> None:
+    """Files, text and build threads are the pools' own, at nice +NICE: where cores are short,
+    a decode step (trio's threads, the daemon's priority) goes first."""
+    import os
+    import threading
+
+    import trio
+
+    from lorad.daemon.workers import NICE, Pool
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = Pool("test", 1)
+    assert await pool.run(niceness) == min(19, base + NICE)
+    assert await trio.to_thread.run_sync(niceness) == base  # decode steps' threads
+    assert pool.info()["busy"] == 0
