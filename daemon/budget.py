@@ -70,10 +70,11 @@ class Reservation:
     def release(self) -> None:
         self.budget._held.pop(self.id, None)
 
-    def resize(self, nbytes: int) -> None:
-        """Now holding ``nbytes`` (a slab that grew; checked by the caller's reserve)."""
+    def resize(self, nbytes: int, what: str | None = None) -> None:
+        """Now holding ``nbytes`` for ``what`` (a slab that grew; checked by the caller)."""
         if self.id in self.budget._held:
             self.nbytes = nbytes
+            self.what = what or self.what
 
 
 class MemoryBudget:

@@ -263,7 +263,7 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
 
     llama.init_backend()
     model = llama.Model(str(tiny_model))
-    slabs_ = [llama.Slab(model, n_seq=2, n_ctx_seq=512, n_batch=512, n_threads=1)
+    slabs_ = [llama.Slab(model, n_seq=3, n_ctx_seq=512, n_batch=512, n_threads=1)
               for _ in range(2)]
     cores = Cores(prompt_share=0.5)
     try:
@@ -280,6 +280,11 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
             return here._pick(), here._room
 
         assert picked(decode, prompt) == ([decode, prompt], 2)  # 0.5 x 10 ms / 2 ms
+        short = Step(here.attach(512), list(range(5, 15)), [], prompt=True)
+        assert picked(decode, prompt, short)[1] == 10 + 2  # a new request starts at once
+        assert picked(decode, short)[1] == 10
+        here._waiting = []
+        here.free_ids.append(short.seq.seq_id)
         assert picked(prompt) == ([prompt], 512)
         cores.streaming(there, 0.030)  # another slab streams with 30 ms steps
         assert picked(prompt) == ([prompt], 7)
