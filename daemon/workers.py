@@ -16,8 +16,9 @@ Here each kind has threads of its own:
   allocating and clearing gigabytes of KV cache takes a second), :data:`BUILD`.
 
 The threads of files, text and build are their own (never trio's cache, which decode steps
-use) and run at a lower priority (nice +:data:`NICE`): where the cores are short, a decode step
-goes first, and the slow work of a flood takes what is left.
+use); build's run at a lower priority (nice +:data:`NICE`): where the cores are short, a decode
+step goes first and a model or context being made takes what is left. (Files and text run
+Python code holding the GIL, so they keep the daemon's priority: see :class:`Pool`.)
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -58,15 +59,18 @@ def _lower_priority() -> None:
 
 
 class Pool:
-    """Threads of their own for one kind of work, at a lower priority, with a per-client
-    cap on calls under way (None: no cap)."""
+    """Threads of their own for one kind of work, with a per-client cap on calls under way
+    (None: no cap), at a lower priority with ``nice`` (only for work that runs in C without
+    the GIL: a low-priority thread that holds the GIL while the cores are short is descheduled
+    with it, and every other thread of the daemon waits: a validation flood on niced file
+    threads made a stream's gaps reach 2 s)."""
 
     def __init__(self, kind: str, threads: int, per_client: int | None = None,
-                 limit: str = "") -> None:
+                 limit: str = "", *, nice: bool = False) -> None:
         self.kind = kind
         self.threads = max(1, threads)
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=f"lorad-{kind}",
-                                            initializer=_lower_priority)
+                                            initializer=_lower_priority if nice else None)
         self.per_client = per_client
         self.limit = limit
         """The name of the per-client limit (what a refusal names)."""
@@ -152,7 +156,7 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-BUILD = Pool("build", 2)
+BUILD = Pool("build", 2, nice=True)
 """Models and llama contexts are made here (see the module)."""
 
 DECODE = trio.CapacityLimiter(1024)

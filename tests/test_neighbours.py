@@ -113,8 +113,9 @@ def test_a_flood_of_huge_tokenizations_is_bounded_and_leaves_another_stream_alon
 
 
 async def test_slow_work_runs_at_a_lower_priority_than_decoding() -> None:
-    """Files, text and build threads are the pools' own, at nice +NICE: where cores are short,
-    a decode step (trio's threads, the daemon's priority) goes first."""
+    """Build threads (models and llama contexts being made, in C) are their own, at nice
+    +NICE: where cores are short, a decode step (trio's threads, the daemon's priority) goes
+    first. Other pools keep the daemon's priority (their Python work holds the GIL)."""
     import os
     import threading
 
@@ -126,7 +127,8 @@ async def test_slow_work_runs_at_a_lower_priority_than_decoding() -> None:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    pool = Pool("test", 1)
+    pool = Pool("test", 1, nice=True)
     assert await pool.run(niceness) == min(19, base + NICE)
+    assert await Pool("plain", 1).run(niceness) == base
     assert await trio.to_thread.run_sync(niceness) == base  # decode steps' threads
     assert pool.info()["busy"] == 0
