@@ -59,18 +59,19 @@ def _lower_priority() -> None:
 
 
 class Pool:
-    """Threads of their own for one kind of work, with a per-client cap on calls under way
-    (None: no cap), at a lower priority with ``nice`` (only for work that runs in C without
-    the GIL: a low-priority thread that holds the GIL while the cores are short is descheduled
-    with it, and every other thread of the daemon waits: a validation flood on niced file
-    threads made a stream's gaps reach 2 s)."""
+    """Threads for one kind of work (trio's, under a limiter of the pool's own), with a
+    per-client cap on calls under way (None: no cap); with ``nice``, threads of its own at a
+    lower priority (only for work that runs in C without the GIL: a low-priority thread that
+    holds the GIL while the cores are short is descheduled with it, and every other thread of
+    the daemon waits)."""
 
     def __init__(self, kind: str, threads: int, per_client: int | None = None,
                  limit: str = "", *, nice: bool = False) -> None:
         self.kind = kind
         self.threads = max(1, threads)
-        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=f"lorad-{kind}",
-                                            initializer=_lower_priority if nice else None)
+        self._executor = (ThreadPoolExecutor(self.threads, thread_name_prefix=f"lorad-{kind}",
+                                             initializer=_lower_priority) if nice else None)
+        self._limiter = trio.CapacityLimiter(self.threads)
         self.per_client = per_client
         self.limit = limit
         """The name of the per-client limit (what a refusal names)."""
@@ -93,18 +94,19 @@ class Pool:
                 limit=self.limit, value=self.per_client)
         if client is not None:
             self.running[client] += 1
+        if self._executor is None:  # trio's threads, under a limiter of the pool's own
+            try:
+                return await trio.to_thread.run_sync(self._counted(fn, args, queued=False),
+                                                     limiter=self._limiter)
+            finally:
+                if client is not None:
+                    self.running[client] -= 1
+                    if not self.running[client]:
+                        del self.running[client]
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
 
-        def work() -> T:
-            with self._counts:
-                self.busy += 1
-                self.queued -= 1
-            try:
-                return fn(*args)
-            finally:
-                with self._counts:
-                    self.busy -= 1
+        work = self._counted(fn, args)
 
         def finished(_future: Future) -> None:
             try:
@@ -126,8 +128,24 @@ class Pool:
                 if not self.running[client]:
                     del self.running[client]
 
+    def _counted(self, fn: Callable[..., T], args: tuple[Any, ...],
+                 queued: bool = True) -> Callable[[], T]:
+        def work() -> T:
+            with self._counts:
+                self.busy += 1
+                self.queued -= queued
+            try:
+                return fn(*args)
+            finally:
+                with self._counts:
+                    self.busy -= 1
+
+        return work
+
     def info(self) -> dict[str, Any]:
-        return {"threads": self.threads, "busy": self.busy, "waiting": self.queued,
+        waiting = (self.queued if self._executor is not None
+                   else self._limiter.statistics().tasks_waiting)
+        return {"threads": self.threads, "busy": self.busy, "waiting": waiting,
                 "per_client": self.per_client, "refused": self.refused}
 
 
