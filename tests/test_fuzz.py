@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ import zmq
 
 import tinymodels
 from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
+from fuzzkit import Finding, bounds, leaf_paths, nest_list, nest_map, path_label
 from lorad.protocol import (
     DEFAULT_LIMITS,
     OPS,
@@ -111,20 +112,6 @@ class AsBytes:
     inner: Any
 
 
-def nest_list(depth: int) -> Any:
-    value: Any = 0
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-def nest_map(depth: int) -> Any:
-    value: Any = 0
-    for _ in range(depth):
-        value = {"k": value}
-    return value
-
-
 OPAQUE: set[int] = set()
 """ids of the table's containers that hold no placeholder: sent as they are, never walked
 (some are 200 levels deep or a million items long)."""
@@ -173,15 +160,6 @@ def generic_values(files: FuzzFiles) -> list[tuple[str, Any]]:
         ("map:int-key", {1: 2}), ("map:bin-key", {b"k": 1}),
         ("map:mode", {"mode": "prompt_lookup"}),
     ]
-
-
-def bounds(lo: float, hi: float | None, integer: bool = True) -> list[tuple[str, Any]]:
-    """Both ends of a range and one step beyond each."""
-    step = 1 if integer else 1e-9
-    out = [(f"lo-1:{lo - step}", lo - step), (f"lo:{lo}", lo)]
-    if hi is not None:
-        out += [(f"hi:{hi}", hi), (f"hi+1:{hi + step}", hi + step)]
-    return out
 
 
 def field_values(files: FuzzFiles) -> dict[str, list[tuple[str, Any]]]:
@@ -538,30 +516,11 @@ class Case:
     """What was changed (empty for the baseline and added keys)."""
 
 
-def leaf_paths(value: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """Every (path, value) inside ``value``: dict keys and the first two list elements."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield (*prefix, k), v
-            yield from leaf_paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value[:2]):
-            yield (*prefix, i), v
-            yield from leaf_paths(v, (*prefix, i))
-
-
 def at(body: Any, path: tuple) -> tuple[Any, Any]:
     """The container holding ``path``'s last step, and that step."""
     for step in path[:-1]:
         body = body[step]
     return body, path[-1]
-
-
-def path_label(path: tuple) -> str:
-    out = ""
-    for step in path:
-        out += f"[{step}]" if isinstance(step, int) else f".{step}"
-    return out.lstrip(".")
 
 
 def _special(value: Any) -> bool:
@@ -681,14 +640,6 @@ class Tracker:
     kinds: list[str] = field(default_factory=list)
     tokens: list[int] | None = None
     """Collects the stream's token ids when not None."""
-
-
-@dataclass
-class Finding:
-    kind: str
-    case: str
-    request: str
-    detail: str
 
 
 class Fuzzer:

@@ -50,7 +50,7 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ import pytest
 
 import tinymodels
 from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
+from fuzzkit import Finding, bounds, leaf_paths, nest_list, nest_map, path_label
 from lorad.protocol import DEFAULT_LIMITS, ErrorCode
 
 DEFAULT_SEED = 9
@@ -105,20 +106,6 @@ OPAQUE: set[int] = set()
 COSTLY = frozenset({"str:1MiB", "str:utf8-1MiB", "str:max", "str:over-max", "list:131073",
                     "body:16MiB+1", "body:16MiB-json", "chunked:16MiB+1"})
 """Values that cost a megabyte or more per request: only on top-level fields."""
-
-
-def nest_list(depth: int) -> Any:
-    value: Any = 0
-    for _ in range(depth):
-        value = [value]
-    return value
-
-
-def nest_map(depth: int) -> Any:
-    value: Any = 0
-    for _ in range(depth):
-        value = {"k": value}
-    return value
 
 
 @dataclass
@@ -178,15 +165,6 @@ def generic_values(files: Files) -> list[tuple[str, Any]]:
         ("map:2000-keys", {f"k{i}": i for i in range(2000)}),
         ("map:dup-keys", Raw(b'{"a": 1, "a": 2}')), ("map:type", {"type": "text"}),
     ]
-
-
-def bounds(lo: float, hi: float | None, integer: bool = True) -> list[tuple[str, Any]]:
-    """Both ends of a range and one step beyond each."""
-    step = 1 if integer else 1e-9
-    out = [(f"lo-1:{lo - step}", lo - step), (f"lo:{lo}", lo)]
-    if hi is not None:
-        out += [(f"hi:{hi}", hi), (f"hi+1:{hi + step}", hi + step)]
-    return out
 
 
 def field_values(files: Files) -> dict[str, list[tuple[str, Any]]]:
@@ -477,25 +455,6 @@ class Case:
     @property
     def stream(self) -> bool:
         return self.baseline.stream
-
-
-def leaf_paths(value: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """Every (path, value) inside ``value``: dict keys and the first two list elements."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield (*prefix, k), v
-            yield from leaf_paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value[:2]):
-            yield (*prefix, i), v
-            yield from leaf_paths(v, (*prefix, i))
-
-
-def path_label(path: tuple) -> str:
-    out = ""
-    for step in path:
-        out += f"[{step}]" if isinstance(step, int) else f".{step}"
-    return out.lstrip(".")
 
 
 JSON = {"content-type": "application/json"}
@@ -819,14 +778,6 @@ def stream_problems(case: Case, lines: list[str]) -> list[str]:
 
 
 # -- the run -----------------------------------------------------------------------------------
-@dataclass
-class Finding:
-    kind: str
-    case: str
-    request: str
-    detail: str
-
-
 class DaemonGone(Exception):
     pass
 
