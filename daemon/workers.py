@@ -2,7 +2,7 @@
 
 trio runs every ``to_thread.run_sync`` call under one default limiter (40 threads) unless told
 otherwise: a flood of slow adapter parses could take every place and hold a decode step back.
-Here each kind has threads of its own:
+Here each kind has a limiter of its own:
 
 * **decode**: a slab's decode steps (trio's threads under a limiter of their own; a slab
   decodes one step at a time);
@@ -15,10 +15,12 @@ Here each kind has threads of its own:
 * **build**: making models and llama contexts (loads, slabs, draft and embedding contexts:
   allocating and clearing gigabytes of KV cache takes a second), :data:`BUILD`.
 
-The threads of files, text and build are their own (never trio's cache, which decode steps
-use); build's run at a lower priority (nice +:data:`NICE`): where the cores are short, a decode
-step goes first and a model or context being made takes what is left. (Files and text run
-Python code holding the GIL, so they keep the daemon's priority: see :class:`Pool`.)
+Decode, files and text run on trio's threads. Build has threads of its own at a lower
+priority (nice +:data:`NICE`): where the cores are short, a decode step goes first and a model
+or context being made takes what is left. Files and text run Python code that holds the GIL,
+so they keep the daemon's priority (see :class:`Pool`); and on threads of their own, under a
+flood of validations, a stream stalled for over a second (not understood: see the README's
+Benchmarks).
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -94,19 +96,20 @@ class Pool:
                 limit=self.limit, value=self.per_client)
         if client is not None:
             self.running[client] += 1
-        if self._executor is None:  # trio's threads, under a limiter of the pool's own
-            try:
+        try:
+            if self._executor is None:  # trio's threads, under a limiter of the pool's own
                 return await trio.to_thread.run_sync(self._counted(fn, args, queued=False),
                                                      limiter=self._limiter)
-            finally:
-                if client is not None:
-                    self.running[client] -= 1
-                    if not self.running[client]:
-                        del self.running[client]
+            return await self._on_own_threads(fn, args)
+        finally:
+            if client is not None:
+                self.running[client] -= 1
+                if not self.running[client]:
+                    del self.running[client]
+
+    async def _on_own_threads(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
-
-        work = self._counted(fn, args)
 
         def finished(_future: Future) -> None:
             try:
@@ -116,17 +119,12 @@ class Pool:
 
         with self._counts:
             self.queued += 1
-        try:
-            future = self._executor.submit(work)
-            future.add_done_callback(finished)
-            with trio.CancelScope(shield=True):
-                await done.wait()
-            return future.result()
-        finally:
-            if client is not None:
-                self.running[client] -= 1
-                if not self.running[client]:
-                    del self.running[client]
+        assert self._executor is not None
+        future = self._executor.submit(self._counted(fn, args))
+        future.add_done_callback(finished)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return future.result()
 
     def _counted(self, fn: Callable[..., T], args: tuple[Any, ...],
                  queued: bool = True) -> Callable[[], T]:
