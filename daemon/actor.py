@@ -45,7 +45,7 @@ from .speculative import refuse as refuse_speculative
 from .speculative import verify as verify_draft
 from .templates import TemplateRenderer
 from .text import TextAssembler
-from .workers import BUILD, CLIENT, Pool, TextWorkers
+from .workers import CLIENT, Pool, TextWorkers
 
 INLINE_INDEX = 6000
 """n-gram index entries (tokens times sizes, about 1 ms) built on the event loop; more go to a
@@ -393,15 +393,11 @@ class ContextActor:
                 raise refuse_speculative({"mode": "draft_model"}, "no_rollback", "the draft "
                                          "model's memory cannot roll back rejected tokens")
             p = self.params
-            reservation = self.batcher.memory.reserve(
+            draft, reservation = await self.batcher.memory.make(
                 f"the draft context of {self.id!r} on model {entry.id!r}",
-                KvShape(*model.kv_widths()).bytes(self.n_ctx, "f16"), model=entry.id)
-            try:
-                draft = await BUILD.run(lambda: llama.Context(
-                    model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]))
-            except BaseException:
-                reservation.release()
-                raise
+                KvShape.of(model).bytes(self.n_ctx, "f16"), lambda: llama.Context(
+                    model, n_ctx=self.n_ctx, n_batch=p["n_batch"], n_threads=p["n_threads"]),
+                model=entry.id)
             self.drafts[entry.id] = (entry, draft)
             self._draft_memory[entry.id] = reservation
             entry.contexts.add(self.id)

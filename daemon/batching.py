@@ -273,7 +273,6 @@ class SlabScheduler:
             self.slab = slab
             self.free_ids += range(old.n_seq, slab.n_seq)
             self._widest = (0, slab.n_seq)  # its buffers are new: the next steps widen them
-            self.budget = max(1, min(self.budget, slab.n_batch))
 
     async def detach(self, seq: llama.Sequence) -> None:
         """Free the sequence's cells and its place (after its last step)."""
@@ -417,7 +416,9 @@ class SlabScheduler:
         lefts = [len(s.pending) if s.started else len(s.tokens) for s in prompts]
         short = sum(n for n in lefts if n <= SHORT_PROMPT)
         share = max(1, int(self.cores.prompt_share * base / self.cost.prompt_token()))
-        return short + (share if any(n > SHORT_PROMPT for n in lefts) else 0) or share
+        if short and not any(n > SHORT_PROMPT for n in lefts):
+            return short  # only short prompts wait
+        return short + share
 
     def _decode(self, batch: list[Step]) -> None:
         """One scheduler step, in a worker thread: the only code that calls llama.cpp here."""
@@ -565,7 +566,7 @@ class Batcher:
         self.unified = unified
         self.memory = memory if memory is not None else MemoryBudget()
         self.model_id = model_id
-        self.kv = KvShape(*model.kv_widths())
+        self.kv = KvShape.of(model)
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
         self.cores = Cores(prompt_share)

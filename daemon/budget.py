@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lorad.protocol import ErrorCode, ProtocolError
+
+from .workers import BUILD
+
+T = TypeVar("T")
 
 SHARE = 0.8
 """The default budget's share of the machine's memory."""
@@ -51,6 +56,11 @@ class KvShape:
     n_layer: int
     n_embd_k: int
     n_embd_v: int
+
+    @classmethod
+    def of(cls, model: Any) -> KvShape:
+        """A llama model's (anything with ``kv_widths()``)."""
+        return cls(*model.kv_widths())
 
     def bytes(self, cells: int, kv_type: str) -> int:
         """The KV cache of ``cells`` cells (all sequences together)."""
@@ -112,6 +122,17 @@ class MemoryBudget:
         reservation = Reservation(self, what, nbytes, next(self._ids))
         self._held[reservation.id] = reservation
         return reservation
+
+    async def make(self, what: str, nbytes: int, build: Callable[[], T], **details: Any
+                   ) -> tuple[T, Reservation]:
+        """``build()`` on the build threads once ``nbytes`` are reserved for ``what`` (the
+        reservation is released if it fails): what it made and its reservation."""
+        reservation = self.reserve(what, nbytes, **details)
+        try:
+            return await BUILD.run(build), reservation
+        except BaseException:
+            reservation.release()
+            raise
 
     def info(self) -> dict[str, Any]:
         return {"budget": self.limit, "in_use": self.in_use, "machine": self.machine,

@@ -33,7 +33,7 @@ from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
 from .stacks import Stacks
 from .templates import TemplateRenderer
-from .workers import BUILD, FileWorkers, TextWorkers, usable_cpus
+from .workers import FileWorkers, TextWorkers, usable_cpus
 
 DEFAULT_N_CTX = 4096
 UNUSED_WAIT_S = 30
@@ -224,16 +224,11 @@ class Engine:
         n_ctx = min(entry.info()["n_ctx_train"] or EMBED_N_CTX, EMBED_N_CTX,
                     self.limits.max_n_ctx)
         async with entry.using() as model:  # an unload waits, then frees what is made here
-            reservation = self.memory.reserve(
+            ctx, reservation = await self.memory.make(
                 f"the embedding context of model {entry.id!r}",
-                KvShape(*model.kv_widths()).bytes(n_ctx, "f16"), model=entry.id)
-            try:
-                ctx = await BUILD.run(lambda: llama.Context(
+                KvShape.of(model).bytes(n_ctx, "f16"), lambda: llama.Context(
                     model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.max_threads,
-                    embeddings=True))
-            except BaseException:
-                reservation.release()
-                raise
+                    embeddings=True), model=entry.id)
             found = self._embedders.get(entry.id)
             if found is None and self.models.holds(entry):
                 found = self._embedders[entry.id] = _Embedder(entry, ctx, reservation)
