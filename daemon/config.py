@@ -112,7 +112,9 @@ class DaemonConfig:
     http: HttpSettings = field(default_factory=HttpSettings)
 
 
-_AT_LEAST_ONE = {"template_workers", "template_memory_bytes"}
+_AT_LEAST_ONE = {"template_workers", "template_memory_bytes", "file_workers", "text_workers",
+                 "max_file_ops_per_client", "max_text_ops_per_client",
+                 "max_adapter_file_bytes"}
 """Limits for which 0 would mean something else than a limit (no worker; no memory bound)."""
 
 

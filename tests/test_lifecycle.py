@@ -316,6 +316,11 @@ def test_sigterm_right_after_ready_exits_cleanly(tmp_path: Path, models_dir: Pat
 @pytest.mark.parametrize(("text", "field"), [
     ("template_workers = 0", "template_workers"),
     ("template_memory_bytes = 0", "template_memory_bytes"),
+    ("file_workers = 0", "file_workers"),
+    ("text_workers = 0", "text_workers"),
+    ("max_file_ops_per_client = 0", "max_file_ops_per_client"),
+    ("max_text_ops_per_client = 0", "max_text_ops_per_client"),
+    ("max_adapter_file_bytes = 0", "max_adapter_file_bytes"),
     ('grammar_ms = "fast"', "grammar_ms"),
     ("max_grammar_depth = -1", "max_grammar_depth"),
     ("max_embed_inputs = true", "max_embed_inputs"),
