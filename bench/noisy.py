@@ -516,9 +516,25 @@ def flood_credit(spec: dict[str, Any], ready: Any, go: Any, deadline: Any) -> di
         except zmq.Again:
             would_block += 1
             sock.poll(1, zmq.POLLOUT)
-    # The replies of the whole flood, unread until now: count them for at most 2 s.
+    # The replies of the whole flood, unread until now: count them for at most 2 s. The
+    # daemon takes in messages at its own pace while streams decode (its ingress gate), so the
+    # socket may still be full: the cancels and closes are given 2 s each, never blocking (a
+    # daemon that dropped the connection has closed the contexts itself).
+    def send_soon(op: str, args: dict[str, Any]) -> None:
+        nonlocal next_id
+        next_id += 1
+        frames = encode_request(Request(next_id, op, args))
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                sock.poll(10, zmq.POLLOUT)
+        tally.add(f"unsent:{op}")
+
     for rid in streams:
-        send("cancel", {"request": rid})
+        send_soon("cancel", {"request": rid})
     drain_end = time.monotonic() + 2.0
     while time.monotonic() < drain_end:
         if not sock.poll(50):
@@ -537,7 +553,7 @@ def flood_credit(spec: dict[str, Any], ready: Any, go: Any, deadline: Any) -> di
         elif reply.kind in ("item", "end"):
             tally.add(f"stream:{reply.kind}")
     for c in contexts:
-        send("close_context", {"context": c})
+        send_soon("close_context", {"context": c})
     sock.close(0)
     out = tally.report()
     out["would_block"] = would_block

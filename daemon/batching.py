@@ -27,6 +27,7 @@ from lorad.protocol import ErrorCode, ProtocolError
 
 from . import llama
 from .budget import KvShape, MemoryBudget, Reservation
+from .ingress import Ingress
 from .logs import log
 from .workers import BUILD, DECODE
 
@@ -191,9 +192,11 @@ class Cores:
     would only slow each other down) and which of them have streaming contexts, with what
     their steps take (a step of one slab is a wait for the streams of the others)."""
 
-    def __init__(self, prompt_share: float = 0.5) -> None:
+    def __init__(self, prompt_share: float = 0.5, ingress: Ingress | None = None) -> None:
         self.lock = trio.Lock()
         self.prompt_share = prompt_share
+        self.ingress = ingress if ingress is not None else Ingress()
+        """Told when a step decodes: the doors then hold back new work (the daemon's)."""
         self._streams: dict[int, float] = {}
 
     def streaming(self, scheduler: SlabScheduler, step_seconds: float | None) -> None:
@@ -357,7 +360,8 @@ class SlabScheduler:
             async with self._stepping, self.cores.lock:
                 batch = self._pick()
                 started = time.perf_counter()
-                await trio.to_thread.run_sync(self._decode, batch, limiter=DECODE)
+                with self.cores.ingress.decoding():
+                    await trio.to_thread.run_sync(self._decode, batch, limiter=DECODE)
             elapsed = time.perf_counter() - started
             if batch and not self.widened:
                 decodes, prompts = self._shape
@@ -402,11 +406,12 @@ class SlabScheduler:
 
     def _prompt_room(self, decodes: int, prompts: list[Step]) -> int:
         """How many prompt tokens a step of ``decodes`` decode tokens may take: all the budget
-        while no context of the model streams; else the whole of every short prompt (at most
-        ``SHORT_PROMPT`` tokens left: a new request starts at once), and for long ones as many
-        as add at most ``prompt_share`` to the time of the streams' step (this slab's, or the
-        slowest other slab's: a step of another slab is a wait of the same length), and at
-        least one."""
+        while no context of the model streams; else as many as add at most ``prompt_share``
+        to the time of the streams' step (this slab's, or the slowest other slab's: a step of
+        another slab is a wait of the same length). Short prompts (at most ``SHORT_PROMPT``
+        tokens left) are fed whole, the shortest first, at least one a step (a new request
+        starts at once; many at once take turns), and long ones share what is left of the
+        room once every short one is in, at least one token."""
         streams = self.cost.time(decodes) if decodes else 0.0
         # another slab's step times are seconds: comparable once this kind has timed steps
         others = self.cores.stream_seconds(self) if self.cost.samples else None
@@ -414,11 +419,16 @@ class SlabScheduler:
             return self.budget
         base = max(streams, others or 0.0)
         lefts = [len(s.pending) if s.started else len(s.tokens) for s in prompts]
-        short = sum(n for n in lefts if n <= SHORT_PROMPT)
         share = max(1, int(self.cores.prompt_share * base / self.cost.prompt_token()))
-        if short and not any(n > SHORT_PROMPT for n in lefts):
-            return short  # only short prompts wait
-        return short + share
+        shorts = sorted(n for n in lefts if n <= SHORT_PROMPT)
+        whole = 0
+        for n in shorts:
+            if whole and whole + n > share:
+                return whole  # the other short prompts come next, the long ones after them
+            whole += n
+        if len(shorts) == len(lefts):
+            return whole
+        return whole + max(1, share - whole)
 
     def _decode(self, batch: list[Step]) -> None:
         """One scheduler step, in a worker thread: the only code that calls llama.cpp here."""
@@ -520,7 +530,11 @@ class SlabScheduler:
         quotas: dict[int, int] = {}
         left = self._room
         for i, (n, step) in enumerate(wants):
-            quotas[id(step)] = q = min(n, -(-left // (len(wants) - i)))  # ceil
+            if n <= SHORT_PROMPT and len(step.pending) <= SHORT_PROMPT:
+                q = n if n <= left else 0  # whole, or in a later step
+            else:
+                q = min(n, -(-left // (len(wants) - i)))  # ceil
+            quotas[id(step)] = q
             left -= q
         return quotas
 
@@ -559,7 +573,8 @@ class Batcher:
 
     def __init__(self, model: llama.Model, *, sequences: int, budget: int, unified: bool,
                  nursery: trio.Nursery, memory: MemoryBudget | None = None,
-                 model_id: str = "", prompt_share: float = 0.5) -> None:
+                 model_id: str = "", prompt_share: float = 0.5,
+                 ingress: Ingress | None = None) -> None:
         self.model = model
         self.sequences = sequences
         self.budget = budget
@@ -569,7 +584,7 @@ class Batcher:
         self.kv = KvShape.of(model)
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
-        self.cores = Cores(prompt_share)
+        self.cores = Cores(prompt_share, ingress)
         """Shared by the model's slabs (see :class:`Cores`)."""
         self.costs: dict[SlabKey, StepCost] = {}
         """Step costs learnt per kind of slab, kept when its slabs go: a context created

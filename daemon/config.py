@@ -60,6 +60,11 @@ class BatchingConfig:
     """While contexts of a model stream, the prompt tokens of a step may add at most this
     share to the time of their step (a long prompt then never slows a stream by more than
     half); prompts alone take the whole ``step_tokens``."""
+    loop_share: float = 0.1
+    """While a step decodes, both doors take in new messages and requests only while the event
+    loop's work in that step stays under 1 ms plus this share of the step's time; the rest
+    waits for the step's end (a flood of cheap messages preempted llama.cpp's threads and
+    made steps up to 30x slower: see ``daemon/ingress.py``)."""
 
 
 @dataclass
@@ -221,6 +226,11 @@ def _batching(table: Any) -> BatchingConfig:
         raise _config_error("batching.prompt_share must be a number in 0.05..1000",
                             field="prompt_share")
     out.prompt_share = float(share)
+    loop = out.loop_share
+    if isinstance(loop, bool) or not isinstance(loop, (int, float)) or not 0.01 <= loop <= 100:
+        raise _config_error("batching.loop_share must be a number in 0.01..100",
+                            field="loop_share")
+    out.loop_share = float(loop)
     return out
 
 

@@ -26,6 +26,7 @@ from .adapters import AdapterCache
 from .batching import Batcher
 from .budget import KvShape, MemoryBudget, Reservation
 from .config import DaemonConfig
+from .ingress import Ingress
 from .logs import log
 from .metrics import Metrics
 from .paths import AllowedDirs
@@ -64,6 +65,8 @@ class Engine:
         peft_cache = Path(config.peft_cache_dir).expanduser()
         self.repack = decide_repack(config.repack)
         self.memory = MemoryBudget(config.limits.memory_budget_bytes)
+        self.ingress = Ingress(config.batching.loop_share)
+        """The doors' gate while steps decode (see :mod:`lorad.daemon.ingress`)."""
         """Model weights and KV caches, admitted against ``limits.memory_budget_bytes``."""
         self.max_threads = config.limits.max_n_threads or usable_cpus()
         self.models = ModelRegistry(self.allowed, repack=self.repack.enabled, memory=self.memory)
@@ -94,6 +97,7 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Host the context actors until cancelled; then free models and template workers."""
+        trio.lowlevel.add_instrument(self.ingress)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -101,6 +105,7 @@ class Engine:
                 task_status.started()
                 await trio.sleep_forever()
         finally:
+            trio.lowlevel.remove_instrument(self.ingress)
             with trio.CancelScope(shield=True):
                 await self.templates.aclose()
                 # A request's worker thread may still read a model (a tokenization of
@@ -333,7 +338,7 @@ class Engine:
             batcher = self._batchers[id(entry)] = Batcher(
                 entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
                 nursery=self._nursery, memory=self.memory, model_id=entry.id,
-                prompt_share=b.prompt_share)
+                prompt_share=b.prompt_share, ingress=self.ingress)
         return batcher
 
     def batching_info(self) -> list[dict[str, Any]]:

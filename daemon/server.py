@@ -40,7 +40,7 @@ class Daemon:
         self.transport = ZmqTransport(
             config.endpoint, config.limits, heartbeat_ms=config.heartbeat_ms, group=config.group,
             curve_secret_key=config.curve_secret_key,
-            curve_authorized_keys=config.curve_authorized_keys)
+            curve_authorized_keys=config.curve_authorized_keys, admit=self.engine.ingress.admit)
         self._stop = trio.Event()
         if config.http_address:  # checked before anything binds
             try:

@@ -13,6 +13,7 @@ import grp
 import ipaddress
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -56,8 +57,11 @@ class ZmqTransport:
 
     def __init__(self, endpoint: str, limits: Limits, *, heartbeat_ms: int = 1000,
                  group: str | None = None, curve_secret_key: str | None = None,
-                 curve_authorized_keys: str | None = None) -> None:
+                 curve_authorized_keys: str | None = None,
+                 admit: Callable[[], Awaitable[None]] | None = None) -> None:
         self.endpoint = endpoint
+        self.admit = admit
+        """Awaited before each message is read (the engine's ingress gate), if given."""
         self.limits = limits
         self.heartbeat_ms = heartbeat_ms
         self.group = group
@@ -175,7 +179,7 @@ class ZmqTransport:
         assert self.sock is not None, "bind() first"
         self._receiver = receiver
         monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.pump = ZmqPump(self.sock, on_unroutable=self._on_unroutable)
+        self.pump = ZmqPump(self.sock, on_unroutable=self._on_unroutable, admit=self.admit)
         monitor_pump = ZmqPump(monitor)
         try:
             async with trio.open_nursery() as nursery:

@@ -263,7 +263,7 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
 
     llama.init_backend()
     model = llama.Model(str(tiny_model))
-    slabs_ = [llama.Slab(model, n_seq=3, n_ctx_seq=512, n_batch=512, n_threads=1)
+    slabs_ = [llama.Slab(model, n_seq=4, n_ctx_seq=512, n_batch=512, n_threads=1)
               for _ in range(2)]
     cores = Cores(prompt_share=0.5)
     try:
@@ -281,8 +281,16 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
 
         assert picked(decode, prompt) == ([decode, prompt], 2)  # 0.5 x 10 ms / 2 ms
         short = Step(here.attach(512), list(range(5, 15)), [], prompt=True)
-        assert picked(decode, prompt, short)[1] == 10 + 2  # a new request starts at once
+        # a new request starts at once (whole, past the share), the long prompt goes on
+        assert picked(decode, prompt, short)[1] == 10 + 1
         assert picked(decode, short)[1] == 10
+        other = Step(here.attach(512), list(range(5, 13)), [], prompt=True)
+        # many short ones take turns, the shortest first: one a step past the share
+        assert picked(decode, short, other)[1] == 8
+        quotas = here._prompt_quotas([short, other], short.key)
+        assert (quotas[id(other)], quotas[id(short)]) == (8, 0)
+        here._waiting = []
+        here.free_ids.append(other.seq.seq_id)
         here._waiting = []
         here.free_ids.append(short.seq.seq_id)
         assert picked(prompt) == ([prompt], 512)
@@ -298,8 +306,9 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
 
 
 def test_a_short_prompt_is_not_held_behind_a_long_one(tiny_model: Path) -> None:
-    """A step's prompt room is shared out, the shortest prompt first, each at most an equal
-    share of what is left: a 10-token prompt beside a 400-token one is done in one step."""
+    """A step's prompt room is shared out, the shortest prompt first: a short one whole when
+    it fits (else in a later step), each long one at most an equal share of what is left; a
+    10-token prompt beside a 400-token one is done in one step."""
     from lorad.daemon import llama
     from lorad.daemon.batching import SlabScheduler, Step
 
@@ -309,7 +318,7 @@ def test_a_short_prompt_is_not_held_behind_a_long_one(tiny_model: Path) -> None:
     try:
         scheduler = SlabScheduler(slab, budget=512)
         long_seq, short_seq = scheduler.attach(512), scheduler.attach(512)
-        for room, want in ((64, (54, 10)), (2, (1, 1)), (1, (0, 1)), (512, (400, 10))):
+        for room, want in ((64, (54, 10)), (2, (2, 0)), (1, (1, 0)), (512, (400, 10))):
             long_ = Step(long_seq, list(range(5, 405)), [], prompt=True)
             short = Step(short_seq, list(range(5, 15)), [], prompt=True)
             scheduler._room = room

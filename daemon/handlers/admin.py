@@ -34,6 +34,7 @@ async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
         "memory": engine.memory.info(),
         "file_workers": engine.files.info(),
         "text_workers": engine.text.info(),
+        "ingress": engine.ingress.info(),
         "contexts_total": len(engine.contexts),
         "queued_requests": sum(c["queued"] for c in contexts),
         "running_requests": sum(1 for c in contexts if c["running"] is not None),

@@ -317,6 +317,20 @@ class _BrokenConnections:
                         error=f"{type(exc).__name__}: {exc}"[:300])
 
 
+class _Ingress:
+    """A request waits at the door while the event loop has had its share of the step that
+    decodes (the ZeroMQ door's rule too: :mod:`lorad.daemon.ingress`)."""
+
+    def __init__(self, app: ASGIApp, admit: Callable[[], Awaitable[None]]) -> None:
+        self.app = app
+        self.admit = admit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.admit()
+        await self.app(scope, receive, send)
+
+
 class _UnreadBodies:
     """An answer sent before its request's body was read (a 404, a 415, a 413 on
     ``Content-Length``, a refused ``Host``...) says ``Connection: close``: Hypercorn closes such
@@ -384,7 +398,8 @@ def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str],
         Route("/v1/completions", r.guarded(r.completions), methods=["POST"]),
         Route("/v1/embeddings", r.guarded(r.embeddings), methods=["POST"]),
     ]
-    middleware = [Middleware(_BrokenConnections), Middleware(_UnreadBodies)]
+    middleware = [Middleware(_Ingress, admit=door.s.engine.ingress.admit),
+                  Middleware(_BrokenConnections), Middleware(_UnreadBodies)]
     if hosts is not None:  # no keys: no DNS rebinding onto the loopback door
         middleware.append(Middleware(_TrustedHosts, hosts=hosts))
     if cors_origins:
