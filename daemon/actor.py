@@ -334,10 +334,11 @@ class ContextActor:
             return Drafter("prompt_lookup", spec["max_draft"], spec["ngram_min"],
                            spec["ngram_max"], adaptive=spec["adaptive"],
                            cost=self.scheduler.draft_cost, whole=self.scheduler.draft_whole,
-                           acceptance=self.acceptance)
+                           width=self.scheduler.width, acceptance=self.acceptance)
         return Drafter("draft_model", spec["max_draft"], source=source,
                        adaptive=spec["adaptive"], cost=self.scheduler.draft_cost,
                        whole=self.scheduler.draft_whole, step_seconds=self.scheduler.step_seconds,
+                       width=self.scheduler.width,
                        draft_seconds=self.draft_seconds.get(id(source.ctx)))
 
     async def _start_drafter(self, drafter: Drafter, prompt: list[int]) -> None:

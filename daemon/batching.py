@@ -130,6 +130,9 @@ class StepCost:
         self._points: list[tuple[int, float]] | None = None  # interpolated, until a new sample
         self.prompt_samples: deque[float] = deque(maxlen=self.KEEP)
         """What one prompt token added to recent steps that had some (seconds)."""
+        self.draft_samples: deque[float] = deque(maxlen=self.KEEP)
+        """What the draft tokens of recent steps with other sequences added, over what a
+        step of that many tokens costs (:meth:`draft_time`)."""
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
@@ -167,6 +170,20 @@ class StepCost:
         if self.samples and prompt_tokens > 0:
             extra = seconds - self.time(max(1, decodes))
             self.prompt_samples.append(max(extra, 0.0) / prompt_tokens)
+
+    def observe_draft(self, base: int, extra: int, seconds: float) -> None:
+        """A step of ``base`` sequences, ``extra`` draft tokens among them, took ``seconds``."""
+        if self.samples and extra > 0:
+            added = max(seconds - self.time(base), 0.0)
+            self.draft_samples.append(added / self.time(extra))
+
+    def draft_time(self, extra: int) -> float:
+        """What ``extra`` draft tokens add to a step of other sequences: a computation of
+        their own (see :meth:`SlabScheduler.draft_cost`), as dear as a step of that many
+        tokens times what recent such steps showed (at least that: the output buffer grows
+        and the rows of a draft are each a product with the whole vocabulary)."""
+        ratio = statistics.median(self.draft_samples) if self.draft_samples else 1.0
+        return self.time(extra) * max(ratio, 1.0)
 
     def prompt_token(self) -> float:
         """What a prompt token adds to a step (in :meth:`time`'s unit): the median of recent
@@ -307,14 +324,28 @@ class SlabScheduler:
         """What a step of the generating sequences takes (None before any was timed)."""
         return self.cost.time(max(1, len(self.active))) if self.cost.samples else None
 
+    def width(self) -> int:
+        """The sequences a step of the generating sequences holds (at least 1)."""
+        return max(1, len(self.active))
+
     def draft_cost(self, extra: int) -> float:
-        """What ``extra`` draft tokens add to a step of the generating sequences (relative)."""
-        return self.cost.relative(extra, max(1, len(self.active)))
+        """What ``extra`` draft tokens of one sequence add to a step of the generating
+        sequences (relative). Alone, the step is one graph computation of ``1 + extra``
+        tokens. Beside others it is two: llama.cpp puts into one ubatch the same number of
+        tokens of each sequence (``split_equal``, which a KV pool per sequence needs), so the
+        others' one token each and this one's first make a ubatch, and its ``extra`` tokens
+        another, as dear as a step of that many tokens (measured on 2 cores: a 48 ms step of
+        4 sequences took 115-250 ms with one sequence's 8-token draft)."""
+        base = max(1, len(self.active))
+        if base == 1:
+            return self.cost.relative(extra, 1)
+        return 1.0 + (self.cost.draft_time(extra) / self.cost.time(base) if extra else 0.0)
 
     def draft_whole(self, extra: int) -> bool:
-        """Whether a step with ``extra`` draft tokens (as :meth:`draft_cost`) is of a size
-        on the grid (:func:`whole`)."""
-        return whole(max(1, len(self.active)) + extra)
+        """Whether the computation ``extra`` draft tokens make (as :meth:`draft_cost`) is of a
+        size on the grid (:func:`whole`)."""
+        base = max(1, len(self.active))
+        return whole(1 + extra) if base == 1 else whole(extra)
 
     def leave(self, seq: llama.Sequence) -> None:
         """``seq`` stops handing in steps for a while (its generation ended, or its client
@@ -365,10 +396,16 @@ class SlabScheduler:
             elapsed = time.perf_counter() - started
             if batch and not self.widened:
                 decodes, prompts = self._shape
-                if not prompts and all(s.outputs == len(s.tokens) for s in batch if not s.prompt):
-                    self.cost.observe(decodes, elapsed)
-                elif prompts:
+                steps = [s for s in batch if not s.prompt]
+                if prompts:
                     self.cost.observe_prompt(decodes, prompts, elapsed)
+                elif steps and all(s.outputs == len(s.tokens) for s in steps):
+                    # one ubatch (as many tokens of each sequence) is a step of its size; a
+                    # draft beside others' single tokens is a computation more (draft_cost)
+                    if len({len(s.tokens) for s in steps}) <= 1:
+                        self.cost.observe(decodes, elapsed)
+                    else:
+                        self.cost.observe_draft(len(steps), decodes - len(steps), elapsed)
             self.cores.streaming(self, self.step_seconds() if self.active else None)
             for step in batch:
                 if step.finished:

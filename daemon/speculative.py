@@ -109,6 +109,9 @@ MATCH_BUCKETS = (1, 2, 4, 8, 16)
 BUCKET_PRIORS = (0.3, 0.45, 0.7, 0.85, 0.98)
 """The prior acceptance of each bucket, with the weight of two draft tokens (the module's
 docstring says what was measured)."""
+WIDE_PRIOR = 0.5
+"""The prior of every bucket when the step is shared with other sequences (a wrong guess then
+costs each of them): drafting there waits until the context's own judged tokens show it pays."""
 LENGTH_WEIGHT = 2.0
 """How many judged tokens of one agreement length weigh as much as its bucket's estimate."""
 LONGEST = MATCH_BUCKETS[-1]
@@ -229,6 +232,8 @@ class Acceptance:
     length_hits: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
     length_trials: list[float] = field(default_factory=lambda: [0.0] * (LONGEST + 1))
     """Per agreement length (index: the length, 1 to ``LONGEST``)."""
+    prior_weight: list[float] = field(default_factory=lambda: [2.0] * len(BUCKET_PRIORS))
+    """What is left of each bucket's prior in its counts (it decays with them)."""
 
 
 @dataclass
@@ -250,6 +255,9 @@ class Drafter:
     one of those, or the whole proposal where it is shorter than ``max_draft``."""
     step_seconds: Callable[[], float | None] = lambda: None
     """What a step without draft takes (for a draft model's own time, relative to it)."""
+    width: Callable[[], int] = lambda: 1
+    """The sequences the step is shared with, this one included (the engine's): what a draft
+    adds to the step's time, every one of them waits for."""
     draft_seconds: float | None = None
     """A draft model's time per drafted token (recent steps weighing more)."""
     depth: int = 0
@@ -286,6 +294,13 @@ class Drafter:
         b = self._bucket if bucket is None else bucket
         return self.acceptance.hits[b] / self.acceptance.trials[b]
 
+    def p_wide(self, bucket: int | None = None) -> float:
+        """The same with the prior's share counted at ``WIDE_PRIOR`` (see :meth:`_estimates`)."""
+        b = self._bucket if bucket is None else bucket
+        a = self.acceptance
+        w = a.prior_weight[b]
+        return (a.hits[b] - w * BUCKET_PRIORS[b] + w * WIDE_PRIOR) / a.trials[b]
+
     def length_estimate(self, length: int) -> float:
         """The chance that a draft token agreeing over ``length`` tokens is accepted (given its
         predecessors were): its own length's record, drawn toward its bucket's estimate."""
@@ -310,15 +325,27 @@ class Drafter:
         """The estimate of each token of an ``n``-token draft (those past ``LONGEST`` share
         one, computed once)."""
         if self._matched is None:
-            return [min(self.p_accept(), 0.999)] * n
-        head = [min(self.length_estimate(self._length(i)), 0.999)
-                for i in range(min(n, LONGEST - self._matched))]
-        return head + [min(self.length_estimate(LONGEST), 0.999)] * (n - len(head))
+            ps = [min(self.p_accept(), 0.999)] * n
+        else:
+            head = [min(self.length_estimate(self._length(i)), 0.999)
+                    for i in range(min(n, LONGEST - self._matched))]
+            ps = head + [min(self.length_estimate(LONGEST), 0.999)] * (n - len(head))
+        if self.width() > 1 and ps:
+            # Beside other sequences a wrong guess costs each of them, so no estimate rests
+            # on an optimistic prior: no token is trusted more than the first, whose bucket
+            # every step judges (drafted or not), with its prior counted at WIDE_PRIOR (the
+            # longer agreements of a draft's later tokens are judged only when drafted that
+            # deep, and their priors, up to 0.98, are what a copy gives, not open text).
+            first = min(ps[0], self.p_wide())
+            ps = [min(p, first) for p in ps]
+        return ps
 
     def _best(self, ps: list[float]) -> int:
         """The depth (0 included, at most ``len(ps)``) with the most expected tokens per unit
         of time, where ``ps[i]`` is the chance that draft token ``i`` is accepted once its
-        predecessors are."""
+        predecessors are. The time is the batch's: in a step of ``width`` sequences, a draft
+        that makes the step 10 % longer costs each of them 10 %, so it must give 10 % of a
+        token for each of them (a ``width`` times higher bar than alone)."""
         n = min(self.max_draft, len(ps))
         if n <= 0:
             return 0
@@ -327,8 +354,13 @@ class Drafter:
         if self.draft_seconds is not None and step:
             per_draft_token = self.draft_seconds / step
 
-        def price(d: int) -> float:  # a step with d draft tokens, the draft's own decoding too
-            return self.cost(d) + d * per_draft_token
+        width = max(1, self.width())
+
+        def price(d: int) -> float:
+            """A step with d draft tokens, the draft's own decoding too, in steps of this
+            sequence, counting the time it adds for each of the ``width`` sequences in the
+            step: drafting pays only where the batch as a whole gets more tokens a second."""
+            return 1.0 + width * (self.cost(d) + d * per_draft_token - 1.0)
 
         short = n if n < self.max_draft else 0  # the whole proposal, or all the room left
         top = max(ps[:n])
@@ -368,7 +400,7 @@ class Drafter:
 
     def _interval(self) -> int:
         """Steps to the next probe: the current interval, or more where a probe is dear."""
-        dear = math.ceil(max(self.cost(1) - 1.0, 0.0) / PROBE_BUDGET)
+        dear = math.ceil(max(self.cost(1) - 1.0, 0.0) * max(1, self.width()) / PROBE_BUDGET)
         return max(self._probe_every, min(dear, 4 * PROBE_MAX))
 
     def choose_depth(self, limit: int) -> int:
@@ -481,6 +513,8 @@ class Drafter:
             for k, oks in counts.items():
                 hits[k] = DECAY * hits[k] + sum(oks)
                 trials[k] = DECAY * trials[k] + len(oks)
+        for k in buckets:
+            a.prior_weight[k] *= DECAY
 
     def metrics(self) -> dict[str, Any]:
         return {

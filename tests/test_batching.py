@@ -327,3 +327,40 @@ def test_a_short_prompt_is_not_held_behind_a_long_one(tiny_model: Path) -> None:
     finally:
         slab.close()
         model.close()
+
+
+def test_a_draft_beside_other_sequences_costs_a_computation_of_its_own(
+        tiny_model: Path) -> None:
+    """llama.cpp puts the same number of tokens of each sequence into a ubatch (a KV pool per
+    sequence), so one sequence's draft beside others' single tokens is a second graph
+    computation: it costs what a step of that many tokens costs, not the marginal tokens of
+    a wider one; such ragged steps are not timed as steps of their size but teach what a
+    draft beside others costs."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=4, n_ctx_seq=256, n_batch=256, n_threads=1)
+    try:
+        scheduler = SlabScheduler(slab, budget=256)
+        for tokens, seconds in ((1, 0.020), (2, 0.024), (4, 0.030), (8, 0.040)):
+            for _ in range(3):
+                scheduler.cost.observe(tokens, seconds)
+        scheduler.active = {0}
+        assert scheduler.draft_cost(3) == 0.030 / 0.020  # alone: one step of 4 tokens
+        assert scheduler.draft_whole(3) and not scheduler.draft_whole(4)  # 4 tokens, 5
+        scheduler.active = {0, 1, 2, 3}
+        assert scheduler.draft_cost(0) == 1.0
+        assert scheduler.draft_cost(4) == 1 + 0.030 / 0.030  # 4 + 4 tokens: twice the step
+        assert scheduler.draft_cost(4) > scheduler.cost.relative(4, 4)  # not 0.040 / 0.030
+        assert scheduler.draft_whole(4) and not scheduler.draft_whole(5)
+        # such steps teach what they really cost: 4 sequences and a 4-token draft took
+        # 0.090 s, 0.060 s over the step, twice a step of 4 tokens
+        for _ in range(3):
+            scheduler.cost.observe_draft(4, 4, 0.090)
+        assert scheduler.draft_cost(4) == pytest.approx(1 + 0.060 / 0.030)
+        assert scheduler.cost.time(8) == 0.040  # the one-ubatch steps' table is not touched
+    finally:
+        slab.close()
+        model.close()

@@ -567,6 +567,42 @@ def test_adaptive_depth_weighs_acceptance_against_what_a_draft_token_costs() -> 
     assert fixed.choose_depth(64) == 8 and fixed.choose_depth(5) == 5
 
 
+def test_a_draft_in_a_wide_batch_must_pay_for_every_sequence_it_slows() -> None:
+    """In a step of ``width`` sequences, what a draft adds to the step's time every one of
+    them waits for: the bar is ``width`` times higher than alone. A draft that pays alone (a
+    token costing 0.1 of a step, accepted 7 times in 10) does not pay beside 7 others, and a
+    near-certain one (a copy) still does while its tokens are cheap enough."""
+    from lorad.daemon.speculative import Drafter
+
+    def drafter(width: int, cost: float) -> Drafter:
+        d = Drafter("prompt_lookup", 8, cost=lambda n: 1 + cost * n, width=lambda: width,
+                    _bucket=2)
+        return d
+
+    assert drafter(1, 0.1).choose_depth(64) >= 1  # the prior (p = 0.7) pays alone
+    assert drafter(8, 0.1).choose_depth(64) == 0  # 8 x 0.1 per token: 0.7 is not enough
+    copy = drafter(8, 0.02)
+    for _ in range(30):
+        copy.record(8, 8)  # everything accepted
+    assert copy.choose_depth(64) == 8
+    costly = drafter(8, 0.15)
+    for _ in range(30):
+        costly.record(8, 8)
+    assert costly.choose_depth(64) == 0  # 8 x 0.15 = 1.2 steps a token: never pays
+    # no optimistic prior beside others: a first sight of a 16-token agreement (prior 0.98)
+    # drafts alone, not beside 3 others, until the context's own judged tokens show it pays
+    def fresh(width: int) -> Drafter:
+        return Drafter("prompt_lookup", 8, cost=lambda n: 1 + 0.15 * n, width=lambda: width,
+                       _bucket=4, _matched=16)
+
+    assert fresh(1).choose_depth(64) == 8
+    seen = fresh(4)
+    assert seen.p_wide() == 0.5 and seen.choose_depth(64) == 0
+    for _ in range(12):
+        seen._judge([(16, True)])  # its first token judged right (drafted or not), 12 steps
+    assert seen.p_wide() > 0.95 and seen.choose_depth(64) >= 4
+
+
 def test_step_cost_is_learnt_from_step_times() -> None:
     from lorad.daemon.batching import StepCost
 
