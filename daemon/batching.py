@@ -29,7 +29,7 @@ from . import llama
 from .budget import KvShape, MemoryBudget, Reservation
 from .ingress import Ingress
 from .logs import log
-from .workers import BUILD, DECODE
+from .workers import BUILD, DECODE, Pool
 
 StackPairs = list[tuple[llama.Adapter, float]]
 GATHER_S = 0.02
@@ -214,7 +214,14 @@ class Cores:
         self.prompt_share = prompt_share
         self.ingress = ingress if ingress is not None else Ingress()
         """Told when a step decodes: the doors then hold back new work (the daemon's)."""
+        self.thread = Pool("decode", 1, own=True)
+        """Where the model's steps decode, one after the other: always the same thread, so
+        llama.cpp's OpenMP team is always the same one (see :mod:`lorad.daemon.workers`)."""
         self._streams: dict[int, float] = {}
+
+    def close(self) -> None:
+        """The decode thread ends once its step is done."""
+        self.thread.close()
 
     def streaming(self, scheduler: SlabScheduler, step_seconds: float | None) -> None:
         """``scheduler``'s contexts stream with steps of ``step_seconds`` (None: they do not)."""
@@ -392,7 +399,7 @@ class SlabScheduler:
                 batch = self._pick()
                 started = time.perf_counter()
                 with self.cores.ingress.decoding():
-                    await trio.to_thread.run_sync(self._decode, batch, limiter=DECODE)
+                    await self.cores.thread.run(self._decode, batch)
             elapsed = time.perf_counter() - started
             if batch and not self.widened:
                 decodes, prompts = self._shape
@@ -446,9 +453,10 @@ class SlabScheduler:
         while no context of the model streams; else as many as add at most ``prompt_share``
         to the time of the streams' step (this slab's, or the slowest other slab's: a step of
         another slab is a wait of the same length). Short prompts (at most ``SHORT_PROMPT``
-        tokens left) are fed whole, the shortest first, at least one a step (a new request
-        starts at once; many at once take turns), and long ones share what is left of the
-        room once every short one is in, at least one token."""
+        tokens left) are fed whole, the shortest first, together up to the share or
+        ``SHORT_PROMPT`` tokens, whichever is more, and at least one a step (a new request
+        starts at once; many at once take turns of a few), and long ones share what is left
+        of the room once every short one is in, at least one token."""
         streams = self.cost.time(decodes) if decodes else 0.0
         # another slab's step times are seconds: comparable once this kind has timed steps
         others = self.cores.stream_seconds(self) if self.cost.samples else None
@@ -458,9 +466,9 @@ class SlabScheduler:
         lefts = [len(s.pending) if s.started else len(s.tokens) for s in prompts]
         share = max(1, int(self.cores.prompt_share * base / self.cost.prompt_token()))
         shorts = sorted(n for n in lefts if n <= SHORT_PROMPT)
-        whole = 0
+        whole, cap = 0, max(share, SHORT_PROMPT)
         for n in shorts:
-            if whole and whole + n > share:
+            if whole and whole + n > cap:
                 return whole  # the other short prompts come next, the long ones after them
             whole += n
         if len(shorts) == len(lefts):
@@ -710,6 +718,7 @@ class Batcher:
                     scheduler.reservation.release()
                 scheduler.slab.close()
         self.slabs.clear()
+        self.cores.close()
 
     def info(self) -> list[dict[str, Any]]:
         """Each slab: its kind, sequences used, and what its scheduler did."""

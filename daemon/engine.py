@@ -152,7 +152,9 @@ class Engine:
             async with embedder.lock:  # an embedding in progress finishes first
                 await trio.to_thread.run_sync(embedder.ctx.close)
             embedder.reservation.release()
-        self._batchers.pop(id(entry), None)  # its contexts are closed: no slab is left
+        batcher = self._batchers.pop(id(entry), None)  # its contexts are closed: no slab left
+        if batcher is not None:
+            batcher.cores.close()  # its decode thread ends
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
         self.metrics.forget_model(entry.id)

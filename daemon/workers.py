@@ -4,8 +4,11 @@ trio runs every ``to_thread.run_sync`` call under one default limiter (40 thread
 otherwise: a flood of slow adapter parses could take every place and hold a decode step back.
 Here each kind has a limiter of its own:
 
-* **decode**: a slab's decode steps (trio's threads under a limiter of their own; a slab
-  decodes one step at a time);
+* **decode**: the decode steps of a model's slabs, on one thread of the model's own
+  (:class:`~lorad.daemon.batching.Cores`): llama.cpp runs a step on an OpenMP team that
+  belongs to the calling thread, and steps from trio's changing threads (a team each, all
+  spinning) were up to 35 % slower on a daemon that had served a while than on one just
+  started;
 * **files**: slow file work (reading, parsing and converting adapter and PEFT files), a few
   threads (``limits.file_workers``), and at most ``limits.max_file_ops_per_client`` calls of
   one client under way at once: past that its request gets ``too_large`` at once;
@@ -15,12 +18,13 @@ Here each kind has a limiter of its own:
 * **build**: making models and llama contexts (loads, slabs, draft and embedding contexts:
   allocating and clearing gigabytes of KV cache takes a second), :data:`BUILD`.
 
-Decode, files and text run on trio's threads. Build has threads of its own at a lower
+Files and text run on trio's threads. Build has threads of its own at a lower
 priority (nice +:data:`NICE`): where the cores are short, a decode step goes first and a model
 or context being made takes what is left. Files and text run Python code that holds the GIL,
-so they keep the daemon's priority (see :class:`Pool`); and on threads of their own, under a
-flood of validations, a stream stalled for over a second (not understood: see the README's
-Benchmarks).
+so they keep the daemon's priority (see :class:`Pool`); on threads of their own, under a
+flood of validations, a stream stalled for over a second (before the doors' ingress gate,
+:mod:`lorad.daemon.ingress`: the event loop's work preempted llama.cpp's threads; not tried
+again since).
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -68,11 +72,13 @@ class Pool:
     the daemon waits)."""
 
     def __init__(self, kind: str, threads: int, per_client: int | None = None,
-                 limit: str = "", *, nice: bool = False) -> None:
+                 limit: str = "", *, nice: bool = False, own: bool = False) -> None:
+        """``own``: threads of its own at the daemon's priority (``nice`` implies them)."""
         self.kind = kind
         self.threads = max(1, threads)
         self._executor = (ThreadPoolExecutor(self.threads, thread_name_prefix=f"lorad-{kind}",
-                                             initializer=_lower_priority) if nice else None)
+                                             initializer=_lower_priority if nice else None)
+                          if nice or own else None)
         self._limiter = trio.CapacityLimiter(self.threads)
         self.per_client = per_client
         self.limit = limit
@@ -140,6 +146,11 @@ class Pool:
 
         return work
 
+    def close(self) -> None:
+        """Let the pool's own threads end once their work is done (trio's need nothing)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
     def info(self) -> dict[str, Any]:
         waiting = (self.queued if self._executor is not None
                    else self._limiter.statistics().tasks_waiting)
@@ -176,5 +187,5 @@ BUILD = Pool("build", 2, nice=True)
 """Models and llama contexts are made here (see the module)."""
 
 DECODE = trio.CapacityLimiter(1024)
-"""Decode steps: one thread per slab stepping, never shared with other work (slabs are bounded
-by ``limits.max_contexts``, so this limit is never what holds a step back)."""
+"""Moving sequences into a widened slab (trio's threads; decode steps have a model's thread,
+see :class:`~lorad.daemon.batching.Cores`)."""
