@@ -23,6 +23,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="preload this model and create the persistent context "
                    "'default' on it")
     p.add_argument("--alias", help="model id for --model")
+    p.add_argument("--n-gpu-layers", type=int, metavar="N", help="layers of --model on the GPU "
+                   "(-1: all, the default on a GPU build; 0: none; refused on a CPU build)")
     p.add_argument("--n-ctx", type=int, help="n_ctx of the default context")
     p.add_argument("--threads", type=int, help="threads of the default context")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
@@ -71,7 +73,8 @@ def run_serve(args: argparse.Namespace, speculative: dict[str, Any] | bool | Non
             metrics_address=args.metrics_address, curve_secret_key=args.curve_secret_key,
             curve_authorized_keys=args.curve_authorized_keys, heartbeat_ms=args.heartbeat_ms,
             repack=args.repack, http_address=args.http, api_key_file=args.api_key_file,
-            model=args.model, alias=args.alias, n_ctx=args.n_ctx, threads=args.threads,
+            model=args.model, alias=args.alias, n_gpu_layers=args.n_gpu_layers,
+            n_ctx=args.n_ctx, threads=args.threads,
             speculative=speculative,
             loras=[parse_lora_option(x) for x in args.lora] if args.lora else None,
         )

@@ -32,7 +32,8 @@ class ModelSpec:
 
     path: str
     alias: str | None = None
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = None
+    """None: every layer on a GPU build, none on a CPU one (:mod:`lorad.daemon.gpu`)."""
     use_mmap: bool = True
 
 
@@ -274,6 +275,7 @@ def apply_overrides(
     adapter_dir: Iterable[str] | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    n_gpu_layers: int | None = None,
     metrics_address: str | None = None,
     curve_secret_key: str | None = None,
     curve_authorized_keys: str | None = None,
@@ -321,10 +323,13 @@ def apply_overrides(
             setattr(config, name, value)
     if api_key_file:
         config.api_keys = [*config.api_keys, *read_api_keys(api_key_file)]
+    if n_gpu_layers is not None and (not model or not -1 <= n_gpu_layers <= 100000):
+        raise _config_error("--n-gpu-layers needs --model (it is that model's) and a value in "
+                            "-1..100000 (-1: every layer)", field="n_gpu_layers")
     if model:
         model_path = str(_home(model, "model").resolve())
         config.allowed_dirs.append(str(Path(model_path).parent))
-        config.models.append(ModelSpec(path=model_path, alias=alias))
+        config.models.append(ModelSpec(path=model_path, alias=alias, n_gpu_layers=n_gpu_layers))
         ctx_params: dict[str, Any] = {}
         if n_ctx:
             ctx_params["n_ctx"] = n_ctx

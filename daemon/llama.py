@@ -89,12 +89,18 @@ def init_backend() -> None:
         _initialised = True
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this build of llama.cpp has a backend layers can be offloaded to."""
+    init_backend()
+    return bool(C.llama_supports_gpu_offload())
+
+
 def system_info() -> dict[str, Any]:
     init_backend()
     return {
         "llama_cpp_python": __import__("llama_cpp").__version__,
         "system_info": C.llama_print_system_info().decode("utf-8", "replace").strip(),
-        "gpu_offload": bool(C.llama_supports_gpu_offload()),
+        "gpu_offload": supports_gpu_offload(),
         "mmap": bool(C.llama_supports_mmap()),
     }
 

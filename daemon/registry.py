@@ -13,8 +13,9 @@ import trio
 
 from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
-from . import llama
+from . import gpu, llama
 from .budget import MemoryBudget, Reservation
+from .gguf_header import HeaderBounds, read_header
 from .logs import log
 from .lora import ModelTensors
 from .paths import AllowedDirs, check_path_text
@@ -81,11 +82,13 @@ class LoadedModel:
     def info(self) -> dict[str, Any]:
         if self._info is None:
             self._info = self.model.info()
+        layers = self.params.get("n_gpu_layers") or 0
         return {
             "id": self.id,
             "path": str(self.path),
             **self._info,
             "params": self.params,
+            "offloaded_layers": gpu.offloaded(layers, self._info["n_layer"]) if layers else 0,
             "contexts": sorted(self.contexts),
             "load_seconds": round(self.load_seconds, 3),
         }
@@ -98,6 +101,15 @@ def _header(path: Path) -> ModelTensors | None:
         return ModelTensors.read(path)
     except Exception:  # a model llama.cpp loads but the bounded parser refuses
         return None
+
+
+def _block_count(path: Path) -> int:
+    """The model's number of repeating layers, from its header (0 where it says none)."""
+    with open(path, "rb") as f:
+        header, _ = read_header(f.fileno(), HeaderBounds())
+    kv = header.scalars()
+    count = kv.get(f"{kv.get('general.architecture')}.block_count")
+    return count if isinstance(count, int) and count > 0 else 0
 
 
 def unloaded(entry: LoadedModel) -> ProtocolError:
@@ -135,11 +147,13 @@ class ModelRegistry:
             candidate, n = f"{base}-{n}", n + 1
         return candidate
 
-    async def load(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+    async def load(self, path: str, *, n_gpu_layers: int | None = None, use_mmap: bool = True,
                    alias: str | None = None,
                    progress: Callable[[float], bool] | None = None) -> LoadedModel:
-        """Load ``path`` or return the model already loaded from it with the same params."""
+        """Load ``path`` or return the model already loaded from it with the same params
+        (``n_gpu_layers`` None: the build's default, :func:`lorad.daemon.gpu.default_layers`)."""
         resolved = self.allowed.check(path, "model")
+        n_gpu_layers = gpu.resolve_layers(n_gpu_layers, llama.supports_gpu_offload())
         params = {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap}
         key = (str(resolved), n_gpu_layers, use_mmap)
         while key in self._loading:  # another request loads the same model: share its result
@@ -152,6 +166,10 @@ class ModelRegistry:
         except OSError as exc:  # gone since it was checked
             raise ProtocolError(ErrorCode.NOT_FOUND, f"cannot read model {path!r}: "
                                 f"{exc.strerror}", path=path) from None
+        if n_gpu_layers != 0:  # a GPU build: the offloaded share must fit the GPUs' memory
+            n_layer = await BUILD.run(_block_count, resolved)
+            free = sum(d.free_bytes for d in gpu.offload_devices(gpu.devices()))
+            gpu.check_fit(size, n_layer, gpu.offloaded(n_gpu_layers, n_layer), free)
         reservation = self.memory.reserve(f"model {resolved.name!r}", size, path=str(resolved))
         done = self._loading[key] = trio.Event()
         started = time.perf_counter()

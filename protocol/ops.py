@@ -278,7 +278,7 @@ SPECS: dict[str, OpSpec] = {
     "load_model": OpSpec(
         {
             "path": Arg(_STR, required=True, check=_nonempty),
-            "n_gpu_layers": Arg(_INT, default=0, check=_range(-1, 100000)),
+            "n_gpu_layers": Arg(_INT, nullable=True, check=_range(-1, 100000)),
             "use_mmap": Arg(_BOOL, default=True),
             "alias": Arg(_STR, nullable=True, check=_nonempty),
             "progress": Arg(_BOOL, default=False),

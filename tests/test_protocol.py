@@ -430,7 +430,7 @@ def test_specific_defaults() -> None:
     }
     assert validate_args("load_model", {"path": "/m.gguf"}) == {
         "path": "/m.gguf",
-        "n_gpu_layers": 0,
+        "n_gpu_layers": None,  # the build decides (lorad.daemon.gpu)
         "use_mmap": True,
         "alias": None,
         "progress": False,

@@ -394,7 +394,7 @@ def cancel(peer: Peer, rid: Any, consumed: int = 1) -> dict[str, Any]:
 def test_every_table_is_there() -> None:
     expected = {"reply", "error", "operations", "ping", "status", "status.counters",
                 "adapter_record", "slab_record", "capabilities", "capabilities.llama_cpp",
-                "capabilities.batching",
+                "capabilities.batching", "capabilities.gpu",
                 "capabilities.features", "capabilities.speculative", "speculative_availability",
                 "model", "model.params", "context", "context.params", "metrics", "metrics.stats",
                 "metrics.latency", "load_model.item", "load_model.end", "load_model.end.metrics",
@@ -468,6 +468,7 @@ def test_capabilities(peer: Peer, model: dict[str, Any]) -> None:
         assert caps["features"][row[0].strip("`")] == (row[1].split(":")[0] == "true"), row
     check_keys(caps["speculative"], "capabilities.speculative")
     check_keys(caps["batching"], "capabilities.batching")
+    check_keys(caps["gpu"], "capabilities.gpu")
     modes = {row[0].strip("`") for row in TABLES["speculative_modes"].rows}
     assert set(caps["speculative"]["modes"]) <= modes
     assert model["id"] in caps["speculative"]["per_model"]

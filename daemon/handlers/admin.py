@@ -9,7 +9,7 @@ from typing import Any
 
 from lorad.protocol import OPS, PROTOCOL_VERSION, STREAMING_OPS
 
-from .. import llama
+from .. import gpu, llama
 from ..requests import RequestHandle
 from ..services import VERSION, Services
 
@@ -53,6 +53,12 @@ def _door_load(s: Services) -> dict[str, int] | None:
             "running_requests": sum(1 for a in door if a.current is not None)}
 
 
+def _gpu(supported: bool) -> dict[str, Any]:
+    """What layers can be offloaded to, and where models go by default."""
+    return {"offload": supported, "default_n_gpu_layers": gpu.default_layers(supported),
+            "devices": [d.to_wire() for d in gpu.devices()]}
+
+
 async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
     info = llama.system_info()
     engine = s.engine
@@ -61,6 +67,7 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
         "protocol_version": PROTOCOL_VERSION,
         "llama_cpp": info,
         "gpu_offload": info["gpu_offload"],
+        "gpu": _gpu(info["gpu_offload"]),
         "operations": sorted(OPS),
         "streaming_operations": sorted(STREAMING_OPS),
         "features": {
