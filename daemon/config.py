@@ -343,11 +343,18 @@ def apply_overrides(
                                            params=ctx_params))
     loras = list(loras or [])
     default = next((c for c in config.contexts if c.id == DEFAULT_CONTEXT), None)
-    for flag, given in (("--speculative", speculative is not None), ("--lora", bool(loras))):
+    for flag, given in (("--speculative", speculative is not None), ("--lora", bool(loras)),
+                        ("--n-ctx", bool(n_ctx) and not model),
+                        ("--threads", bool(threads) and not model)):
         if given and default is None:
             raise ConfigError(f"{flag} applies to the context 'default': give --model, or "
                               "define a context with id = \"default\" in the config file",
                               field=flag.lstrip("-"))
+    if not model and default is not None:  # the config file's default context
+        if n_ctx:
+            default.params["n_ctx"] = n_ctx
+        if threads:
+            default.params["n_threads"] = threads
     if speculative is not None:
         default.params["speculative"] = speculative
     if loras:

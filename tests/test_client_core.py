@@ -733,4 +733,13 @@ def test_serve_flags_for_a_missing_default_context_are_refused(tmp_path: Path) -
         apply_overrides(DaemonConfig(), loras=[("a.gguf", 1.0)], environ={})
     with pytest.raises(ConfigError, match="--speculative applies"):
         apply_overrides(DaemonConfig(), speculative=False, environ={})
+    with pytest.raises(ConfigError, match="--n-ctx applies"):  # was silently ignored
+        apply_overrides(DaemonConfig(), n_ctx=2048, environ={})
+    with pytest.raises(ConfigError, match="--threads applies"):
+        apply_overrides(DaemonConfig(), threads=2, environ={})
+    # a config file's default context takes them
+    from lorad.daemon.config import ContextSpec
+    config = DaemonConfig(contexts=[ContextSpec(model="m", id="default", params={})])
+    apply_overrides(config, n_ctx=2048, threads=2, environ={})
+    assert config.contexts[0].params == {"n_ctx": 2048, "n_threads": 2}
     assert main(["serve", "--endpoint", f"ipc://{tmp_path}/s.sock", "--lora", "a.gguf"]) == 2
