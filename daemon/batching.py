@@ -123,6 +123,9 @@ class StepCost:
 
     PRIOR = 0.35
     KEEP = 15
+    DRAFT_PRIOR = 1.5
+    """What a draft beside other sequences costs over a step of its size before any was timed
+    (measured 1.2-3.7 on 2 cores: the prior is the cheap side, never below it)."""
 
     def __init__(self) -> None:
         self.samples: dict[int, deque[float]] = {}
@@ -182,7 +185,8 @@ class StepCost:
         their own (see :meth:`SlabScheduler.draft_cost`), as dear as a step of that many
         tokens times what recent such steps showed (at least that: the output buffer grows
         and the rows of a draft are each a product with the whole vocabulary)."""
-        ratio = statistics.median(self.draft_samples) if self.draft_samples else 1.0
+        ratio = (statistics.median(self.draft_samples) if self.draft_samples
+                 else self.DRAFT_PRIOR)
         return self.time(extra) * max(ratio, 1.0)
 
     def prompt_token(self) -> float:
@@ -401,18 +405,20 @@ class SlabScheduler:
                 with self.cores.ingress.decoding():
                     await self.cores.thread.run(self._decode, batch)
             elapsed = time.perf_counter() - started
-            if batch and not self.widened:
+            if batch:
                 decodes, prompts = self._shape
                 steps = [s for s in batch if not s.prompt]
-                if prompts:
+                if prompts and not self.widened:
                     self.cost.observe_prompt(decodes, prompts, elapsed)
-                elif steps and all(s.outputs == len(s.tokens) for s in steps):
+                elif not prompts and steps and all(s.outputs == len(s.tokens) for s in steps):
                     # one ubatch (as many tokens of each sequence) is a step of its size; a
-                    # draft beside others' single tokens is a computation more (draft_cost)
-                    if len({len(s.tokens) for s in steps}) <= 1:
-                        self.cost.observe(decodes, elapsed)
-                    else:
+                    # draft beside others' single tokens is a computation more (draft_cost),
+                    # timed even when it widens the buffers: what a draft there costs is
+                    # learnt from few such steps, and it is what decides the next ones
+                    if len({len(s.tokens) for s in steps}) > 1:
                         self.cost.observe_draft(len(steps), decodes - len(steps), elapsed)
+                    elif not self.widened:
+                        self.cost.observe(decodes, elapsed)
             self.cores.streaming(self, self.step_seconds() if self.active else None)
             for step in batch:
                 if step.finished:

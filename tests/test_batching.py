@@ -355,11 +355,13 @@ def test_a_draft_beside_other_sequences_costs_a_computation_of_its_own(
         assert scheduler.draft_whole(3) and not scheduler.draft_whole(4)  # 4 tokens, 5
         scheduler.active = {0, 1, 2, 3}
         assert scheduler.draft_cost(0) == 1.0
-        assert scheduler.draft_cost(4) == 1 + 0.030 / 0.030  # 4 + 4 tokens: twice the step
+        # 4 + 4 tokens: a second computation as dear as a step of 4, times the prior of 1.5
+        # until such steps are timed
+        assert scheduler.draft_cost(4) == 1 + 1.5 * 0.030 / 0.030
         assert scheduler.draft_cost(4) > scheduler.cost.relative(4, 4)  # not 0.040 / 0.030
         assert scheduler.draft_whole(4) and not scheduler.draft_whole(5)
         # such steps teach what they really cost: 4 sequences and a 4-token draft took
-        # 0.090 s, 0.060 s over the step, twice a step of 4 tokens
+        # 0.090 s, 0.060 s over the step, twice a step of 4 tokens (above the prior)
         for _ in range(3):
             scheduler.cost.observe_draft(4, 4, 0.090)
         assert scheduler.draft_cost(4) == pytest.approx(1 + 0.060 / 0.030)
