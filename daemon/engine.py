@@ -65,12 +65,12 @@ class Engine:
         peft_cache = Path(config.peft_cache_dir).expanduser()
         self.repack = decide_repack(config.repack)
         self.memory = MemoryBudget(config.limits.memory_budget_bytes)
+        """Model weights and KV caches, admitted against ``limits.memory_budget_bytes``."""
         self.ingress = Ingress(config.batching.loop_share)
         """The doors' gate while steps decode (see :mod:`lorad.daemon.ingress`)."""
-        """Model weights and KV caches, admitted against ``limits.memory_budget_bytes``."""
         self.max_threads = config.limits.max_n_threads or usable_cpus()
         self.models = ModelRegistry(self.allowed, repack=self.repack.enabled, memory=self.memory)
-        self.files = FileWorkers(config.limits)
+        self.files = FileWorkers(config.limits, gate=self.ingress)
         self.text = TextWorkers(config.limits)
         self.adapters = AdapterCache(self.files, config.limits.max_adapter_bytes, metrics,
                                      max_file_bytes=config.limits.max_adapter_file_bytes)

@@ -7,8 +7,9 @@ runs meanwhile preempts one and the whole step waits for it. On 2 cores, 25 ms s
 (``bench/noisy.py``), and Python work in the loop also delays the decode thread's every return
 from llama.cpp (the GIL).
 
-So the doors take in new work (a ZeroMQ message, an HTTP request) during a step only while the
-loop's busy time in that step is under ``ALLOWANCE_S`` plus ``share`` of the step's time so far;
+So the doors take in new work (a ZeroMQ message, an HTTP request), and the file workers start
+their next piece of slow file work, during a step only while the loop's busy time in that step
+(with the file workers' time) is under ``ALLOWANCE_S`` plus ``share`` of the step's time so far;
 past it they wait until the step ends or the share has caught up. The waiting messages stay in
 ZeroMQ's queues, whose high-water marks then hold back the peer that floods (ZeroMQ takes the
 peers' messages in turn, so a quiet client's message is among the next few); HTTP requests wait
@@ -19,6 +20,7 @@ The loop's busy time is measured by a trio instrument (the time between its wait
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,8 @@ class Ingress(trio.abc.Instrument):
         self._start = 0.0  # when the oldest of them started
         self._busy_at_start = 0.0
         self._ended = trio.Event()
+        self._charged = 0.0  # worker threads' busy seconds (charge), added to the loop's
+        self._charge_lock = threading.Lock()
         self.waits = 0
         """How many times work waited for a step (``status``)."""
 
@@ -55,9 +59,17 @@ class Ingress(trio.abc.Instrument):
 
     # -- the gate -------------------------------------------------------------------------------
     def busy(self) -> float:
-        """The loop's busy seconds so far (a clock that runs only while it works)."""
+        """The loop's busy seconds so far (a clock that runs only while it works), with the
+        seconds worker threads charged (:meth:`charge`)."""
         since = self._since
-        return self._busy + (time.perf_counter() - since if since is not None else 0.0)
+        return (self._busy + self._charged
+                + (time.perf_counter() - since if since is not None else 0.0))
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of a worker thread's work (slow file work: its Python competes
+        with the decode for the cores and the GIL) as the loop's (any thread)."""
+        with self._charge_lock:
+            self._charged += seconds
 
     @contextmanager
     def decoding(self) -> Iterator[None]:

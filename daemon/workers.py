@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,8 +73,12 @@ class Pool:
     the daemon waits)."""
 
     def __init__(self, kind: str, threads: int, per_client: int | None = None,
-                 limit: str = "", *, nice: bool = False, own: bool = False) -> None:
-        """``own``: threads of its own at the daemon's priority (``nice`` implies them)."""
+                 limit: str = "", *, nice: bool = False, own: bool = False,
+                 gate: Any = None) -> None:
+        """``own``: threads of its own at the daemon's priority (``nice`` implies them).
+        ``gate`` (an :class:`~lorad.daemon.ingress.Ingress`): each call waits for it before
+        it starts, and its time is charged to it."""
+        self.gate = gate
         self.kind = kind
         self.threads = max(1, threads)
         self._executor = (ThreadPoolExecutor(self.threads, thread_name_prefix=f"lorad-{kind}",
@@ -104,8 +109,11 @@ class Pool:
             self.running[client] += 1
         try:
             if self._executor is None:  # trio's threads, under a limiter of the pool's own
-                return await trio.to_thread.run_sync(self._counted(fn, args, queued=False),
-                                                     limiter=self._limiter)
+                async with self._limiter:
+                    if self.gate is not None:
+                        await self.gate.admit()
+                    return await trio.to_thread.run_sync(self._counted(fn, args, queued=False),
+                                                         limiter=trio.CapacityLimiter(1))
             return await self._on_own_threads(fn, args)
         finally:
             if client is not None:
@@ -138,9 +146,12 @@ class Pool:
             with self._counts:
                 self.busy += 1
                 self.queued -= queued
+            started = time.perf_counter()
             try:
                 return fn(*args)
             finally:
+                if self.gate is not None:
+                    self.gate.charge(time.perf_counter() - started)
                 with self._counts:
                     self.busy -= 1
 
@@ -161,9 +172,9 @@ class Pool:
 class FileWorkers(Pool):
     """The pool for slow file work: reading, parsing and converting adapter and PEFT files."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, gate: Any = None) -> None:
         super().__init__("file", limits.file_workers, limits.max_file_ops_per_client,
-                         "max_file_ops_per_client")
+                         "max_file_ops_per_client", gate=gate)
 
 
 class TextWorkers(Pool):

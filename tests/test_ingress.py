@@ -83,6 +83,36 @@ async def test_a_long_step_lets_work_in_as_its_share_catches_up() -> None:
         trio.lowlevel.remove_instrument(ingress)
 
 
+async def test_slow_file_work_starts_within_the_share_and_is_charged_to_it() -> None:
+    """File work runs on worker threads, but its Python competes with the decode all the same:
+    a call waits at the gate before it starts, and its time counts as the loop's."""
+    from lorad.daemon.workers import Pool
+
+    ingress = Ingress(share=0.1)
+    pool = Pool("file", 1, gate=ingress)
+    trio.lowlevel.add_instrument(ingress)
+    order: list[str] = []
+
+    async def file_work() -> None:
+        await pool.run(spin, 0.005)
+        order.append("worked")
+
+    try:
+        before = ingress.busy()
+        await pool.run(spin, 0.005)  # nothing decodes: at once, and charged
+        assert ingress.busy() - before >= 0.005
+        async with trio.open_nursery() as nursery:
+            with ingress.decoding():
+                spin(30 * ALLOWANCE_S)
+                nursery.start_soon(file_work)
+                await trio.testing.wait_all_tasks_blocked()
+                assert order == [] and ingress.waits == 1
+                order.append("step ended")
+        assert order == ["step ended", "worked"]
+    finally:
+        trio.lowlevel.remove_instrument(ingress)
+
+
 def test_a_flood_held_at_the_gate_is_answered_in_full_beside_a_stream(
         daemon: DaemonProcess, client: Client, tiny_model: Path) -> None:
     n = 20_000
