@@ -11,7 +11,9 @@ Here each kind has a limiter of its own:
   started;
 * **files**: slow file work (reading, parsing and converting adapter and PEFT files), a few
   threads (``limits.file_workers``), and at most ``limits.max_file_ops_per_client`` calls of
-  one client under way at once: past that its request gets ``too_large`` at once;
+  one client under way at once: past that its request gets ``too_large`` at once; while a
+  step decodes, each call starts within the event loop's share of it and its time is counted
+  there (:mod:`lorad.daemon.ingress`: its Python competes with the decode all the same);
 * **text**: tokenization and detokenization (``limits.text_workers`` threads; a client's
   ``tokenize``/``detokenize`` calls are capped by ``limits.max_text_ops_per_client``, a
   prompt's tokenization in its context's actor is not);
