@@ -17,11 +17,27 @@ TEXTS = ["hello world, the cat", "the dog and the cat"]
 
 
 def reference_mean(model: Path, text: str) -> np.ndarray:
-    """Mean of the per-token embeddings, computed by llama-cpp-python's ``Llama.embed``."""
+    """Mean of the per-token embeddings, computed by llama-cpp-python's ``Llama.embed``, with
+    weights repacked as the daemon decides for this CPU (``Llama`` always repacks, and on CPUs
+    with AMX llama.cpp's repacked Q4_K path crashes: gemma's reference died with SIGSEGV)."""
     import llama_cpp
+    import llama_cpp.llama as high_level
 
-    ref = llama_cpp.Llama(str(model), embedding=True, n_ctx=128, verbose=False,
-                          pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
+    from lorad.daemon.repack import decide
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def as_the_daemon() -> llama_cpp.llama_model_params:
+        params = defaults()
+        params.use_extra_bufts = decide("auto").enabled
+        return params
+
+    high_level.llama_cpp.llama_model_default_params = as_the_daemon
+    try:
+        ref = llama_cpp.Llama(str(model), embedding=True, n_ctx=128, verbose=False,
+                              pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE)
+    finally:
+        high_level.llama_cpp.llama_model_default_params = defaults
     try:
         return np.mean(np.array(ref.embed(text, normalize=False)), axis=0)
     finally:
