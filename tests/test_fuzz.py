@@ -35,7 +35,6 @@ import bisect
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -54,7 +53,18 @@ import zmq
 
 import tinymodels
 from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
-from fuzzkit import Finding, bounds, leaf_paths, nest_list, nest_map, path_label
+from fuzzkit import (
+    Finding,
+    at,
+    bounds,
+    leaf_paths,
+    nest_list,
+    nest_map,
+    path_label,
+    select_cases,
+    walk,
+)
+from fuzzkit import copy_tree as _copy_tree
 from lorad.protocol import (
     DEFAULT_LIMITS,
     OPS,
@@ -360,11 +370,7 @@ def pack(body: Any) -> bytes:
 
 
 def copy_tree(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: copy_tree(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [copy_tree(x) for x in v]
-    return v
+    return _copy_tree(v, OPAQUE)
 
 
 def short(v: Any, limit: int = 160, depth: int = 0) -> str:
@@ -516,13 +522,6 @@ class Case:
     """What was changed (empty for the baseline and added keys)."""
 
 
-def at(body: Any, path: tuple) -> tuple[Any, Any]:
-    """The container holding ``path``'s last step, and that step."""
-    for step in path[:-1]:
-        body = body[step]
-    return body, path[-1]
-
-
 def _special(value: Any) -> bool:
     """Whether a table value holds a placeholder or invalid UTF-8 (only shallow ones do)."""
     stack = [value]
@@ -588,37 +587,22 @@ def enumerate_cases(files: FuzzFiles) -> list[Case]:
         for path in containers:
             for label, key in EXTRA_KEYS:
                 body = copy_tree(base)
-                holder = body
-                for step in path:
-                    holder = holder[step]
-                holder[key] = 1
+                walk(body, path)[key] = 1
                 name = path_label(path) or "body"
                 cases.append(Case(f"{bl.name}:{name}+{label}", bl, body))
     return cases
 
 
 def select(cases: list[Case], seed: int, fast: bool) -> list[Case]:
-    """The run's cases in a seeded order; the fast slice keeps every baseline and a seeded
-    sample of the rest (costly values less often)."""
-    rng = random.Random(seed)
-    order = list(cases)
-    rng.shuffle(order)
-    if fast:
-        def always(c: Case) -> bool:
-            value = c.label.rpartition("=")[2]
-            return c.label.endswith(":baseline") or (
-                value.startswith(HOSTILE) and c.label.count(".") == 1)
+    """The run's cases in a seeded order; the fast slice keeps every baseline and hostile
+    top-level value and a seeded sample of the rest (costly values less often)."""
+    def always(c: Case) -> bool:
+        value = c.label.rpartition("=")[2]
+        return c.label.endswith(":baseline") or (
+            value.startswith(HOSTILE) and c.label.count(".") == 1)
 
-        first = [c for c in order if always(c)]
-        rest = [c for c in order if not always(c)]
-        cheap = [c for c in rest if not c.costly]
-        costly = [c for c in rest if c.costly][:FAST_COSTLY]
-        order = first + costly + cheap[: FAST_CASES - len(first) - len(costly)]
-        rng.shuffle(order)
-    only = os.environ.get("LORAD_FUZZ_ONLY")
-    if only:
-        order = [c for c in order if only in c.label]
-    return order
+    return select_cases(cases, seed, fast, always=always, fast_cases=FAST_CASES,
+                        fast_costly=FAST_COSTLY)
 
 
 # -- the run -----------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import socket
 import time
@@ -60,7 +59,18 @@ import pytest
 
 import tinymodels
 from conftest import DaemonProcess, fd_count, rss_kib, start_daemon
-from fuzzkit import Finding, bounds, leaf_paths, nest_list, nest_map, path_label
+from fuzzkit import (
+    Finding,
+    at,
+    bounds,
+    leaf_paths,
+    nest_list,
+    nest_map,
+    path_label,
+    select_cases,
+    walk,
+)
+from fuzzkit import copy_tree as _copy_tree
 from lorad.protocol import DEFAULT_LIMITS, ErrorCode
 
 DEFAULT_SEED = 9
@@ -359,13 +369,7 @@ def encode(body: Any) -> bytes:
 
 
 def copy_tree(v: Any) -> Any:
-    if id(v) in OPAQUE:
-        return v
-    if isinstance(v, dict):
-        return {k: copy_tree(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [copy_tree(x) for x in v]
-    return v
+    return _copy_tree(v, OPAQUE)
 
 
 def short(v: Any, limit: int = 200) -> str:
@@ -608,10 +612,7 @@ def enumerate_cases(files: Files, port: int) -> list[Case]:
         def add(label: str, path: tuple, mutate: Callable[[Any, Any], None], costly: bool,
                 bl: Baseline = bl, headers: dict[str, str] = base_headers) -> None:
             body = copy_tree(bl.body)
-            holder = body
-            for step in path[:-1]:
-                holder = holder[step]
-            mutate(holder, path[-1])
+            mutate(*at(body, path))
             cases.append(Case(f"{bl.name}:{path_label(path)}={label}", bl, bl.method, bl.path,
                               body, dict(headers), costly=costly))
 
@@ -630,10 +631,7 @@ def enumerate_cases(files: Files, port: int) -> list[Case]:
         for path in containers:
             for label, key in EXTRA_KEYS:
                 body = copy_tree(bl.body)
-                holder = body
-                for step in path:
-                    holder = holder[step]
-                holder[key] = 1
+                walk(body, path)[key] = 1
                 cases.append(Case(f"{bl.name}:{path_label(path) or 'body'}+{label}", bl,
                                   bl.method, bl.path, body, dict(base_headers)))
     return cases
@@ -642,23 +640,8 @@ def enumerate_cases(files: Files, port: int) -> list[Case]:
 def select(cases: list[Case], seed: int, fast: bool) -> list[Case]:
     """The run's cases in a seeded order; the fast slice keeps every baseline and transport
     case and a seeded sample of the rest (costly ones less often)."""
-    rng = random.Random(seed)
-    order = list(cases)
-    rng.shuffle(order)
-    if fast:
-        def always(c: Case) -> bool:
-            return c.label.endswith(":baseline") or c.raw is not None
-
-        first = [c for c in order if always(c)]
-        rest = [c for c in order if not always(c)]
-        cheap = [c for c in rest if not c.costly]
-        costly = [c for c in rest if c.costly][:FAST_COSTLY]
-        order = first + costly + cheap[: FAST_CASES - len(first) - len(costly)]
-        rng.shuffle(order)
-    only = os.environ.get("LORAD_FUZZ_ONLY")
-    if only:
-        order = [c for c in order if only in c.label]
-    return order
+    return select_cases(cases, seed, fast, fast_cases=FAST_CASES, fast_costly=FAST_COSTLY,
+                        always=lambda c: c.label.endswith(":baseline") or c.raw is not None)
 
 
 # -- checks ------------------------------------------------------------------------------------
