@@ -1021,13 +1021,17 @@ def agreement(runs: dict[str, list[dict[str, Any]]], a: str, b: str) -> dict[str
             "identical": all(p == m for p, m in zip(prefixes, lengths, strict=True))}
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]], left: tuple[int, ...] = (0,)
+           ) -> None:
+    """A markdown table, numbers right-aligned; the columns ``left`` (indexes, negative from
+    the end) hold text, left-aligned."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    texts = {i % len(head) for i in left}
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
-    print("| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":"
+    print("| " + " | ".join("-" * w if i in texts else "-" * (w - 1) + ":"
                             for i, w in enumerate(widths)) + " |")
     for r in rows:
-        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+        print("| " + " | ".join(c.ljust(w) if i in texts else c.rjust(w)
                                 for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |")
 
 

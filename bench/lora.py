@@ -159,8 +159,10 @@ def model_tensors(model: str) -> tuple[str, dict[str, tuple[int, ...]]]:
 
 
 def write_adapter(path: Path, arch: str, shapes: dict[str, tuple[int, ...]], *, rank: int,
-                  alpha: float, seed: int, std: float) -> dict[str, Any]:
-    """Write a llama.cpp LoRA GGUF for ``attn_q`` and ``attn_v`` of every layer."""
+                  alpha: float, seed: int, std: float, strings: int = 0) -> dict[str, Any]:
+    """Write a llama.cpp LoRA GGUF for ``attn_q`` and ``attn_v`` of every layer; with
+    ``strings``, its header also holds a metadata array of that many strings (a hostile
+    header: bench/noisy.py)."""
     import gguf
     import numpy as np
 
@@ -175,6 +177,8 @@ def write_adapter(path: Path, arch: str, shapes: dict[str, tuple[int, ...]], *, 
     w.add_name(f"bench-lora-{seed}")
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    if strings:
+        w.add_array("bench.strings", [f"s{i}" for i in range(strings)])
     nbytes = 0
     for name in names:
         n_out, n_in = shapes[name]

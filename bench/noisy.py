@@ -93,24 +93,23 @@ import contextlib
 import datetime
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import queue
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concurrency import PROMPTS
+from concurrency import PROMPTS, _f, _r, _table, _version, percentile
+from concurrency import median as _median
 from llama_server import free_port
+from lora import model_tensors, write_adapter
 from throughput import (
     _HZ,
     CONTENDED,
@@ -135,23 +134,6 @@ WORDS = ("the sea river stone light house window garden winter summer market mus
 
 
 # -- small helpers --------------------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..100)."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
-def _r(v: float | None, nd: int = 3) -> float | None:
-    return round(v, nd) if v is not None else None
-
-
-def _median(values: list[float | None]) -> float | None:
-    vs = [v for v in values if v is not None]
-    return statistics.median(vs) if vs else None
-
-
 def _code(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     return str(code) if code else type(exc).__name__
@@ -198,52 +180,6 @@ class Tally:
                     k: {"p50": _r(percentile(v, 50), 2), "max": _r(max(v), 2)}
                     for k, v in self.latencies.items() if v},
                 "bound_hit_after_s": _r(self.bound_hit_s, 2)}
-
-
-# -- files ----------------------------------------------------------------------------------------
-def model_tensors(model: str) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """The model's architecture and tensor shapes in numpy order."""
-    import gguf
-
-    reader = gguf.GGUFReader(model, "r")
-    arch_field = reader.get_field("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
-    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
-    del reader, arch_field
-    if not arch:
-        raise RuntimeError(f"{model}: no general.architecture")
-    return arch, shapes
-
-
-def write_adapter(path: Path, arch: str, shapes: dict[str, tuple[int, ...]], *,
-                  hostile_strings: int = 0, rank: int = 8, seed: int = 0) -> dict[str, Any]:
-    """A llama.cpp LoRA GGUF for ``attn_q`` and ``attn_v`` of every layer; with
-    ``hostile_strings`` its header also holds a metadata array of that many strings."""
-    import gguf
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    names = sorted(n for n in shapes if n.startswith("blk.") and n.endswith(".weight")
-                   and n.split(".")[2] in ("attn_q", "attn_v") and len(shapes[n]) == 2)
-    if not names:
-        raise RuntimeError("the model has no attn_q / attn_v tensors to adapt")
-    w = gguf.GGUFWriter(path, arch)
-    w.add_type("adapter")
-    w.add_name(f"noisy-{'hostile' if hostile_strings else 'valid'}")
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
-    if hostile_strings:
-        w.add_array("noisy.strings", [f"s{i}" for i in range(hostile_strings)])
-    for name in names:
-        n_out, n_in = shapes[name]
-        w.add_tensor(f"{name}.lora_a", rng.normal(0, 0.02, (rank, n_in)).astype(np.float32))
-        w.add_tensor(f"{name}.lora_b", rng.normal(0, 0.02, (n_out, rank)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {"path": str(path), "bytes": path.stat().st_size, "tensors": 2 * len(names),
-            "hostile_strings": hostile_strings}
 
 
 # -- the streaming client -------------------------------------------------------------------------
@@ -984,18 +920,6 @@ def summarise(phases: list[dict[str, Any]], floods: list[str]) -> dict[str, Any]
     return out
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
-    print("| " + " | ".join("-" * w if i in (0, len(head) - 1) else "-" * (w - 1) + ":"
-                            for i, w in enumerate(widths)) + " |")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(r, widths, strict=True))) + " |")
-
-
-def _f(v: float | None, spec: str) -> str:
-    return "n/a" if v is None else format(v, spec)
 
 
 def _outcomes(counts: dict[str, int], limit: int = 4) -> str:
@@ -1036,7 +960,7 @@ def print_report(result: dict[str, Any]) -> None:
         mark = "" if ratio is None else (" (met)" if x["met"] else " (NOT met)")
         rows.append(row(f"quiet before {f}", x["quiet"], "", None))
         rows.append(row(f"flood: {f}", x["flood"], _f(ratio, ".2f") + mark, x))
-    _table(head, rows)
+    _table(head, rows, left=(0, -1))
     print(f"\ntarget: p99 during each flood <= {TARGET}x the p99 of the quiet phases paired with "
           "it; TTFT max: of the streamer's requests whose first token came in the phase; "
           "silence: the longest time in a phase without a token (TTFTs included); CPU columns: "
@@ -1050,7 +974,7 @@ def print_report(result: dict[str, Any]) -> None:
                      _f(x["drain_gap_max_ms"], ".1f"), _f(x["ping_after_ms_max"], ".1f"),
                      str(x["p99_ratio_per_round"])))
     _table(("flood", "flooder answer p50 ms", "p99 ms", "daemon busy after s",
-            "stream max gap then ms", "ping after ms", "ratio per round"), rows)
+            "stream max gap then ms", "ping after ms", "ratio per round"), rows, left=(0, -1))
     for f in st["floods"]:
         x = s[f]
         if x["flooder_errors"]:
@@ -1127,12 +1051,13 @@ def main(argv: list[str] | None = None) -> int:
         model = str(Path(args.model).expanduser().resolve()) if args.model else \
             default_model_path()
     arch, shapes = model_tensors(model)
-    valid = write_adapter(workdir / "valid.gguf", arch, shapes)
-    hostile = write_adapter(workdir / "hostile.gguf", arch, shapes,
-                            hostile_strings=args.hostile_strings)
+    adapter = {"rank": 8, "alpha": 8.0, "seed": 0, "std": 0.02}
+    valid = write_adapter(workdir / "valid.gguf", arch, shapes, **adapter)
+    hostile = write_adapter(workdir / "hostile.gguf", arch, shapes, **adapter,
+                            strings=args.hostile_strings)
     print(f"model: {model}\ncpu: {info['cpu_model']} ({info['nproc']} CPUs); floods {floods}, "
           f"{args.rounds} round(s) of {args.phase_seconds:g} s phases\nadapters: valid "
-          f"{valid['bytes']} bytes, hostile {hostile['bytes']} bytes "
+          f"{valid['file_bytes']} bytes, hostile {hostile['file_bytes']} bytes "
           f"({args.hostile_strings} strings)", flush=True)
 
     bench = Bench(args, model, workdir)
@@ -1234,13 +1159,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {json_out} ({result['duration_s']:.0f} s)")
     ok = exit_code == 0 and not daemon["log_has_traceback"]
     return 0 if ok else 1
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
