@@ -82,13 +82,13 @@ class LoadedModel:
     def info(self) -> dict[str, Any]:
         if self._info is None:
             self._info = self.model.info()
-        layers = self.params.get("n_gpu_layers") or 0
+        layers = self.params["n_gpu_layers"]
         return {
             "id": self.id,
             "path": str(self.path),
             **self._info,
             "params": self.params,
-            "offloaded_layers": gpu.offloaded(layers, self._info["n_layer"]) if layers else 0,
+            "offloaded_layers": gpu.offloaded(layers, self._info["n_layer"]),
             "contexts": sorted(self.contexts),
             "load_seconds": round(self.load_seconds, 3),
         }

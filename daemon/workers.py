@@ -35,6 +35,7 @@ request it runs), so the adapter code below the handlers needs no peer argument.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import threading
 import time
@@ -65,6 +66,10 @@ def _lower_priority() -> None:
                        min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE))
     except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
         pass
+
+
+_HELD = trio.CapacityLimiter(math.inf)
+"""For a call that already holds its pool's limiter (trio's threads need one to be named)."""
 
 
 class Pool:
@@ -115,7 +120,7 @@ class Pool:
                     if self.gate is not None:
                         await self.gate.admit()
                     return await trio.to_thread.run_sync(self._counted(fn, args, queued=False),
-                                                         limiter=trio.CapacityLimiter(1))
+                                                         limiter=_HELD)
             return await self._on_own_threads(fn, args)
         finally:
             if client is not None:
