@@ -87,6 +87,16 @@ class Dispatcher:
     def peers_with_work(self) -> list[bytes]:
         return self.s.sessions.with_work()
 
+    def urgent(self, peer: bytes, request: Request) -> bool:
+        """A cancel of one of the peer's running requests: it stops work, so the ingress gate
+        never holds it for a step (any other message, a flood of cancels for ids not in
+        flight included, waits its turn)."""
+        if request.op != "cancel" or not isinstance(request.args, dict):
+            return False
+        rid = request.args.get("request")
+        return (isinstance(rid, (int, str)) and not isinstance(rid, bool)
+                and self.s.sessions.find(peer, rid) is not None)
+
     # -- running ------------------------------------------------------------------------------
     async def run(self, h: RequestHandle) -> None:
         """Run the handler of ``h``; exactly one reply (or a stream's end) comes of it."""

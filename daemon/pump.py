@@ -27,18 +27,14 @@ class ZmqPump:
     blocks, the pump stops reading (backpressure reaches the peer through zmq's HWM).
     ``on_unroutable(frames, errno)`` is called when a ROUTER send fails for one peer
     (``EHOSTUNREACH``: the peer is gone; ``EAGAIN``: it is at its high-water mark).
-    ``admit`` (optional) is awaited before each message is read: while it waits, messages
-    stay in zmq's queues (the daemon's :class:`~lorad.daemon.ingress.Ingress`).
     """
 
     def __init__(
         self,
         sock: zmq.Socket,
         on_unroutable: Callable[[list[bytes], int], None] | None = None,
-        admit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.sock = sock
-        self._admit = admit
         self._out: collections.deque[list[bytes]] = collections.deque()
         self._wait_scope: trio.CancelScope | None = None
         self._on_unroutable = on_unroutable
@@ -77,8 +73,6 @@ class ZmqPump:
                 events = sock.getsockopt(_EVENTS)
                 busy = False
                 if events & _POLLIN and deliver is not None:
-                    if self._admit is not None:
-                        await self._admit()
                     frames = sock.recv_multipart(_NOBLOCK)
                     self.received += 1
                     await deliver(frames)

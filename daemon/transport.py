@@ -51,6 +51,8 @@ class Receiver(Protocol):
 
     def peers_with_work(self) -> list[bytes]: ...
 
+    def urgent(self, peer: bytes, request: Request) -> bool: ...
+
 
 class ZmqTransport:
     """Serves one endpoint (``ipc://`` or ``tcp://``) with a ROUTER socket."""
@@ -61,7 +63,9 @@ class ZmqTransport:
                  admit: Callable[[], Awaitable[None]] | None = None) -> None:
         self.endpoint = endpoint
         self.admit = admit
-        """Awaited before each message is read (the engine's ingress gate), if given."""
+        """Awaited before each message is handled (the engine's ingress gate), if given, but
+        for the receiver's :meth:`~Receiver.urgent` ones (a cancel of a running request is
+        never held for a step)."""
         self.limits = limits
         self.heartbeat_ms = heartbeat_ms
         self.group = group
@@ -179,7 +183,7 @@ class ZmqTransport:
         assert self.sock is not None, "bind() first"
         self._receiver = receiver
         monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.pump = ZmqPump(self.sock, on_unroutable=self._on_unroutable, admit=self.admit)
+        self.pump = ZmqPump(self.sock, on_unroutable=self._on_unroutable)
         monitor_pump = ZmqPump(monitor)
         try:
             async with trio.open_nursery() as nursery:
@@ -195,10 +199,14 @@ class ZmqTransport:
         try:
             request = decode_request(body, self.limits)
         except ProtocolError as exc:
+            if self.admit is not None:
+                await self.admit()
             rid = exc.details.pop("id", None)
             self._receiver.bad_message(peer, exc)
             self.send(peer, error_reply(rid, exc))
             return
+        if self.admit is not None and not self._receiver.urgent(peer, request):
+            await self.admit()  # while it waits, the pump reads nothing: zmq's queues hold
         await self._receiver.request(peer, request)
 
     def send(self, peer: bytes, reply: Reply) -> None:
