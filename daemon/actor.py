@@ -425,7 +425,8 @@ class ContextActor:
                                     field="tokens")
         elif h.op == "chat":
             text = await render_chat(self.templates, model, args.messages,
-                                     args.add_generation_prompt, args.template)
+                                     args.add_generation_prompt,
+                                     args.template or self.model.chat_template)
             bos_text = model.token_text(model.bos) if model.add_bos else ""
             bos = [model.bos] if model.add_bos and not (bos_text and text.startswith(bos_text)) \
                 else []

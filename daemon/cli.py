@@ -48,6 +48,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    "API here (loopback unless API keys are given; needs lorad[http])")
     p.add_argument("--api-key-file", metavar="FILE", help="API keys of the HTTP API, one per "
                    "line (Authorization: Bearer KEY); required for a non-loopback --http")
+    p.add_argument("--chat-template", metavar="NAME|FILE", help="chat template of --model "
+                   "(else of the config file's models): a llama.cpp built-in name such as "
+                   "gemma or chatml, or a file of Jinja; used instead of the file's own")
     p.add_argument("--repack", choices=["auto", "on", "off"], help="let llama.cpp repack "
                    "weights for this CPU (auto: unless it has AMX; see capabilities.repack)")
     p.add_argument("--log-format", choices=["auto", "json", "console"])
@@ -75,7 +78,7 @@ def run_serve(args: argparse.Namespace, speculative: dict[str, Any] | bool | Non
             repack=args.repack, http_address=args.http, api_key_file=args.api_key_file,
             model=args.model, alias=args.alias, n_gpu_layers=args.n_gpu_layers,
             n_ctx=args.n_ctx, threads=args.threads,
-            speculative=speculative,
+            speculative=speculative, chat_template=args.chat_template,
             loras=[parse_lora_option(x) for x in args.lora] if args.lora else None,
         )
     except (ConfigError, ProtocolError) as exc:

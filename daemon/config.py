@@ -35,6 +35,8 @@ class ModelSpec:
     n_gpu_layers: int | None = None
     """None: every layer on a GPU build, none on a CPU one (:mod:`lorad.daemon.gpu`)."""
     use_mmap: bool = True
+    chat_template: str | None = None
+    """A llama.cpp built-in name or Jinja source used instead of the file's template."""
 
 
 @dataclass
@@ -132,6 +134,36 @@ def _home(ref: str, field: str) -> Path:
         raise ConfigError(exc.message, field=field) from None
 
 
+MAX_TEMPLATE_FILE = 1 << 20
+"""Bytes of a chat template file (``--chat-template FILE``)."""
+
+
+def _template_option(value: str) -> str:
+    """``--chat-template``'s value: Jinja source read from the file it names, else the value
+    itself (a llama.cpp built-in name, checked when the model loads, or Jinja source)."""
+    if "{" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        if "/" in value or value.endswith((".jinja", ".j2", ".txt")):
+            raise ConfigError(f"--chat-template {value!r}: no such file", field="chat_template")
+        return value
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEMPLATE_FILE + 1)
+        if len(data) > MAX_TEMPLATE_FILE:
+            raise ConfigError(f"--chat-template {value!r}: larger than {MAX_TEMPLATE_FILE} "
+                              "bytes", field="chat_template")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--chat-template {value!r}: cannot read it as UTF-8 text ({exc})",
+                          field="chat_template") from None
+    if not text.strip():
+        raise ConfigError(f"--chat-template {value!r}: the file is empty",
+                          field="chat_template")
+    return text
+
+
 def _config_error(message: str, **details: Any) -> ConfigError:
     return ConfigError(f"config: {message}", **details)
 
@@ -166,8 +198,8 @@ def load_config(path: str | Path | None) -> DaemonConfig:
         config.adapter_dirs = [str(_home(d, "adapter_dirs")) for d in data["adapter_dirs"]]
     for m in data.get("models", []):
         args = validate_args("load_model", m)
-        config.models.append(ModelSpec(**{k: args[k] for k in ("path", "alias", "n_gpu_layers",
-                                                                 "use_mmap")}))
+        config.models.append(ModelSpec(**{k: args[k] for k in (
+            "path", "alias", "n_gpu_layers", "use_mmap", "chat_template")}))
     for c in data.get("contexts", []):
         c = dict(c)
         ctx_id = c.pop("id", None)
@@ -289,6 +321,7 @@ def apply_overrides(
     threads: int | None = None,
     speculative: dict[str, Any] | bool | None = None,
     loras: Iterable[tuple[str, float]] | None = None,
+    chat_template: str | None = None,
     environ: Mapping[str, str] = os.environ,
 ) -> DaemonConfig:
     """Apply ``lorad serve``'s flags to ``config`` (in place; also returned). A flag that is
@@ -299,8 +332,10 @@ def apply_overrides(
     persistent context ``default`` on it (``n_ctx``, ``threads``; the config's stack of
     ``default`` is kept); ``speculative`` (a speculative spec, or False for off) and ``loras``
     (``(path or name, scale)`` pairs, the whole stack) replace the settings of ``default``,
-    which must exist: :class:`ConfigError` otherwise. Without ``endpoint``,
-    ``$LORAD_ENDPOINT`` beats the config file.
+    which must exist: :class:`ConfigError` otherwise. ``chat_template`` (a built-in name,
+    Jinja source, or a file holding Jinja) is the chat template of ``model``, or without it of
+    every model of the config file. Without ``endpoint``, ``$LORAD_ENDPOINT`` beats the config
+    file.
     """
     if endpoint:
         config.endpoint = endpoint
@@ -330,6 +365,15 @@ def apply_overrides(
         model_path = str(_home(model, "model").resolve())
         config.allowed_dirs.append(str(Path(model_path).parent))
         config.models.append(ModelSpec(path=model_path, alias=alias, n_gpu_layers=n_gpu_layers))
+    if chat_template:
+        template = _template_option(chat_template)
+        targets = config.models[-1:] if model else config.models
+        if not targets:
+            raise ConfigError("--chat-template applies to the models loaded at start: give "
+                              "--model, or models in the config file", field="chat_template")
+        for spec in targets:
+            spec.chat_template = template
+    if model:
         ctx_params: dict[str, Any] = {}
         if n_ctx:
             ctx_params["n_ctx"] = n_ctx

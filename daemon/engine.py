@@ -376,7 +376,8 @@ class Engine:
         """The config file's models and (persistent, shared) contexts."""
         for spec in self.config.models:
             await self.models.load(spec.path, n_gpu_layers=spec.n_gpu_layers,
-                                   use_mmap=spec.use_mmap, alias=spec.alias)
+                                   use_mmap=spec.use_mmap, alias=spec.alias,
+                                   chat_template=spec.chat_template)
         for spec in self.config.contexts:
             args = parse_args("create_context", {"model": spec.model, **spec.params,
                                                   "persistent": True})

@@ -113,6 +113,15 @@ def builtin_chat_templates() -> list[str]:
     return [name.decode() for name in names]
 
 
+def check_builtin_chat_template(name: str, field: str = "template") -> None:
+    """``bad_request`` (``field``, ``builtin``) unless ``name`` is one of llama.cpp's."""
+    names = builtin_chat_templates()
+    if name not in names:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown chat template {name!r}: give a "
+                            f"llama.cpp built-in name ({', '.join(names)}) or Jinja source",
+                            field=field, builtin=names)
+
+
 def apply_builtin_chat_template(name: str, messages: list[dict[str, str]],
                                 add_generation_prompt: bool) -> str:
     """Format ``messages`` with llama.cpp's built-in template ``name``."""

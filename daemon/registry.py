@@ -38,6 +38,9 @@ class LoadedModel:
     """Its weights in the memory budget (released when it is freed)."""
     creating: int = 0
     """Contexts being created on it: an unload without ``force`` refuses (``in_use``)."""
+    chat_template: str | None = None
+    """The chat template given at load (a llama.cpp built-in name or Jinja source): used instead
+    of the file's for chat requests that name none."""
     tensors: ModelTensors | None = None
     """Its architecture and tensor shapes, read from its file's header when it was loaded (what
     adapters are checked against: a file replaced by rename since is not the loaded one)."""
@@ -79,6 +82,12 @@ class LoadedModel:
             self._unused = trio.Event()
             await self._unused.wait()
 
+    @property
+    def template(self) -> str | None:
+        """The chat template of requests that name none: the one given at load, else the
+        file's (None: neither)."""
+        return self.chat_template or self.model.chat_template
+
     def info(self) -> dict[str, Any]:
         if self._info is None:
             self._info = self.model.info()
@@ -87,6 +96,7 @@ class LoadedModel:
             "id": self.id,
             "path": str(self.path),
             **self._info,
+            "chat_template": self.template is not None,
             "params": self.params,
             "offloaded_layers": gpu.offloaded(layers, self._info["n_layer"]),
             "contexts": sorted(self.contexts),
@@ -148,10 +158,13 @@ class ModelRegistry:
         return candidate
 
     async def load(self, path: str, *, n_gpu_layers: int | None = None, use_mmap: bool = True,
-                   alias: str | None = None,
+                   alias: str | None = None, chat_template: str | None = None,
                    progress: Callable[[float], bool] | None = None) -> LoadedModel:
         """Load ``path`` or return the model already loaded from it with the same params
-        (``n_gpu_layers`` None: the build's default, :func:`lorad.daemon.gpu.default_layers`)."""
+        (``n_gpu_layers`` None: the build's default, :func:`lorad.daemon.gpu.default_layers`;
+        ``chat_template``: see :attr:`LoadedModel.chat_template`)."""
+        if chat_template is not None and "{" not in chat_template:
+            llama.check_builtin_chat_template(chat_template, "chat_template")
         resolved = self.allowed.check(path, "model")
         n_gpu_layers = gpu.resolve_layers(n_gpu_layers, llama.supports_gpu_offload())
         params = {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap}
@@ -159,7 +172,14 @@ class ModelRegistry:
         while key in self._loading:  # another request loads the same model: share its result
             await self._loading[key].wait()
         if key in self._by_key:
-            return self._by_key[key]
+            loaded = self._by_key[key]
+            if chat_template is not None and chat_template != loaded.chat_template:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST, f"model {loaded.id!r} is loaded from this file "
+                    "already, with another chat template: unload it first, or name the "
+                    "template per request (chat's template)", field="chat_template",
+                    model=loaded.id)
+            return loaded
         model_id = self._new_id(resolved, alias)
         try:
             size = resolved.stat().st_size
@@ -186,7 +206,7 @@ class ModelRegistry:
             del self._loading[key]
             done.set()
         entry = LoadedModel(model_id, resolved, key, model, params, reservation=reservation,
-                            tensors=tensors)
+                            tensors=tensors, chat_template=chat_template)
         entry.load_seconds = time.perf_counter() - started
         self._by_id[model_id] = self._by_key[key] = entry
         log.info("model_loaded", model=model_id, path=str(resolved),

@@ -281,6 +281,7 @@ SPECS: dict[str, OpSpec] = {
             "n_gpu_layers": Arg(_INT, nullable=True, check=_range(-1, 100000)),
             "use_mmap": Arg(_BOOL, default=True),
             "alias": Arg(_STR, nullable=True, check=_nonempty),
+            "chat_template": Arg(_STR, nullable=True, check=_nonempty),
             "progress": Arg(_BOOL, default=False),
         },
         example={"path": "/models/m.gguf"},

@@ -80,14 +80,15 @@ def test_the_http_door_picks_an_adapter_by_model(tmp_path_factory: pytest.TempPa
 
         assert rate("pirate") >= 0.8
         assert rate("gemma") <= 0.1
-        # the shipped GGUF has no chat template: the door says which parameter to give
-        with pytest.raises(openai.BadRequestError) as e:
-            api.chat.completions.create(model="pirate", messages=[
-                {"role": "user", "content": "What is 2 plus 2?"}])
-        assert e.value.body["param"] == "chat_template"
-        answer = api.chat.completions.create(
-            model="pirate", messages=[{"role": "user", "content": "What is 2 plus 2?"}],
-            max_tokens=24, temperature=0, extra_body={"chat_template": "gemma"})
+        # the default model chats out of the box (lorad gave it gemma's template), the same
+        # as with llama.cpp's built-in gemma template
+        question = [{"role": "user", "content": "What is 2 plus 2?"}]
+        answer = api.chat.completions.create(model="pirate", messages=question, max_tokens=24,
+                                             temperature=0)
         assert answer.choices[0].message.content
+        builtin = api.chat.completions.create(model="pirate", messages=question, max_tokens=24,
+                                              temperature=0,
+                                              extra_body={"chat_template": "gemma"})
+        assert builtin.choices[0].message.content == answer.choices[0].message.content
     finally:
         assert d.stop() == 0, d.log()

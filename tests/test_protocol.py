@@ -433,6 +433,7 @@ def test_specific_defaults() -> None:
         "n_gpu_layers": None,  # the build decides (lorad.daemon.gpu)
         "use_mmap": True,
         "alias": None,
+        "chat_template": None,
         "progress": False,
     }
     assert validate_args("unload_model", {"model": "m"}) == {"model": "m", "force": False}

@@ -31,7 +31,7 @@ async def load_model(s: Services, h: RequestHandle) -> dict[str, Any]:
     started = time.perf_counter()
     entry = await s.engine.models.load(a.path, n_gpu_layers=a.n_gpu_layers,
                                        use_mmap=a.use_mmap, alias=a.alias,
-                                       progress=progress)
+                                       chat_template=a.chat_template, progress=progress)
     info = entry.info()
     if a.progress:  # a stream of progress items, then the end with the model
         h.send_end({"finish_reason": "stop", "model": info,

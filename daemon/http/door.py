@@ -91,7 +91,7 @@ class Door:
         if call.response_format is not None:
             args["grammar"] = await grammar_for(call.response_format)
         if (call.op == "chat" and "template" not in args and self.settings.chat_template
-                and entry.model.chat_template is None):
+                and entry.template is None):
             args["template"] = self.settings.chat_template
         parse_args(call.op, {**args, "context": "-"}, self.s.limits)  # before any context
         actor = await self.pool.choose(entry, tuple(items), call.prompt_key)
