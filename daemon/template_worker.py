@@ -1,31 +1,30 @@
 """The chat-template worker process: renders untrusted Jinja chat templates, nothing else.
 
-Run as a script (``python -I template_worker.py MEMORY_BYTES OUTPUT_CHARS``) by
+Run as a script (``python -I template_worker.py MEMORY_BYTES OUTPUT_CHARS DAEMON_PID``) by
 :mod:`lorad.daemon.templates`, never imported by the daemon: it imports only the standard
 library, jinja2 and msgpack, so that it starts fast. Requests and replies are msgpack maps,
 each preceded by its length (4 bytes, big-endian), on stdin and stdout.
 
 Whatever a template does, it cannot reach the daemon: it runs in Jinja's immutable sandbox, in
 its own process, under an address-space limit; its output is cut at ``OUTPUT_CHARS``; the
-daemon kills the process when a render takes too long. The process ends with its parent.
+daemon kills the process when a render takes too long. The process ends with its parent (it
+checks every half second).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import resource
-import signal
 import struct
 import sys
+import threading
+import time
 from typing import Any
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import msgpack
-
-_PR_SET_PDEATHSIG = 1
 
 
 class RaisedByTemplate(Exception):
@@ -107,12 +106,19 @@ def _read_exactly(stream: Any, n: int) -> bytes | None:
     return data
 
 
+def _end_with(parent: int) -> None:
+    """End this process once ``parent`` has ended (it is then reparented), whatever the main
+    thread is rendering. Not ``PR_SET_PDEATHSIG``: that fires when the parent *thread* ends,
+    and the daemon starts workers from trio's worker threads, which end after 10 s idle (an
+    idle worker was killed, and the next chat request failed)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 def main(argv: list[str]) -> int:
-    memory, max_output = int(argv[1]), int(argv[2])
-    try:  # end with the daemon, whatever it was doing
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+    memory, max_output, parent = int(argv[1]), int(argv[2]), int(argv[3])
+    threading.Thread(target=_end_with, args=(parent,), daemon=True).start()
     os.nice(19)  # a template spinning on a core yields it to the daemon's token work
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     renderer = Renderer(max_output)

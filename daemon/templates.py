@@ -9,6 +9,7 @@ replaced on the next render; at most ``limits.template_workers`` renders run at 
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from lorad.protocol import ErrorCode, Limits, ProtocolError
 from .logs import log
 
 WORKER = Path(__file__).with_name("template_worker.py")
+_BROKEN = object()
 
 
 class _Worker:
@@ -67,7 +69,7 @@ class TemplateRenderer:
     async def _spawn(self) -> _Worker:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-I", str(WORKER), str(self.limits.template_memory_bytes),
-             str(self.limits.max_template_output)],
+             str(self.limits.max_template_output), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
         return _Worker(process)
@@ -87,23 +89,11 @@ class TemplateRenderer:
         eos_token); ``bad_request`` when the template fails, raises or exceeds a limit."""
         timeout = self.limits.template_timeout_ms / 1000
         async with self._slots:
-            try:
-                worker = self._idle.pop() if self._idle else await self._spawn()
-            except OSError as exc:
-                raise ProtocolError(ErrorCode.INTERNAL, "chat template: could not start a "
-                                    f"worker process: {exc}") from None
-            reply: dict[str, Any] | None = None
-            try:
-                with trio.move_on_after(timeout):
-                    reply = await worker.call({"source": source, **variables})
-            except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    struct.error, ValueError, msgpack.UnpackException) as exc:
-                log.warning("template_worker_failed", error=f"{type(exc).__name__}: {exc}")
-            except BaseException:
-                await worker.kill()  # cancelled mid-render: its reply would be out of step
-                raise
-            if reply is None:
-                await worker.kill()
+            reused = bool(self._idle)
+            reply = await self._call({"source": source, **variables}, timeout, reuse=True)
+            if reply is _BROKEN and reused:  # an idle worker had ended: once more, on a new one
+                reply = await self._call({"source": source, **variables}, timeout, reuse=False)
+            if not isinstance(reply, dict):
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
                     f"chat template: rendering took longer than {self.limits.template_timeout_ms}"
@@ -111,7 +101,6 @@ class TemplateRenderer:
                     field="template", limit="template_timeout_ms",
                     value=self.limits.template_timeout_ms,
                 )
-            self._idle.append(worker)
         if "text" in reply:
             return reply["text"]
         kind, message = reply["error"], reply["message"]
@@ -130,6 +119,34 @@ class TemplateRenderer:
                                 value=self.limits.template_memory_bytes)
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"chat template failed: {message}",
                             field="template")
+
+    async def _call(self, request: dict[str, Any], timeout: float, *, reuse: bool
+                    ) -> dict[str, Any] | object | None:
+        """One render on a worker (an idle one when ``reuse``, else a new one): its reply,
+        None when it took longer than ``timeout`` (the worker is killed), or ``_BROKEN`` when
+        the worker failed (it had ended, or its reply was not one)."""
+        try:
+            worker = self._idle.pop() if reuse and self._idle else await self._spawn()
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.INTERNAL, "chat template: could not start a "
+                                f"worker process: {exc}") from None
+        reply: dict[str, Any] | None = None
+        try:
+            with trio.move_on_after(timeout):
+                reply = await worker.call(request)
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
+                struct.error, ValueError, msgpack.UnpackException) as exc:
+            log.warning("template_worker_failed", error=f"{type(exc).__name__}: {exc}")
+            await worker.kill()
+            return _BROKEN
+        except BaseException:
+            await worker.kill()  # cancelled mid-render: its reply would be out of step
+            raise
+        if reply is None:
+            await worker.kill()
+            return None
+        self._idle.append(worker)
+        return reply
 
     async def aclose(self) -> None:
         while self._idle:
