@@ -329,6 +329,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat on a context (a temporary one with ``--model``); /help in it."""
+    from .chat import ChatSession, terminal_lines
+
+    loras = [parse_lora_option(x) for x in args.lora] if args.lora else None
+    with _client(args) as client:
+        owned = args.model is not None
+        if owned:
+            ctx = client.create_context(args.model, n_ctx=args.n_ctx, loras=loras)
+        else:
+            ctx = client.context(args.context)
+            if loras is not None:
+                ctx.set_loras(loras)
+        try:
+            session = ChatSession(ctx, sys.stdout, system=args.system, verbose=args.verbose,
+                                  catch_sigint=True, max_tokens=args.max_tokens,
+                                  temperature=args.temperature, seed=args.seed,
+                                  template=args.template)
+            session.run(terminal_lines())
+        finally:
+            if owned:
+                ctx.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --endpoint and --timeout are accepted before or after the subcommand (after wins).
     def common_options(dest_suffix: str) -> argparse.ArgumentParser:
@@ -439,6 +464,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "draft_model)")
     p.add_argument("--json", action="store_true", help="one JSON object with text and metrics")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive chat (/help in it lists its commands)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--model", help="model id or path (a temporary context is created)")
+    where.add_argument("--context", default="default", help="existing context (default: "
+                       "'default')")
+    p.add_argument("--n-ctx", type=int, help="n_ctx of the temporary context")
+    p.add_argument("--system", help="the system message")
+    p.add_argument("--max-tokens", type=int, default=512, help="per reply (default 512)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="start with this adapter stack on the context (repeatable, in order; "
+                   "it replaces an existing context's stack)")
+    p.add_argument("--template", metavar="NAME_OR_JINJA", help="a llama.cpp built-in chat "
+                   "template name or Jinja source (default: the model's own)")
+    p.add_argument("--verbose", action="store_true", help="a stats line after each reply")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("embed", help="embedding vectors of texts (JSON)")
     p.add_argument("text", nargs="+", help="one input per argument")
