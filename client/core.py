@@ -256,6 +256,7 @@ class StreamState:
     credit: int = DEFAULT_CREDIT
     finish_reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] | None = None
     error: LoradError | None = None
     consumed_since_grant: int = 0
     next_seq: int = 0
@@ -297,6 +298,8 @@ class StreamState:
             result = reply.result or {}
             self.finish_reason = result.get("finish_reason")
             self.metrics = dict(result.get("metrics") or {})
+            calls = result.get("tool_calls")
+            self.tool_calls = list(calls) if isinstance(calls, list) else None
         elif reply.kind == "error":
             self.error = error_from_wire(reply.error or {})
             self.finish_reason = "error"
@@ -361,6 +364,13 @@ class StreamView:
     @property
     def text(self) -> str:
         return self._state.text
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """A chat with tools: the calls the model made (OpenAI's shape: ``{id, type,
+        function: {name, arguments}}``, arguments as JSON text), after the end; None for a
+        request without tools."""
+        return self._state.tool_calls
 
     @property
     def done(self) -> bool:

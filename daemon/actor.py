@@ -23,7 +23,7 @@ import trio
 from lorad.protocol import DEFAULT_LIMITS, ErrorCode, Limits, ProtocolError
 from lorad.protocol.args import OpArgs
 
-from . import llama
+from . import llama, tools
 from .adapters import AdapterCache, LoadedAdapter
 from .alora import activation
 from .batching import Batcher, SlabScheduler, Step
@@ -66,6 +66,15 @@ class StackEntry:
 
     def to_wire(self) -> dict[str, Any]:
         return {"ref": self.ref, "scale": self.scale, **self.adapter.info.to_wire()}
+
+
+@dataclass(frozen=True)
+class Tooling:
+    """A chat's tools as :meth:`ContextActor._tooling` prepared them."""
+
+    use: tools.ToolUse
+    format: str
+    grammar: str | None
 
 
 @dataclass
@@ -405,7 +414,24 @@ class ContextActor:
         return draft
 
     # -- generation ---------------------------------------------------------------------------
-    async def _prompt_tokens(self, h: RequestHandle, args: OpArgs) -> list[int]:
+    async def _tooling(self, h: RequestHandle, args: OpArgs) -> Tooling | None:
+        """A chat's tools (:mod:`.tools`): how they are used, the template's format and the
+        grammar that holds the output; None for a request without tools or tool messages."""
+        if h.op != "chat" or (args.tools is None and args.tool_choice is None and not any(
+                m.get("tool_calls") or m["role"] == "tool" for m in args.messages)):
+            return None
+        use = tools.parse_tools(args.tools, args.tool_choice, args.parallel_tool_calls)
+        fmt = tools.detect(args.template or self.model.template)
+        grammar = await trio.to_thread.run_sync(tools.grammar, use, fmt)
+        if grammar is not None and args.grammar is not None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "give either grammar or tools: calls "
+                                "that are forced (tool_choice required or a function), or "
+                                "made on a template without tool syntax, bring their own "
+                                "grammar", field="grammar")
+        return Tooling(use, fmt, grammar)
+
+    async def _prompt_tokens(self, h: RequestHandle, args: OpArgs,
+                             tooling: Tooling | None = None) -> list[int]:
         model = self.model.model
         room = self.n_ctx - 1  # a prompt leaves room for at least one generated token
 
@@ -424,9 +450,12 @@ class ContextActor:
                                     f"token {bad} is outside the vocabulary ({model.n_vocab})",
                                     field="tokens")
         elif h.op == "chat":
-            text = await render_chat(self.templates, model, args.messages,
+            messages, tools_var = args.messages, None
+            if tooling is not None:
+                messages, tools_var = tools.prepare(messages, tooling.use, tooling.format)
+            text = await render_chat(self.templates, model, messages,
                                      args.add_generation_prompt,
-                                     args.template or self.model.chat_template)
+                                     args.template or self.model.chat_template, tools_var)
             bos_text = model.token_text(model.bos) if model.add_bos else ""
             bos = [model.bos] if model.add_bos and not (bos_text and text.startswith(bos_text)) \
                 else []
@@ -448,19 +477,21 @@ class ContextActor:
     async def _generate(self, job: Job) -> None:
         h, args = job.handle, job.args
         started = time.perf_counter()
-        prompt = await self._prompt_tokens(h, args)
+        tooling = await self._tooling(h, args)
+        prompt = await self._prompt_tokens(h, args, tooling)
         seed = args.seed if args.seed is not None else self._rng.randrange(2**32)
         params = llama.SamplingParams(
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-            repeat_last_n=args.repeat_last_n, seed=seed, grammar=args.grammar,
+            repeat_last_n=args.repeat_last_n, seed=seed,
+            grammar=tooling.grammar if tooling and tooling.grammar else args.grammar,
         )
         model, seq, scheduler = self.model.model, self.seq, self.scheduler
         spec = args.speculative if args.speculative is not None else self.speculative
         drafter = await self.drafter(spec, args) if spec else None
         rng = np.random.default_rng(seed)
         greedy = args.temperature == 0
-        plain_greedy = greedy and args.grammar is None and args.repeat_penalty == 1.0
+        plain_greedy = greedy and params.grammar is None and args.repeat_penalty == 1.0
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # the scheduler reuses no token cached under another stack
@@ -473,6 +504,8 @@ class ContextActor:
             lambda: llama.Sampler(model, params, self.limits.grammar_ms))
         n_logprobs = args.logprobs
         text = TextAssembler(args.stop)
+        splitter = tools.StreamSplitter(tooling.use, tooling.format) if tooling else None
+        calls: list[dict[str, Any]] = []
         generated = 0
         output: list[int] = []
         finish = "length"
@@ -533,6 +566,8 @@ class ContextActor:
                     if drafter is not None:
                         drafter.feed(token)
                     delta = text.feed(model.piece(token))
+                    if splitter is not None:  # a tool call's text is held for the end
+                        delta = splitter.feed(delta)
                     item: dict[str, Any] = {"text": delta, "token_ids": [token]}
                     if logprobs is not None:
                         item["logprobs"] = [logprobs[0]]
@@ -571,6 +606,12 @@ class ContextActor:
                 produced = await scheduler.run(step)
             if finish != "cancelled":
                 tail = text.finish()
+                if splitter is not None:
+                    shown = splitter.feed(tail)
+                    parsed = splitter.finish()
+                    tail, calls = shown + parsed.content, parsed.calls
+                    if calls:
+                        finish = "tool_calls"
                 if tail:
                     await h.send_item({"text": tail, "token_ids": []})
         finally:
@@ -599,14 +640,19 @@ class ContextActor:
                else {}),
             **(drafter.metrics() if drafter is not None else OFF_METRICS),
         }
-        h.send_end({"finish_reason": finish, "metrics": metrics})
+        end: dict[str, Any] = {"finish_reason": finish, "metrics": metrics}
+        if tooling is not None:
+            end["tool_calls"] = calls
+        h.send_end(end)
 
 
 async def render_chat(templates: TemplateRenderer, model: llama.Model,
                       messages: list[dict[str, Any]], add_generation_prompt: bool,
-                      template: str | None = None) -> str:
+                      template: str | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> str:
     """Format messages with ``template`` (a llama.cpp built-in name or Jinja source), else
-    with the model's own Jinja chat template (rendered by ``templates``, out of process)."""
+    with the model's own Jinja chat template (rendered by ``templates``, out of process);
+    ``tools``: the Jinja template's ``tools`` variable."""
     if template is not None and "{" not in template:
         return await trio.to_thread.run_sync(
             llama.apply_builtin_chat_template, template, messages, add_generation_prompt)
@@ -621,4 +667,5 @@ async def render_chat(templates: TemplateRenderer, model: llama.Model,
     return await templates.render(
         source, messages=messages, add_generation_prompt=add_generation_prompt,
         bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos),
+        tools=tools,
     )

@@ -46,6 +46,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)")
     p.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP "
                    "API here (loopback unless API keys are given; needs lorad[http])")
+    p.add_argument("--http-metrics", action="store_true", help="also serve Prometheus "
+                   "metrics at /metrics on the --http port (behind its API keys, if any)")
     p.add_argument("--api-key-file", metavar="FILE", help="API keys of the HTTP API, one per "
                    "line (Authorization: Bearer KEY); required for a non-loopback --http")
     p.add_argument("--chat-template", metavar="NAME|FILE", help="chat template of --model "
@@ -79,6 +81,7 @@ def run_serve(args: argparse.Namespace, speculative: dict[str, Any] | bool | Non
             model=args.model, alias=args.alias, n_gpu_layers=args.n_gpu_layers,
             n_ctx=args.n_ctx, threads=args.threads,
             speculative=speculative, chat_template=args.chat_template,
+            http_metrics=args.http_metrics,
             loras=[parse_lora_option(x) for x in args.lora] if args.lora else None,
         )
     except (ConfigError, ProtocolError) as exc:

@@ -83,6 +83,8 @@ class HttpSettings:
     chat_template: str = ""
     """For chat requests that name none (``chat_template``): a llama.cpp built-in template
     name or Jinja source, used for models without a template of their own ("": none)."""
+    metrics: bool = False
+    """Also serve Prometheus' ``/metrics`` on the HTTP port (behind the API keys, if any)."""
 
 
 @dataclass
@@ -272,6 +274,8 @@ def _http(table: Any) -> HttpSettings:
                  {"contexts": (1, 256), "n_ctx": (0, 1 << 20), "max_queued": (0, 1024)})
     if not isinstance(out.chat_template, str):
         raise _config_error("http.chat_template must be a string", field="chat_template")
+    if not isinstance(out.metrics, bool):
+        raise _config_error("http.metrics must be true or false", field="metrics")
     return out
 
 
@@ -322,6 +326,7 @@ def apply_overrides(
     speculative: dict[str, Any] | bool | None = None,
     loras: Iterable[tuple[str, float]] | None = None,
     chat_template: str | None = None,
+    http_metrics: bool = False,
     environ: Mapping[str, str] = os.environ,
 ) -> DaemonConfig:
     """Apply ``lorad serve``'s flags to ``config`` (in place; also returned). A flag that is
@@ -358,6 +363,11 @@ def apply_overrides(
             setattr(config, name, value)
     if api_key_file:
         config.api_keys = [*config.api_keys, *read_api_keys(api_key_file)]
+    if http_metrics:
+        if not config.http_address:
+            raise ConfigError("--http-metrics serves /metrics on the HTTP door: give --http "
+                              "HOST:PORT too", field="http_metrics")
+        config.http.metrics = True
     if n_gpu_layers is not None and (not model or not -1 <= n_gpu_layers <= 100000):
         raise _config_error("--n-gpu-layers needs --model (it is that model's) and a value in "
                             "-1..100000 (-1: every layer)", field="n_gpu_layers")

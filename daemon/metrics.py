@@ -96,7 +96,7 @@ class Metrics:
             s.total_ms.append(elapsed_ms)
             if outcome == "cancelled":
                 s.cancelled += 1
-            elif outcome not in ("ok", "stop", "length"):
+            elif outcome not in ("ok", "stop", "length", "tool_calls"):
                 s.errors[outcome] += 1
             if end_metrics is not None:
                 s.streams += 1

@@ -10,7 +10,12 @@ import ipaddress
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lorad.protocol import ErrorCode, ProtocolError
@@ -75,6 +80,16 @@ class _Collector:
                         gauge.add_metric([scope, key, q], stats[what][q])
             yield gauge
         yield GaugeMetricFamily("lorad_uptime_seconds", "Daemon uptime", value=snap["uptime_s"])
+
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def render(snapshot: Callable[[], dict[str, Any]]) -> bytes:
+    """The metrics in Prometheus' text format (the HTTP door's ``/metrics``)."""
+    registry = CollectorRegistry()
+    registry.register(_Collector(snapshot))
+    return generate_latest(registry)
 
 
 def start_exporter(address: str, snapshot: Callable[[], dict[str, Any]]) -> tuple[str, int]:

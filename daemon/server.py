@@ -108,7 +108,8 @@ class Daemon:
         c = self.config
         self.http_door = Door(self.services, c.http)
         await serve_http(self.http_door, c.http_address, api_keys=c.api_keys,
-                         cors_origins=c.cors_origins, task_status=task_status)
+                         cors_origins=c.cors_origins, metrics=c.http.metrics,
+                         task_status=task_status)
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` from the trio loop itself: a wedged loop stops the pings and systemd

@@ -37,7 +37,7 @@ class Services:
 
     def record(self, handle: RequestHandle) -> None:
         """Count a finished request (either door: ``handle.transport``)."""
-        if handle.outcome not in ("ok", "stop", "length", "cancelled"):
+        if handle.outcome not in ("ok", "stop", "length", "tool_calls", "cancelled"):
             self.counters["errors"] += 1
         actor = (self.engine.contexts.get(handle.context) if isinstance(handle.context, str)
                  else None)

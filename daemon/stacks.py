@@ -15,7 +15,8 @@ from typing import Any
 
 import trio
 
-from lorad.protocol import ErrorCode, Limits, ProtocolError
+from lorad.protocol import ErrorCode, Limits, ProtocolError, looks_like_path
+from lorad.protocol.errors import echo
 
 from .actor import ContextActor, StackEntry
 from .adapters import AdapterCache, LoadedAdapter
@@ -31,6 +32,9 @@ VALIDATION_CODES = (ErrorCode.LORA_FILE_NOT_FOUND, ErrorCode.LORA_INVALID,
                     ErrorCode.FORBIDDEN_PATH, ErrorCode.LORA_INCOMPATIBLE,
                     ErrorCode.LORA_UNSUPPORTED)
 """Errors that ``validate_lora`` reports as a problem of the adapter rather than raises."""
+MAX_NAMES = 1000
+"""Adapter names registered at run time."""
+MAX_NAME_CHARS = 200
 
 
 class Stacks:
@@ -43,6 +47,9 @@ class Stacks:
         self.allowed = allowed
         self.peft_cache = peft_cache
         self.limits = limits
+        self.names: dict[str, str] = {}
+        """Adapter names registered at run time (the HTTP door's ``/v1/load_lora_adapter``),
+        each for a path: looked up before the adapter directories."""
 
     async def release(self, held: list[LoadedAdapter]) -> None:
         with trio.CancelScope(shield=True):
@@ -50,7 +57,39 @@ class Stacks:
                 await self.adapters.release(adapter)
 
     def resolve(self, ref: str) -> Path:
-        return resolve_adapter(ref, self.adapter_dirs, self.allowed)
+        """The adapter file or PEFT directory ``ref`` names (a registered name, a path, or a
+        name in the adapter directories), checked against the allowed directories."""
+        return resolve_adapter(self.names.get(ref, ref), self.adapter_dirs, self.allowed)
+
+    def register(self, name: str, path: str, *, replace: bool = False) -> Path:
+        """Name the adapter at ``path`` (resolved and checked now, and again at each use);
+        ``bad_request`` for a name that is not one, or taken (unless ``replace``)."""
+        if (not name or name in (".", "..") or looks_like_path(name) or ":" in name
+                or len(name) > MAX_NAME_CHARS or not name.isprintable()):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{echo(name)!r} is not an adapter name: "
+                                f"at most {MAX_NAME_CHARS} printable characters, no '/' or "
+                                "':', not ending in .gguf", field="lora_name")
+        if name in self.names and not replace:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"the adapter name {name!r} is taken "
+                                f"(by {self.names[name]!r}): unload it first",
+                                field="lora_name")
+        if name not in self.names and len(self.names) >= MAX_NAMES:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {MAX_NAMES} adapter names",
+                                field="lora_name", limit="max_names", value=MAX_NAMES)
+        if not looks_like_path(path):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{echo(path)!r} is not a path: give an "
+                                "absolute path to a GGUF adapter or a PEFT directory",
+                                field="lora_path")
+        resolved = resolve_adapter(path, [], self.allowed)
+        self.names[name] = str(resolved)
+        return resolved
+
+    def unregister(self, name: str) -> str:
+        """Forget a registered name (contexts that hold the adapter keep it); its path."""
+        if name not in self.names:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no adapter registered as {echo(name)!r}",
+                                field="lora_name", registered=sorted(self.names))
+        return self.names.pop(name)
 
     async def adapter_file(self, ref: str, model: LoadedModel) -> Path:
         """The GGUF file for ``ref``: the file itself, or a PEFT directory converted for

@@ -70,7 +70,7 @@ class Renderer:
         for part in tmpl.generate(messages=request["messages"],
                                   add_generation_prompt=request["add_generation_prompt"],
                                   bos_token=request["bos_token"], eos_token=request["eos_token"],
-                                  raise_exception=_raise):
+                                  tools=request.get("tools"), raise_exception=_raise):
             size += len(part)
             if size > self.max_output:
                 raise OutputTooLarge

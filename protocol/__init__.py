@@ -21,7 +21,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .ops import OPS, STREAMING_OPS, validate_args
 from .refs import looks_like_path
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+FINISH_REASONS = ("stop", "length", "tool_calls", "cancelled", "error")
 
 __all__ = [
     "DEFAULT_LIMITS",

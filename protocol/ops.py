@@ -85,8 +85,28 @@ def _messages(v: list, _limits: Limits) -> str | None:
     for i, m in enumerate(v):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             return f"message {i} must be a map with a string 'role'"
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                    _is_call(c) for c in calls):
+                return (f"message {i}: tool_calls must be on an assistant message, a list of "
+                        "{id?, type: \"function\", function: {name, arguments}}")
+            if m.get("content") is None:
+                continue
         if not isinstance(m.get("content"), str):
             return f"message {i} must have a string 'content'"
+    return None
+
+
+def _is_call(c: Any) -> bool:
+    fn = c.get("function") if isinstance(c, dict) else None
+    return (isinstance(fn, dict) and isinstance(fn.get("name"), str)
+            and isinstance(fn.get("arguments"), (str, dict)))
+
+
+def _tool_list(v: list, _limits: Limits) -> str | None:
+    if not all(isinstance(t, dict) for t in v):
+        return "must be a list of maps {type: \"function\", function: {name, ...}}"
     return None
 
 
@@ -332,6 +352,9 @@ SPECS: dict[str, OpSpec] = {
             "messages": Arg((list,), required=True, check=_messages),
             "add_generation_prompt": Arg(_BOOL, default=True),
             "template": Arg(_STR, nullable=True, check=_nonempty),
+            "tools": Arg((list,), nullable=True, check=_tool_list),
+            "tool_choice": Arg((str, dict), nullable=True),
+            "parallel_tool_calls": Arg(_BOOL, default=True),
             **SAMPLING,
         },
         example={"context": "ctx-1", "messages": [{"role": "user", "content": "hi"}]},

@@ -95,7 +95,7 @@ SPEC_FIELDS = {("generate", "tokens", "prompt"), ("tokenize", "context", "model"
                ("chat", "template", "messages")}
 """(op, argument changed, details.field) pairs the spec documents (exactly-one-of rules, a
 template calling raise_exception)."""
-FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "cancelled"})
 GREEDY_PROMPT = "Hello world, the cat and the dog"
 LIMITS = DEFAULT_LIMITS
 

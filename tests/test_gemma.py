@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import llama_cpp
@@ -98,3 +99,27 @@ def test_gemma_embeddings_agree_with_llama_cpp_python(gemma_daemon: DaemonProces
                            "quarterly tax filing deadlines"], model=str(gemma))["embeddings"]
         e = np.array(similar)
         assert e[0] @ e[1] > e[0] @ e[2]
+
+
+def test_gemma_calls_a_tool_well_formed_and_answers_in_json(gemma_daemon: DaemonProcess
+                                                            ) -> None:
+    """The default model (a small base model, gemma's template: the generic convention) makes
+    a well-formed call when one is required (one: with parallel calls it repeats the call
+    until max_tokens, as a base model does), and with auto it answers."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with gemma_daemon.client() as client:
+        ctx = client.context("default")
+        forced = ctx.chat(ask, tools=[weather], tool_choice="required", max_tokens=64,
+                          temperature=0, parallel_tool_calls=False)
+        assert forced.collect() == "" and forced.finish_reason == "tool_calls"
+        (call,) = forced.tool_calls
+        assert call["function"]["name"] == "get_weather"
+        assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+        auto = ctx.chat(ask, tools=[weather], max_tokens=64, temperature=0)
+        text = auto.collect()
+        assert auto.finish_reason in ("tool_calls", "stop", "length")
+        assert auto.tool_calls or text  # a call, or the response's text

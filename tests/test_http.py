@@ -233,8 +233,8 @@ def test_errors_have_openais_shape_and_lorads_code(api: openai.OpenAI, files: Fi
     assert _error(e)["param"] == "n" and "one choice" in _error(e)["message"]
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="tiny", messages=CHAT, tools=[{
-            "type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert _error(e)["param"] == "tools" and "not supported" in _error(e)["message"]
+            "type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}])
+    assert _error(e)["param"] == "tools" and "tool 'f'" in _error(e)["message"]
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(model="tiny", messages=CHAT, extra_body={"bogus": 1})
     assert _error(e)["param"] == "bogus" and _error(e)["code"] == "unknown_parameter"

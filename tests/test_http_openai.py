@@ -15,7 +15,7 @@ from lorad.daemon.http.openai import (
     parse_completion,
     parse_embeddings,
 )
-from lorad.daemon.http.schema import check_schema
+from lorad.daemon.schemas import check_schema
 from lorad.protocol import DEFAULT_LIMITS, ErrorCode, ProtocolError
 
 L = DEFAULT_LIMITS
@@ -55,7 +55,7 @@ def test_chat_parameters_map_to_lorad_or_are_refused_by_name() -> None:
     assert parse_chat({"model": "m", "messages": MSGS, "chat_template": "gemma"},
                       L).args["template"] == "gemma"
     refused = {
-        "n": 2, "tools": [{"type": "function"}], "tool_choice": "auto", "logit_bias": {"1": 2},
+        "n": 2, "functions": [{"name": "f"}], "function_call": "auto", "logit_bias": {"1": 2},
         "presence_penalty": 0.5, "echo": True, "prediction": {"type": "content"},
         "whatever": 1, "top_logprobs": 2,
     }
@@ -142,15 +142,15 @@ def test_hostile_schemas_are_bounded_before_conversion() -> None:
                    {"type": "string", "pattern": "a{ 5000 }"},
                    {"type": "string", "pattern": "(a{100}){100}"},  # nested: they multiply
                    {"$ref": "https://example.com/s.json"}):
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(ProtocolError) as e:
             check_schema(schema)
-        assert e.value.param == "response_format"
+        assert e.value.details["field"] == "response_format"
     deep: dict = {}
     node = deep
     for _ in range(100):
         node["items"] = {}
         node = node["items"]
-    with pytest.raises(ApiError, match="nests deeper"):
+    with pytest.raises(ProtocolError, match="nests deeper"):
         check_schema(deep)
 
 

@@ -24,11 +24,12 @@ from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorad.protocol import ProtocolError, Reply
+from lorad.protocol.errors import echo
 
 from ..logs import log
 from . import openai
@@ -104,6 +105,27 @@ def _check_values(text: str, value: Any) -> None:
             stack.extend((v, top) for v in item)
 
 
+def _fields(body: Any, *, required: tuple[str, ...], optional: dict[str, type]
+            ) -> dict[str, Any]:
+    """A small JSON object's fields: ``required`` non-empty strings, ``optional`` of their
+    type; any other key is refused."""
+    if not isinstance(body, dict):
+        raise openai.bad("the request body must be a JSON object")
+    for key in body:
+        if key not in required and key not in optional:
+            raise openai.bad(f"unknown parameter {echo(key)!r}", echo(key),
+                             code="unknown_parameter")
+    for key in required:
+        if not isinstance(body.get(key), str) or not body[key]:
+            raise openai.bad(f"{key!r} is required: a non-empty string", key)
+    for key, kind in optional.items():
+        value = body.get(key)
+        if value is not None and (not isinstance(value, kind) or (
+                kind is int and isinstance(value, bool))):
+            raise openai.bad(f"{key!r} must be a {kind.__name__}", key)
+    return body
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
@@ -158,6 +180,55 @@ class Routes:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": await self.door.catalog.listing()})
+
+    async def model(self, request: Request) -> Response:
+        return JSONResponse(await self.door.catalog.entry(request.path_params["model"]))
+
+    async def load_adapter(self, request: Request) -> Response:
+        """vLLM's ``POST /v1/load_lora_adapter``: ``{lora_name, lora_path, load_inplace?}``."""
+        self.door.check_open()
+        body = _fields(await _body(request, self.limit), required=("lora_name", "lora_path"),
+                       optional={"load_inplace": bool})
+        await self.door.catalog.register(body["lora_name"], body["lora_path"],
+                                         bool(body.get("load_inplace")))
+        log.info("adapter_named", name=body["lora_name"], path=body["lora_path"],
+                 client=_client(request))
+        return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' added "
+                                 "successfully.")
+
+    async def unload_adapter(self, request: Request) -> Response:
+        """vLLM's ``POST /v1/unload_lora_adapter``: ``{lora_name}``."""
+        body = _fields(await _body(request, self.limit), required=("lora_name",),
+                       optional={"lora_int_id": int})
+        if body.get("lora_int_id") is not None:
+            raise openai.bad("lora_int_id: lorad names adapters, it does not number them: "
+                             "give lora_name only", "lora_int_id",
+                             code="unsupported_parameter")
+        try:
+            self.door.s.engine.stacks.unregister(body["lora_name"])
+        except ProtocolError as exc:
+            raise ApiError(404, exc.message, code="not_found", param="lora_name") from None
+        log.info("adapter_unnamed", name=body["lora_name"], client=_client(request))
+        return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' removed "
+                                 "successfully.")
+
+    async def lora_adapters(self, request: Request) -> Response:
+        """llama-server's ``GET /lora-adapters``."""
+        return JSONResponse(await self.door.catalog.adapters())
+
+    async def set_lora_adapters(self, request: Request) -> Response:
+        """llama-server's ``POST /lora-adapters`` sets scales for every later request: lorad
+        has no such global state (a stack is per request or per context)."""
+        raise openai.bad("lorad has no global adapter scales: give a stack per request "
+                         "(\"lora\": [{\"name\", \"scale\"}]) or name the adapter as "
+                         "\"model\"", code="unsupported_parameter")
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus' text format (``[http] metrics = true``)."""
+        from .. import prometheus
+
+        return Response(prometheus.render(self.door.s.metrics.snapshot),
+                        media_type=prometheus.CONTENT_TYPE)
 
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, openai.parse_chat, "chatcmpl")
@@ -388,16 +459,24 @@ def _client(request: Request) -> str | None:
 
 
 def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str],
-             hosts: list[str] | None = None) -> Starlette:
-    """The ASGI application; ``hosts``: the ``Host`` headers accepted (None: any)."""
+             hosts: list[str] | None = None, metrics: bool = False) -> Starlette:
+    """The ASGI application; ``hosts``: the ``Host`` headers accepted (None: any);
+    ``metrics``: also serve Prometheus' ``/metrics``."""
     r = Routes(door, api_keys)
     routes = [
         Route("/health", r.health, methods=["GET"]),
         Route("/v1/models", r.guarded(r.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", r.guarded(r.model), methods=["GET"]),
+        Route("/v1/load_lora_adapter", r.guarded(r.load_adapter), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", r.guarded(r.unload_adapter), methods=["POST"]),
+        Route("/lora-adapters", r.guarded(r.lora_adapters), methods=["GET"]),
+        Route("/lora-adapters", r.guarded(r.set_lora_adapters), methods=["POST"]),
         Route("/v1/chat/completions", r.guarded(r.chat), methods=["POST"]),
         Route("/v1/completions", r.guarded(r.completions), methods=["POST"]),
         Route("/v1/embeddings", r.guarded(r.embeddings), methods=["POST"]),
     ]
+    if metrics:
+        routes.append(Route("/metrics", r.guarded(r.metrics), methods=["GET"]))
     middleware = [Middleware(_Ingress, admit=door.s.engine.ingress.admit),
                   Middleware(_BrokenConnections), Middleware(_UnreadBodies)]
     if hosts is not None:  # no keys: no DNS rebinding onto the loopback door

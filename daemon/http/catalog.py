@@ -12,6 +12,7 @@ file version.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,9 @@ class Catalog:
                        code="ambiguous_model", param="model")
 
     def adapter_names(self) -> list[str]:
-        """Adapter names in the adapter directories (GGUF files and PEFT directories), each
-        once, in lookup order."""
-        names: dict[str, None] = {}
+        """Adapter names: those registered at run time, then those of the adapter directories
+        (GGUF files and PEFT directories), each once, in lookup order."""
+        names: dict[str, None] = dict.fromkeys(self.engine.stacks.names)
         seen = 0
         for directory in self.engine.adapter_dirs:
             try:
@@ -137,6 +138,60 @@ class Catalog:
                              "owned_by": "lorad",
                              "root": name, "parent": m.id})
         return data
+
+
+    async def entry(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``: the listing's entry with that id."""
+        for item in await self.listing():
+            if item["id"] == model_id:
+                return item
+        raise _not_found(model_id, self.engine)
+
+    async def register(self, name: str, path: str, replace: bool) -> None:
+        """``POST /v1/load_lora_adapter``: name the adapter at ``path``, once it is found in
+        the allowed directories and fits a loaded model (``lora_incompatible`` otherwise)."""
+        stacks = self.engine.stacks
+        if name in stacks.names and not replace:
+            raise ApiError(400, f"the adapter {name!r} is loaded already (as "
+                           f"{stacks.names[name]!r}): unload it first, or pass "
+                           "load_inplace: true", code="bad_request", param="lora_name")
+        if any(m.id == name for m in self.engine.models):
+            raise ApiError(400, f"{name!r} is the id of a loaded model: name the adapter "
+                           "otherwise", code="bad_request", param="lora_name")
+        before = stacks.names.get(name)
+
+        def undo() -> None:
+            if before is None:
+                stacks.names.pop(name, None)
+            else:
+                stacks.names[name] = before
+
+        resolved = await trio.to_thread.run_sync(partial(stacks.register, name, path,
+                                                         replace=replace))
+        models = list(self.engine.models)
+        try:
+            fitting, _ = await self.fitting(models, name)
+        except BaseException:
+            undo()
+            raise
+        if models and not fitting:
+            undo()
+            raise ApiError(422, f"the adapter at {str(resolved)!r} fits none of the loaded "
+                           f"models ({', '.join(m.id for m in models)}): "
+                           "validate_lora says why", code=ErrorCode.LORA_INCOMPATIBLE.value,
+                           param="lora_path")
+
+    async def adapters(self) -> list[dict[str, Any]]:
+        """``GET /lora-adapters`` (llama-server's): the adapters requests can name, each with
+        its index, name and resolved path; ``scale`` 0: none applies unless a request asks."""
+        out = []
+        for name in await trio.to_thread.run_sync(self.adapter_names):
+            try:
+                path = await trio.to_thread.run_sync(self.engine.stacks.resolve, name)
+            except ProtocolError:
+                continue
+            out.append({"id": len(out), "name": name, "path": str(path), "scale": 0.0})
+        return out
 
 
 def _created(path: Path) -> int:

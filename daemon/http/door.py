@@ -25,12 +25,12 @@ from ..config import HttpSettings
 from ..errors import DaemonError, to_protocol
 from ..logs import log
 from ..requests import RequestHandle
+from ..schemas import grammar_for
 from ..services import Services
 from ..workers import CLIENT
 from .catalog import Catalog
 from .openai import ApiError, Call
 from .pool import ContextPool
-from .schema import grammar_for
 
 PEER = b"\x00http"
 CREDIT = 64

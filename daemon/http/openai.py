@@ -120,18 +120,16 @@ class Call:
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0),
     "logit_bias": ({},), "store": (False,), "echo": (False,), "suffix": ("",),
-    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
-    "parallel_tool_calls": (True, False), "modalities": (["text"],), "metadata": ({},),
+    "functions": ([],), "function_call": ("none",),
+    "modalities": (["text"],), "metadata": ({},),
     "service_tier": ("auto", "default"),
 }
 _WHY_NOT = {
     "n": "lorad returns one choice per request: send n requests (they are batched together)",
     "best_of": "lorad returns one choice per request",
-    "tools": "tool calling is not supported yet: describe tools in the messages and parse "
-             "the answer, or use response_format json_schema",
-    "functions": "function calling is not supported yet",
-    "tool_choice": "tool calling is not supported yet",
-    "function_call": "function calling is not supported yet",
+    "functions": "functions (deprecated by OpenAI) are not supported: give tools",
+    "function_call": "function_call (deprecated by OpenAI) is not supported: give "
+                     "tool_choice",
     "frequency_penalty": "use repeat_penalty (multiplicative, llama.cpp's) instead",
     "presence_penalty": "use repeat_penalty (multiplicative, llama.cpp's) instead",
     "logit_bias": "logit_bias is not supported yet",
@@ -146,7 +144,8 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "strea
            "stream_options", "user", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
            "grammar", "lora", "speculative", "response_format", *_OFF_VALUES}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "chat_template",
-                   "reasoning_effort", "prediction", "audio", "web_search_options"}
+                   "reasoning_effort", "prediction", "audio", "web_search_options", "tools",
+                   "tool_choice", "parallel_tool_calls"}
 _COMPLETION = _COMMON | {"prompt", "logprobs"}
 _UNSUPPORTED = {"reasoning_effort": "reasoning_effort is not supported",
                 "prediction": "predicted outputs are not supported yet: use speculative "
@@ -154,7 +153,7 @@ _UNSUPPORTED = {"reasoning_effort": "reasoning_effort is not supported",
                 "audio": "only text is supported",
                 "web_search_options": "web search is not supported"}
 _CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
-               "assistant": "assistant"}
+               "assistant": "assistant", "tool": "tool"}
 
 
 def _number(body: dict[str, Any], key: str) -> float | None:
@@ -296,10 +295,31 @@ def _max_tokens(body: dict[str, Any], keys: tuple[str, ...], limits: Limits) -> 
     return value
 
 
+def _tool_calls(message: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked: ``[{id, type, function: {name,
+    arguments}}]``."""
+    calls = message["tool_calls"]
+    if message["role"] != "assistant" or not isinstance(calls, list):
+        raise bad(f"messages[{i}]: tool_calls is a list, on an assistant message", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(fn, dict) or call.get("type", "function") != "function"
+                or not isinstance(fn.get("name"), str)
+                or not isinstance(fn.get("arguments"), str)
+                or not isinstance(call.get("id", ""), str)):
+            raise bad(f"messages[{i}].tool_calls[{j}] must be {{\"id\", \"type\": "
+                      "\"function\", \"function\": {\"name\", \"arguments\": JSON text}}",
+                      "messages")
+        out.append({"id": call.get("id", f"call_{i}_{j}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
 def _content(message: dict[str, Any], i: int) -> str:
-    if message.get("tool_calls") or message.get("function_call"):
-        raise bad(f"messages[{i}]: tool calls are not supported yet", "messages",
-                  code="unsupported_parameter")
+    if message.get("function_call"):
+        raise bad(f"messages[{i}]: function_call (deprecated by OpenAI) is not supported: "
+                  "use tool_calls", "messages", code="unsupported_parameter")
     if message.get("refusal"):
         raise bad(f"messages[{i}]: a refusal in the history is not supported: put it in "
                   "content", "messages", code="unsupported_parameter")
@@ -334,18 +354,27 @@ def parse_chat(body: Any, limits: Limits) -> Call:
         role = m["role"]
         if role not in _CHAT_ROLES:
             raise bad(f"messages[{i}]: role {echo(role)!r} is not supported (system, "
-                      "developer, user, assistant; tool messages need tool calling, not "
-                      "supported yet)", "messages", code="unsupported_parameter")
+                      "developer, user, assistant, tool)", "messages",
+                      code="unsupported_parameter")
         unknown = set(m) - {"role", "content", "name", "tool_calls", "function_call",
-                            "refusal"}
+                            "refusal", "tool_call_id"}
         if unknown:
             raise bad(f"messages[{i}]: unknown key {echo(sorted(unknown)[0])!r}", "messages")
-        entry = {"role": _CHAT_ROLES[role], "content": _content(m, i)}
+        entry: dict[str, Any] = {"role": _CHAT_ROLES[role], "content": _content(m, i)}
         if isinstance(m.get("name"), str):
             entry["name"] = m["name"]
+        if m.get("tool_calls"):
+            entry["tool_calls"] = _tool_calls(m, i)
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise bad(f"messages[{i}]: a tool message needs its tool_call_id", "messages")
+            entry["tool_call_id"] = m["tool_call_id"]
         out.append(entry)
     call.kind, call.op = "chat", "chat"
     call.args["messages"] = out
+    for key in ("tools", "tool_choice", "parallel_tool_calls"):  # checked by the daemon
+        if body.get(key) is not None:
+            call.args[key] = body[key]
     template = body.get("chat_template")  # vLLM's extension: a built-in name or Jinja
     if template is not None:
         if not isinstance(template, str) or not template:
@@ -412,7 +441,7 @@ def parse_embeddings(body: Any) -> tuple[str, list[str], str]:
 
 
 # -- responses ----------------------------------------------------------------------------------
-FINISH = {"stop": "stop", "length": "length"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 @dataclass
@@ -487,7 +516,10 @@ class Output:
         choice = ({"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                   if self.call.kind == "chat"
                   else {"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
-        out = [self._chunk([choice])]
+        out = [self._chunk([{"index": 0, "delta": {"tool_calls": [
+                   {"index": i, **c} for i, c in enumerate(end["tool_calls"])]},
+               "logprobs": None, "finish_reason": None}])] if end.get("tool_calls") else []
+        out.append(self._chunk([choice]))
         if self.call.include_usage:
             out.append({**self._chunk([]), "usage": usage(end)})
         return out
@@ -497,8 +529,12 @@ class Output:
         finish = FINISH.get(end.get("finish_reason"), "stop")
         text = "".join(self.text)
         if self.call.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if end.get("tool_calls"):
+                message["tool_calls"] = end["tool_calls"]
+                message["content"] = text or None
             choice: dict[str, Any] = {
-                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "index": 0, "message": message,
                 "logprobs": ({"content": self.logprobs} if self.call.logprobs is not None
                              else None),
                 "finish_reason": finish}

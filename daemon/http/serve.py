@@ -55,6 +55,7 @@ def check_exposure(address: str, api_keys: list[str]) -> None:
 
 
 async def serve_http(door: Door, address: str, *, api_keys: list[str], cors_origins: list[str],
+                     metrics: bool = False,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the door on ``address`` until cancelled; ``task_status`` gets the bound URL."""
     check_exposure(address, api_keys)
@@ -68,7 +69,8 @@ async def serve_http(door: Door, address: str, *, api_keys: list[str], cors_orig
     config.graceful_timeout = 1.0
     config.read_timeout = 60  # a client that stops sending its request is dropped
     hosts = None if api_keys else _loopback_hosts(host)
-    app = make_app(door, api_keys=api_keys, cors_origins=cors_origins, hosts=hosts)
+    app = make_app(door, api_keys=api_keys, cors_origins=cors_origins, hosts=hosts,
+                   metrics=metrics)
     try:  # bound here, so that a taken port is one clear error, not a task group's
         sockets = config.create_sockets()
         for sock in sockets.insecure_sockets:
