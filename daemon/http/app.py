@@ -32,7 +32,7 @@ from lorad.protocol import ProtocolError, Reply
 from lorad.protocol.errors import echo
 
 from ..logs import log
-from . import openai
+from . import openai, responses
 from .door import Door, Recorded, Run, protocol_error
 from .openai import ApiError
 
@@ -128,6 +128,11 @@ def _fields(body: Any, *, required: tuple[str, ...], optional: dict[str, type]
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _named_sse(event: dict[str, Any]) -> bytes:
+    """A Responses API event: its type as the SSE event name."""
+    return (b"event: " + event["type"].encode() + b"\n" + _sse(event))
 
 
 class Routes:
@@ -235,6 +240,57 @@ class Routes:
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, openai.parse_completion, "cmpl")
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API (:mod:`.responses`)."""
+        req = responses.parse_response_request(await _body(request, self.limit),
+                                               self.door.s.limits, self.door.responses)
+        run, _piece = await self.door.start(req.call, _client(request))
+        try:
+            out = responses.ResponseOutput(req, req.call.model)
+            if req.call.stream:
+                first = await _until_disconnect(request, run, run.next())
+                if first.kind == "error":
+                    raise Recorded(ApiError.from_protocol(_wire_error(first)))
+                return _EventStream(run, self._response_events(run, out, first))
+            end = await _until_disconnect(request, run, _collect(run, out))
+            self._keep(out, end)
+            return JSONResponse(out.body(out.status(end), end))
+        except BaseException:
+            run.cancel()
+            raise
+
+    def _keep(self, out: responses.ResponseOutput, end: dict[str, Any]) -> None:
+        if out.request.store:
+            self.door.responses.put(out.id, out.conversation(end))
+
+    async def _response_events(self, run: Run, out: responses.ResponseOutput, first: Reply
+                               ) -> AsyncIterator[bytes]:
+        try:
+            for event in out.start():
+                yield _named_sse(event)
+            reply: Reply | None = first
+            while True:
+                if reply is None:
+                    reply = await run.next()
+                if reply.kind == "item":
+                    for event in out.add(reply.item):
+                        yield _named_sse(event)
+                elif reply.kind == "end" and reply.result.get("finish_reason") != "cancelled":
+                    self._keep(out, reply.result)
+                    for event in out.finish(reply.result):
+                        yield _named_sse(event)
+                    return
+                else:  # an error (or the daemon cancelled it) after the stream began
+                    error = (_CANCELLED if reply.kind == "end"
+                             else ApiError.from_protocol(_wire_error(reply)))
+                    yield _named_sse({"type": "error", "sequence_number": out.sequence,
+                                      "code": error.code, "message": error.message,
+                                      "param": error.param})
+                    return
+                reply = None
+        finally:
+            run.cancel()
 
     async def embeddings(self, request: Request) -> Response:
         model, inputs, encoding = openai.parse_embeddings(await _body(request, self.limit))
@@ -474,6 +530,7 @@ def make_app(door: Door, *, api_keys: list[str], cors_origins: list[str],
         Route("/v1/chat/completions", r.guarded(r.chat), methods=["POST"]),
         Route("/v1/completions", r.guarded(r.completions), methods=["POST"]),
         Route("/v1/embeddings", r.guarded(r.embeddings), methods=["POST"]),
+        Route("/v1/responses", r.guarded(r.responses), methods=["POST"]),
     ]
     if metrics:
         routes.append(Route("/metrics", r.guarded(r.metrics), methods=["GET"]))

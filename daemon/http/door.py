@@ -31,6 +31,7 @@ from ..workers import CLIENT
 from .catalog import Catalog
 from .openai import ApiError, Call
 from .pool import ContextPool
+from .responses import ResponseStore
 
 PEER = b"\x00http"
 CREDIT = 64
@@ -71,6 +72,8 @@ class Door:
         self.pool = ContextPool(services.engine, size=settings.contexts, n_ctx=settings.n_ctx,
                                 max_queued=settings.max_queued)
         self._ids = itertools.count(1)
+        self.responses = ResponseStore()
+        """Responses kept for ``previous_response_id`` (``POST /v1/responses``)."""
 
     def check_open(self) -> None:
         if self.s.draining:
