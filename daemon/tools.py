@@ -311,6 +311,23 @@ def _call(name: Any, arguments: Any, tools: tuple[Tool, ...]) -> dict[str, Any] 
             "function": {"name": name, "arguments": text}}
 
 
+def _complete_items(text: str, at: int) -> list[Any]:
+    """The whole items of the JSON array that opens at ``text[at]``, up to where the text
+    ends: a call list cut by ``max_tokens`` keeps the calls that were written out."""
+    items: list[Any] = []
+    i = at + 1
+    while True:
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return items
+        try:
+            value, i = _DECODER.raw_decode(text, i)
+        except ValueError:
+            return items
+        items.append(value)
+
+
 def _json_values(text: str) -> list[tuple[int, int, Any]]:
     """Every top-level JSON object or array in ``text``: ``(start, end, value)``."""
     decoder = _DECODER
@@ -340,8 +357,11 @@ def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
         stripped = text.strip()
         try:
             value = _loads(stripped)
-        except ValueError:
-            return Parsed(text)
+        except ValueError:  # cut short: the calls written out, if it was a list of calls
+            head = re.match(r'\{\s*"tool_calls"\s*:\s*\[', stripped)
+            value = {"tool_calls": _complete_items(stripped, head.end() - 1)} if head else None
+            if value is None or not value["tool_calls"]:
+                return Parsed(text)
         if isinstance(value, dict) and isinstance(value.get("response"), str):
             return Parsed(value["response"])
         items = value.get("tool_calls") if isinstance(value, dict) else None
@@ -377,8 +397,10 @@ def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
         rest = text[at + len("[TOOL_CALLS]"):].lstrip()
         try:
             value, _ = _DECODER.raw_decode(rest)
-        except ValueError:
-            return Parsed(text)
+        except ValueError:  # cut short: the calls written out
+            value = _complete_items(rest, 0) if rest.startswith("[") else []
+            if not value:
+                return Parsed(text)
         items = value if isinstance(value, list) else [value]
         calls = [_call(c.get("name"), c.get("arguments"), tools)
                  for c in items if isinstance(c, dict)]

@@ -71,10 +71,57 @@ For each function call, return a json object with function name and arguments wi
 {% endif %}"""
 """Qwen 2.5's tool layout (Hermes' ``<tool_call>``), shortened."""
 
+LLAMA3 = """{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}\
+{%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}{{- "Environment: ipython\n" }}{%- endif %}
+{{- system_message }}{{- "<|eot_id|>" }}
+{%- if tools is not none %}
+{{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+{{- "Given the following functions, please respond with a JSON for a function call with its \
+proper arguments that best answers the given prompt.\n\n" }}
+{{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name \
+and its value}. Do not use variables.\n\n' }}
+{%- for t in tools %}{{- t | tojson(indent=4) }}{{- "\n\n" }}{%- endfor %}
+{{- "<|eot_id|>" }}
+{%- endif %}
+{%- for message in messages %}
+{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim \
++ '<|eot_id|>' }}
+{%- elif 'tool_calls' in message %}
+{%- set tool_call = message.tool_calls[0].function %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "' + tool_call.name + '", \
+"parameters": ' }}{{- tool_call.arguments | tojson }}{{- "}<|eot_id|>" }}
+{%- else %}
+{{- "<|start_header_id|>ipython<|end_header_id|>\n\n" + message.content + "<|eot_id|>" }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}\
+{%- endif %}"""
+"""Llama 3.1's JSON tool calls (its template, shortened)."""
+
+MISTRAL = """{%- for message in messages %}
+{%- if message.role == 'user' %}{%- if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}\
+[/AVAILABLE_TOOLS]{%- endif %}[INST]{{ message.content }}[/INST]
+{%- elif message.role == 'assistant' and message.tool_calls %}[TOOL_CALLS][\
+{%- for tc in message.tool_calls %}{"name": "{{ tc.function.name }}", "arguments": \
+{{ tc.function.arguments | tojson }}, "id": "{{ tc.id }}"}{%- if not loop.last %}, {% endif %}\
+{%- endfor %}]{{ eos_token }}
+{%- elif message.role == 'assistant' %}{{ message.content }}{{ eos_token }}
+{%- elif message.role == 'tool' %}[TOOL_RESULTS]{"content": {{ message.content | tojson }}, \
+"call_id": "{{ message.tool_call_id }}"}[/TOOL_RESULTS]
+{%- endif %}
+{%- endfor %}"""
+"""Mistral's ``[TOOL_CALLS]`` (v3's layout, shortened)."""
+
 
 # -- sans-IO -------------------------------------------------------------------------------------
 def test_formats_are_told_by_the_templates_syntax() -> None:
     assert tools.detect(HERMES) == "hermes"
+    assert tools.detect(LLAMA3) == "llama3"
+    assert tools.detect(MISTRAL) == "mistral"
     assert tools.detect("{% if x %}[TOOL_CALLS]{% endif %}") == "mistral"
     assert tools.detect("{{ '<|python_tag|>' }}") == "llama3"
     assert tools.detect(tinymodels.DEFAULT_CHAT_TEMPLATE) == "generic"
@@ -114,6 +161,17 @@ def test_what_is_not_a_call_of_a_given_tool_stays_content() -> None:
     none = tools.parse_tools([WEATHER], "none")
     assert tools.parse('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>',
                        none, "hermes").calls == []
+
+
+def test_a_list_of_calls_cut_short_keeps_the_calls_written_out() -> None:
+    """A small model held to a list of calls may repeat them until max_tokens."""
+    use = tools.parse_tools([WEATHER])
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
+    for fmt, text in (("mistral", f"[TOOL_CALLS][{call}, {call}, {{\"name\": \"get_w"),
+                      ("generic", f'{{"tool_calls": [{call},{call}, {{"na')):
+        parsed = tools.parse(text, use, fmt)
+        assert len(parsed.calls) == 2 and parsed.content == "", fmt
+    assert tools.parse('{"tool_calls": [{"na', use, "generic").calls == []
 
 
 def test_parallel_calls_off_keeps_the_first() -> None:
@@ -180,6 +238,10 @@ class Models:
         self.hermes = tinymodels.write_tiny_llama(root / "hermes.gguf", seed=0,
                                                   chat_template=HERMES)
         self.plain = tinymodels.write_tiny_llama(root / "plain.gguf", seed=1)
+        self.llama3 = tinymodels.write_tiny_llama(root / "llama3.gguf", seed=2,
+                                                  chat_template=LLAMA3)
+        self.mistral = tinymodels.write_tiny_llama(root / "mistral.gguf", seed=3,
+                                                   chat_template=MISTRAL)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +257,8 @@ def door(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[D
                      "--model", str(models.hermes), "--alias", "hermes", "--n-ctx", "1024",
                      "--http", "127.0.0.1:0")
     with d.client() as c:
-        c.load_model(models.plain, alias="plain")
+        for name in ("plain", "llama3", "mistral"):
+            c.load_model(getattr(models, name), alias=name)
     yield d
     assert d.stop() == 0, d.log()
     assert '"level": "error"' not in d.log(), d.log()
@@ -225,9 +288,9 @@ def _well_formed(call: dict, names: set[str]) -> dict:
     return arguments
 
 
-@pytest.mark.parametrize("model", ["hermes", "plain"])
+@pytest.mark.parametrize("model", ["hermes", "llama3", "mistral", "plain"])
 def test_a_forced_call_is_well_formed_through_zeromq(zmq: Client, model: str) -> None:
-    with zmq.create_context(model, n_ctx=1024) as ctx:
+    with zmq.create_context(model, n_ctx=2048) as ctx:
         stream = ctx.chat(ASK, tools=[WEATHER, TIME], tool_choice="required",
                           max_tokens=120, temperature=0, seed=1)
         text = stream.collect()
@@ -293,7 +356,7 @@ def test_the_tools_reach_the_template_and_the_history_renders(zmq: Client) -> No
         assert e.value.details["field"] == "grammar"
 
 
-@pytest.mark.parametrize("model", ["hermes", "plain"])
+@pytest.mark.parametrize("model", ["hermes", "llama3", "mistral", "plain"])
 def test_tool_calls_through_the_openai_sdk_plain_and_streamed(api: openai.OpenAI,
                                                                model: str) -> None:
     request = {"model": model, "messages": ASK, "tools": [WEATHER, TIME], "max_tokens": 120,
@@ -321,14 +384,15 @@ def test_tool_calls_through_the_openai_sdk_plain_and_streamed(api: openai.OpenAI
         (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
 
 
-def test_an_agent_calls_a_tool_and_answers(api: openai.OpenAI) -> None:
+@pytest.mark.parametrize("model", ["hermes", "llama3", "mistral", "plain"])
+def test_an_agent_calls_a_tool_and_answers(api: openai.OpenAI, model: str) -> None:
     """The loop any agent framework runs: ask with tools, run the call, send its result back,
     and get an answer."""
     def get_weather(city: str, unit: str) -> str:
         return json.dumps({"city": city, "temperature": 12, "unit": unit})
 
     messages: list = [{"role": "system", "content": "You are a weather assistant."}, *ASK]
-    first = api.chat.completions.create(model="hermes", messages=messages, tools=[WEATHER],
+    first = api.chat.completions.create(model=model, messages=messages, tools=[WEATHER],
                                         tool_choice="required", max_tokens=120,
                                         temperature=0)
     message = first.choices[0].message
@@ -337,7 +401,7 @@ def test_an_agent_calls_a_tool_and_answers(api: openai.OpenAI) -> None:
     for call in message.tool_calls:
         result = get_weather(**json.loads(call.function.arguments))
         messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
-    answer = api.chat.completions.create(model="hermes", messages=messages, tools=[WEATHER],
+    answer = api.chat.completions.create(model=model, messages=messages, tools=[WEATHER],
                                          tool_choice="none", max_tokens=16, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
