@@ -30,7 +30,7 @@ INSTALLED := $(VENV)/.installed-$(BACKEND)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[daemon,http,test,default-model,peft]'
+	$(PIP) install -e '.[daemon,http,test,default-model,peft,conformance]'
 ifeq ($(BACKEND),cuda)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python '$(LLAMA_PIN)'
 else

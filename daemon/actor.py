@@ -420,8 +420,8 @@ class ContextActor:
         if h.op != "chat" or (args.tools is None and args.tool_choice is None and not any(
                 m.get("tool_calls") or m["role"] == "tool" for m in args.messages)):
             return None
-        use = tools.parse_tools(args.tools, args.tool_choice, args.parallel_tool_calls)
         fmt = tools.detect(args.template or self.model.template)
+        use = tools.parse_tools(args.tools, args.tool_choice, args.parallel_tool_calls, fmt)
         grammar = await trio.to_thread.run_sync(tools.grammar, use, fmt)
         if grammar is not None and args.grammar is not None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "give either grammar or tools: calls "

@@ -79,9 +79,17 @@ def _bad(message: str, **details: Any) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, message, **{"field": "tools", **details})
 
 
-def parse_tools(value: Any, choice: Any = None, parallel: Any = True) -> ToolUse:
+PARALLEL = {"hermes": True, "mistral": True, "llama3": False, "generic": False}
+"""``parallel_tool_calls`` when a request does not say, by format: whether the format's
+templates write several calls in a turn (llama-server's rule: a small model held to a list of
+calls otherwise repeats its call until ``max_tokens``)."""
+
+
+def parse_tools(value: Any, choice: Any = None, parallel: Any = None,
+                fmt: str = "generic") -> ToolUse:
     """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked (``bad_request`` naming
-    the tool at fault); each tool's schema is bounded like ``response_format``'s."""
+    the tool at fault); each tool's schema is bounded like ``response_format``'s. Without
+    ``parallel``, the format's default (:data:`PARALLEL`)."""
     if value is None:
         value = []
     if not isinstance(value, list):
@@ -120,8 +128,8 @@ def parse_tools(value: Any, choice: Any = None, parallel: Any = True) -> ToolUse
         if any(t.name == name for t in tools):
             raise _bad(f"two tools are named {name!r}", tool=name)
         tools.append(Tool(name, description, parameters))
-    use = ToolUse(tuple(tools), *_choice(choice, tools), parallel=_parallel(parallel))
-    return use
+    return ToolUse(tuple(tools), *_choice(choice, tools),
+                   parallel=PARALLEL[fmt] if parallel is None else _parallel(parallel))
 
 
 def _choice(value: Any, tools: list[Tool]) -> tuple[str, str | None]:
@@ -143,8 +151,6 @@ def _choice(value: Any, tools: list[Tool]) -> tuple[str, str | None]:
 
 
 def _parallel(value: Any) -> bool:
-    if value is None:
-        return True
     if not isinstance(value, bool):
         raise _bad("parallel_tool_calls must be true or false", field="parallel_tool_calls")
     return value

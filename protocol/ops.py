@@ -354,7 +354,7 @@ SPECS: dict[str, OpSpec] = {
             "template": Arg(_STR, nullable=True, check=_nonempty),
             "tools": Arg((list,), nullable=True, check=_tool_list),
             "tool_choice": Arg((str, dict), nullable=True),
-            "parallel_tool_calls": Arg(_BOOL, default=True),
+            "parallel_tool_calls": Arg(_BOOL, nullable=True),
             **SAMPLING,
         },
         example={"context": "ctx-1", "messages": [{"role": "user", "content": "hi"}]},

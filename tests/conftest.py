@@ -22,6 +22,8 @@ import pytest
 import tinymodels
 
 REPO = Path(__file__).resolve().parent.parent
+collect_ignore = ["conformance"]
+"""LangChain's standard tests (asyncio's): run in a pytest of their own by test_langchain.py."""
 
 
 @pytest.fixture(scope="session")

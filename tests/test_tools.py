@@ -165,7 +165,7 @@ def test_what_is_not_a_call_of_a_given_tool_stays_content() -> None:
 
 def test_a_list_of_calls_cut_short_keeps_the_calls_written_out() -> None:
     """A small model held to a list of calls may repeat them until max_tokens."""
-    use = tools.parse_tools([WEATHER])
+    use = tools.parse_tools([WEATHER], parallel=True)
     call = '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
     for fmt, text in (("mistral", f"[TOOL_CALLS][{call}, {call}, {{\"name\": \"get_w"),
                       ("generic", f'{{"tool_calls": [{call},{call}, {{"na')):
@@ -174,11 +174,18 @@ def test_a_list_of_calls_cut_short_keeps_the_calls_written_out() -> None:
     assert tools.parse('{"tool_calls": [{"na', use, "generic").calls == []
 
 
+def test_parallel_calls_default_to_what_the_formats_templates_write() -> None:
+    assert [tools.parse_tools([WEATHER], fmt=f).parallel for f in tools.FORMATS] == [
+        True, False, True, False]  # hermes, llama3, mistral, generic
+    assert tools.parse_tools([WEATHER], parallel=True, fmt="generic").parallel
+
+
 def test_parallel_calls_off_keeps_the_first() -> None:
     two = ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>\n'
            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", "unit": '
            '"celsius"}}\n</tool_call>')
-    assert len(tools.parse(two, tools.parse_tools([WEATHER, TIME]), "hermes").calls) == 2
+    assert len(tools.parse(two, tools.parse_tools([WEATHER, TIME], fmt="hermes"),
+                           "hermes").calls) == 2  # hermes templates write several calls
     single = tools.parse_tools([WEATHER, TIME], parallel=False)
     assert [c["function"]["name"] for c in tools.parse(two, single, "hermes").calls] == [
         "get_time"]

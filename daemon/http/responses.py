@@ -254,7 +254,7 @@ def parse_response_request(body: Any, limits: Limits, store: ResponseStore
         "max_output_tokens": body.get("max_output_tokens"),
         "temperature": body.get("temperature"), "top_p": body.get("top_p"),
         "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "parallel_tool_calls": bool(body.get("parallel_tool_calls", False)),
         "previous_response_id": body.get("previous_response_id"),
         "metadata": body.get("metadata") or {},
         "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
