@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .paths import AllowedDirs
 from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
+from .sessions import is_http_peer
 from .stacks import Stacks
 from .templates import TemplateRenderer
 from .workers import FileWorkers, TextWorkers, usable_cpus
@@ -251,8 +252,9 @@ class Engine:
         return sum(1 for a in self.contexts.values() if a.creator == owner)
 
     def visible(self, actor: ContextActor, owner: bytes | None) -> bool:
-        """A client sees its own contexts and the shared ones (config contexts are shared)."""
-        return actor.shared or actor.creator == owner
+        """A client sees its own contexts and the shared ones (config contexts are shared);
+        an HTTP connection, the contexts of the HTTP door's pool (``managed``)."""
+        return actor.shared or actor.creator == owner or (actor.managed and is_http_peer(owner))
 
     def visible_contexts(self, owner: bytes | None) -> list[ContextActor]:
         return [a for a in self.contexts.values() if self.visible(a, owner)]

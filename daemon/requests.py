@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,12 @@ class RequestHandle:
         self.end_metrics: dict[str, Any] | None = None
         """The metrics of a stream's end (None for one-shot requests and errors)."""
         self.elapsed_ms = 0.0
+
+    def place(self, context_id: str) -> None:
+        """Run on ``context_id``: the HTTP door picks a context of its pool for a request once
+        it is admitted."""
+        self.args = dataclasses.replace(self.args, context=context_id)  # type: ignore[type-var]
+        self.context = context_id
 
     def cancel(self) -> None:
         self.cancelled = True

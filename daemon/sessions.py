@@ -15,6 +15,18 @@ from lorad.protocol import STREAMING_OPS, ErrorCode, Limits, ProtocolError, Requ
 
 from .requests import RequestHandle
 
+HTTP_PEER = b"\x00http "
+"""The prefix of an HTTP connection's peer id (then its ``host:port``)."""
+
+
+def http_peer(client: str | None) -> bytes:
+    """The peer id of an HTTP connection (``client``: its ``host:port``)."""
+    return HTTP_PEER + (client or "-").encode()
+
+
+def is_http_peer(peer: bytes | None) -> bool:
+    return peer is not None and peer.startswith(HTTP_PEER)
+
 
 @dataclass
 class Peer:

@@ -147,3 +147,29 @@ def test_metrics_need_asking_and_api_keys(tmp_path: Path, files: Files) -> None:
         assert r.status_code == 200 and "lorad_requests_total" in r.text
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_an_embedding_request_is_cancelled_when_its_client_goes(door: DaemonProcess) -> None:
+    """Embeddings go through the request pipeline like generations: a client that hangs up
+    cancels its request between inputs (the request's log line says ``cancelled``)."""
+    import json as _json
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(http_url(door))
+    body = _json.dumps({"model": "tiny", "input": ["the cat and the dog " * 60] * 64}).encode()
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.shutdown(socket.SHUT_RDWR)  # gone before any answer
+
+    def embed_lines() -> list[dict]:
+        return [_json.loads(x) for x in door.log().splitlines() if x.startswith("{")
+                and '"op": "embed"' in x and '"transport": "http"' in x]
+
+    deadline = time.monotonic() + 30
+    while not embed_lines() and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the log for the request's line, bounded
+    assert embed_lines() and embed_lines()[-1]["outcome"] == "cancelled", embed_lines()

@@ -33,7 +33,7 @@ from lorad.protocol.errors import echo
 
 from ..logs import log
 from . import openai, responses
-from .door import Door, Recorded, Run, protocol_error
+from .door import Door, Recorded, Run, protocol_error, wire_error
 from .openai import ApiError
 
 _CANCELLED = ApiError(503, "the request was cancelled by the daemon (it is shutting down, or "
@@ -251,7 +251,7 @@ class Routes:
             if req.call.stream:
                 first = await _until_disconnect(request, run, run.next())
                 if first.kind == "error":
-                    raise Recorded(ApiError.from_protocol(_wire_error(first)))
+                    raise Recorded(ApiError.from_protocol(wire_error(first)))
                 return _EventStream(run, self._response_events(run, out, first))
             end = await _until_disconnect(request, run, _collect(run, out))
             self._keep(out, end)
@@ -283,7 +283,7 @@ class Routes:
                     return
                 else:  # an error (or the daemon cancelled it) after the stream began
                     error = (_CANCELLED if reply.kind == "end"
-                             else ApiError.from_protocol(_wire_error(reply)))
+                             else ApiError.from_protocol(wire_error(reply)))
                     yield _named_sse({"type": "error", "sequence_number": out.sequence,
                                       "code": error.code, "message": error.message,
                                       "param": error.param})
@@ -294,7 +294,12 @@ class Routes:
 
     async def embeddings(self, request: Request) -> Response:
         model, inputs, encoding = openai.parse_embeddings(await _body(request, self.limit))
-        result = await self.door.embed(model, inputs, _client(request))
+        run = await self.door.embed(model, inputs, _client(request))
+        try:  # a client that goes away cancels its embedding between inputs
+            result = await _until_disconnect(request, run, self.door.embedding(run))
+        except BaseException:
+            run.cancel()
+            raise
         return JSONResponse(openai.embeddings_response(model, result, encoding))
 
     async def _generate(self, request: Request, parse: Callable[..., openai.Call],
@@ -308,7 +313,7 @@ class Routes:
                 # too long, a template or grammar refused) is an HTTP error, not an event.
                 first = await _until_disconnect(request, run, run.next())
                 if first.kind == "error":
-                    raise Recorded(ApiError.from_protocol(_wire_error(first)))
+                    raise Recorded(ApiError.from_protocol(wire_error(first)))
                 return _EventStream(run, self._events(run, out, first))
             end = await _until_disconnect(request, run, _collect(run, out))
             return JSONResponse(out.response(end))
@@ -343,17 +348,11 @@ class Routes:
                     yield b"data: [DONE]\n\n"
                     return
                 else:  # an error after the stream began: OpenAI's convention, then the end
-                    yield _sse(ApiError.from_protocol(_wire_error(reply)).body())
+                    yield _sse(ApiError.from_protocol(wire_error(reply)).body())
                     return
                 reply = None
         finally:  # the client went away (or the response ended): stop the generation
             run.cancel()
-
-
-def _wire_error(reply: Reply) -> ProtocolError:
-    e = reply.error or {}
-    return ProtocolError(e.get("code", "internal"), e.get("message", "error"),
-                         **(e.get("details") or {}))
 
 
 async def _collect(run: Run, out: openai.Output) -> dict[str, Any]:
@@ -366,7 +365,7 @@ async def _collect(run: Run, out: openai.Output) -> dict[str, Any]:
                 raise _CANCELLED  # the daemon stops: either way not a completion
             return reply.result
         else:
-            raise Recorded(ApiError.from_protocol(_wire_error(reply)))
+            raise Recorded(ApiError.from_protocol(wire_error(reply)))
 
 
 class _EventStream(StreamingResponse):

@@ -1,39 +1,41 @@
-"""The HTTP door's core: runs OpenAI calls on the daemon's engine, without HTTP.
+"""The HTTP door's core: OpenAI calls into the daemon's request pipeline, without HTTP.
 
-A call becomes a lorad ``chat`` or ``generate`` request with an explicit adapter stack (the
-``model`` field's adapter, then the ``lora`` list; empty for the base model), validated by the
-protocol's own schema and limits, on a context of the door's pool (:mod:`.pool`), with a
-:class:`~lorad.daemon.requests.RequestHandle` whose replies go to a :class:`Run` instead of a
-socket. So the engine batches HTTP streams with ZeroMQ ones, and both share adapters, limits,
-metrics (``transport: http``) and logs. The web framework (:mod:`.app`) only moves bytes.
+A call becomes a lorad ``chat``, ``generate`` or ``embed`` request with an explicit adapter
+stack (the ``model`` field's adapter, then the ``lora`` list; empty for the base model) and
+goes through the same :class:`~lorad.daemon.pipeline.Pipeline` as a ZeroMQ one: admission (the
+connection is the peer: its session and quotas), the protocol's schema and limits, the
+operation's handler, error mapping, metrics (``transport: http``) and logs. Its replies go to a
+:class:`Run` instead of a socket. A stateless request runs on a context of the door's pool
+(:mod:`.pool`), picked once it is admitted, so the engine batches HTTP streams with ZeroMQ ones.
+The web framework (:mod:`.app`) only moves bytes.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import trio
 
 from lorad.protocol import ErrorCode, ProtocolError, Reply
-from lorad.protocol.args import parse_args
 
 from ..config import HttpSettings
 from ..errors import DaemonError, to_protocol
 from ..logs import log
+from ..pipeline import Pipeline
 from ..requests import RequestHandle
 from ..schemas import grammar_for
 from ..services import Services
+from ..sessions import http_peer
 from ..workers import CLIENT
 from .catalog import Catalog
 from .openai import ApiError, Call
 from .pool import ContextPool
 from .responses import ResponseStore
 
-PEER = b"\x00http"
+PICKED = "-"
+"""The ``context`` a request is admitted with: the door picks one of its pool's after."""
 CREDIT = 64
 """Items a stream may run ahead of the HTTP response (granted again as they are written)."""
 
@@ -71,24 +73,25 @@ class Door:
         self.catalog = Catalog(services.engine)
         self.pool = ContextPool(services.engine, size=settings.contexts, n_ctx=settings.n_ctx,
                                 max_queued=settings.max_queued)
+        self.pipeline = Pipeline(services)
         self._ids = itertools.count(1)
         self.responses = ResponseStore()
         """Responses kept for ``previous_response_id`` (``POST /v1/responses``)."""
 
     def check_open(self) -> None:
+        """The door's own endpoints (adapter names) refuse while the daemon drains."""
         if self.s.draining:
             raise ApiError(503, "the daemon is shutting down", code="shutting_down",
                            retry_after=5)
 
     async def start(self, call: Call, client: str | None = None) -> tuple[Run, Any]:
-        """Queue ``call`` (from ``client``, an address for the log); its run and the model's
-        ``piece`` (token -> bytes)."""
-        self.check_open()
-        CLIENT.set(f"http:{client}".encode())  # this request's task: its file-work cap
+        """Queue ``call`` (from ``client``, the connection's ``host:port``) through the request
+        pipeline; its run and the model's ``piece`` (token -> bytes)."""
+        CLIENT.set(http_peer(client))  # this request's task: its file-work cap
         entry, names = await self.catalog.resolve(call.model)
         items = [(name, 1.0) for name in names] + call.loras
         args: dict[str, Any] = {**call.args, "loras": [list(i) for i in items],
-                                "credit": CREDIT}
+                                "credit": CREDIT, "context": PICKED}
         if call.logprobs is not None:
             args["logprobs"] = max(1, call.logprobs)  # the chosen token's comes with them
         if call.response_format is not None:
@@ -96,40 +99,47 @@ class Door:
         if (call.op == "chat" and "template" not in args and self.settings.chat_template
                 and entry.template is None):
             args["template"] = self.settings.chat_template
-        parse_args(call.op, {**args, "context": "-"}, self.s.limits)  # before any context
-        actor = await self.pool.choose(entry, tuple(items), call.prompt_key)
         run = Run()
+        handle = run.handle = self._admit(call.op, args, run, client)
+        try:  # a context of the door's pool: picked once the request is admitted
+            actor = await self.pool.choose(entry, tuple(items), call.prompt_key)
+        except (ProtocolError, DaemonError) as exc:
+            error = to_protocol(exc)
+            handle.send_error(error)
+            raise Recorded(ApiError.from_protocol(error)) from None
         try:
-            oargs = parse_args(call.op, {**args, "context": actor.id}, self.s.limits)
-            run.handle = handle = self._handle(call.op, oargs, run.deliver, client)
-            with _recorded(handle):
-                await self.s.engine.stacks.submit(actor, handle)
+            handle.place(actor.id)
+            await self.pipeline.run(handle)  # queued on the context; errors come as replies
         finally:
             self.pool.release(actor)
         return run, entry.piece
 
-    async def embed(self, model: str, inputs: list[str], client: str | None = None
-                    ) -> dict[str, Any]:
-        self.check_open()
+    async def embed(self, model: str, inputs: list[str], client: str | None = None) -> Run:
+        """Admit an embedding request; :meth:`embedding` runs it."""
         entry, names = await self.catalog.resolve(model)
         if names:
             raise ApiError(400, "embeddings under an adapter are not served here: name the "
                            f"base model ({entry.id!r})", code="bad_request", param="model")
-        args = parse_args("embed", {"model": entry.id, "input": inputs}, self.s.limits)
-        handle = self._handle("embed", args, lambda _peer, _reply: None, client)
-        with _recorded(handle):
-            result = await self.s.engine.embed(args, None, lambda: False)
-        handle.send_result(None)
-        return result
+        run = Run()
+        run.handle = self._admit("embed", {"model": entry.id, "input": inputs}, run, client)
+        return run
 
-    def _handle(self, op: str, args: Any, send: Any, client: str | None) -> RequestHandle:
-        """A request of the door, counted, logged and measured like a ZeroMQ one when it
-        finishes (``Services.record``)."""
-        handle = RequestHandle(PEER, next(self._ids), op, args, send, self.s.record)
-        handle.transport = "http"
-        handle.client = client
-        self.s.counters["requests"] += 1
-        return handle
+    async def embedding(self, run: Run) -> dict[str, Any]:
+        """The result of an admitted embedding request (cancelled with its run)."""
+        assert run.handle is not None
+        await self.pipeline.run(run.handle)
+        reply = await run.next()
+        if reply.kind == "error":
+            raise Recorded(ApiError.from_protocol(wire_error(reply)))
+        return reply.result
+
+    def _admit(self, op: str, args: dict[str, Any], run: Run, client: str | None
+               ) -> RequestHandle:
+        try:
+            return self.pipeline.admit(http_peer(client), next(self._ids), op, args,
+                                       run.deliver, transport="http", client=client)
+        except ProtocolError as exc:  # counted and logged by the pipeline
+            raise Recorded(ApiError.from_protocol(exc)) from None
 
     def refused(self, error: ApiError, path: str, client: str | None = None) -> None:
         """Count and log a request refused before it reached the engine (bad body, unknown
@@ -143,16 +153,11 @@ class Door:
                  outcome=outcome, error=error.message, **({"client": client} if client else {}))
 
 
-@contextmanager
-def _recorded(handle: RequestHandle) -> Iterator[None]:
-    """A lorad error inside ends ``handle`` with it (so it is counted and logged) and leaves
-    as :class:`Recorded`."""
-    try:
-        yield
-    except (ProtocolError, DaemonError) as exc:
-        error = to_protocol(exc)
-        handle.send_error(error)
-        raise Recorded(ApiError.from_protocol(error)) from None
+def wire_error(reply: Reply) -> ProtocolError:
+    """The lorad error of an ``error`` reply."""
+    e = reply.error or {}
+    return ProtocolError(e.get("code", "internal"), e.get("message", "error"),
+                         **(e.get("details") or {}))
 
 
 class Recorded(Exception):
