@@ -396,6 +396,13 @@ class Baseline:
     stream: bool = False
 
 
+TOOL = {"type": "function", "function": {
+    "name": "f", "description": "a tool",
+    "parameters": {"type": "object", "properties": {"x": {"type": "integer"}},
+                   "required": ["x"]}}}
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+
+
 def baselines(files: Files) -> list[Baseline]:
     other = str(files.other)
     messages = [{"role": "system", "content": "Be brief."},
@@ -430,6 +437,24 @@ def baselines(files: Files) -> list[Baseline]:
             "model": "tiny:pirate", "prompt": ["Once upon"], "max_tokens": 4, "stream": True,
             "grammar": 'root ::= "a" | "b" "c"', "temperature": 0.7, "seed": 5,
             "response_format": None}, stream=True),
+        Baseline("chat_tools", "POST", "/v1/chat/completions", {
+            "model": "tiny", "messages": [*messages, {"role": "assistant", "content": None,
+                                                      "tool_calls": [TOOL_CALL]},
+                                          {"role": "tool", "tool_call_id": "c1",
+                                           "content": "12"}],
+            "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False,
+            "max_tokens": 40, "temperature": 0}),
+        Baseline("responses", "POST", "/v1/responses", {
+            "model": "tiny", "input": [{"role": "user", "content": [
+                {"type": "input_text", "text": "Hello there"}]},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "ok"}],
+            "instructions": "Be brief.", "max_output_tokens": 4, "temperature": 0,
+            "tools": [{"type": "function", **TOOL["function"]}], "tool_choice": "auto",
+            "text": {"format": {"type": "text"}}, "store": False, "metadata": {"k": "v"}}),
+        Baseline("responses_stream", "POST", "/v1/responses", {
+            "model": "tiny", "input": "Hi", "max_output_tokens": 4, "stream": True,
+            "temperature": 0, "store": False}, stream=True),
         Baseline("embeddings", "POST", "/v1/embeddings", {
             "model": "tiny", "input": ["the cat", "the dog"], "encoding_format": "float",
             "user": "fuzz"}),
@@ -703,6 +728,11 @@ def success_problems(path: str, data: bytes) -> list[str]:
         ok = body.get("object") == "list" and all(
             isinstance(m, dict) and isinstance(m.get("id"), str) for m in body.get("data", []))
         return [] if ok and body["data"] else [f"models {short(body)}"]
+    if path == "/v1/responses":
+        ok = (body.get("object") == "response" and isinstance(body.get("output"), list)
+              and body.get("status") in ("completed", "incomplete")
+              and isinstance(body.get("output_text"), str))
+        return [] if ok else [f"response {short(body)}"]
     if path == "/v1/embeddings":
         data_ = body.get("data")
         ok = isinstance(data_, list) and data_ and all(
@@ -715,7 +745,12 @@ def success_problems(path: str, data: bytes) -> list[str]:
     choice = choices[0]
     text = choice.get("message", {}).get("content") if want == "chat.completion" else (
         choice.get("text"))
-    if not isinstance(text, str) or choice.get("finish_reason") not in ("stop", "length"):
+    calls = choice.get("message", {}).get("tool_calls") if want == "chat.completion" else None
+    if calls:  # a tool call: its finish reason, content nil or text
+        if choice.get("finish_reason") != "tool_calls" or not (text is None or isinstance(
+                text, str)):
+            return [f"choice {short(choice)}"]
+    elif not isinstance(text, str) or choice.get("finish_reason") not in ("stop", "length"):
         return [f"choice {short(choice)}"]
     usage = body.get("usage") or {}
     if usage.get("total_tokens") != usage.get("prompt_tokens", 0) + usage.get(
@@ -726,6 +761,8 @@ def success_problems(path: str, data: bytes) -> list[str]:
 
 def stream_problems(case: Case, lines: list[str]) -> list[str]:
     """What is wrong with a Server-Sent Events answer (its non-empty lines)."""
+    if case.baseline.path == "/v1/responses":
+        return response_events_problems(lines)
     events = []
     for line in lines:
         if not line.startswith("data: "):
@@ -758,6 +795,29 @@ def stream_problems(case: Case, lines: list[str]) -> list[str]:
     if done and len(finishes) != 1:
         problems.append(f"finish reasons {finishes}")
     return problems
+
+
+def response_events_problems(lines: list[str]) -> list[str]:
+    """What is wrong with a Responses API stream: named events, ``response.created`` first,
+    then ``response.completed`` / ``response.incomplete`` last, or an ``error`` event."""
+    if len(lines) % 2 or not lines:
+        return [f"not event/data line pairs: {lines[:4]}"]
+    kinds = []
+    for name, data in zip(lines[::2], lines[1::2], strict=True):
+        if not name.startswith("event: ") or not data.startswith("data: "):
+            return [f"not an event and its data: {name[:100]!r} {data[:100]!r}"]
+        try:
+            event = strict_json(data[6:])
+        except ValueError as exc:
+            return [f"an event is not strict JSON ({exc}): {data[:200]}"]
+        if not isinstance(event, dict) or event.get("type") != name[7:]:
+            return [f"event {name[7:]!r} carries {short(event)}"]
+        kinds.append(name[7:])
+    if kinds[0] != "response.created":
+        return [f"first event {kinds[0]}"]
+    if kinds[-1] not in ("response.completed", "response.incomplete", "error"):
+        return [f"last event {kinds[-1]}"]
+    return []
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -857,7 +917,10 @@ class Fuzzer:
         config = workdir / "lorad.toml"
         # A loaded machine (2 cores, other test runs) can starve the nice-19 template workers
         # past the default 1 s: a valid chat would then be a 400.
-        config.write_text("[http]\ncontexts = 2\n[limits]\ntemplate_timeout_ms = 5000\n")
+        # Tool prompts (the generic convention lists the tools) need more than the tiny
+        # model's default context.
+        config.write_text("[http]\ncontexts = 2\nn_ctx = 2048\n"
+                          "[limits]\ntemplate_timeout_ms = 5000\n")
         self.daemon = start_daemon(
             workdir, [self.files.dir], "--config", str(config), "--model",
             str(self.files.model), "--alias", "tiny", "--n-ctx", "128", "--adapter-dir",
@@ -1203,7 +1266,7 @@ def test_the_fuzz_cases_are_many_and_deterministic(fuzz_files: Files) -> None:
     assert len(cases) > 10_000
     assert {(c.method, c.path) for c in cases if c.label.endswith(":baseline")} == {
         ("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
-        ("POST", "/v1/completions"), ("POST", "/v1/embeddings")}
+        ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/v1/responses")}
     again = enumerate_cases(fuzz_files, 8000)
     assert [c.label for c in select(cases, 3, True)] == [c.label for c in select(again, 3, True)]
     assert math.isinf(json.loads(encode({"x": Raw(b"1e400")}))["x"])
