@@ -135,6 +135,19 @@ def test_what_is_refused_is_named(api: openai.OpenAI, extra: dict, param: str) -
     assert e.value.body["param"] == param, e.value.body
 
 
+def test_echoed_fields_must_be_json_again(door: DaemonProcess) -> None:
+    """Found by the HTTP fuzz: 1e400 in an echoed field made the response unwritable (500)."""
+    import httpx
+
+    for field in ('"metadata": {"x": 1e400}', '"tools": [{"type": "function", "name": "f", '
+                  '"parameters": {"type": "object", "required": [NaN]}}]'):
+        r = httpx.post(http_url(door) + "/v1/responses", headers={
+            "Content-Type": "application/json"},
+            content=('{"model": "tiny", "input": "hi", ' + field + "}").encode())
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] in ("metadata", "tools")
+
+
 def test_the_store_is_bounded() -> None:
     from lorad.daemon.http.openai import ApiError
     from lorad.daemon.http.responses import ResponseStore

@@ -14,6 +14,7 @@ and end into the response object, or into the API's events (``response.created``
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -178,6 +179,21 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
     return out
 
 
+def _echoable(value: Any, param: str) -> Any:
+    """``value``, checked to hold no number JSON cannot write back (NaN, infinities, 1e400):
+    the response echoes it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise bad(f"{param} holds a number that is not finite", param)
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
 def _tool_choice(value: Any) -> Any:
     if isinstance(value, dict) and value.get("type") == "function" and "name" in value:
         return {"type": "function", "function": {"name": value["name"]}}
@@ -220,6 +236,8 @@ def parse_response_request(body: Any, limits: Limits, store: ResponseStore
                       ("previous_response_id", str)):
         if body.get(key) is not None and not isinstance(body[key], kind):
             raise bad(f"{key!r} must be a {kind.__name__}", key)
+    for key in ("tools", "tool_choice", "metadata", "text"):  # echoed in the response
+        _echoable(body.get(key), key)
     conversation = []
     if body.get("previous_response_id") is not None:
         conversation = [dict(m) for m in store.get(body["previous_response_id"])]
