@@ -170,8 +170,8 @@ class AdapterCache:
             try:
                 adapter = llama.Adapter(model.model, snap.path)
             except LlamaError as exc:  # name the client's file, not the snapshot
-                raise LlamaError(f"llama.cpp could not load adapter {str(path)!r}", exc.code,
-                                 **{**exc.details, "path": str(path)}) from None
+                raise type(exc)(f"llama.cpp could not load adapter {str(path)!r}",
+                                **{**exc.details, "path": str(path)}) from None
         adapter.path = str(path)
         return info, adapter
 

@@ -41,7 +41,62 @@ class BindError(DaemonError):
 
 
 class LlamaError(DaemonError):
-    """A llama.cpp call failed (a model or adapter that does not load, a failed decode)."""
+    """A llama.cpp call failed (the engine's errors: ``daemon/llama.py`` raises these types
+    only, and each one's wire code is said here, at the edge)."""
+
+
+class LoadCancelled(LlamaError):
+    """A model load was cancelled (its progress callback said stop)."""
+
+    code = ErrorCode.CANCELLED
+
+
+class ModelLoadFailed(LlamaError):
+    code = ErrorCode.MODEL_LOAD_FAILED
+
+
+class AdapterLoadFailed(LlamaError):
+    """An adapter did not load, or could not be set on a context."""
+
+    code = ErrorCode.LORA_LOAD_FAILED
+
+
+class ContextFailed(LlamaError):
+    """A context could not be created."""
+
+
+class BadKvType(ContextFailed):
+    code = ErrorCode.BAD_REQUEST
+
+
+class ContextFull(LlamaError):
+    """A decode found no room in the KV cache."""
+
+    code = ErrorCode.CONTEXT_OVERFLOW
+
+
+class UnknownTemplate(LlamaError):
+    """A chat template name that is none of llama.cpp's built-in ones."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class BadGrammar(LlamaError):
+    """A grammar llama.cpp refuses, one too costly, or one that allows no token."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class NotEmbeddingModel(LlamaError):
+    """A reranking model asked for embeddings."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class NoRollback(LlamaError):
+    """A model whose memory cannot drop rejected draft tokens."""
+
+    code = ErrorCode.SPECULATIVE_UNSUPPORTED
 
 
 def to_protocol(exc: BaseException) -> ProtocolError:

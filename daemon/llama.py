@@ -24,9 +24,19 @@ from typing import Any
 import llama_cpp.llama_cpp as C
 import numpy as np
 
-from lorad.protocol import ErrorCode, ProtocolError
-
-from .errors import LlamaError
+from .errors import (
+    AdapterLoadFailed,
+    BadGrammar,
+    BadKvType,
+    ContextFailed,
+    ContextFull,
+    LlamaError,
+    LoadCancelled,
+    ModelLoadFailed,
+    NoRollback,
+    NotEmbeddingModel,
+    UnknownTemplate,
+)
 
 # -- memory ------------------------------------------------------------------------------------
 try:
@@ -117,9 +127,9 @@ def check_builtin_chat_template(name: str, field: str = "template") -> None:
     """``bad_request`` (``field``, ``builtin``) unless ``name`` is one of llama.cpp's."""
     names = builtin_chat_templates()
     if name not in names:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown chat template {name!r}: give a "
-                            f"llama.cpp built-in name ({', '.join(names)}) or Jinja source",
-                            field=field, builtin=names)
+        raise UnknownTemplate(f"unknown chat template {name!r}: give a llama.cpp built-in "
+                              f"name ({', '.join(names)}) or Jinja source", field=field,
+                              builtin=names)
 
 
 def apply_builtin_chat_template(name: str, messages: list[dict[str, str]],
@@ -133,8 +143,8 @@ def apply_builtin_chat_template(name: str, messages: list[dict[str, str]],
         n = C.llama_chat_apply_template(name.encode(), chat, len(keep), add_generation_prompt,
                                         buf, size)
         if n < 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown chat template {name!r}",
-                                field="template", builtin=builtin_chat_templates())
+            raise UnknownTemplate(f"unknown chat template {name!r}", field="template",
+                                  builtin=builtin_chat_templates())
         if n <= size:
             return buf.raw[:n].decode("utf-8", "replace")
         size = n
@@ -173,10 +183,10 @@ class Model:
         with capture_log() as lines:
             ptr = C.llama_model_load_from_file(path.encode(), params)
         if not ptr and aborted:
-            raise LlamaError(f"loading {path!r} was cancelled", ErrorCode.CANCELLED, path=path)
+            raise LoadCancelled(f"loading {path!r} was cancelled", path=path)
         if not ptr:
-            raise LlamaError(f"llama.cpp could not load {path!r}", ErrorCode.MODEL_LOAD_FAILED,
-                             path=path, log=_relevant(lines))
+            raise ModelLoadFailed(f"llama.cpp could not load {path!r}", path=path,
+                                  log=_relevant(lines))
         self.ptr = ptr
         self.path = path
         self.vocab = C.llama_model_get_vocab(ptr)
@@ -335,8 +345,8 @@ class Adapter:
         with capture_log() as lines:
             ptr = C.llama_adapter_lora_init(model.ptr, path.encode())
         if not ptr:  # a NULL pointer object is falsy, not None
-            raise LlamaError(f"llama.cpp could not load adapter {path!r}",
-                             ErrorCode.LORA_LOAD_FAILED, path=path, log=_relevant(lines))
+            raise AdapterLoadFailed(f"llama.cpp could not load adapter {path!r}", path=path,
+                                    log=_relevant(lines))
         self.ptr = ptr
         self.path = path
         n = int(C.llama_adapter_get_alora_n_invocation_tokens(ptr))
@@ -372,12 +382,12 @@ def _new_context(model: Model, params: Any, *, n_ctx: int, n_seq: int, n_batch: 
     with capture_log() as lines:
         ptr = C.llama_init_from_model(model.ptr, params)
     if not ptr and kv_type not in ("f16", "f32"):
-        raise LlamaError(
+        raise BadKvType(
             f"llama.cpp could not create a context with kv_type={kv_type!r} for this model "
             "(a quantized KV cache needs head sizes that are a multiple of its block size); "
-            "use f16 or f32", ErrorCode.BAD_REQUEST, field="kv_type", log=_relevant(lines))
+            "use f16 or f32", field="kv_type", log=_relevant(lines))
     if not ptr:
-        raise LlamaError("llama.cpp could not create the context", log=_relevant(lines))
+        raise ContextFailed("llama.cpp could not create the context", log=_relevant(lines))
     return ptr
 
 
@@ -391,8 +401,7 @@ def _set_adapters(ctx_ptr: Any, stack: list[tuple[Adapter, float]]) -> None:
     else:
         rc = C.llama_set_adapters_lora(ctx_ptr, None, 0, None)
     if rc != 0:
-        raise LlamaError(f"llama_set_adapters_lora failed with code {rc}",
-                         ErrorCode.LORA_LOAD_FAILED, rc=rc)
+        raise AdapterLoadFailed(f"llama_set_adapters_lora failed with code {rc}", rc=rc)
 
 
 class Context:
@@ -414,9 +423,8 @@ class Context:
         if embeddings:
             declared = model.pooling_type
             if declared == C.LLAMA_POOLING_TYPE_RANK:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, "this is a reranking model (pooling "
-                                    "type rank): it scores pairs, it has no embeddings",
-                                    field="model")
+                raise NotEmbeddingModel("this is a reranking model (pooling type rank): it "
+                                        "scores pairs, it has no embeddings", field="model")
             pooling = declared if declared in POOLING_NAMES else C.LLAMA_POOLING_TYPE_MEAN
             params.embeddings = True
             params.pooling_type = pooling
@@ -494,8 +502,8 @@ class Context:
             # The failed ubatch may have left part of the batch in the cache: resynchronise.
             if not C.llama_memory_seq_rm(self.memory, 0, start, -1):
                 self.clear()
-            code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
-            raise LlamaError(f"llama_decode failed with code {rc}", code, rc=rc)
+            raise (ContextFull if rc == 1 else LlamaError)(
+                f"llama_decode failed with code {rc}", rc=rc)
         self.tokens.extend(tokens)
 
     def eval_prompt(self, prompt: list[int], should_stop: Callable[[], bool]) -> int:
@@ -586,9 +594,8 @@ class Sequence:
         """Drop every cached token after the first ``n`` (rejected draft tokens)."""
         if n < len(self.tokens):
             if not C.llama_memory_seq_rm(self.slab.memory, self.seq_id, n, -1):
-                raise ProtocolError(ErrorCode.SPECULATIVE_UNSUPPORTED,
-                                    "this model's memory cannot roll back rejected tokens",
-                                    reason="no_rollback")
+                raise NoRollback("this model's memory cannot roll back rejected tokens",
+                                 reason="no_rollback")
             self._cut(n)
 
 
@@ -654,8 +661,8 @@ class Slab:
                 if not C.llama_memory_seq_rm(self.memory, seq.seq_id, len(seq.tokens), -1):
                     C.llama_memory_seq_rm(self.memory, seq.seq_id, -1, -1)
                     seq._cut(0)
-            code = ErrorCode.CONTEXT_OVERFLOW if rc == 1 else ErrorCode.INTERNAL
-            raise LlamaError(f"llama_decode failed with code {rc}", code, rc=rc)
+            raise (ContextFull if rc == 1 else LlamaError)(
+                f"llama_decode failed with code {rc}", rc=rc)
         for seq, tokens, _ in entries:
             seq.tokens.extend(tokens)
             seq.keys.extend([self._adapters] * len(tokens))
@@ -762,9 +769,8 @@ class SamplingParams:
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
-def _grammar_too_slow(what: str, ms: float, limit_ms: int) -> ProtocolError:
-    return ProtocolError(
-        ErrorCode.BAD_REQUEST,
+def _grammar_too_slow(what: str, ms: float, limit_ms: int) -> BadGrammar:
+    return BadGrammar(
         f"grammar too costly: {what} took {ms:.0f} ms, over limits.grammar_ms ({limit_ms})",
         field="grammar", limit="grammar_ms", value=limit_ms, found=round(ms),
     )
@@ -824,10 +830,7 @@ class Sampler:
             if not self.grammar:
                 self.grammar = None
                 self.close()
-                raise ProtocolError(
-                    ErrorCode.BAD_REQUEST, "invalid GBNF grammar", field="grammar",
-                    log=_relevant(lines),
-                )
+                raise BadGrammar("invalid GBNF grammar", field="grammar", log=_relevant(lines))
             if ms > time_limit_ms:
                 self.close()
                 raise _grammar_too_slow("building the grammar", ms, time_limit_ms)
@@ -859,11 +862,9 @@ class Sampler:
             self._all.apply(self.ptr)
             chosen = self._all.chosen()
             if chosen is None or not np.isfinite(chosen[1]):
-                raise ProtocolError(
-                    ErrorCode.BAD_REQUEST, "the grammar allows no token of this model's "
-                    "vocabulary here (the output so far cannot be continued within it)",
-                    field="grammar",
-                )
+                raise BadGrammar(
+                    "the grammar allows no token of this model's vocabulary here (the output "
+                    "so far cannot be continued within it)", field="grammar")
             token = chosen[0]
         C.llama_sampler_accept(self.grammar, token)
         C.llama_sampler_accept(self.ptr, token)
