@@ -31,6 +31,7 @@ from .budget import KvShape, Reservation
 from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
 from .ngrams import Memory
+from .output import Output
 from .registry import LoadedModel
 from .requests import RequestHandle
 from .speculative import (
@@ -44,7 +45,6 @@ from .speculative import (
 from .speculative import refuse as refuse_speculative
 from .speculative import verify as verify_draft
 from .templates import TemplateRenderer
-from .text import TextAssembler
 from .workers import CLIENT, Pool, TextWorkers
 
 INLINE_INDEX = 6000
@@ -503,11 +503,8 @@ class ContextActor:
         sampler = await trio.to_thread.run_sync(
             lambda: llama.Sampler(model, params, self.limits.grammar_ms))
         n_logprobs = args.logprobs
-        text = TextAssembler(args.stop)
-        splitter = tools.StreamSplitter(tooling.use, tooling.format) if tooling else None
-        calls: list[dict[str, Any]] = []
-        generated = 0
-        output: list[int] = []
+        out = Output(model.piece, model.is_eog, args.stop,
+                     tools.StreamSplitter(tooling.use, tooling.format) if tooling else None)
         finish = "length"
         t_first = t_prompt = None
         Produced = list[tuple[int, tuple[list[list[float]], float] | None]]
@@ -556,22 +553,14 @@ class ContextActor:
                     break
                 previous = None
                 for token, logprobs in produced:
-                    generated += 1
                     if t_first is None:
                         t_first = time.perf_counter()
-                    if model.is_eog(token):
-                        finish, done = "stop", True
+                    item = out.token(token, logprobs)
+                    if item is None:  # the end-of-generation token
+                        done = True
                         break
-                    output.append(token)
                     if drafter is not None:
                         drafter.feed(token)
-                    delta = text.feed(model.piece(token))
-                    if splitter is not None:  # a tool call's text is held for the end
-                        delta = splitter.feed(delta)
-                    item: dict[str, Any] = {"text": delta, "token_ids": [token]}
-                    if logprobs is not None:
-                        item["logprobs"] = [logprobs[0]]
-                        item["token_logprobs"] = [logprobs[1]]
                     if h.credit <= 0:  # waits for the client: the batches go on without it
                         scheduler.leave(seq)
                     sent = await h.send_item(item)
@@ -579,18 +568,18 @@ class ContextActor:
                     if not sent:
                         finish, done = "cancelled", True
                         break
-                    if text.stopped:
-                        finish, done = "stop", True
+                    if out.finish is not None:  # a stop sequence
+                        done = True
                         break
                     previous = token
                 if done:
                     break
-                if generated >= args.max_tokens or len(seq.tokens) >= seq.n_ctx:
+                if out.generated >= args.max_tokens or len(seq.tokens) >= seq.n_ctx:
                     finish = "length"  # max_tokens, or the context is full
                     break
                 assert previous is not None
                 if drafter is not None:
-                    room = min(args.max_tokens - generated, seq.n_ctx - len(seq.tokens),
+                    room = min(args.max_tokens - out.generated, seq.n_ctx - len(seq.tokens),
                                scheduler.budget) - 1
                     if drafter.source is None:  # n-gram lookup: cheap, no thread hop
                         draft, qs = drafter.draft(room), None
@@ -605,18 +594,13 @@ class ContextActor:
                     step = Step(seq, [previous], pairs, then=pick)
                 produced = await scheduler.run(step)
             if finish != "cancelled":
-                tail = text.finish()
-                if splitter is not None:
-                    shown = splitter.feed(tail)
-                    parsed = splitter.finish()
-                    tail, calls = shown + parsed.content, parsed.calls
-                    if calls:
-                        finish = "tool_calls"
-                if tail:
-                    await h.send_item({"text": tail, "token_ids": []})
+                tail = out.close()
+                finish = out.finish or finish
+                if tail is not None:
+                    await h.send_item(tail)
         finally:
             scheduler.leave(seq)
-            self.memory.add(prompt, output)
+            self.memory.add(prompt, out.tokens)
             await trio.to_thread.run_sync(sampler.close)
             if drafter is not None and drafter.source is not None and drafter.draft_seconds:
                 self.draft_seconds[id(drafter.source.ctx)] = drafter.draft_seconds
@@ -627,11 +611,11 @@ class ContextActor:
         metrics = {
             "prompt_tokens": len(prompt),
             "cached_prompt_tokens": reused,
-            "generated_tokens": generated,
+            "generated_tokens": out.generated,
             "queue_ms": round((started - h.received_at) * 1000, 3),
             "time_to_first_token_ms": round(((t_first or ended) - h.received_at) * 1000, 3),
             "prompt_tokens_per_s": round(evaluated / prompt_s, 2) if prompt_s > 0 else None,
-            "generation_tokens_per_s": round(generated / gen_s, 2) if gen_s > 0 else None,
+            "generation_tokens_per_s": round(out.generated / gen_s, 2) if gen_s > 0 else None,
             "total_ms": round((ended - h.received_at) * 1000, 3),
             "seed": seed,
             "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
@@ -642,7 +626,7 @@ class ContextActor:
         }
         end: dict[str, Any] = {"finish_reason": finish, "metrics": metrics}
         if tooling is not None:
-            end["tool_calls"] = calls
+            end["tool_calls"] = out.calls
         h.send_end(end)
 
 
