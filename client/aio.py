@@ -206,6 +206,17 @@ class AsyncClient:
         """Check an adapter against a model without applying it (see Client.validate_lora)."""
         return await self._run(calls.validate_lora(model, path))
 
+    async def name_lora(self, name: str, path: str | os.PathLike, *, replace: bool = False
+                        ) -> dict[str, Any]:
+        """See Client.name_lora."""
+        return await self._run(calls.name_lora(name, path, replace))
+
+    async def unname_lora(self, name: str) -> dict[str, Any]:
+        return await self._run(calls.unname_lora(name))
+
+    async def lora_names(self) -> list[dict[str, Any]]:
+        return await self._run(calls.simple("list_lora_names"))
+
     async def cancel(self, request_id: RequestId) -> dict[str, Any]:
         self._core.forget(request_id)
         return await self._run(calls.cancel(request_id))

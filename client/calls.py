@@ -138,6 +138,15 @@ def validate_lora(model: str | dict | os.PathLike, path: str | os.PathLike) -> C
                 slow=True)
 
 
+def name_lora(name: str, path: str | os.PathLike, replace: bool) -> Call:
+    return Call("name_lora", {"name": name, "path": lora_ref(path), "replace": replace},
+                slow=True)
+
+
+def unname_lora(name: str) -> Call:
+    return Call("unname_lora", {"name": name})
+
+
 def cancel(request_id: RequestId) -> Call:
     return Call("cancel", {"request": request_id})
 

@@ -184,6 +184,19 @@ class Client:
         "problems": [{code, message, details}], "adapter": {...}}``."""
         return self._run(calls.validate_lora(model, path))
 
+    def name_lora(self, name: str, path: str | os.PathLike, *, replace: bool = False
+                  ) -> dict[str, Any]:
+        """Name the adapter at ``path`` for every client (and the HTTP door's ``model``
+        field): ``{name, path, models}``, the loaded models it fits."""
+        return self._run(calls.name_lora(name, path, replace))
+
+    def unname_lora(self, name: str) -> dict[str, Any]:
+        return self._run(calls.unname_lora(name))
+
+    def lora_names(self) -> list[dict[str, Any]]:
+        """The adapter names given with :meth:`name_lora`: ``[{name, path}]``."""
+        return self._run(calls.simple("list_lora_names"))
+
     def cancel(self, request_id: RequestId) -> dict[str, Any]:
         """Cancel a request of this client (acknowledged even if it already ended)."""
         self._core.forget(request_id)

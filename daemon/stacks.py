@@ -68,27 +68,54 @@ class Stacks:
                 or len(name) > MAX_NAME_CHARS or not name.isprintable()):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{echo(name)!r} is not an adapter name: "
                                 f"at most {MAX_NAME_CHARS} printable characters, no '/' or "
-                                "':', not ending in .gguf", field="lora_name")
+                                "':', not ending in .gguf", field="name")
         if name in self.names and not replace:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"the adapter name {name!r} is taken "
-                                f"(by {self.names[name]!r}): unload it first",
-                                field="lora_name")
+                                f"(by {self.names[name]!r}): unname it first, or replace it",
+                                field="name")
         if name not in self.names and len(self.names) >= MAX_NAMES:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {MAX_NAMES} adapter names",
-                                field="lora_name", limit="max_names", value=MAX_NAMES)
+                                field="name", limit="max_names", value=MAX_NAMES)
         if not looks_like_path(path):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{echo(path)!r} is not a path: give an "
                                 "absolute path to a GGUF adapter or a PEFT directory",
-                                field="lora_path")
+                                field="path")
         resolved = resolve_adapter(path, [], self.allowed)
         self.names[name] = str(resolved)
         return resolved
+
+    async def name(self, models: list[LoadedModel], name: str, path: str, *,
+                   replace: bool = False) -> dict[str, Any]:
+        """``name_lora``: register ``name`` for ``path`` once it fits one of ``models``
+        (``lora_incompatible`` with each model's problems otherwise; none loaded: not
+        checked)."""
+        before = self.names.get(name)
+        resolved = await self.adapters.files.run(partial(self.register, name, path,
+                                                         replace=replace))
+        try:
+            reports = [await self.validate(m, name) for m in models]
+        except BaseException:
+            self._restore(name, before)
+            raise
+        if models and not any(r["compatible"] for r in reports):
+            self._restore(name, before)
+            raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"the adapter at {str(resolved)!r} "
+                                "fits none of the loaded models", field="path",
+                                models={r["model"]: r["problems"] for r in reports})
+        return {"name": name, "path": str(resolved),
+                "models": [r["model"] for r in reports if r["compatible"]]}
+
+    def _restore(self, name: str, before: str | None) -> None:
+        if before is None:
+            self.names.pop(name, None)
+        else:
+            self.names[name] = before
 
     def unregister(self, name: str) -> str:
         """Forget a registered name (contexts that hold the adapter keep it); its path."""
         if name not in self.names:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no adapter registered as {echo(name)!r}",
-                                field="lora_name", registered=sorted(self.names))
+                                field="name", registered=sorted(self.names))
         return self.names.pop(name)
 
     async def adapter_file(self, ref: str, model: LoadedModel) -> Path:

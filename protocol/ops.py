@@ -430,6 +430,19 @@ SPECS: dict[str, OpSpec] = {
         },
         example={"model": "m", "path": "/adapters/a.gguf"},
     ),
+    "name_lora": OpSpec(
+        {
+            "name": Arg(_STR, required=True, check=_nonempty),
+            "path": Arg(_STR, required=True, check=_nonempty),
+            "replace": Arg(_BOOL, default=False),
+        },
+        example={"name": "pirate", "path": "/adapters/pirate.gguf"},
+    ),
+    "unname_lora": OpSpec(
+        {"name": Arg(_STR, required=True, check=_nonempty)},
+        example={"name": "pirate"},
+    ),
+    "list_lora_names": OpSpec({}, example={}, inline=True, while_draining=True),
     "credit": OpSpec(
         {
             "request": Arg(_ID, required=True),

@@ -118,10 +118,10 @@ async def test_every_operation_on_missing_things_gets_a_typed_error(core: Core,
     missing = {"context": "ctx-missing", "model": "no-model", "path": "no-adapter",
                "prompt": "x", "messages": [{"role": "user", "content": "x"}],
                "text": "x", "tokens": [1], "request": 99, "n": 1,
-               "loras": [["no-adapter", 1.0]], "input": ["x"]}
+               "loras": [["no-adapter", 1.0]], "input": ["x"], "name": "no-name"}
     for rid, (name, op) in enumerate(sorted(OPERATIONS.items()), start=1):
         args = {k: v for k, v in missing.items() if k in op.schema}
-        if name == "load_model":
+        if name in ("load_model", "name_lora"):
             args["path"] = str(tmp_path / "absent.gguf")
         if name in ("tokenize", "detokenize", "embed"):
             del args["context"]

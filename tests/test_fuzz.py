@@ -506,6 +506,12 @@ def baselines(files: FuzzFiles) -> list[Baseline]:
         Baseline("validate_lora", "validate_lora", {"model": "tiny", "path": a}, envelope=True),
         Baseline("validate_lora_name", "validate_lora", {"model": str(files.model),
                                                          "path": "fuzz-b"}),
+        Baseline("name_lora", "name_lora", {"name": "fuzz-named", "path": a, "replace": True},
+                 teardown="unname_all", envelope=True),
+        Baseline("unname_lora", "unname_lora", {"name": "fuzz-named"}, setup="name_a",
+                 teardown="unname_all"),
+        Baseline("list_lora_names", "list_lora_names", {}, setup="name_a",
+                 teardown="unname_all"),
     ]
     missing = set(OPS) - {bl.op for bl in out}
     assert not missing, f"no baseline for {missing}"
@@ -1000,6 +1006,9 @@ class Fuzzer:
             self.refs["ctx_tmp"] = reply["result"]["id"]
         elif what == "set_a":
             self.call("set_lora", {"context": self.refs["ctx_lora"], "path": str(f.adapter_a)})
+        elif what == "name_a":
+            self.call("name_lora", {"name": "fuzz-named", "path": str(f.adapter_a),
+                                    "replace": True})
         elif what == "stream":  # a generation paused for credit after its first item
             rid = self.next_id("stream")
             t = Tracker("setup stream", "generate", rid)
@@ -1024,6 +1033,9 @@ class Fuzzer:
             self.call("close_context", {"context": self.refs["ctx_tmp"]}, check=False)
         elif what == "clear":
             self.call("clear_loras", {"context": self.refs["ctx_lora"]})
+        elif what == "unname_all":  # a mutated name_lora may have named anything
+            for entry in self.call("list_lora_names", {})["result"]:
+                self.call("unname_lora", {"name": entry["name"]}, check=False)
         elif what == "end_stream":
             t = self.stream
             self.call("cancel", {"request": t.rid})

@@ -155,15 +155,12 @@ def test_hostile_schemas_are_bounded_before_conversion() -> None:
 
 
 def test_a_draining_daemon_answers_503_with_retry_after() -> None:
-    from types import SimpleNamespace
-
+    """The pipeline refuses a request while the daemon drains (``shutting_down``, the same
+    for both doors: tests/test_lifecycle.py); the HTTP codec makes it a 503 to retry."""
     from lorad.daemon.http.app import _error
-    from lorad.daemon.http.door import Door
 
-    door = Door.__new__(Door)  # the rule alone: no engine needed
-    door.s = SimpleNamespace(draining=True)
-    with pytest.raises(ApiError) as e:
-        door.check_open()
-    response = _error(e.value)
+    error = ApiError.from_protocol(ProtocolError(ErrorCode.SHUTTING_DOWN,
+                                                 "the daemon is shutting down"))
+    response = _error(error)
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert b'"code":"shutting_down"' in response.body

@@ -399,7 +399,8 @@ def test_every_table_is_there() -> None:
                 "model", "model.params", "context", "context.params", "metrics", "metrics.stats",
                 "metrics.latency", "load_model.item", "load_model.end", "load_model.end.metrics",
                 "unload_model", "close_context", "cancel", "credit", "stack_result",
-                "stack_entry", "validate_lora", "speculative_modes", "item", "end",
+                "stack_entry", "validate_lora", "name_lora", "unname_lora", "speculative_modes",
+                "item", "end",
                 "end.metrics", "end.metrics.loras", "end.metrics.queued", "limits",
                 "error_codes", "error_details", "args sampling"}
     assert expected <= set(TABLES), sorted(expected - set(TABLES))
@@ -549,6 +550,23 @@ def test_stack_results(peer: Peer, model: dict[str, Any], files: Files) -> None:
         peer.call("set_lora", {"context": ctx["id"], "path": "small"})  # a name
         for entry in peer.call("list_loras", {"context": ctx["id"]}):
             check_keys(entry, "stack_entry", "list_loras")
+
+
+def test_adapter_names(peer: Peer, model: dict[str, Any], files: Files) -> None:
+    named = peer.call("name_lora", {"name": "spec-small", "path": str(files.small)})
+    check_keys(named, "name_lora")
+    assert model["id"] in named["models"]
+    assert {"name": "spec-small", "path": named["path"]} in peer.call("list_lora_names")
+    with peer.context(model=model["id"]) as ctx:  # a name given at run time works as any name
+        result = peer.call("set_lora", {"context": ctx["id"], "path": "spec-small"})
+        assert result["loras"][0]["path"] == named["path"]
+    taken = peer.error("name_lora", {"name": "spec-small", "path": str(files.small2)})
+    assert assert_error(taken, "bad_request")["field"] == "name"
+    assert_error(peer.error("name_lora", {"name": "x", "path": str(files.wrong_arch)}),
+                 "lora_incompatible", {"field", "models"})
+    check_keys(peer.call("unname_lora", {"name": "spec-small"}), "unname_lora")
+    assert_error(peer.error("unname_lora", {"name": "spec-small"}), "not_found",
+                 {"field", "registered"})
 
 
 def test_validate_lora(peer: Peer, model: dict[str, Any], files: Files) -> None:

@@ -40,6 +40,22 @@ async def list_loras(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
     return [e.to_wire() for e in s.engine.context(h.args.context, h.peer).stack]
 
 
+async def name_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
+    """Name the adapter at ``path`` for every client and door (checked: the allowed
+    directories, and that it fits a loaded model)."""
+    return await s.engine.stacks.name(list(s.engine.models), h.args.name, h.args.path,
+                                      replace=h.args.replace)
+
+
+async def unname_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
+    path = s.engine.stacks.unregister(h.args.name)
+    return {"name": h.args.name, "path": path}
+
+
+async def list_lora_names(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
+    return [{"name": n, "path": p} for n, p in s.engine.stacks.names.items()]
+
+
 async def validate_lora(s: Services, h: RequestHandle) -> dict[str, Any]:
     model = await s.engine.model_for(h.args.model)
     return await s.engine.stacks.validate(model, h.args.path)

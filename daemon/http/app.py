@@ -130,6 +130,10 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
+_ADAPTER_PARAMS = {"name": "lora_name", "path": "lora_path"}
+"""vLLM's names of ``name_lora``'s arguments."""
+
+
 def _named_sse(event: dict[str, Any]) -> bytes:
     """A Responses API event: its type as the SSE event name."""
     return (b"event: " + event["type"].encode() + b"\n" + _sse(event))
@@ -190,30 +194,29 @@ class Routes:
         return JSONResponse(await self.door.catalog.entry(request.path_params["model"]))
 
     async def load_adapter(self, request: Request) -> Response:
-        """vLLM's ``POST /v1/load_lora_adapter``: ``{lora_name, lora_path, load_inplace?}``."""
-        self.door.check_open()
+        """vLLM's ``POST /v1/load_lora_adapter``: ``{lora_name, lora_path, load_inplace?}``,
+        lorad's ``name_lora``."""
         body = _fields(await _body(request, self.limit), required=("lora_name", "lora_path"),
                        optional={"load_inplace": bool})
-        await self.door.catalog.register(body["lora_name"], body["lora_path"],
-                                         bool(body.get("load_inplace")))
-        log.info("adapter_named", name=body["lora_name"], path=body["lora_path"],
-                 client=_client(request))
+        if any(m.id == body["lora_name"] for m in self.door.s.engine.models):
+            raise openai.bad(f"{body['lora_name']!r} is the id of a loaded model: name the "
+                             "adapter otherwise", "lora_name")
+        await self.door.call("name_lora", {"name": body["lora_name"], "path": body["lora_path"],
+                                           "replace": bool(body.get("load_inplace"))},
+                             _client(request), _ADAPTER_PARAMS)
         return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' added "
                                  "successfully.")
 
     async def unload_adapter(self, request: Request) -> Response:
-        """vLLM's ``POST /v1/unload_lora_adapter``: ``{lora_name}``."""
+        """vLLM's ``POST /v1/unload_lora_adapter``: ``{lora_name}``, lorad's ``unname_lora``."""
         body = _fields(await _body(request, self.limit), required=("lora_name",),
                        optional={"lora_int_id": int})
         if body.get("lora_int_id") is not None:
             raise openai.bad("lora_int_id: lorad names adapters, it does not number them: "
                              "give lora_name only", "lora_int_id",
                              code="unsupported_parameter")
-        try:
-            self.door.s.engine.stacks.unregister(body["lora_name"])
-        except ProtocolError as exc:
-            raise ApiError(404, exc.message, code="not_found", param="lora_name") from None
-        log.info("adapter_unnamed", name=body["lora_name"], client=_client(request))
+        await self.door.call("unname_lora", {"name": body["lora_name"]}, _client(request),
+                             _ADAPTER_PARAMS)
         return PlainTextResponse(f"Success: LoRA adapter '{body['lora_name']}' removed "
                                  "successfully.")
 

@@ -12,7 +12,6 @@ file version.
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,40 +145,6 @@ class Catalog:
             if item["id"] == model_id:
                 return item
         raise _not_found(model_id, self.engine)
-
-    async def register(self, name: str, path: str, replace: bool) -> None:
-        """``POST /v1/load_lora_adapter``: name the adapter at ``path``, once it is found in
-        the allowed directories and fits a loaded model (``lora_incompatible`` otherwise)."""
-        stacks = self.engine.stacks
-        if name in stacks.names and not replace:
-            raise ApiError(400, f"the adapter {name!r} is loaded already (as "
-                           f"{stacks.names[name]!r}): unload it first, or pass "
-                           "load_inplace: true", code="bad_request", param="lora_name")
-        if any(m.id == name for m in self.engine.models):
-            raise ApiError(400, f"{name!r} is the id of a loaded model: name the adapter "
-                           "otherwise", code="bad_request", param="lora_name")
-        before = stacks.names.get(name)
-
-        def undo() -> None:
-            if before is None:
-                stacks.names.pop(name, None)
-            else:
-                stacks.names[name] = before
-
-        resolved = await trio.to_thread.run_sync(partial(stacks.register, name, path,
-                                                         replace=replace))
-        models = list(self.engine.models)
-        try:
-            fitting, _ = await self.fitting(models, name)
-        except BaseException:
-            undo()
-            raise
-        if models and not fitting:
-            undo()
-            raise ApiError(422, f"the adapter at {str(resolved)!r} fits none of the loaded "
-                           f"models ({', '.join(m.id for m in models)}): "
-                           "validate_lora says why", code=ErrorCode.LORA_INCOMPATIBLE.value,
-                           param="lora_path")
 
     async def adapters(self) -> list[dict[str, Any]]:
         """``GET /lora-adapters`` (llama-server's): the adapters requests can name, each with

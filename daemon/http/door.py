@@ -78,12 +78,6 @@ class Door:
         self.responses = ResponseStore()
         """Responses kept for ``previous_response_id`` (``POST /v1/responses``)."""
 
-    def check_open(self) -> None:
-        """The door's own endpoints (adapter names) refuse while the daemon drains."""
-        if self.s.draining:
-            raise ApiError(503, "the daemon is shutting down", code="shutting_down",
-                           retry_after=5)
-
     async def start(self, call: Call, client: str | None = None) -> tuple[Run, Any]:
         """Queue ``call`` (from ``client``, the connection's ``host:port``) through the request
         pipeline; its run and the model's ``piece`` (token -> bytes)."""
@@ -132,6 +126,23 @@ class Door:
         if reply.kind == "error":
             raise Recorded(ApiError.from_protocol(wire_error(reply)))
         return reply.result
+
+    async def call(self, op: str, args: dict[str, Any], client: str | None = None,
+                   params: dict[str, str] | None = None) -> Any:
+        """Run a one-shot lorad operation through the pipeline; its result, or its error as
+        an :class:`ApiError` (``params``: the API's names of the operation's arguments)."""
+        run = Run()
+        try:
+            run.handle = self._admit(op, args, run, client)
+            await self.pipeline.run(run.handle)
+            reply = await run.next()
+            if reply.kind == "error":
+                raise Recorded(ApiError.from_protocol(wire_error(reply)))
+            return reply.result
+        except Recorded as exc:
+            if params and exc.error.param in params:
+                exc.error.param = params[exc.error.param]
+            raise
 
     def _admit(self, op: str, args: dict[str, Any], run: Run, client: str | None
                ) -> RequestHandle:
