@@ -34,6 +34,7 @@ from .ngrams import Memory
 from .output import Output
 from .registry import LoadedModel
 from .requests import RequestHandle
+from .sampling import Pick, Produced, Verify
 from .speculative import (
     OFF_METRICS,
     Acceptance,
@@ -43,7 +44,6 @@ from .speculative import (
     check_vocabularies,
 )
 from .speculative import refuse as refuse_speculative
-from .speculative import verify as verify_draft
 from .templates import TemplateRenderer
 from .workers import CLIENT, Pool, TextWorkers
 
@@ -507,31 +507,7 @@ class ContextActor:
                      tools.StreamSplitter(tooling.use, tooling.format) if tooling else None)
         finish = "length"
         t_first = t_prompt = None
-        Produced = list[tuple[int, tuple[list[list[float]], float] | None]]
-
-        def scored(logits: np.ndarray, token: int) -> tuple[int, tuple[list[list[float]], float]
-                                                             | None]:
-            if not n_logprobs:
-                return token, None
-            *top, (_, chosen) = llama.top_logprobs(logits, n_logprobs, token)
-            return token, (top, chosen)
-
-        def pick(slab: llama.Slab, i: int) -> Produced:  # in the scheduler's thread
-            logits = slab.logits(i)  # in place: no copy of the row
-            if plain_greedy:  # the greedy sampler's choice without a sampler call
-                return [scored(logits, int(logits.argmax()))]
-            return [scored(logits, sampler.sample(slab, i))]
-
-        def verifier(draft: list[int], qs: list[np.ndarray] | None
-                     ) -> Callable[[llama.Slab, int], Produced]:
-            def verify(slab: llama.Slab, i: int) -> Produced:  # in the scheduler's thread
-                rows = [slab.logits(i + k) for k in range(len(draft) + 1)]
-                tokens = verify_draft(rows, draft, qs, None if greedy else params, rng)
-                accepted = len(tokens) - 1
-                seq.rollback(len(seq.tokens) - len(draft) + accepted)  # no rejected token stays
-                drafter.record(len(draft), accepted, tokens[accepted])
-                return [scored(rows[k], t) for k, t in enumerate(tokens)]
-            return verify
+        pick = Pick(sampler, plain_greedy, n_logprobs)
 
         first = Step(seq, prompt, pairs, prompt=True, then=pick,
                      should_stop=lambda: h.cancelled, chunk=self.params["n_batch"],
@@ -589,10 +565,13 @@ class ContextActor:
                     else:  # no draft this step: no thread hop either
                         draft, qs = [], None
                     step = Step(seq, [previous, *draft], pairs, outputs=len(draft) + 1,
-                                then=verifier(draft, qs))
+                                then=Verify(seq, draft, qs, None if greedy else params, rng,
+                                            n_logprobs))
                 else:
                     step = Step(seq, [previous], pairs, then=pick)
                 produced = await scheduler.run(step)
+                if drafter is not None:  # accepted draft tokens, and the one after them
+                    drafter.record(len(draft), len(produced) - 1, produced[-1][0])
             if finish != "cancelled":
                 tail = out.close()
                 finish = out.finish or finish
