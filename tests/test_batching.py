@@ -414,3 +414,87 @@ async def test_a_models_steps_all_decode_on_one_thread_of_its_own(tiny_model: Pa
         for s in slabs_:
             s.close()
         model.close()
+
+
+async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path) -> None:
+    """The scheduler and its sampling values without a daemon (issue 25's engine core): two
+    sequences decoded in one batch give each the greedy tokens it gives alone (f32 KV), a
+    draft of the greedy continuation is accepted whole, and a wrong draft is rolled back out
+    of the sequence's cells."""
+    import numpy as np
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler, Step
+    from lorad.daemon.sampling import Pick, Verify
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    prompts = [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS[:2]]
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    pick = Pick(sampler, plain_greedy=True)
+
+    async def greedy(scheduler: SlabScheduler, seqs: list, texts: list[list[int]], n: int
+                     ) -> list[list[int]]:
+        outs: list[list[int]] = [[] for _ in seqs]
+
+        async def one(k: int) -> None:
+            seq = seqs[k]
+            scheduler.join(seq)
+            produced = await scheduler.run(Step(seq, texts[k], [], prompt=True, then=pick))
+            for _ in range(n):
+                token = produced[0][0]
+                outs[k].append(token)
+                produced = await scheduler.run(Step(seq, [token], [], then=pick))
+            scheduler.leave(seq)
+
+        async with trio.open_nursery() as nursery:
+            for k in range(len(seqs)):
+                nursery.start_soon(one, k)
+        return outs
+
+    slabs = []
+    try:
+        alone = []
+        for k in range(2):
+            slab = llama.Slab(model, n_seq=1, n_ctx_seq=128, n_batch=64, n_threads=1,
+                              kv_type="f32", flash_attn=False)
+            slabs.append(slab)
+            scheduler = SlabScheduler(slab, budget=64)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(scheduler.loop)
+                alone += await greedy(scheduler, [scheduler.attach(128)], [prompts[k]], 12)
+                nursery.cancel_scope.cancel()
+        wide = llama.Slab(model, n_seq=2, n_ctx_seq=128, n_batch=64, n_threads=1,
+                          kv_type="f32", flash_attn=False)
+        slabs.append(wide)
+        scheduler = SlabScheduler(wide, budget=64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.loop)
+            seqs = [scheduler.attach(128), scheduler.attach(128)]
+            together = await greedy(scheduler, seqs, prompts, 12)
+            assert together == alone
+
+            # speculation: the greedy continuation as a draft is accepted whole; a wrong one
+            # is cut back to the first token it got wrong
+            seq, rng = seqs[0], np.random.default_rng(0)
+            scheduler.join(seq)
+            first = await scheduler.run(Step(seq, prompts[0], [], prompt=True, then=pick))
+            assert first[0][0] == alone[0][0]
+            draft = alone[0][1:5]
+            good = await scheduler.run(Step(seq, [alone[0][0], *draft], [], outputs=5,
+                                            then=Verify(seq, draft, None, None, rng)))
+            assert [t for t, _ in good] == alone[0][1:6]
+            held = len(seq.tokens)
+            wrong = [(t + 1) % model.n_vocab for t in alone[0][6:9]]
+            bad = await scheduler.run(Step(seq, [alone[0][5], *wrong], [], outputs=4,
+                                           then=Verify(seq, wrong, None, None, rng)))
+            assert [t for t, _ in bad] == [alone[0][6]]  # no draft token accepted
+            assert len(seq.tokens) == held + 1  # the rejected ones left the cells
+            scheduler.leave(seq)
+            nursery.cancel_scope.cancel()
+    finally:
+        sampler.close()
+        for slab in slabs:
+            slab.close()
+        model.close()
