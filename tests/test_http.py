@@ -35,6 +35,17 @@ def http_url(d: DaemonProcess) -> str:
     raise AssertionError(d.log())
 
 
+def openai_api(d: DaemonProcess) -> openai.OpenAI:
+    """The ``openai`` SDK on the door of ``d`` (no key, no retries)."""
+    return openai.OpenAI(base_url=http_url(d) + "/v1", api_key="unused", max_retries=0)
+
+
+def stop_cleanly(d: DaemonProcess) -> None:
+    """Stop ``d``: it exits 0 and logged no error."""
+    assert d.stop() == 0, d.log()
+    assert '"level": "error"' not in d.log(), d.log()
+
+
 class Files:
     def __init__(self, root: Path) -> None:
         self.root = root

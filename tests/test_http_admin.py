@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_http import CHAT, PROMPT, Files, http_url
+from test_http import CHAT, PROMPT, Files, http_url, openai_api, stop_cleanly
 
 import tinymodels
 from conftest import DaemonProcess, start_daemon
@@ -32,13 +32,12 @@ def door(tmp_path_factory: pytest.TempPathFactory, files: Files) -> Iterator[Dae
                      "--adapter-dir", str(files.adapters), "--http", "127.0.0.1:0",
                      "--http-metrics")
     yield d
-    assert d.stop() == 0, d.log()
-    assert '"level": "error"' not in d.log(), d.log()
+    stop_cleanly(d)
 
 
 @pytest.fixture(scope="module")
 def api(door: DaemonProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=http_url(door) + "/v1", api_key="-", max_retries=0)
+    return openai_api(door)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from test_http import http_url
+from test_http import http_url, openai_api, stop_cleanly
 from test_tools import ASK, HERMES, WEATHER
 
 import tinymodels
@@ -26,13 +26,12 @@ def door(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = start_daemon(root, [root], "--config", str(root / "lorad.toml"), "--model", str(model),
                      "--alias", "tiny", "--http", "127.0.0.1:0")
     yield d
-    assert d.stop() == 0, d.log()
-    assert '"level": "error"' not in d.log(), d.log()
+    stop_cleanly(d)
 
 
 @pytest.fixture(scope="module")
 def api(door: DaemonProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=http_url(door) + "/v1", api_key="-", max_retries=0)
+    return openai_api(door)
 
 
 def test_a_response_is_the_chat_completion_of_its_input(api: openai.OpenAI) -> None:

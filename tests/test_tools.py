@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from test_http import http_url
+from test_http import openai_api, stop_cleanly
 
 import tinymodels
 from conftest import DaemonProcess, start_daemon
@@ -267,13 +267,12 @@ def door(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[D
         for name in ("plain", "llama3", "mistral"):
             c.load_model(getattr(models, name), alias=name)
     yield d
-    assert d.stop() == 0, d.log()
-    assert '"level": "error"' not in d.log(), d.log()
+    stop_cleanly(d)
 
 
 @pytest.fixture(scope="module")
 def api(door: DaemonProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=http_url(door) + "/v1", api_key="-", max_retries=0)
+    return openai_api(door)
 
 
 @pytest.fixture
