@@ -504,9 +504,9 @@ class ContextActor:
             lambda: llama.Sampler(model, params, self.limits.grammar_ms))
         n_logprobs = args.logprobs
         out = Output(model.piece, model.is_eog, args.stop,
-                     tools.StreamSplitter(tooling.use, tooling.format) if tooling else None)
+                     tools.StreamSplitter(tooling.use, tooling.format) if tooling else None,
+                     received_at=h.received_at, started=started)
         finish = "length"
-        t_first = t_prompt = None
         pick = Pick(sampler, plain_greedy, n_logprobs)
 
         first = Step(seq, prompt, pairs, prompt=True, then=pick,
@@ -517,7 +517,7 @@ class ContextActor:
         try:
             produced: Produced = await scheduler.run(first) or []
             reused = first.reused
-            t_prompt = time.perf_counter()
+            out.prompt_done()
             if drafter is not None:
                 await self._start_drafter(drafter, prompt)
             done = first.stopped
@@ -529,8 +529,6 @@ class ContextActor:
                     break
                 previous = None
                 for token, logprobs in produced:
-                    if t_first is None:
-                        t_first = time.perf_counter()
                     item = out.token(token, logprobs)
                     if item is None:  # the end-of-generation token
                         done = True
@@ -583,19 +581,8 @@ class ContextActor:
             await trio.to_thread.run_sync(sampler.close)
             if drafter is not None and drafter.source is not None and drafter.draft_seconds:
                 self.draft_seconds[id(drafter.source.ctx)] = drafter.draft_seconds
-        ended = time.perf_counter()
-        prompt_s = (t_prompt or ended) - started
-        gen_s = ended - (t_prompt or ended)
-        evaluated = len(prompt) - reused
         metrics = {
-            "prompt_tokens": len(prompt),
-            "cached_prompt_tokens": reused,
-            "generated_tokens": out.generated,
-            "queue_ms": round((started - h.received_at) * 1000, 3),
-            "time_to_first_token_ms": round(((t_first or ended) - h.received_at) * 1000, 3),
-            "prompt_tokens_per_s": round(evaluated / prompt_s, 2) if prompt_s > 0 else None,
-            "generation_tokens_per_s": round(out.generated / gen_s, 2) if gen_s > 0 else None,
-            "total_ms": round((ended - h.received_at) * 1000, 3),
+            **out.stats(len(prompt), reused),
             "seed": seed,
             "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
                       for e in stack],

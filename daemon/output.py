@@ -8,6 +8,7 @@ the engine decides the rest of a generation's end (``max_tokens``, a full contex
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +24,17 @@ class Output:
     ``splitter``: a chat with tools (its calls are held back and parsed at the end)."""
 
     def __init__(self, piece: Callable[[int], bytes], is_eog: Callable[[int], bool],
-                 stop: list[str], splitter: StreamSplitter | None = None) -> None:
+                 stop: list[str], splitter: StreamSplitter | None = None, *,
+                 received_at: float | None = None, started: float | None = None) -> None:
+        now = time.perf_counter()
+        self.received_at = now if received_at is None else received_at
+        """When the request arrived (its metrics count from there)."""
+        self.started = now if started is None else started
+        """When its work began (after its time in the queue)."""
+        self.prompted: float | None = None
+        """When the prompt was evaluated (:meth:`prompt_done`)."""
+        self.first: float | None = None
+        """When the first token was sampled."""
         self.piece = piece
         self.is_eog = is_eog
         self.text = TextAssembler(stop)
@@ -42,6 +53,8 @@ class Output:
         (which ends the generation: ``finish`` is ``stop``). After an item, ``finish`` says
         whether a stop sequence ended the generation with it."""
         self.generated += 1
+        if self.first is None:
+            self.first = time.perf_counter()
         if self.is_eog(token):
             self.finish = "stop"
             return None
@@ -56,6 +69,29 @@ class Output:
         if self.text.stopped:
             self.finish = "stop"
         return item
+
+    def prompt_done(self) -> None:
+        """The prompt is evaluated: generation time counts from now."""
+        self.prompted = time.perf_counter()
+
+    def stats(self, prompt_tokens: int, cached: int) -> dict[str, Any]:
+        """The end metrics of counts and times (``cached``: prompt tokens reused)."""
+        ended = time.perf_counter()
+        prompted = self.prompted or ended
+        prompt_s, gen_s = prompted - self.started, ended - prompted
+        return {
+            "prompt_tokens": prompt_tokens,
+            "cached_prompt_tokens": cached,
+            "generated_tokens": self.generated,
+            "queue_ms": round((self.started - self.received_at) * 1000, 3),
+            "time_to_first_token_ms": round(((self.first or ended) - self.received_at) * 1000,
+                                            3),
+            "prompt_tokens_per_s": (round((prompt_tokens - cached) / prompt_s, 2)
+                                    if prompt_s > 0 else None),
+            "generation_tokens_per_s": (round(self.generated / gen_s, 2) if gen_s > 0
+                                        else None),
+            "total_ms": round((ended - self.received_at) * 1000, 3),
+        }
 
     def close(self) -> dict[str, Any] | None:
         """The generation ended (not cancelled): the last item, with the text held back

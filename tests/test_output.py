@@ -46,3 +46,21 @@ def test_a_tool_call_is_held_back_and_parsed_at_the_end() -> None:
     assert [out.token(t)["text"] for t in (1, 2, 7, 8)] == ["Hel", "lo", "", ""]
     assert out.close() is None and out.finish == "tool_calls"
     assert [c["function"]["name"] for c in out.calls] == ["f"]
+
+
+def test_the_end_metrics_count_from_arrival_start_prompt_and_first_token() -> None:
+    import time
+
+    now = time.perf_counter()
+    out = Output(PIECES.__getitem__, lambda t: t == EOG, [], received_at=now - 0.5,
+                 started=now - 0.25)
+    assert out.stats(10, 4)["time_to_first_token_ms"] >= 500  # none yet: the end
+    out.prompt_done()
+    out.token(1)
+    out.token(EOG)
+    stats = out.stats(10, 4)
+    assert 249 <= stats["queue_ms"] <= 251
+    assert stats["prompt_tokens"] == 10 and stats["cached_prompt_tokens"] == 4
+    assert stats["generated_tokens"] == 2
+    assert 500 <= stats["time_to_first_token_ms"] <= stats["total_ms"]
+    assert 0 < stats["prompt_tokens_per_s"] <= 6 / 0.25 + 0.01  # 6 evaluated in 0.25 s
