@@ -27,6 +27,12 @@ from .services import Services
 from .workers import CLIENT
 
 Send = Callable[[bytes, Reply], None]
+def end_cancelled(h: RequestHandle) -> None:
+    """End ``h`` as cancelled unless something ended it already (its session forgets it)."""
+    if not h.finished:
+        h.send_error(ProtocolError(ErrorCode.CANCELLED, "cancelled"))
+
+
 class Pipeline:
     """Admits and runs the requests of every door (see the module)."""
 
@@ -90,6 +96,9 @@ class Pipeline:
         except Exception as exc:
             log.exception("internal_error", op=h.op, id=h.rid)
             h.send_error(to_protocol(exc))
+        except BaseException:  # cancelled (the daemon stops, an HTTP client went away)
+            end_cancelled(h)
+            raise
         else:
             if not operation.streams:
                 if h.cancelled and h.op in ("tokenize", "detokenize"):

@@ -149,6 +149,34 @@ async def test_a_handler_that_fails_unexpectedly_is_an_internal_error(
     assert (await core.call("ping", rid=2)).kind == "result"
 
 
+async def test_a_handler_cancelled_midway_ends_its_request(
+        core: Core, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An HTTP client that goes away cancels its request's task: the request still ends
+    (cancelled), so its session forgets it."""
+    from lorad.daemon import operations
+
+    started = trio.Event()
+
+    async def slow(s, h):
+        started.set()
+        await trio.sleep_forever()
+
+    monkeypatch.setitem(operations.OPERATIONS, "status",
+                        operations.Operation("status", slow, SPECS["status"]))
+    pipeline = core.dispatcher.pipeline
+    replies: list = []
+    handle = pipeline.admit(OTHER, 3, "status", {}, lambda _p, r: replies.append(r))
+    assert core.services.sessions.find(OTHER, 3) is handle
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipeline.run, handle)
+            await started.wait()
+            scope.cancel()
+    assert handle.finished and replies[-1].error["code"] == "cancelled"
+    assert core.services.sessions.find(OTHER, 3) is None
+    assert OTHER not in core.services.sessions.peers
+
+
 async def test_cancel_and_credit_are_scoped_to_the_peer(core: Core) -> None:
     reply = await core.call("cancel", {"request": 5}, rid=1, peer=OTHER)
     assert reply.result == {"request": 5, "cancelled": False, "reason": "not running"}

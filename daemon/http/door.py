@@ -23,7 +23,7 @@ from lorad.protocol import ErrorCode, ProtocolError, Reply
 from ..config import HttpSettings
 from ..errors import DaemonError, to_protocol
 from ..logs import log
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, end_cancelled
 from ..requests import RequestHandle
 from ..schemas import grammar_for
 from ..services import Services
@@ -101,6 +101,9 @@ class Door:
             error = to_protocol(exc)
             handle.send_error(error)
             raise Recorded(ApiError.from_protocol(error)) from None
+        except BaseException:  # the client went away meanwhile
+            end_cancelled(handle)
+            raise
         try:
             handle.place(actor.id)
             await self.pipeline.run(handle)  # queued on the context; errors come as replies
