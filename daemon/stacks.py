@@ -61,9 +61,9 @@ class Stacks:
         name in the adapter directories), checked against the allowed directories."""
         return resolve_adapter(self.names.get(ref, ref), self.adapter_dirs, self.allowed)
 
-    def register(self, name: str, path: str, *, replace: bool = False) -> Path:
-        """Name the adapter at ``path`` (resolved and checked now, and again at each use);
-        ``bad_request`` for a name that is not one, or taken (unless ``replace``)."""
+    def _check_name(self, name: str, replace: bool) -> None:
+        """``bad_request`` for a name that is not one, or taken (unless ``replace``);
+        ``too_large`` past :data:`MAX_NAMES`."""
         if (not name or name in (".", "..") or looks_like_path(name) or ":" in name
                 or len(name) > MAX_NAME_CHARS or not name.isprintable()):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{echo(name)!r} is not an adapter name: "
@@ -76,40 +76,27 @@ class Stacks:
         if name not in self.names and len(self.names) >= MAX_NAMES:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"at most {MAX_NAMES} adapter names",
                                 field="name", limit="max_names", value=MAX_NAMES)
+
+    async def name(self, models: list[LoadedModel], name: str, path: str, *,
+                   replace: bool = False) -> dict[str, Any]:
+        """``name_lora``: name the adapter at ``path`` (resolved and checked now, and again at
+        each use) once it fits one of ``models`` (``lora_incompatible`` with each model's
+        problems otherwise; none loaded: not checked). The name is given only then."""
+        self._check_name(name, replace)
         if not looks_like_path(path):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{echo(path)!r} is not a path: give an "
                                 "absolute path to a GGUF adapter or a PEFT directory",
                                 field="path")
-        resolved = resolve_adapter(path, [], self.allowed)
-        self.names[name] = str(resolved)
-        return resolved
-
-    async def name(self, models: list[LoadedModel], name: str, path: str, *,
-                   replace: bool = False) -> dict[str, Any]:
-        """``name_lora``: register ``name`` for ``path`` once it fits one of ``models``
-        (``lora_incompatible`` with each model's problems otherwise; none loaded: not
-        checked)."""
-        before = self.names.get(name)
-        resolved = await self.adapters.files.run(partial(self.register, name, path,
-                                                         replace=replace))
-        try:
-            reports = [await self.validate(m, name) for m in models]
-        except BaseException:
-            self._restore(name, before)
-            raise
+        resolved = await self.adapters.files.run(resolve_adapter, path, [], self.allowed)
+        reports = [await self.validate(m, str(resolved)) for m in models]
         if models and not any(r["compatible"] for r in reports):
-            self._restore(name, before)
             raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"the adapter at {str(resolved)!r} "
                                 "fits none of the loaded models", field="path",
                                 models={r["model"]: r["problems"] for r in reports})
+        self._check_name(name, replace)  # again: another request may have taken it meanwhile
+        self.names[name] = str(resolved)
         return {"name": name, "path": str(resolved),
                 "models": [r["model"] for r in reports if r["compatible"]]}
-
-    def _restore(self, name: str, before: str | None) -> None:
-        if before is None:
-            self.names.pop(name, None)
-        else:
-            self.names[name] = before
 
     def unregister(self, name: str) -> str:
         """Forget a registered name (contexts that hold the adapter keep it); its path."""

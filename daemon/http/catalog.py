@@ -138,7 +138,6 @@ class Catalog:
                              "root": name, "parent": m.id})
         return data
 
-
     async def entry(self, model_id: str) -> dict[str, Any]:
         """``GET /v1/models/{id}``: the listing's entry with that id."""
         for item in await self.listing():
@@ -149,14 +148,17 @@ class Catalog:
     async def adapters(self) -> list[dict[str, Any]]:
         """``GET /lora-adapters`` (llama-server's): the adapters requests can name, each with
         its index, name and resolved path; ``scale`` 0: none applies unless a request asks."""
-        out = []
-        for name in await trio.to_thread.run_sync(self.adapter_names):
-            try:
-                path = await trio.to_thread.run_sync(self.engine.stacks.resolve, name)
-            except ProtocolError:
-                continue
-            out.append({"id": len(out), "name": name, "path": str(path), "scale": 0.0})
-        return out
+        def found() -> list[tuple[str, Path]]:  # the file system, in one thread
+            out = []
+            for name in self.adapter_names():
+                try:
+                    out.append((name, self.engine.stacks.resolve(name)))
+                except ProtocolError:
+                    continue
+            return out
+
+        return [{"id": i, "name": name, "path": str(path), "scale": 0.0}
+                for i, (name, path) in enumerate(await trio.to_thread.run_sync(found))]
 
 
 def _created(path: Path) -> int:
