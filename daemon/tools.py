@@ -226,7 +226,7 @@ def prepare(messages: list[dict[str, Any]], use: ToolUse, fmt: str
             out.append(m)
     if use.active:
         forced = use.forced
-        which = ("one of them" if use.parallel is False else "one or more of them")
+        which = "one or more of them" if use.parallel else "one of them"
         note = ""
         if use.choice == "required":
             note = " You must call a tool."
@@ -272,10 +272,9 @@ def grammar(use: ToolUse, fmt: str) -> str | None:
         return schema_grammar(schema, "tools")
     if not forced:
         return None
-    repeat = use.parallel and len(forced) > 0
     if fmt == "hermes":
         one = '"<tool_call>\\n" doc "\\n</tool_call>"'
-        root = f"{one} (\"\\n\" {one})*" if repeat else one
+        root = f"{one} (\"\\n\" {one})*" if use.parallel else one
         return schema_grammar(_any_call(forced), "tools", root=root)
     if fmt == "llama3":  # one call per turn in Llama 3.1's format
         return schema_grammar(_any_call(forced, "parameters"), "tools", root="doc")

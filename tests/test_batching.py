@@ -421,6 +421,9 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
     sequences decoded in one batch give each the greedy tokens it gives alone (f32 KV), a
     draft of the greedy continuation is accepted whole, and a wrong draft is rolled back out
     of the sequence's cells."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
     import numpy as np
     import trio
 
@@ -454,23 +457,24 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
         return outs
 
     slabs = []
+
+    @asynccontextmanager
+    async def running(n_seq: int) -> AsyncIterator[SlabScheduler]:
+        """A scheduler stepping a slab of ``n_seq`` sequences (exact: f32 KV)."""
+        slabs.append(llama.Slab(model, n_seq=n_seq, n_ctx_seq=128, n_batch=64, n_threads=1,
+                                kv_type="f32", flash_attn=False))
+        scheduler = SlabScheduler(slabs[-1], budget=64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.loop)
+            yield scheduler
+            nursery.cancel_scope.cancel()
+
     try:
         alone = []
         for k in range(2):
-            slab = llama.Slab(model, n_seq=1, n_ctx_seq=128, n_batch=64, n_threads=1,
-                              kv_type="f32", flash_attn=False)
-            slabs.append(slab)
-            scheduler = SlabScheduler(slab, budget=64)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(scheduler.loop)
+            async with running(1) as scheduler:
                 alone += await greedy(scheduler, [scheduler.attach(128)], [prompts[k]], 12)
-                nursery.cancel_scope.cancel()
-        wide = llama.Slab(model, n_seq=2, n_ctx_seq=128, n_batch=64, n_threads=1,
-                          kv_type="f32", flash_attn=False)
-        slabs.append(wide)
-        scheduler = SlabScheduler(wide, budget=64)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(scheduler.loop)
+        async with running(2) as scheduler:
             seqs = [scheduler.attach(128), scheduler.attach(128)]
             together = await greedy(scheduler, seqs, prompts, 12)
             assert together == alone
@@ -492,7 +496,6 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
             assert [t for t, _ in bad] == [alone[0][6]]  # no draft token accepted
             assert len(seq.tokens) == held + 1  # the rejected ones left the cells
             scheduler.leave(seq)
-            nursery.cancel_scope.cancel()
     finally:
         sampler.close()
         for slab in slabs:
