@@ -36,6 +36,8 @@ from .schemas import check_schema, schema_grammar
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 FORMATS = ("hermes", "llama3", "mistral", "generic")
+BAD_JSON = (ValueError, RecursionError)
+"""What a parse of text that is not (within Python's nesting limit) JSON raises."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def _arguments(value: Any) -> Any:
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except ValueError:
+        except BAD_JSON:
             return value
         return parsed if isinstance(parsed, dict) else value
     return value
@@ -328,27 +330,32 @@ def _complete_items(text: str, at: int) -> list[Any]:
             return items
         try:
             value, i = _DECODER.raw_decode(text, i)
-        except ValueError:
+        except BAD_JSON:
             return items
         items.append(value)
 
 
-def _json_values(text: str) -> list[tuple[int, int, Any]]:
-    """Every top-level JSON object or array in ``text``: ``(start, end, value)``."""
-    decoder = _DECODER
+MAX_ATTEMPTS = 64
+"""Places an object is tried at in one output (a call opens at a ``{``): an output of nested
+brackets would otherwise cost a parse per bracket, each as deep as the nesting."""
+
+
+def _json_objects(text: str) -> list[tuple[int, int, Any]]:
+    """The top-level JSON objects in ``text`` (tried at the first :data:`MAX_ATTEMPTS` places
+    one may open): ``(start, end, value)``."""
     out, i = [], 0
-    while True:
-        starts = [p for p in (text.find("{", i), text.find("[", i)) if p >= 0]
-        if not starts:
-            return out
-        start = min(starts)
+    for _ in range(MAX_ATTEMPTS):
+        start = text.find("{", i)
+        if start < 0:
+            break
         try:
-            value, end = decoder.raw_decode(text, start)
-        except ValueError:
+            value, end = _DECODER.raw_decode(text, start)
+        except BAD_JSON:
             i = start + 1
             continue
         out.append((start, end, value))
         i = end
+    return out
 
 
 def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
@@ -362,7 +369,7 @@ def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
         stripped = text.strip()
         try:
             value = _loads(stripped)
-        except ValueError:  # cut short: the calls written out, if it was a list of calls
+        except BAD_JSON:  # cut short: the calls written out, if it was a list of calls
             head = re.match(r'\{\s*"tool_calls"\s*:\s*\[', stripped)
             value = {"tool_calls": _complete_items(stripped, head.end() - 1)} if head else None
             if value is None or not value["tool_calls"]:
@@ -384,7 +391,7 @@ def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
         for m in re.finditer(r"<tool_call>(.*?)(?:</tool_call>|$)", text, re.S):
             try:
                 value = _loads(m.group(1).strip())
-            except ValueError:
+            except BAD_JSON:
                 continue
             call = _call(value.get("name"), value.get("arguments"), tools) if isinstance(
                 value, dict) else None
@@ -402,7 +409,7 @@ def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
         rest = text[at + len("[TOOL_CALLS]"):].lstrip()
         try:
             value, _ = _DECODER.raw_decode(rest)
-        except ValueError:  # cut short: the calls written out
+        except BAD_JSON:  # cut short: the calls written out
             value = _complete_items(rest, 0) if rest.startswith("[") else []
             if not value:
                 return Parsed(text)
@@ -415,7 +422,7 @@ def parse(text: str, use: ToolUse, fmt: str) -> Parsed:
     # llama3: a JSON object {"name", "parameters"}, maybe after <|python_tag|>
     body = text.replace("<|python_tag|>", "")
     calls, kept, last = [], [], 0
-    for start, end, value in _json_values(body):
+    for start, end, value in _json_objects(body):
         if not isinstance(value, dict):
             continue
         call = _call(value.get("name"), value.get("parameters", value.get("arguments")),

@@ -174,6 +174,19 @@ def test_a_list_of_calls_cut_short_keeps_the_calls_written_out() -> None:
     assert tools.parse('{"tool_calls": [{"na', use, "generic").calls == []
 
 
+def test_outputs_of_nested_brackets_are_text_not_a_crash() -> None:
+    """A model's output is parsed in the event loop: bracket nests past Python's recursion
+    limit stay text, and Llama's JSON is tried at a bounded number of places."""
+    use = tools.parse_tools([WEATHER], parallel=True)
+    for fmt, text in (("llama3", '{"a": ' * 50_000), ("generic", "[" * 50_000),
+                      ("mistral", "[TOOL_CALLS][" + "[" * 50_000),
+                      ("hermes", "<tool_call>" + "{" * 50_000)):
+        assert tools.parse(text, use, fmt).calls == [], fmt
+    many = '{"x": 1} ' * 1000 + '{"name": "get_weather", "parameters": {}}'
+    assert tools.parse(many, use, "llama3").calls == []  # past the places tried
+    assert len(tools._json_objects('{"x": 1} ' * 1000)) == tools.MAX_ATTEMPTS
+
+
 def test_parallel_calls_default_to_what_the_formats_templates_write() -> None:
     assert [tools.parse_tools([WEATHER], fmt=f).parallel for f in tools.FORMATS] == [
         True, False, True, False]  # hermes, llama3, mistral, generic
