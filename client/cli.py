@@ -333,6 +333,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat on a context (a temporary one with ``--model``); /help in it."""
     from .chat import ChatSession, terminal_lines
 
+    if args.n_ctx is not None and args.model is None:
+        print("lorad chat: --n-ctx sizes the temporary context of --model; an existing "
+              "context keeps its own", file=sys.stderr)
+        return 2
     loras = [parse_lora_option(x) for x in args.lora] if args.lora else None
     with _client(args) as client:
         owned = args.model is not None

@@ -364,10 +364,10 @@ def apply_overrides(
     if api_key_file:
         config.api_keys = [*config.api_keys, *read_api_keys(api_key_file)]
     if http_metrics:
-        if not config.http_address:
-            raise ConfigError("--http-metrics serves /metrics on the HTTP door: give --http "
-                              "HOST:PORT too", field="http_metrics")
         config.http.metrics = True
+    if config.http.metrics and not config.http_address:  # the flag, or [http] metrics
+        raise ConfigError("--http-metrics ([http] metrics) serves /metrics on the HTTP door: "
+                          "give --http HOST:PORT (http_address) too", field="http_metrics")
     if n_gpu_layers is not None and (not model or not -1 <= n_gpu_layers <= 100000):
         raise _config_error("--n-gpu-layers needs --model (it is that model's) and a value in "
                             "-1..100000 (-1: every layer)", field="n_gpu_layers")

@@ -223,3 +223,8 @@ def test_lorad_chat_on_an_existing_context(daemon: DaemonProcess, client: Client
         assert out.stdout.strip()
         assert [(e["ref"], e["scale"]) for e in ctx.loras()] == [(str(adapter), 1.0)]
         assert ctx.id in {c["id"] for c in client.list_contexts()}  # not closed
+
+
+def test_n_ctx_without_a_temporary_context_is_refused() -> None:
+    out = lorad("chat", "--context", "default", "--n-ctx", "512", stdin="")
+    assert out.returncode == 2 and "--n-ctx" in out.stderr

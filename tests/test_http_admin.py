@@ -172,3 +172,18 @@ def test_an_embedding_request_is_cancelled_when_its_client_goes(door: DaemonProc
     while not embed_lines() and time.monotonic() < deadline:
         time.sleep(0.05)  # polling the log for the request's line, bounded
     assert embed_lines() and embed_lines()[-1]["outcome"] == "cancelled", embed_lines()
+
+
+def test_metrics_on_the_http_port_need_the_http_port(tmp_path: Path) -> None:
+    """Neither the flag nor the config file's setting is silently ignored without --http."""
+    from lorad.daemon.config import apply_overrides, load_config
+    from lorad.daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="give --http"):
+        apply_overrides(load_config(None), http_metrics=True, environ={})
+    config = tmp_path / "lorad.toml"
+    config.write_text("[http]\nmetrics = true\n")
+    with pytest.raises(ConfigError, match="give --http"):
+        apply_overrides(load_config(config), environ={})
+    served = apply_overrides(load_config(config), http_address="127.0.0.1:0", environ={})
+    assert served.http.metrics
