@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control bench-concurrency bench-noisy soak train-adapters demo lint clean
+.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control bench-concurrency bench-noisy bench-litert soak train-adapters demo lint clean
 
 # Which llama.cpp backend llama-cpp-python is built with: GPU=auto (CUDA where nvcc and an
 # NVIDIA driver are there, for that GPU's architecture only; else the CPU), GPU=cuda or GPU=cpu.
@@ -30,7 +30,7 @@ INSTALLED := $(VENV)/.installed-$(BACKEND)
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install -e '.[daemon,http,test,default-model,peft,conformance]'
+	$(PIP) install -e '.[daemon,http,test,default-model,peft,conformance,litert]'
 ifeq ($(BACKEND),cuda)
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python '$(LLAMA_PIN)'
 else
@@ -91,6 +91,12 @@ soak: $(INSTALLED)
 # (~7 minutes on an idle 2-core machine). A smoke run: ARGS="--tiny --phase-seconds 3 --rounds 1"
 bench-noisy: $(INSTALLED)
 	$(PY) bench/noisy.py $(ARGS)
+
+# LiteRT-LM against llama.cpp on gemma 3 270M through one daemon (the .litertlm is converted
+# once with the litert-convert extra, which this installs: ~2.3 GB).
+bench-litert: $(INSTALLED)
+	$(PIP) install -q '.[litert-convert]'
+	$(PY) bench/litert.py $(ARGS)
 
 # Trains examples/train_lora/adapters/{pirate,french}.gguf (a few minutes on 2 cores).
 train-adapters: $(INSTALLED)

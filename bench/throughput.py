@@ -396,8 +396,8 @@ def _term_with_parent() -> None:
 
 
 def start_daemon(endpoint: str, allow_dirs: list[Path], log_path: Path, *, cwd: Path,
-                 ready_timeout: float = 120, extra_args: list[str] | None = None
-                 ) -> subprocess.Popen:
+                 ready_timeout: float = 120, extra_args: list[str] | None = None,
+                 repack: str = "off") -> subprocess.Popen:
     """Start ``python -m lorad.daemon`` on ``endpoint`` and return once it is ready.
 
     Readiness is the daemon's systemd ``READY=1`` datagram on a ``NOTIFY_SOCKET`` that we
@@ -410,9 +410,10 @@ def start_daemon(endpoint: str, allow_dirs: list[Path], log_path: Path, *, cwd: 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
     listener.settimeout(0.2)
-    # --repack off: the in-process reference loads with use_extra_bufts = False (like with like)
+    # --repack off by default: the in-process reference loads with use_extra_bufts = False
+    # (like with like)
     cmd = [sys.executable, "-m", "lorad.daemon", "--endpoint", endpoint, "--log-format", "json",
-           "--repack", "off"]
+           "--repack", repack]
     for d in allow_dirs:
         cmd += ["--allow-dir", str(d)]
     cmd += extra_args or []

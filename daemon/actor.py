@@ -10,10 +10,8 @@ scheduler between a prompt's chunks).
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +26,10 @@ from .adapters import AdapterCache, LoadedAdapter
 from .alora import activation
 from .batching import Batcher, SlabScheduler, Step
 from .budget import KvShape, Reservation
-from .errors import DaemonError, to_protocol
 from .grammar import check_grammar
 from .ngrams import Memory
 from .output import Output
+from .queue_actor import Actor, Job
 from .registry import LoadedModel
 from .requests import RequestHandle
 from .sampling import Pick, Produced, Verify
@@ -45,7 +43,7 @@ from .speculative import (
 )
 from .speculative import refuse as refuse_speculative
 from .templates import TemplateRenderer
-from .workers import CLIENT, Pool, TextWorkers
+from .workers import Pool, TextWorkers
 
 INLINE_INDEX = 6000
 """n-gram index entries (tokens times sizes, about 1 ms) built on the event loop; more go to a
@@ -77,17 +75,7 @@ class Tooling:
     grammar: str | None
 
 
-@dataclass
-class Job:
-    handle: RequestHandle
-    args: OpArgs
-    stack: list[StackEntry] | None = None
-    """A per-request adapter stack (None: the context's own)."""
-    held: list[LoadedAdapter] | None = None
-    """References taken for ``stack``, released when the job ends."""
-
-
-class ContextActor:
+class ContextActor(Actor):
     """Owns one sequence of a batched llama context; ``run`` is its task, ``submit`` queues
     work for it."""
 
@@ -97,26 +85,18 @@ class ContextActor:
                  params: dict[str, Any], adapters: AdapterCache,
                  templates: TemplateRenderer, speculative: dict[str, Any] | bool | None = None,
                  limits: Limits = DEFAULT_LIMITS, text: Pool | None = None) -> None:
-        self.id = context_id
+        super().__init__(context_id, model, n_ctx=seq.n_ctx, max_queued=max_queued,
+                         persistent=persistent, owner=owner, params=params,
+                         speculative=speculative)
         self.limits = limits
         self.text = text if text is not None else TextWorkers(limits)
         """Where prompts are tokenized (the daemon's pool for text work)."""
         self.templates = templates
         """Where Jinja chat templates are rendered (worker processes shared by the daemon)."""
-        self.creator: bytes | None = owner
-        """The client that created it (None: the config file's); only it may use a private
-        context."""
-        self.shared = owner is None
-        """Whether every client may use it (config contexts, and those created shared=True)."""
-        self.speculative = speculative
-        """The context's default for requests that do not choose (None/False: off)."""
-        self.on_stack_change: Callable[[ContextActor], None] | None = None
-        self.resolve_model: Callable[[str], Awaitable[LoadedModel]] | None = None
-        """How a draft model named by id or path is found (set by the server)."""
         self.drafts: dict[str, tuple[LoadedModel, llama.Context]] = {}
+        """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self._draft_memory: dict[str, Reservation] = {}
         """Each draft context's KV cache in the memory budget."""
-        """Draft-model contexts of this context, by draft model id (no adapters on them)."""
         self.draft_seconds: dict[int, float] = {}
         """What drafting a token took on each draft context (by ``id``), kept across
         requests: a draft model too slow to pay is not tried again by every request."""
@@ -126,85 +106,13 @@ class ContextActor:
         self.acceptance = Acceptance()
         """How its ``prompt_lookup`` drafts were accepted, kept across requests: a request
         starts from what the earlier ones judged (a passage copied again is trusted at once)."""
-        self.model = model
         self.batcher = batcher
         self.scheduler = scheduler
         self.seq = seq
-        self.n_ctx = seq.n_ctx
         self.adapters = adapters
-        self.stack: list[StackEntry] = []
-        """The context's adapter stack, in order; requests without their own stack use it."""
         self._applied: list[StackEntry] = []  # the stack its cached tokens were computed under
         self._held: dict[int, LoadedAdapter] = {}
-        self.stack_lock = trio.Lock()
-        """Serialises stack changes of this context (held by the server while it builds one)."""
-        self.persistent = persistent
-        self.managed = False
-        """Made by the HTTP door for its stateless requests: closed with its model when idle
-        (``unload_model`` needs no ``force`` for it)."""
-        self.owner = owner
-        self.params = params
-        self.max_queued = max_queued
         self._rng = random.Random(seed)
-        # Unbounded: submit counts the places itself (the running request's included, and
-        # cancelled requests still queued take none: they end when they come up).
-        self._send, self._recv = trio.open_memory_channel[Job](math.inf)
-        self.queued: list[Job] = []
-        self.current: Job | None = None
-        self.closing = False
-        self.stopped = trio.Event()
-        self.closed = trio.Event()
-        """Set once :meth:`close` has freed everything."""
-        self.created_at = time.time()
-        self.requests_done = 0
-
-    # -- queue --------------------------------------------------------------------------------
-    def submit(self, handle: RequestHandle, args: OpArgs,
-               stack: list[StackEntry] | None = None,
-               held: list[LoadedAdapter] | None = None) -> None:
-        """Queue a generation; the job owns ``held`` (released when it ends) once queued."""
-        if self.closing:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"context {self.id!r} is closing",
-                                context=self.id)
-        job = Job(handle, args, stack, held)
-        try:
-            waiting = sum(1 for j in self.queued if not j.handle.cancelled)
-            if (waiting + (self.current is not None) > self.max_queued  # cancelled: no place
-                    or len(self.queued) >= 4 * (self.max_queued + 1)):  # ... up to a point
-                raise trio.WouldBlock
-            self._send.send_nowait(job)
-        except trio.WouldBlock:
-            raise ProtocolError(
-                ErrorCode.CONTEXT_BUSY,
-                f"context {self.id!r} is busy and its queue is full",
-                context=self.id, queued=len(self.queued), max_queued=self.max_queued,
-            ) from None
-        self.queued.append(job)
-
-    async def run(self) -> None:
-        CLIENT.set(None)  # its prompts are the context's own work, capped by its queue
-        try:
-            async for job in self._recv:
-                self.queued.remove(job)
-                if job.handle.cancelled or self.closing:
-                    self._end_cancelled(job.handle)
-                    await self._release(job.held or [])
-                    continue
-                self.current = job
-                try:
-                    await self._generate(job)
-                except (ProtocolError, DaemonError) as exc:
-                    job.handle.send_error(to_protocol(exc))
-                except Exception as exc:  # a fault in one request must not end the actor
-                    job.handle.send_error(ProtocolError(
-                        ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", context=self.id
-                    ))
-                finally:
-                    self.current = None
-                    self.requests_done += 1
-                    await self._release(job.held or [])
-        finally:
-            self.stopped.set()
 
     # -- adapter stack ------------------------------------------------------------------------
     async def _release(self, adapters: list[LoadedAdapter]) -> None:
@@ -266,57 +174,8 @@ class ContextActor:
         self._applied = list(stack)
         await self._sync_holds()
 
-    def _end_cancelled(self, handle: RequestHandle) -> None:
-        handle.send_end({"finish_reason": "cancelled", "metrics": {"generated_tokens": 0}})
-
-    async def close(self) -> None:
-        """Cancel what is queued and running, stop the task, free the llama context."""
-        self.closing = True
-        for job in list(self.queued):
-            job.handle.cancel()
-        if self.current is not None:
-            self.current.handle.cancel()
-        self._send.close()
-        await self.stopped.wait()
-        with trio.CancelScope(shield=True):
-            try:
-                await self._free()
-            finally:
-                self.closed.set()
-
-    def cancel_all(self) -> None:
-        for job in list(self.queued):
-            job.handle.cancel()
-        if self.current is not None:
-            self.current.handle.cancel()
-
-    @property
-    def state(self) -> str:
-        if self.closing:
-            return "closing"
-        return "busy" if self.current is not None else "idle"
-
-    @property
-    def idle(self) -> bool:
-        """Nothing running and nothing queued."""
-        return self.current is None and not self.queued
-
     def info(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model.id,
-            "n_ctx": self.n_ctx,
-            "state": self.state,
-            "queued": len(self.queued),
-            "max_queued": self.max_queued,
-            "running": self.current.handle.rid if self.current else None,
-            "cached_tokens": len(self.seq.tokens),
-            "persistent": self.persistent,
-            "shared": self.shared,
-            "requests_done": self.requests_done,
-            "loras": [e.to_wire() for e in self.stack],
-            "params": self.params,
-        }
+        return {**super().info(), "cached_tokens": len(self.seq.tokens)}
 
     # -- speculative decoding -----------------------------------------------------------------
     async def prepare_speculative(self, spec: dict[str, Any]) -> DraftModel | None:
@@ -366,11 +225,6 @@ class ContextActor:
             await trio.to_thread.run_sync(start)
         else:
             start()
-
-    async def dispose(self) -> None:
-        """Free a context whose task never started (its creation failed)."""
-        with trio.CancelScope(shield=True):
-            await self._free()
 
     async def _free(self) -> None:
         await self.batcher.detach(self.scheduler, self.seq)

@@ -20,13 +20,14 @@ import trio
 from lorad.protocol import ErrorCode, ProtocolError
 from lorad.protocol.args import OpArgs, parse_args
 
-from . import llama
+from . import litert, llama
 from .actor import ContextActor
 from .adapters import AdapterCache
 from .batching import Batcher
 from .budget import KvShape, MemoryBudget, Reservation
 from .config import DaemonConfig
 from .ingress import Ingress
+from .litert_actor import LitertActor, Turns, unsupported
 from .logs import log
 from .metrics import Metrics
 from .paths import AllowedDirs
@@ -70,7 +71,8 @@ class Engine:
         self.ingress = Ingress(config.batching.loop_share)
         """The doors' gate while steps decode (see :mod:`lorad.daemon.ingress`)."""
         self.max_threads = config.limits.max_n_threads or usable_cpus()
-        self.models = ModelRegistry(self.allowed, repack=self.repack.enabled, memory=self.memory)
+        self.models = ModelRegistry(self.allowed, repack=self.repack.enabled, memory=self.memory,
+                                    threads=min(os.cpu_count() or 1, self.max_threads))
         self.files = FileWorkers(config.limits, gate=self.ingress)
         self.text = TextWorkers(config.limits)
         self.adapters = AdapterCache(self.files, config.limits.max_adapter_bytes, metrics,
@@ -90,6 +92,8 @@ class Engine:
         """Contexts being closed (out of ``contexts`` already): a drain waits for them too."""
         self._batchers: dict[int, Batcher] = {}
         """The batched llama contexts of each model (by ``id`` of its LoadedModel)."""
+        self._turns: dict[int, Turns] = {}
+        """The session queue of each LiteRT-LM model (by ``id`` of its LoadedModel)."""
 
     @property
     def adapter_dirs(self) -> list[Path]:
@@ -156,6 +160,7 @@ class Engine:
         batcher = self._batchers.pop(id(entry), None)  # its contexts are closed: no slab left
         if batcher is not None:
             batcher.cores.close()  # its decode thread ends
+        self._turns.pop(id(entry), None)
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
         self.metrics.forget_model(entry.id)
@@ -174,6 +179,9 @@ class Engine:
         stack), computed in the model's embedding context: never a generation context's KV."""
         actor = self.context(args.context, owner) if args.context is not None else None
         entry = actor.model if actor is not None else self.models.get(args.model)
+        if entry.backend == litert.BACKEND:
+            raise unsupported("op:embed", "no_embeddings", "the runtime gives no hidden states "
+                              "of a language model (its embedding models are not served)")
         found = await self._embedder(entry)
         embedder = found.ctx
         model, inputs = entry.model, args.input
@@ -272,6 +280,13 @@ class Engine:
                              context_id: str | None = None) -> ContextActor:
         """A new context actor (running); persistent unless ``creator`` owns it."""
         entry = await self.model_for(args.model)
+        if entry.backend == litert.BACKEND:
+            entry.creating += 1
+            try:
+                return await self._create_litert(entry, args, creator=creator,
+                                                 context_id=context_id)
+            finally:
+                entry.creating -= 1
         n_ctx = args.n_ctx or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
                                   self.limits.max_n_ctx)
         if args.n_threads is not None and args.n_threads > self.max_threads:
@@ -333,6 +348,63 @@ class Engine:
             self._nursery.start_soon(actor.run)
         log.info("context_created", context=context_id, model=entry.id, **params)
         return actor
+
+    async def _create_litert(self, entry: LoadedModel, args: OpArgs, *, creator: bytes | None,
+                             context_id: str | None) -> LitertActor:
+        """A context on a LiteRT-LM model: what the engine fixed for all its sessions (its
+        KV cache size, threads, types) cannot be chosen per context."""
+        model = entry.model
+        assert isinstance(model, litert.Model)
+        if args.n_ctx > model.n_ctx:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"n_ctx {args.n_ctx} is above the "
+                                f"{model.n_ctx} tokens this bundle's KV cache holds",
+                                field="n_ctx", limit="bundle", value=model.n_ctx)
+        fixed = {"n_threads": (args.n_threads, None, model.threads),
+                 "kv_type": (args.kv_type, "f16", None), "flash_attn": (args.flash_attn, None,
+                                                                       None),
+                 "n_batch": (args.n_batch, 512, None)}
+        for name, (value, default, allowed) in fixed.items():
+            if value != default and value != allowed:
+                raise unsupported(name, "engine_wide", f"{name} is fixed by the runtime for "
+                                  "every session of a model (threads: the daemon's, set at "
+                                  "load), not chosen per context", value=value)
+        if args.loras:
+            raise unsupported("loras", "no_lora", "adapter stacks are not served on LiteRT-LM "
+                              "models")
+        async with entry.using():
+            turns = self._turns.get(id(entry))
+            if turns is None:
+                turns = self._turns[id(entry)] = Turns()
+            context_id = context_id or f"ctx-{secrets.token_hex(4)}"
+            persistent = creator is None or args.persistent
+            shared = creator is None or args.shared
+            n_ctx = args.n_ctx or model.n_ctx
+            params = {"n_ctx": n_ctx, "n_batch": None, "n_threads": model.threads,
+                      "seed": args.seed, "kv_type": None, "flash_attn": None,
+                      "speculative": args.speculative, "shared": shared}
+            actor = LitertActor(context_id, entry, turns, n_ctx=n_ctx, seed=args.seed,
+                                max_queued=args.max_queued, persistent=persistent,
+                                owner=None if persistent else creator, params=params,
+                                templates=self.templates, speculative=args.speculative,
+                                limits=self.limits)
+            actor.creator = creator
+            actor.shared = shared
+            if args.speculative:
+                await actor.prepare_speculative(args.speculative)
+            if entry.detached:
+                raise unloaded(entry)
+            self.contexts[context_id] = actor
+            entry.contexts.add(context_id)
+            assert self._nursery is not None, "the engine is not running"
+            self._nursery.start_soon(actor.run)
+        log.info("context_created", context=context_id, model=entry.id, backend=litert.BACKEND,
+                 **params)
+        return actor
+
+    def litert_info(self) -> list[dict[str, Any]]:
+        """Each LiteRT-LM model's session queue: who runs, how many wait."""
+        return [{"model": m.id, **self._turns[id(m)].info()} for m in self.models
+                if id(m) in self._turns]
 
     def _batcher(self, entry: LoadedModel) -> Batcher:
         batcher = self._batchers.get(id(entry))
@@ -397,6 +469,13 @@ class Engine:
     @staticmethod
     def speculative_modes(entry: LoadedModel) -> dict[str, Any]:
         """Which speculative modes can run on a model, and why not."""
+        if entry.backend == litert.BACKEND:
+            llama_only = "drafts through llama.cpp contexts: not on LiteRT-LM models"
+            has = entry.model.speculative
+            return {"prompt_lookup": {"available": False, "reason": llama_only},
+                    "draft_model": {"available": False, "reason": llama_only},
+                    "mtp": {"available": has, "reason": None if has else "the runtime says "
+                            "this bundle has no speculative-decoding support"}}
         rollback = entry.model.can_roll_back
         why_not = None if rollback else "its memory cannot roll back rejected tokens"
         nextn = entry.model.n_nextn

@@ -98,6 +98,21 @@ class NoRollback(LlamaError):
 
     code = ErrorCode.SPECULATIVE_UNSUPPORTED
 
+class LitertError(DaemonError):
+    """A LiteRT-LM runtime call failed (``daemon/litert.py`` raises these types only)."""
+
+
+class LitertUnavailable(LitertError):
+    """The LiteRT-LM runtime is not installed."""
+
+    code = ErrorCode.BACKEND_UNSUPPORTED
+
+
+class LitertLoadFailed(LitertError):
+    """The runtime could not open the bundle or make its engine."""
+
+    code = ErrorCode.MODEL_LOAD_FAILED
+
 
 def to_protocol(exc: BaseException) -> ProtocolError:
     """The wire error for any exception raised while answering a request."""

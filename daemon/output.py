@@ -25,7 +25,8 @@ class Output:
 
     def __init__(self, piece: Callable[[int], bytes], is_eog: Callable[[int], bool],
                  stop: list[str], splitter: StreamSplitter | None = None, *,
-                 received_at: float | None = None, started: float | None = None) -> None:
+                 received_at: float | None = None, started: float | None = None,
+                 token_ids: bool = True) -> None:
         now = time.perf_counter()
         self.received_at = now if received_at is None else received_at
         """When the request arrived (its metrics count from there)."""
@@ -47,6 +48,9 @@ class Output:
         """``stop`` once an end-of-generation token or a stop sequence ended it; ``tool_calls``
         after :meth:`close` when the output held calls."""
         self.calls: list[dict[str, Any]] = []
+        self.token_ids = token_ids
+        """Whether items carry their token ids (False: a backend that streams text, whose
+        ``token`` arguments are indexes of its pieces)."""
 
     def token(self, token: int, scored: Scored = None) -> dict[str, Any] | None:
         """Take one sampled token; its stream item, or None for an end-of-generation token
@@ -62,7 +66,7 @@ class Output:
         delta = self.text.feed(self.piece(token))
         if self.splitter is not None:  # a tool call's text is held for the end
             delta = self.splitter.feed(delta)
-        item: dict[str, Any] = {"text": delta, "token_ids": [token]}
+        item: dict[str, Any] = {"text": delta, "token_ids": [token] if self.token_ids else []}
         if scored is not None:
             item["logprobs"] = [scored[0]]
             item["token_logprobs"] = [scored[1]]

@@ -13,7 +13,7 @@ import trio
 
 from lorad.protocol import ErrorCode, ProtocolError, looks_like_path
 
-from . import gpu, llama
+from . import gpu, litert, llama
 from .budget import MemoryBudget, Reservation
 from .gguf_header import HeaderBounds, read_header
 from .logs import log
@@ -27,7 +27,7 @@ class LoadedModel:
     id: str
     path: Path
     key: tuple[Any, ...]
-    model: llama.Model
+    model: llama.Model | litert.Model
     params: dict[str, Any]
     contexts: set[str] = field(default_factory=set)
     loaded_at: float = field(default_factory=time.time)
@@ -44,6 +44,8 @@ class LoadedModel:
     tensors: ModelTensors | None = None
     """Its architecture and tensor shapes, read from its file's header when it was loaded (what
     adapters are checked against: a file replaced by rename since is not the loaded one)."""
+    backend: str = "llama.cpp"
+    """What runs it: ``llama.cpp``, or ``litert_lm`` for a ``.litertlm`` bundle."""
     _users: int = 0
     _unused: trio.Event | None = None
     _info: dict[str, Any] | None = None
@@ -85,16 +87,24 @@ class LoadedModel:
     @property
     def template(self) -> str | None:
         """The chat template of requests that name none: the one given at load, else the
-        file's (None: neither)."""
+        file's (None: neither; a LiteRT-LM bundle's own is not read)."""
+        if self.backend == litert.BACKEND:
+            return self.chat_template
         return self.chat_template or self.model.chat_template
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
             self._info = self.model.info()
+        if self.backend == litert.BACKEND:
+            return {"id": self.id, "path": str(self.path), **self._info,
+                    "chat_template": self.template is not None, "params": self.params,
+                    "contexts": sorted(self.contexts),
+                    "load_seconds": round(self.load_seconds, 3)}
         layers = self.params["n_gpu_layers"]
         return {
             "id": self.id,
             "path": str(self.path),
+            "backend": self.backend,
             **self._info,
             "chat_template": self.template is not None,
             "params": self.params,
@@ -131,8 +141,10 @@ class ModelRegistry:
     """Loads, shares and frees models. Lookups accept an id, an alias or a file path."""
 
     def __init__(self, allowed: AllowedDirs, repack: bool = False,
-                 memory: MemoryBudget | None = None) -> None:
+                 memory: MemoryBudget | None = None, threads: int = 1) -> None:
         self.allowed = allowed
+        self.threads = threads
+        """The threads of a LiteRT-LM engine (engine-wide: its contexts cannot choose)."""
         self.repack = repack
         """Whether llama.cpp may repack weights for this CPU (decided once, at start)."""
         self.memory = memory if memory is not None else MemoryBudget()
@@ -151,7 +163,7 @@ class ModelRegistry:
                     ErrorCode.BAD_REQUEST, f"model id {alias!r} is taken", field="alias"
                 )
             return alias
-        base = path.name.removesuffix(".gguf")
+        base = path.name.removesuffix(".gguf").removesuffix(litert.SUFFIX)
         candidate, n = base, 2
         while candidate in self._by_id:
             candidate, n = f"{base}-{n}", n + 1
@@ -166,20 +178,17 @@ class ModelRegistry:
         if chat_template is not None and "{" not in chat_template:
             llama.check_builtin_chat_template(chat_template, "chat_template")
         resolved = self.allowed.check(path, "model")
+        if litert.is_litertlm(resolved):
+            return await self._load_litert(resolved, path, n_gpu_layers=n_gpu_layers,
+                                           use_mmap=use_mmap, alias=alias,
+                                           chat_template=chat_template)
         n_gpu_layers = gpu.resolve_layers(n_gpu_layers, llama.supports_gpu_offload())
         params = {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap}
         key = (str(resolved), n_gpu_layers, use_mmap)
         while key in self._loading:  # another request loads the same model: share its result
             await self._loading[key].wait()
         if key in self._by_key:
-            loaded = self._by_key[key]
-            if chat_template is not None and chat_template != loaded.chat_template:
-                raise ProtocolError(
-                    ErrorCode.BAD_REQUEST, f"model {loaded.id!r} is loaded from this file "
-                    "already, with another chat template: unload it first, or name the "
-                    "template per request (chat's template)", field="chat_template",
-                    model=loaded.id)
-            return loaded
+            return self._already(key, chat_template)
         model_id = self._new_id(resolved, alias)
         try:
             size = resolved.stat().st_size
@@ -210,6 +219,62 @@ class ModelRegistry:
         entry.load_seconds = time.perf_counter() - started
         self._by_id[model_id] = self._by_key[key] = entry
         log.info("model_loaded", model=model_id, path=str(resolved),
+                 seconds=round(entry.load_seconds, 3))
+        return entry
+
+    def _already(self, key: tuple[Any, ...], chat_template: str | None) -> LoadedModel:
+        """The model loaded with ``key``, if the chat template asked for is its own."""
+        loaded = self._by_key[key]
+        if chat_template is not None and chat_template != loaded.chat_template:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"model {loaded.id!r} is loaded from this file "
+                "already, with another chat template: unload it first, or name the "
+                "template per request (chat's template)", field="chat_template",
+                model=loaded.id)
+        return loaded
+
+    async def _load_litert(self, resolved: Path, path: str, *, n_gpu_layers: int | None,
+                           use_mmap: bool, alias: str | None,
+                           chat_template: str | None) -> LoadedModel:
+        """A ``.litertlm`` bundle, on the CPU with the daemon's threads (see
+        :mod:`lorad.daemon.litert`)."""
+        if n_gpu_layers:
+            raise ProtocolError(ErrorCode.BACKEND_UNSUPPORTED, "LiteRT-LM models run on the CPU "
+                                "in lorad: leave n_gpu_layers out", field="n_gpu_layers",
+                                backend=litert.BACKEND, reason="cpu_only")
+        if not use_mmap:
+            raise ProtocolError(ErrorCode.BACKEND_UNSUPPORTED, "the LiteRT-LM runtime maps "
+                                "its model file itself: use_mmap=false cannot be honoured",
+                                field="use_mmap", backend=litert.BACKEND, reason="runtime_maps")
+        threads = self.threads
+        key = (str(resolved), litert.BACKEND, threads)
+        while key in self._loading:
+            await self._loading[key].wait()
+        if key in self._by_key:
+            return self._already(key, chat_template)
+        model_id = self._new_id(resolved, alias)
+        try:
+            size = resolved.stat().st_size
+        except OSError as exc:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"cannot read model {path!r}: "
+                                f"{exc.strerror}", path=path) from None
+        reservation = self.memory.reserve(f"model {resolved.name!r}", size, path=str(resolved))
+        done = self._loading[key] = trio.Event()
+        started = time.perf_counter()
+        try:
+            model = await BUILD.run(lambda: litert.Model(str(resolved), threads=threads))
+        except BaseException:
+            reservation.release()
+            raise
+        finally:
+            del self._loading[key]
+            done.set()
+        entry = LoadedModel(model_id, resolved, key, model, {"threads": threads},
+                            reservation=reservation, chat_template=chat_template,
+                            backend=litert.BACKEND)
+        entry.load_seconds = time.perf_counter() - started
+        self._by_id[model_id] = self._by_key[key] = entry
+        log.info("model_loaded", model=model_id, path=str(resolved), backend=litert.BACKEND,
                  seconds=round(entry.load_seconds, 3))
         return entry
 

@@ -40,6 +40,7 @@ class RequestHandle:
         self._on_done = on_done
         self.credit = int(args.get("credit", 0) or 0)
         self._credit_changed = trio.Event()
+        self._cancelled = trio.Event()
         self.cancelled = False
         self.finished = False
         self.seq = 0
@@ -57,7 +58,12 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self.cancelled = True
+        self._cancelled.set()
         self._credit_changed.set()
+
+    async def wait_cancelled(self) -> None:
+        """Return once the request is cancelled."""
+        await self._cancelled.wait()
 
     def grant(self, n: int) -> None:
         self.credit += n

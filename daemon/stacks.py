@@ -18,9 +18,11 @@ import trio
 from lorad.protocol import ErrorCode, Limits, ProtocolError, looks_like_path
 from lorad.protocol.errors import echo
 
+from . import litert
 from .actor import ContextActor, StackEntry
 from .adapters import AdapterCache, LoadedAdapter
 from .alora import check_aloras
+from .litert_actor import unsupported
 from .lora import resolve_adapter
 from .paths import AllowedDirs
 from .peft import cached_conversion
@@ -88,6 +90,7 @@ class Stacks:
                                 "absolute path to a GGUF adapter or a PEFT directory",
                                 field="path")
         resolved = await self.adapters.files.run(resolve_adapter, path, [], self.allowed)
+        models = [m for m in models if m.backend != litert.BACKEND]  # they take no adapter
         reports = [await self.validate(m, str(resolved)) for m in models]
         if models and not any(r["compatible"] for r in reports):
             raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"the adapter at {str(resolved)!r} "
@@ -128,6 +131,10 @@ class Stacks:
         system; the others are resolved, checked and loaded (or shared from the cache). On any
         error nothing stays held.
         """
+        if items and model.backend == litert.BACKEND:
+            raise unsupported("loras", "no_lora", "adapter stacks are not served on LiteRT-LM "
+                              "models (the runtime's LoRA is engine-wide and needs adapters "
+                              "exported for it)")
         if len(items) > self.limits.max_loras:
             raise self._too_many("loras")
         stack: list[StackEntry] = []
@@ -245,6 +252,9 @@ class Stacks:
 
     async def validate(self, model: LoadedModel, ref: str) -> dict[str, Any]:
         """Every check of a load, without loading: a report, not an error, for a bad adapter."""
+        if model.backend == litert.BACKEND:
+            raise unsupported("model", "no_lora", "adapters are not validated against LiteRT-LM "
+                              "models: they take none in lorad")
         report: dict[str, Any] = {"model": model.id, "path": ref}
         try:
             path = await self.adapter_file(ref, model)

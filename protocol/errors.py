@@ -35,6 +35,10 @@ class ErrorCode(str, Enum):
     INTERNAL = "internal"
     """A bug or an unexpected llama.cpp failure; the daemon and other contexts keep running."""
 
+    BACKEND_UNSUPPORTED = "backend_unsupported"
+    """The model's backend cannot do this (``details``: ``backend``, ``field`` or ``op``, and
+    ``reason``); refused before any work."""
+
     # LoRA adapters
     LORA_FILE_NOT_FOUND = "lora_file_not_found"
     """No such adapter file, or it is unreadable (``details`` says where lorad looked)."""

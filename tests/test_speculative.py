@@ -194,7 +194,7 @@ def test_other_refusals(client: Client, spec_files) -> None:
 def test_capabilities_list_the_modes(client: Client, spec_files) -> None:
     model = client.load_model(spec_files["model"])
     caps = client.capabilities()["speculative"]
-    assert caps["modes"] == ["prompt_lookup", "draft_model"] and caps["sampling"] is True
+    assert caps["modes"] == ["prompt_lookup", "draft_model", "mtp"] and caps["sampling"] is True
     modes = caps["per_model"][model["id"]]
     assert modes["prompt_lookup"]["available"] and modes["draft_model"]["available"]
     assert modes["mtp"] == {"available": False, "reason": "the model has no MTP heads"}

@@ -9,7 +9,8 @@ from typing import Any
 
 from lorad.protocol import OPS, PROTOCOL_VERSION, STREAMING_OPS
 
-from .. import gpu, llama
+from .. import gpu, litert, llama
+from ..litert_actor import features as litert_features
 from ..requests import RequestHandle
 from ..services import VERSION, Services
 
@@ -31,6 +32,7 @@ async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
         "contexts": contexts,
         "adapters": [a.to_wire() for a in engine.adapters],
         "batching": engine.batching_info(),
+        "litert_sessions": engine.litert_info(),
         "memory": engine.memory.info(),
         "file_workers": engine.files.info(),
         "text_workers": engine.text.info(),
@@ -59,6 +61,14 @@ def _gpu(supported: bool) -> dict[str, Any]:
             "devices": [d.to_wire() for d in gpu.devices()]}
 
 
+FEATURES = {
+    "streaming": True, "cancel": True, "logprobs": True, "grammar": True, "chat_template": True,
+    "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
+    "alora": True, "speculative": True, "batching": True,
+}
+"""What llama.cpp models can do (a LiteRT-LM model's: :func:`.litert_actor.features`)."""
+
+
 async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
     info = llama.system_info()
     engine = s.engine
@@ -70,12 +80,7 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
         "gpu": _gpu(info["gpu_offload"]),
         "operations": sorted(OPS),
         "streaming_operations": sorted(STREAMING_OPS),
-        "features": {
-            "streaming": True, "cancel": True, "credit_flow_control": True,
-            "logprobs": True, "grammar": True, "chat_template": True,
-            "prefix_cache": True, "lora": True, "lora_stack": True, "lora_per_request": True,
-            "alora": True, "speculative": True, "batching": True,
-        },
+        "features": {"credit_flow_control": True, **FEATURES},
         "batching": dataclasses.asdict(s.config.batching),
         "http": ({"url": s.http_url, "api_keys": bool(s.config.api_keys)}
                  if s.http_url else None),
@@ -88,8 +93,13 @@ async def capabilities(s: Services, h: RequestHandle) -> dict[str, Any]:
         "max_n_threads": engine.max_threads,
         "allowed_dirs": [str(d) for d in engine.allowed.dirs],
         "adapter_dirs": [str(d) for d in engine.adapter_dirs],
+        "backends": {"llama.cpp": {"available": True, "version": info["llama_cpp_python"]},
+                     "litert_lm": {"available": litert.version() is not None,
+                                   "version": litert.version(), "suffix": litert.SUFFIX}},
+        "models": {m.id: (litert_features(m) if m.backend == litert.BACKEND
+                          else {"backend": m.backend, **FEATURES}) for m in engine.models},
         "speculative": {
-            "modes": ["prompt_lookup", "draft_model"],
+            "modes": ["prompt_lookup", "draft_model", "mtp"],
             "sampling": True,
             "per_model": {m.id: engine.speculative_modes(m) for m in engine.models},
         },

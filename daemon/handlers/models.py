@@ -9,7 +9,8 @@ import trio
 
 from lorad.protocol import ErrorCode, ProtocolError
 
-from .. import llama
+from .. import litert, llama
+from ..litert_actor import unsupported
 from ..requests import RequestHandle
 from ..services import Services
 
@@ -51,6 +52,8 @@ async def list_models(s: Services, h: RequestHandle) -> list[dict[str, Any]]:
 async def tokenize(s: Services, h: RequestHandle) -> list[int]:
     entry, a = s.engine.tokenizer(h.args, h.peer), h.args
     limit = s.limits.max_array_len  # what a client can decode
+    if entry.backend == litert.BACKEND:
+        return await _litert_tokenize(s, entry, a.text, a.add_special, a.parse_special, limit)
     try:
         async with entry.using() as model:  # an unload waits for the thread
             return await s.engine.text.run(
@@ -62,8 +65,35 @@ async def tokenize(s: Services, h: RequestHandle) -> list[int]:
                             limit="max_array_len", value=limit) from None
 
 
+async def _litert_tokenize(s: Services, entry: Any, text: str, add_special: bool,
+                           parse_special: bool, limit: int) -> list[int]:
+    """A LiteRT-LM model's tokens: its tokenizer always reads its special pieces in the
+    text, and a prompt gets the start token (``add_special``)."""
+    if not parse_special:
+        raise unsupported("parse_special", "tokenizer", "the runtime's tokenizer always "
+                          "reads special pieces written in the text: pass parse_special=true")
+    if len(text) > limit * 64:  # no token is made of more than 64 characters here
+        raise ProtocolError(ErrorCode.TOO_LARGE, "the text is too long to tokenize within "
+                            f"limits.max_array_len ({limit}) tokens", field="text",
+                            limit="max_array_len", value=limit)
+    async with entry.using() as model:
+        tokens = await s.engine.text.run(lambda: model.tokenize(text))
+    tokens = ([model.bos] if add_special and model.bos is not None else []) + tokens
+    if len(tokens) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"the text has {len(tokens)} tokens, more "
+                            f"than limits.max_array_len ({limit}) can carry", field="text",
+                            limit="max_array_len", value=limit)
+    return tokens
+
+
 async def detokenize(s: Services, h: RequestHandle) -> str:
     entry, tokens = s.engine.tokenizer(h.args, h.peer), h.args.tokens
+    if entry.backend == litert.BACKEND:
+        async with entry.using() as model:
+            try:
+                return await s.engine.text.run(lambda: model.detokenize(tokens))
+            except litert.LitertError as exc:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, exc.message, field="tokens") from None
     async with entry.using() as model:  # an unload waits for the thread
         bad = next((t for t in tokens if t >= model.n_vocab), None)
         if bad is not None:

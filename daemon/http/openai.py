@@ -40,6 +40,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.LORA_LOAD_FAILED: 422,
     ErrorCode.LORA_INVALID_SCALE: 400,
     ErrorCode.LORA_UNSUPPORTED: 422,
+    ErrorCode.BACKEND_UNSUPPORTED: 422,
     ErrorCode.SPECULATIVE_UNSUPPORTED: 400,
 }
 """The HTTP status of each lorad error code (the spec's table; ``cancelled`` is 499, which a
