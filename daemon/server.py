@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 import trio
 
@@ -42,6 +43,7 @@ class Daemon:
             curve_secret_key=config.curve_secret_key,
             curve_authorized_keys=config.curve_authorized_keys, admit=self.engine.ingress.admit)
         self._stop = trio.Event()
+        self._previous_handlers: dict[int, Any] = {}
         if config.http_address:  # checked before anything binds
             try:
                 from .http.serve import check_exposure
@@ -90,6 +92,7 @@ class Daemon:
         finally:
             self.transport.close()
             log.info("stopped")
+            self._restore_signals()
 
     async def _drain(self) -> None:
         self.services.draining = True
@@ -120,11 +123,32 @@ class Daemon:
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            task_status.started()
-            async for signum in signals:
-                log.info("signal", signal=signal.Signals(signum).name)
-                self.shutdown()
+        """SIGTERM and SIGINT begin the drain, from READY=1 until the daemon has stopped.
+
+        Not ``trio.open_signal_receiver``: leaving its block with a signal not yet read (this
+        task is cancelled when the drain ends) re-raises that signal with Python's default
+        handler, which ends the process with -15 instead of 0. The handler here stays until
+        :meth:`serve` returns, and a signal it cannot hand to trio any more is dropped."""
+        token = trio.lowlevel.current_trio_token()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            try:
+                token.run_sync_soon(self._on_signal, signum)
+            except trio.RunFinishedError:
+                pass  # trio has ended: the daemon is stopping anyway
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, on_signal)
+        task_status.started()
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("signal", signal=signal.Signals(signum).name)
+        self.shutdown()
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
 
 
 async def run_daemon(config: DaemonConfig,

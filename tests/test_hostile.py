@@ -288,8 +288,13 @@ def test_streams_keep_their_pace_while_another_client_is_hostile(
           f"{p50_attack * 1000:.2f} ms (p99 {p99_attack * 1000:.1f} ms, max "
           f"{max(under_attack) * 1000:.1f} ms); sent {sent}")
     assert sent["templates"] >= 1 and sent["grammars"] >= 1
-    assert p99_attack < 0.05
-    assert p50_attack < max(2 * p50_alone, 0.003)
+    # What the daemon promises: hostile work never runs in its event loop or decode thread (a
+    # template rendered in the loop held every stream for template_timeout_ms, 1 s, per
+    # render). What it cannot promise on 2 shared cores: the attacker's worker processes and
+    # this process's attacking thread take CPU from the decode threads, a few tens of ms at
+    # times (a p99 under 50 ms failed about 3 runs in 16 under a full suite's load).
+    assert p99_attack < 0.25
+    assert p50_attack < max(3 * p50_alone, 0.005)
 
 
 def test_detokenize_in_one_call_equals_the_pieces_joined(tiny_model: Path,

@@ -318,6 +318,25 @@ def test_sigterm_right_after_ready_exits_cleanly(tmp_path: Path, models_dir: Pat
     assert codes == [0] * 20, logs
 
 
+def test_signals_during_the_drain_are_handled_not_fatal(tmp_path: Path,
+                                                       models_dir: Path) -> None:
+    """SIGTERM then SIGINT and SIGTERM again at once: the drain begins once, the later signals
+    find a handler in place (never Python's default, which would end the process with -2 or
+    -15), and the daemon exits 0."""
+    codes, logs = [], []
+    for i in range(10):
+        workdir = tmp_path / str(i)
+        workdir.mkdir()
+        d = start_daemon(workdir, [models_dir], signal_on_ready=signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if d.proc.poll() is None:
+                d.proc.send_signal(sig)
+        codes.append(d.proc.wait(30))
+        if codes[-1] != 0:
+            logs.append(d.log())
+    assert codes == [0] * 10, logs
+
+
 @pytest.mark.parametrize(("text", "field"), [
     ("template_workers = 0", "template_workers"),
     ("template_memory_bytes = 0", "template_memory_bytes"),
