@@ -16,7 +16,7 @@ from .errors import LoradError
 from .sync import Client
 
 DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
-DEFAULT_LITERTLM_FILE = "gemma-3-270m-int8.litertlm"
+DEFAULT_LITERTLM_FILE = "gemma-3-270m-int8-lora16.litertlm"
 
 
 def _missing_extra(what: str, extra: str, exc: ImportError) -> int:
@@ -237,6 +237,22 @@ def _print_stack(stack: list[dict[str, Any]], as_json: bool) -> None:
               f"targets={e['n_targets']} bytes={e['bytes']}")
 
 
+def _convert_for_litert(peft: Path, model: Path, output: Path) -> Path:
+    """A PEFT adapter as the LiteRT-LM runtime's adapter file for ``model`` (a bundle exported
+    with LoRA inputs by lorad's converter)."""
+    from lorad.daemon import litert_lora
+    from lorad.protocol import ErrorCode, ProtocolError
+
+    spec = litert_lora.read_spec(model)
+    if spec is None:
+        raise ProtocolError(ErrorCode.BACKEND_UNSUPPORTED, f"{model} takes no adapter: it was "
+                            "not exported with LoRA inputs (lorad's converter exports them)",
+                            backend="litert_lm", reason="no_lora_inputs", field="model")
+    litert_lora.write_file(output, spec, litert_lora.from_peft(peft, spec, 1.0,
+                                                               max_bytes=1 << 31))
+    return output
+
+
 def cmd_lora(args: argparse.Namespace) -> int:
     if args.lora_cmd == "convert":  # offline: no daemon needed
         try:
@@ -245,7 +261,11 @@ def cmd_lora(args: argparse.Namespace) -> int:
         except ImportError as exc:
             return _missing_extra("lora convert", "daemon", exc)
         try:
-            out = convert_peft(Path(args.peft_dir), Path(args.model), Path(args.output))
+            if args.model.endswith(".litertlm"):
+                out = _convert_for_litert(Path(args.peft_dir), Path(args.model),
+                                          Path(args.output))
+            else:
+                out = convert_peft(Path(args.peft_dir), Path(args.model), Path(args.output))
         except ProtocolError as exc:
             print(f"lorad: [{exc.code.value}] {exc.message}", file=sys.stderr)
             return 1
@@ -528,11 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--context", default="default")
         q.add_argument("--json", action="store_true")
     q = lsub.add_parser("convert", help="convert a PEFT adapter directory to a llama.cpp LoRA "
-                        "GGUF for a model (offline)")
+                        "GGUF, or to a LiteRT-LM adapter file, for a model (offline)")
     q.add_argument("peft_dir", help="directory with adapter_config.json and "
                    "adapter_model.safetensors")
-    q.add_argument("--model", required=True, help="the GGUF model it is for")
-    q.add_argument("-o", "--output", required=True, help="the GGUF file to write")
+    q.add_argument("--model", required=True, help="the model it is for: a GGUF file, or a "
+                   ".litertlm bundle (attention q/k/v/o adapters, padded to its LoRA rank)")
+    q.add_argument("-o", "--output", required=True, help="the file to write")
     q = lsub.add_parser("validate", parents=[common],
                         help="check an adapter against a model; exit 1 if it does not fit")
     q.add_argument("path")

@@ -28,6 +28,7 @@ from .budget import KvShape, MemoryBudget, Reservation
 from .config import DaemonConfig
 from .ingress import Ingress
 from .litert_actor import LitertActor, Turns, unsupported
+from .litert_adapters import SessionFiles
 from .logs import log
 from .metrics import Metrics
 from .paths import AllowedDirs
@@ -368,13 +369,11 @@ class Engine:
                 raise unsupported(name, "engine_wide", f"{name} is fixed by the runtime for "
                                   "every session of a model (threads: the daemon's, set at "
                                   "load), not chosen per context", value=value)
-        if args.loras:
-            raise unsupported("loras", "no_lora", "adapter stacks are not served on LiteRT-LM "
-                              "models")
         async with entry.using():
             turns = self._turns.get(id(entry))
             if turns is None:
-                turns = self._turns[id(entry)] = Turns()
+                turns = self._turns[id(entry)] = Turns(SessionFiles(model.cache_dir,
+                                                                    model.lora_spec))
             context_id = context_id or f"ctx-{secrets.token_hex(4)}"
             persistent = creator is None or args.persistent
             shared = creator is None or args.shared
@@ -389,8 +388,12 @@ class Engine:
                                 limits=self.limits)
             actor.creator = creator
             actor.shared = shared
+            actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
             if args.speculative:
                 await actor.prepare_speculative(args.speculative)
+            if args.loras:
+                stack, _ = await self.stacks.build(entry, args.loras, [])
+                await actor.set_stack(stack)
             if entry.detached:
                 raise unloaded(entry)
             self.contexts[context_id] = actor

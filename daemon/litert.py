@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LitertError, LitertLoadFailed, LitertUnavailable
+from .litert_lora import read_spec
 
 __all__ = ["BACKEND", "SUFFIX", "LitertError", "Model", "Sampling", "Session"]
 
@@ -114,6 +115,8 @@ class Model:
                 self.speculative = bool(llm.has_speculative_decoding_support())
             finally:
                 info.close()
+            self.lora_spec = read_spec(path)
+            """The LoRA inputs lorad's converter gave the bundle (None: it takes no adapter)."""
             self.engine = lm.Engine(path, lm.Backend.CPU(thread_count=threads),
                                     cache_dir=self._cache, enable_benchmark=True)
         except LitertError:
@@ -142,16 +145,26 @@ class Model:
         return "" if token is None else self.engine.detokenize([token])
 
     def info(self) -> dict[str, Any]:
+        spec = self.lora_spec
         return {"backend": BACKEND, "size_bytes": self.size, "n_ctx_train": self.n_ctx,
-                "speculative_support": self.speculative, "runtime_version": version()}
+                "speculative_support": self.speculative,
+                "lora_rank": spec.rank if spec else None, "runtime_version": version()}
 
-    def session(self, sampling: Sampling, max_tokens: int, *, speculative: bool) -> Session:
+    @property
+    def cache_dir(self) -> str:
+        """A directory of the daemon's own, removed with the model."""
+        return self._cache
+
+    def session(self, sampling: Sampling, max_tokens: int, *, speculative: bool,
+                lora: str | None = None) -> Session:
+        """A new session; ``lora``: the adapter file it applies (written by lorad)."""
         lm = runtime()
         try:
             raw = self.engine.create_session(
                 apply_prompt_template=False, sampler_config=sampling.config(lm),
                 max_output_tokens=max_tokens,
-                enable_speculative_decoding=True if speculative else None)
+                enable_speculative_decoding=True if speculative else None,
+                lora_config=lm.LoraConfig(lora_path=lora) if lora else None)
         except Exception as exc:
             raise LitertError(f"LiteRT-LM could not make a session: {exc}",
                               backend=BACKEND) from None

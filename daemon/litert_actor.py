@@ -24,6 +24,7 @@ from lorad.protocol import DEFAULT_LIMITS, ErrorCode, Limits, ProtocolError
 from lorad.protocol.args import OpArgs
 
 from . import litert, llama
+from .litert_adapters import LitertAdapter, SessionFiles
 from .output import Output
 from .queue_actor import Actor, Job
 from .registry import LoadedModel
@@ -39,8 +40,8 @@ MIN_P_DEFAULT = 0.05
 REFUSED = {
     "grammar": "no_grammar", "logprobs": "no_logprobs", "repeat_penalty": "sampler",
     "min_p": "sampler", "tokens": "text_prompt", "add_special": "start_token",
-    "tools": "no_tools", "loras": "no_lora", "op:set_lora": "no_lora",
-    "op:set_loras": "no_lora", "op:validate_lora": "no_lora", "op:embed": "no_embeddings",
+    "tools": "no_tools", "loras": "one_adapter", "path": "peft_only",
+    "op:set_lora": "no_lora_inputs", "op:embed": "no_embeddings",
     "speculative.prompt_lookup": "backend", "speculative.draft_model": "backend",
     "n_threads": "engine_wide", "kv_type": "engine_wide", "flash_attn": "engine_wide",
     "n_batch": "engine_wide", "n_gpu_layers": "cpu_only", "use_mmap": "runtime_maps",
@@ -50,11 +51,12 @@ REFUSED = {
 
 def features(model: LoadedModel) -> dict[str, Any]:
     """A LiteRT-LM model's capabilities (``capabilities``' ``models``)."""
+    lora = model.model.lora_spec is not None
     return {"backend": litert.BACKEND, "streaming": True, "cancel": True, "stop": True,
             "chat_template": True, "sampling": ["temperature", "top_k", "top_p", "seed"],
             "logprobs": False, "grammar": False, "tools": False, "token_prompts": False,
-            "prefix_cache": False, "lora": False, "lora_stack": False,
-            "lora_per_request": False, "alora": False, "embeddings": False,
+            "prefix_cache": False, "lora": lora, "lora_stack": False,
+            "lora_per_request": lora, "alora": False, "embeddings": False,
             "batching": False, "sessions_at_once": 1,
             "speculative": ["mtp"] if model.model.speculative else [],
             "refused": REFUSED}
@@ -98,9 +100,6 @@ def check_request(h: RequestHandle, args: OpArgs, model: LoadedModel,
         raise unsupported("min_p", "sampler", "the runtime's sampler takes temperature, "
                           "top_k, top_p and seed only (min_p 0 or its default are accepted "
                           "and not applied)")
-    if args.loras:
-        raise unsupported("loras", "no_lora", "adapter stacks are not served on LiteRT-LM "
-                          "models")
     if h.op == "generate":
         if args.tokens is not None:
             raise unsupported("tokens", "text_prompt", "the runtime takes prompts as text: "
@@ -118,9 +117,11 @@ def check_request(h: RequestHandle, args: OpArgs, model: LoadedModel,
 
 
 class Turns:
-    """A LiteRT-LM model's engine, one session at a time, in arrival order."""
+    """A LiteRT-LM model's engine, one session at a time, in arrival order; and the adapter
+    files its sessions get (:mod:`.litert_adapters`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, files: SessionFiles) -> None:
+        self.files = files
         self._lock = trio.Lock()  # fair: the longest waiter is next
         self.waiting = 0
         self.running: str | None = None
@@ -152,6 +153,8 @@ class _Run:
     max_tokens: int
     speculative: bool
     sampling: litert.Sampling
+    adapter: tuple[LitertAdapter | None, float]
+    """The adapter the session applies, and its scale."""
     session: litert.Session | None = None
     """Set once the turn has come and the session is made."""
     waiting: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -183,11 +186,30 @@ class LitertActor(Actor):
         super().submit(handle, args, stack, held)
 
     async def set_stack(self, stack: list[Any]) -> None:
-        """Only the empty stack (``clear_loras``): edits that add are refused before."""
-        if stack:
-            raise unsupported("loras", "no_lora", "adapter stacks are not served on LiteRT-LM "
-                              "models")
-        self.stack = []
+        """One adapter at most (the stack's builder refuses more); the next session applies
+        it. A running generation keeps the adapter it started with."""
+        if self.closing:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"context {self.id!r} is closing",
+                                context=self.id)
+        if len(stack) > 1:
+            raise unsupported("loras", "one_adapter", "the runtime applies one adapter per "
+                              "session: remove the context's adapter first, or replace it "
+                              "with set_loras", value=len(stack))
+        if self.on_stack_change is not None:
+            self.on_stack_change(self)
+        for entry in self.stack:
+            entry.adapter.contexts.discard(self.id)
+        self.stack = list(stack)
+        for entry in self.stack:
+            entry.adapter.contexts.add(self.id)
+
+    def set_scales(self, stack: list[Any]) -> None:
+        """The same adapter at another scale (its file is written when a session needs it)."""
+        if [id(e.adapter) for e in stack] != [id(e.adapter) for e in self.stack]:
+            raise ValueError("set_scales changes scales only")
+        if self.on_stack_change is not None:
+            self.on_stack_change(self)
+        self.stack = list(stack)
 
     async def prepare_speculative(self, spec: dict[str, Any]) -> None:
         """A context's default: checked when it is created."""
@@ -229,8 +251,10 @@ class LitertActor(Actor):
                                 n_ctx=self.n_ctx)
         seed = args.seed if args.seed is not None else self._rng.randrange(2**32)
         spec = args.speculative if args.speculative is not None else self.speculative
+        stack = job.stack if job.stack is not None else list(self.stack)
         run = _Run(text, min(args.max_tokens, self.n_ctx - n_prompt), bool(spec),
-                   litert.Sampling(args.temperature, args.top_k, args.top_p, seed))
+                   litert.Sampling(args.temperature, args.top_k, args.top_p, seed),
+                   (stack[0].adapter, stack[0].scale) if stack else (None, 1.0))
         pieces: list[bytes] = []
         out = Output(pieces.__getitem__, lambda _i: False, args.stop, received_at=h.received_at,
                      started=started, token_ids=False)
@@ -264,7 +288,9 @@ class LitertActor(Actor):
                 await h.send_item(tail)
         stats = out.stats(run.counts.prompt_tokens or n_prompt, 0)
         stats["generated_tokens"] = max(run.counts.generated_tokens, out.generated)
-        metrics = {**stats, "seed": seed, "loras": [], "backend": litert.BACKEND,
+        metrics = {**stats, "seed": seed, "backend": litert.BACKEND,
+                   "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
+                             for e in stack],
                    **(OFF_METRICS if not spec else
                       {**OFF_METRICS, "speculative": True, "speculative_mode": "mtp",
                        "drafted_tokens": None, "accepted_tokens": None})}
@@ -275,7 +301,6 @@ class LitertActor(Actor):
         """The request's turn on the engine: a session that decodes in a worker thread and
         hands its pieces to ``send``. The turn ends with the decoding, so a client that reads
         slowly holds no other context back."""
-        model = self.model.model
         token = trio.lowlevel.current_trio_token()
 
         def work(session: litert.Session) -> None:
@@ -293,9 +318,7 @@ class LitertActor(Actor):
                     if h.cancelled:
                         return
                     with trio.CancelScope(shield=True):  # never a session left unclosed
-                        session = await trio.to_thread.run_sync(
-                            lambda: model.session(run.sampling, run.max_tokens,
-                                                  speculative=run.speculative))
+                        session = await trio.to_thread.run_sync(self._session, run)
                     run.session = session
                     try:
                         if not h.cancelled:
@@ -308,6 +331,13 @@ class LitertActor(Actor):
             run.failed = exc
         finally:
             send.close()
+
+    def _session(self, run: _Run) -> litert.Session:
+        """The request's session, with its adapter file (in its turn: the runtime's adapter
+        is the engine's, so the file is chosen when no other session can be made)."""
+        lora = self.turns.files.for_session(*run.adapter)
+        return self.model.model.session(run.sampling, run.max_tokens,
+                                        speculative=run.speculative, lora=lora)
 
     async def _watch(self, h: RequestHandle, run: _Run) -> None:
         """Cancel the request's turn while it is awaited, or its session once it runs."""

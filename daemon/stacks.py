@@ -23,6 +23,8 @@ from .actor import ContextActor, StackEntry
 from .adapters import AdapterCache, LoadedAdapter
 from .alora import check_aloras
 from .litert_actor import unsupported
+from .litert_adapters import LitertAdapter, load_peft
+from .litert_lora import LoraSpec
 from .lora import resolve_adapter
 from .paths import AllowedDirs
 from .peft import cached_conversion
@@ -131,10 +133,8 @@ class Stacks:
         system; the others are resolved, checked and loaded (or shared from the cache). On any
         error nothing stays held.
         """
-        if items and model.backend == litert.BACKEND:
-            raise unsupported("loras", "no_lora", "adapter stacks are not served on LiteRT-LM "
-                              "models (the runtime's LoRA is engine-wide and needs adapters "
-                              "exported for it)")
+        if model.backend == litert.BACKEND:
+            return await self._build_litert(model, items, current), []
         if len(items) > self.limits.max_loras:
             raise self._too_many("loras")
         stack: list[StackEntry] = []
@@ -158,6 +158,42 @@ class Stacks:
             await self.release(held)
             raise
         return stack, held
+
+    def _litert_spec(self, model: LoadedModel) -> LoraSpec:
+        spec = model.model.lora_spec
+        if spec is None:
+            raise unsupported("op:set_lora", "no_lora_inputs", f"model {model.id!r} was not "
+                              "exported with LoRA inputs in the signatures the runtime calls "
+                              "(lorad's converter exports them): an adapter would be ignored",
+                              model=model.id)
+        return spec
+
+    async def _litert_adapter(self, model: LoadedModel, ref: str) -> LitertAdapter:
+        """A PEFT directory converted for a LiteRT-LM model (see :mod:`.litert_adapters`)."""
+        spec = self._litert_spec(model)
+        path = await self.adapters.files.run(self.resolve, ref)
+        if not path.is_dir():
+            raise unsupported("path", "peft_only", f"{str(path)!r} is a llama.cpp adapter: "
+                              "LiteRT-LM contexts take PEFT adapter directories (attention "
+                              "q/k/v/o), converted by lorad for the runtime", path=str(path))
+        return await self.adapters.files.run(partial(
+            load_peft, path, spec, max_bytes=self.limits.max_adapter_file_bytes))
+
+    async def _build_litert(self, model: LoadedModel, items: list[tuple[str, float]],
+                            current: list[StackEntry]) -> list[StackEntry]:
+        """A LiteRT-LM context's stack: one adapter at most (the runtime applies one per
+        session); nothing is held (lorad owns the converted tensors)."""
+        if len(items) > 1:
+            raise unsupported("loras", "one_adapter", "the runtime applies one adapter per "
+                              "session: a stack of several is not served on LiteRT-LM models",
+                              value=len(items))
+        stack = []
+        for ref, scale in items:
+            same = next((e for e in current if e.matches(ref)), None)
+            adapter = same.adapter if same is not None else \
+                await self._litert_adapter(model, ref)
+            stack.append(StackEntry(ref, adapter, scale))
+        return stack
 
     async def submit(self, actor: ContextActor, handle: RequestHandle) -> None:
         """Queue a generation on ``actor`` with the request's own stack (``loras``), if any:
@@ -252,10 +288,17 @@ class Stacks:
 
     async def validate(self, model: LoadedModel, ref: str) -> dict[str, Any]:
         """Every check of a load, without loading: a report, not an error, for a bad adapter."""
-        if model.backend == litert.BACKEND:
-            raise unsupported("model", "no_lora", "adapters are not validated against LiteRT-LM "
-                              "models: they take none in lorad")
         report: dict[str, Any] = {"model": model.id, "path": ref}
+        if model.backend == litert.BACKEND:
+            try:
+                adapter = await self._litert_adapter(model, ref)
+            except ProtocolError as exc:
+                if exc.code not in VALIDATION_CODES:
+                    raise
+                return {**report, "compatible": False, "problems": [exc.to_wire()],
+                        "adapter": None}
+            return {**report, "resolved": str(adapter.path), "compatible": True,
+                    "problems": [], "adapter": adapter.info.to_wire()}
         try:
             path = await self.adapter_file(ref, model)
             report["resolved"] = str(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,13 @@ from lorad.client import (
     SpeculativeUnsupported,
     TooLarge,
 )
+from lorad.daemon import litert_lora
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "tiny.litertlm"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURE = FIXTURES / "tiny.litertlm"
+"""The tiny model, with LoRA inputs of rank 16 in the signatures the runtime calls."""
+MERGED = FIXTURES / "tiny-merged.litertlm"
+"""The same model with ``tiny-peft`` (every attention projection, rank 4) in its weights."""
 PROMPT = "The daemon"
 TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
             "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
@@ -44,29 +50,38 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("litert_lm") is None,
                                 "(pip install 'lorad[litert]')")
 
 
-def runtime_greedy(path: Path, prompt: str, n: int) -> list[str]:
-    """What the runtime itself gives, in this process: the reference for the daemon."""
+def runtime_greedy(path: Path, prompt: str, n: int, lora: Path | None = None) -> list[str]:
+    """What the runtime itself gives, in this process: the reference for the daemon (``lora``:
+    an adapter file, else the zero adapter on a model that takes one)."""
     import litert_lm
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
-    cache = path.parent / "cache"
-    cache.mkdir(exist_ok=True)
-    engine = litert_lm.Engine(str(path), litert_lm.Backend.CPU(), cache_dir=str(cache))
+    cache = tempfile.mkdtemp(prefix="litert-cache-")
+    engine = litert_lm.Engine(str(path), litert_lm.Backend.CPU(), cache_dir=cache)
+    spec = litert_lora.read_spec(path)
+    if lora is None and spec is not None:  # as the daemon does: always a file on such models
+        lora = f"{cache}/zero.lora"
+        litert_lora.write_file(lora, spec, litert_lora.zeros(spec))
     session = engine.create_session(apply_prompt_template=False,
                                     sampler_config=litert_lm.SamplerConfig(top_k=1),
-                                    max_output_tokens=n)
+                                    max_output_tokens=n,
+                                    lora_config=litert_lm.LoraConfig(
+                                        lora_path=str(lora) if lora else None))
     try:
         session.run_prefill([prompt])
         return [t for r in session.run_decode_async() for t in r.texts]
     finally:
         session.close()  # before the engine (the reverse crashes)
         engine.close()
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("litert")
     shutil.copy(FIXTURE, root / "tiny.litertlm")
+    shutil.copy(MERGED, root / "merged.litertlm")
+    shutil.copytree(FIXTURES / "tiny-peft", root / "peft")
     return root
 
 
@@ -108,7 +123,9 @@ def test_the_model_reports_its_backend_and_what_it_cannot_do(zmq: Client) -> Non
     assert caps["backends"]["litert_lm"]["available"]
     tiny = caps["models"]["tiny"]
     assert tiny["backend"] == "litert_lm" and tiny["sessions_at_once"] == 1
-    assert not tiny["lora"] and not tiny["grammar"] and tiny["speculative"] == []
+    assert tiny["lora"] and tiny["lora_per_request"] and not tiny["lora_stack"]
+    assert not tiny["grammar"] and tiny["speculative"] == []
+    assert model["lora_rank"] == 16
     assert tiny["refused"]["grammar"] == "no_grammar"
     modes = caps["speculative"]["per_model"]["tiny"]
     assert modes["mtp"]["available"] is False and "no speculative" in modes["mtp"]["reason"]
@@ -204,7 +221,6 @@ REFUSALS: list[tuple[dict[str, Any], str, str]] = [
     ({"repeat_penalty": 1.3}, "repeat_penalty", "sampler"),
     ({"min_p": 0.2}, "min_p", "sampler"),
     ({"add_special": False}, "add_special", "start_token"),
-    ({"loras": [{"path": "x.gguf"}]}, "loras", "no_lora"),
 ]
 
 
@@ -219,8 +235,7 @@ def test_what_the_runtime_cannot_do_is_refused_before_any_work(
     assert ctx.info["id"] in {c["id"] for c in ctx._client.list_contexts()}
 
 
-def test_token_prompts_tools_adapters_and_embeddings_are_refused(zmq: Client,
-                                                                 ctx: Context) -> None:
+def test_token_prompts_tools_and_embeddings_are_refused(ctx: Context) -> None:
     with pytest.raises(BackendUnsupported) as err:
         ctx.generate(tokens=[5, 6], max_tokens=4).collect()
     assert err.value.details["reason"] == "text_prompt"
@@ -228,13 +243,6 @@ def test_token_prompts_tools_adapters_and_embeddings_are_refused(zmq: Client,
     with pytest.raises(BackendUnsupported) as err:
         ctx.chat([{"role": "user", "content": "hi"}], tools=[tool], max_tokens=4).collect()
     assert err.value.details["reason"] == "no_tools"
-    for call in (lambda: ctx.set_lora("/nowhere/a.gguf"),
-                 lambda: ctx.set_loras([("/nowhere/a.gguf", 1.0)]),
-                 lambda: zmq.validate_lora("tiny", "/nowhere/a.gguf")):
-        with pytest.raises(BackendUnsupported) as err:
-            call()
-        assert err.value.details["reason"] == "no_lora"
-    assert ctx.clear_loras() == [] and ctx.loras() == []
     with pytest.raises(BackendUnsupported) as err:
         ctx.embed("hello")
     assert err.value.details == {"backend": "litert_lm", "reason": "no_embeddings",
@@ -334,13 +342,16 @@ def test_the_http_door_serves_it_to_the_openai_sdk(door: DaemonProcess, models: 
 
 @pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None,
                     reason="needs the conversion extra (pip install 'lorad[litert-convert]')")
-def test_the_fixture_is_what_the_converter_makes(tmp_path: Path) -> None:
-    """The committed fixture is the converter's tiny model: a fresh conversion gives the same
-    greedy output (the bytes differ from run to run)."""
-    from lorad.daemon.litertlm_convert import tiny
+def test_the_fixtures_are_what_the_converter_makes(tmp_path: Path) -> None:
+    """The committed fixtures are the converter's: a fresh conversion gives the same greedy
+    output, with and without the adapter (the bytes differ from run to run)."""
+    from lorad.daemon.litertlm_convert import fixtures
 
-    made = tiny(tmp_path / "tiny.litertlm")
-    assert runtime_greedy(made, PROMPT, 24) == runtime_greedy(FIXTURE, PROMPT, 24)
+    tiny, peft, merged = fixtures(tmp_path)
+    assert runtime_greedy(tiny, PROMPT, 24) == runtime_greedy(FIXTURE, PROMPT, 24)
+    assert runtime_greedy(merged, PROMPT, 24) == runtime_greedy(MERGED, PROMPT, 24)
+    assert (peft / "adapter_model.safetensors").read_bytes() == \
+        (FIXTURES / "tiny-peft" / "adapter_model.safetensors").read_bytes()
 
 
 def test_a_stream_cancelled_after_its_decoding_ended_ends_cleanly(zmq: Client) -> None:
@@ -354,3 +365,134 @@ def test_a_stream_cancelled_after_its_decoding_ended_ends_cleanly(zmq: Client) -
         stream.cancel()
         rest = list(it)
         assert stream.finish_reason == "cancelled" and len(rest) < 59
+
+
+# -- LoRA ---------------------------------------------------------------------------------------
+def test_an_adapter_gives_the_output_of_its_weights_merged(ctx: Context, models: Path) -> None:
+    """A PEFT adapter set on a context: the runtime's output equals the model with the adapter
+    merged into its weights (PEFT's W + alpha/r B A), token for token."""
+    merged = runtime_greedy(models / "merged.litertlm", PROMPT, 24)
+    base = runtime_greedy(models / "tiny.litertlm", PROMPT, 24)
+    assert merged != base  # the adapter changes the output
+    [entry] = ctx.set_lora(str(models / "peft"))
+    check_keys(entry, "stack_entry")
+    assert (entry["rank"], entry["alpha"], entry["targets"]) == (4, 8.0, ["k", "o", "q", "v"])
+    stream = ctx.generate(PROMPT, max_tokens=24, temperature=0)
+    assert [c.text for c in stream] == merged
+    assert stream.metrics["loras"] == [{"ref": str(models / "peft"),
+                                        "path": str(models / "peft"), "scale": 1.0}]
+    assert ctx.clear_loras() == []
+    assert ctx.generate(PROMPT, max_tokens=24, temperature=0).collect() == "".join(base)
+
+
+def test_an_adapter_stays_with_its_context(zmq: Client, models: Path) -> None:
+    """The runtime's adapter is engine-wide (the last loaded applies to every later session):
+    lorad gives every session its own, the zero adapter for a context without one."""
+    merged = "".join(runtime_greedy(models / "merged.litertlm", PROMPT, 16))
+    base = "".join(runtime_greedy(models / "tiny.litertlm", PROMPT, 16))
+    with zmq.create_context("tiny", loras=[str(models / "peft")]) as a, \
+            zmq.create_context("tiny") as b:
+        for _ in range(2):
+            assert a.generate(PROMPT, max_tokens=16, temperature=0).collect() == merged
+            assert b.generate(PROMPT, max_tokens=16, temperature=0).collect() == base
+        # per request, on the context without one, and back
+        one = b.generate(PROMPT, max_tokens=16, temperature=0, loras=[str(models / "peft")])
+        assert one.collect() == merged
+        assert b.generate(PROMPT, max_tokens=16, temperature=0).collect() == base
+
+
+def test_a_scale_is_folded_into_the_adapter(ctx: Context, models: Path) -> None:
+    base = "".join(runtime_greedy(models / "tiny.litertlm", PROMPT, 16))
+    merged = "".join(runtime_greedy(models / "merged.litertlm", PROMPT, 16))
+    ctx.set_lora(str(models / "peft"), scale=0.0)
+    assert ctx.generate(PROMPT, max_tokens=16, temperature=0).collect() == base
+    [entry] = ctx.set_lora(str(models / "peft"), scale=1.0)  # a scale change
+    assert entry["scale"] == 1.0
+    assert ctx.generate(PROMPT, max_tokens=16, temperature=0).collect() == merged
+    ctx.remove_lora(str(models / "peft"))
+    assert ctx.loras() == []
+
+
+def _peft(root: Path, name: str, *, rank: int = 4, module: str = "q_proj",
+          d_in: int = 64, d_out: int = 64) -> Path:
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out = root / name
+    out.mkdir(exist_ok=True)
+    key = f"base_model.model.model.layers.0.self_attn.{module}"
+    save_file({f"{key}.lora_A.weight": np.ones((rank, d_in), "f4"),
+               f"{key}.lora_B.weight": np.ones((d_out, rank), "f4")},
+              str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank,
+                                                         "lora_alpha": rank}))
+    return out
+
+
+def test_adapters_the_runtime_cannot_take_are_refused_by_name(zmq: Client, ctx: Context,
+                                                             models: Path) -> None:
+    from lorad.client import LoraIncompatible, LoraUnsupported
+
+    peft = str(models / "peft")
+    with pytest.raises(BackendUnsupported) as err:
+        ctx.set_loras([(peft, 1.0), (str(_peft(models, "second")), 1.0)])
+    assert (err.value.details["reason"], err.value.details["value"]) == ("one_adapter", 2)
+    ctx.set_lora(peft)
+    with pytest.raises(BackendUnsupported) as err:
+        ctx.set_lora(str(_peft(models, "second")))
+    assert err.value.details["reason"] == "one_adapter"
+    assert [e["path"] for e in ctx.loras()] == [peft]  # unchanged
+    gguf = models / "adapter.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(BackendUnsupported) as err:
+        ctx.set_loras([(str(gguf), 1.0)])
+    assert err.value.details["reason"] == "peft_only"
+    with pytest.raises(LoraUnsupported) as err:
+        ctx.set_loras([(str(_peft(models, "mlp", module="mlp.up_proj", d_out=128)), 1.0)])
+    assert err.value.details["reason"] == "litert_attention_only"
+    with pytest.raises(LoraIncompatible) as err:
+        ctx.set_loras([(str(_peft(models, "wide", rank=64)), 1.0)])
+    assert (err.value.details["rank"], err.value.details["model_rank"]) == (64, 16)
+    with pytest.raises(LoraIncompatible):
+        ctx.set_loras([(str(_peft(models, "narrow", d_in=32)), 1.0)])
+    assert [e["path"] for e in ctx.loras()] == [peft]
+    report = zmq.validate_lora("tiny", str(_peft(models, "wide", rank=64)))
+    assert not report["compatible"] and report["problems"][0]["code"] == "lora_incompatible"
+    assert zmq.validate_lora("tiny", peft)["compatible"]
+
+
+def test_a_bundle_without_lora_inputs_refuses_adapters(zmq: Client, models: Path) -> None:
+    """A bundle exported without LoRA inputs in the signatures the runtime calls would ignore
+    an adapter silently (checked: its output does not change): lorad refuses it."""
+    info = zmq.load_model(str(models / "merged.litertlm"))
+    assert info["lora_rank"] is None and zmq.capabilities()["models"]["merged"]["lora"] is False
+    try:
+        with zmq.create_context("merged") as c:
+            with pytest.raises(BackendUnsupported) as err:
+                c.set_lora(str(models / "peft"))
+            assert err.value.details["reason"] == "no_lora_inputs"
+            with pytest.raises(BackendUnsupported):
+                c.generate(PROMPT, max_tokens=2, loras=[str(models / "peft")]).collect()
+    finally:
+        zmq.unload_model("merged")
+
+
+def test_lorad_lora_convert_writes_the_runtimes_file(tmp_path: Path, models: Path) -> None:
+    """Offline: ``lorad lora convert PEFT --model X.litertlm -o F`` writes the file the
+    runtime takes, which gives the merged model's output."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny.lora"
+    subprocess.run([sys.executable, "-m", "lorad.client.cli", "lora", "convert",
+                    str(models / "peft"), "--model", str(models / "tiny.litertlm"), "-o",
+                    str(out)], check=True)
+    assert runtime_greedy(models / "tiny.litertlm", PROMPT, 16, lora=out) == \
+        runtime_greedy(models / "merged.litertlm", PROMPT, 16)
+    refused = subprocess.run([sys.executable, "-m", "lorad.client.cli", "lora", "convert",
+                              str(models / "peft"), "--model", str(models / "merged.litertlm"),
+                              "-o", str(tmp_path / "x.lora")], capture_output=True, text=True)
+    assert refused.returncode == 1 and "no_lora_inputs" not in refused.stderr
+    assert "takes no adapter" in refused.stderr and not (tmp_path / "x.lora").exists()

@@ -1,0 +1,119 @@
+"""Adapters on LiteRT-LM contexts: PEFT directories read once per request that names them, and
+the runtime's files lorad writes from them, per scale, in the model's own cache directory.
+
+The runtime's LoRA belongs to its engine: the adapter of the last session made applies to every
+later one. Sessions of a model run one at a time (:class:`lorad.daemon.litert_actor.Turns`), and
+each gets a file: its context's adapter at its scale, or the zero adapter. Always a file: a
+session given none on a model with LoRA inputs reads whatever the inputs hold, which was
+garbage (empty output) once another engine had run in the process. Switching costs the
+runtime's load of a file of ``rank x (d_model + q_out) x 2 x 2 x n_layer`` floats per session
+(4.4 MB on gemma 3 270M at rank 16); lorad writes each (adapter, scale) once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import litert_lora
+from .litert_lora import LoraSpec
+
+MAX_FILES = 64
+"""Adapter files kept per model (the oldest are deleted past it)."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What ``list_loras`` says of an adapter on a LiteRT-LM context (the stack entry's keys)."""
+
+    path: Path
+    alpha: float
+    rank: int
+    targets: tuple[str, ...]
+    nbytes: int
+    is_alora = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"path": str(self.path), "name": None, "architecture": None,
+                "alpha": self.alpha, "rank": self.rank, "ranks": [self.rank],
+                "n_targets": len(self.targets), "targets": sorted(self.targets),
+                "bytes": self.nbytes, "alora": False, "alora_invocation_tokens": None}
+
+
+@dataclass(eq=False)
+class LitertAdapter:
+    """A PEFT adapter converted for one LiteRT-LM model (tensors at scale 1)."""
+
+    info: AdapterInfo
+    key: str
+    """Its content's digest (and the model's spec): the name of its files."""
+    tensors: dict[str, np.ndarray] = field(repr=False)
+    contexts: set[str] = field(default_factory=set)
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+
+def load_peft(directory: Path, spec: LoraSpec, *, max_bytes: int) -> LitertAdapter:
+    """Read and convert a PEFT directory for a model of ``spec`` (blocking: a file worker's)."""
+    import json
+
+    tensors = litert_lora.from_peft(directory, spec, 1.0, max_bytes=max_bytes)
+    config = json.loads((directory / "adapter_config.json").read_bytes()[:1 << 20])
+    targets = tuple(sorted({name.split("_")[2] for name, t in tensors.items() if t.any()}))
+    nbytes = sum(t.nbytes for t in tensors.values())
+    key = hashlib.sha256(f"{litert_lora.digest(directory)}:{spec.to_json()}".encode()
+                         ).hexdigest()[:24]
+    return LitertAdapter(AdapterInfo(directory, float(config.get("lora_alpha", config["r"])),
+                                     int(config["r"]), targets, nbytes), key, tensors)
+
+
+class SessionFiles:
+    """A LiteRT-LM model's adapter files (see the module); methods block (file work)."""
+
+    def __init__(self, directory: str, spec: LoraSpec | None) -> None:
+        self.directory = directory
+        self.spec = spec
+        self._files: OrderedDict[tuple[str, float], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def for_session(self, adapter: LitertAdapter | None, scale: float) -> str | None:
+        """The file a session gets: ``adapter`` at ``scale``, else the zero adapter (None: the
+        model takes no adapter)."""
+        if self.spec is None:
+            return None
+        if adapter is None:
+            return self._file(("zero", 0.0), None, 0.0)
+        return self._file((adapter.key, scale), adapter, scale)
+
+    def _file(self, key: tuple[str, float], adapter: LitertAdapter | None,
+              scale: float) -> str:
+        assert self.spec is not None
+        with self._lock:
+            found = self._files.get(key)
+            if found is not None and os.path.exists(found):
+                self._files.move_to_end(key)
+                return found
+            path = os.path.join(self.directory, f"{key[0]}-{scale!r}.lora")
+            if adapter is None:
+                tensors = litert_lora.zeros(self.spec)
+            else:
+                tensors = {n: t if not n.startswith("lora_atten_") or "_b_prime" not in n
+                           else t * np.float32(scale) for n, t in adapter.tensors.items()}
+            litert_lora.write_file(path, self.spec, tensors)
+            self._files[key] = path
+            while len(self._files) > MAX_FILES:
+                _, old = self._files.popitem(last=False)
+                if old != path:  # a session that has it keeps its mapping
+                    with contextlib.suppress(OSError):
+                        os.unlink(old)
+            return path
