@@ -112,6 +112,14 @@ def _align(n: int, to: int = 64) -> int:
     return (n + to - 1) // to * to
 
 
+def _table_vector(b: Any, tables: list[int]) -> int:
+    """A flatbuffer vector of the tables at ``tables``."""
+    b.StartVector(4, len(tables), 4)
+    for x in reversed(tables):
+        b.PrependUOffsetTRelative(x)
+    return b.EndVector()
+
+
 def _flatbuffer(names: list[str], shapes: list[tuple[int, ...]], offsets: list[int],
                 sizes: list[int], rank: int) -> bytes:
     """The TFLite model flatbuffer of an adapter (tensor data outside it, at ``offsets``)."""
@@ -126,10 +134,7 @@ def _flatbuffer(names: list[str], shapes: list[tuple[int, ...]], offsets: list[i
         b.PrependUint64Slot(1, offset, 0)
         b.PrependUint64Slot(2, size, 0)
         buffers.append(b.EndObject())
-    b.StartVector(4, len(buffers), 4)
-    for x in reversed(buffers):
-        b.PrependUOffsetTRelative(x)
-    buffer_vec = b.EndVector()
+    buffer_vec = _table_vector(b, buffers)
     tensors = []
     for i, (name, shape) in enumerate(zip(names, shapes, strict=True)):
         name_off = b.CreateString(name)
@@ -143,26 +148,17 @@ def _flatbuffer(names: list[str], shapes: list[tuple[int, ...]], offsets: list[i
         b.PrependUint32Slot(2, i + 1, 0)
         b.PrependUOffsetTRelativeSlot(3, name_off, 0)
         tensors.append(b.EndObject())
-    b.StartVector(4, len(tensors), 4)
-    for x in reversed(tensors):
-        b.PrependUOffsetTRelative(x)
-    tensor_vec = b.EndVector()
+    tensor_vec = _table_vector(b, tensors)
     sub_name = b.CreateString("lora_params")
     b.StartObject(6)  # SubGraph
     b.PrependUOffsetTRelativeSlot(0, tensor_vec, 0)
     b.PrependUOffsetTRelativeSlot(4, sub_name, 0)
-    subgraph = b.EndObject()
-    b.StartVector(4, 1, 4)
-    b.PrependUOffsetTRelative(subgraph)
-    subgraph_vec = b.EndVector()
+    subgraph_vec = _table_vector(b, [b.EndObject()])
     meta_name = b.CreateString("lora_rank")
     b.StartObject(2)  # Metadata: the rank where a buffer index would be (the stock writer's)
     b.PrependUOffsetTRelativeSlot(0, meta_name, 0)
     b.PrependUint32Slot(1, rank, 0)
-    meta = b.EndObject()
-    b.StartVector(4, 1, 4)
-    b.PrependUOffsetTRelative(meta)
-    meta_vec = b.EndVector()
+    meta_vec = _table_vector(b, [b.EndObject()])
     description = b.CreateString("lora_params")
     b.StartObject(10)  # Model
     b.PrependUint32Slot(0, 3, 0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,8 +183,31 @@ class ModelRegistry:
                                            use_mmap=use_mmap, alias=alias,
                                            chat_template=chat_template)
         n_gpu_layers = gpu.resolve_layers(n_gpu_layers, llama.supports_gpu_offload())
-        params = {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap}
-        key = (str(resolved), n_gpu_layers, use_mmap)
+
+        async def fits(size: int) -> None:
+            if n_gpu_layers != 0:  # a GPU build: the offloaded share must fit the GPUs' memory
+                n_layer = await BUILD.run(_block_count, resolved)
+                free = sum(d.free_bytes for d in gpu.offload_devices(gpu.devices()))
+                gpu.check_fit(size, n_layer, gpu.offloaded(n_gpu_layers, n_layer), free)
+
+        def make() -> tuple[llama.Model, ModelTensors | None]:
+            model = llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
+                                progress=progress, repack=self.repack)
+            return model, _header(resolved)
+
+        return await self._load(resolved, path, (str(resolved), n_gpu_layers, use_mmap),
+                                {"n_gpu_layers": n_gpu_layers, "use_mmap": use_mmap},
+                                alias=alias, chat_template=chat_template, fits=fits, make=make,
+                                backend="llama.cpp")
+
+    async def _load(self, resolved: Path, path: str, key: tuple[Any, ...],
+                    params: dict[str, Any], *, alias: str | None, chat_template: str | None,
+                    fits: Callable[[int], Awaitable[None]] | None,
+                    make: Callable[[], tuple[Any, ModelTensors | None]],
+                    backend: str) -> LoadedModel:
+        """Load once per ``key`` (a request for a model being loaded shares that load): the
+        file's size is checked by ``fits`` and reserved in the memory budget, then ``make``
+        loads it in a worker thread."""
         while key in self._loading:  # another request loads the same model: share its result
             await self._loading[key].wait()
         if key in self._by_key:
@@ -195,19 +218,13 @@ class ModelRegistry:
         except OSError as exc:  # gone since it was checked
             raise ProtocolError(ErrorCode.NOT_FOUND, f"cannot read model {path!r}: "
                                 f"{exc.strerror}", path=path) from None
-        if n_gpu_layers != 0:  # a GPU build: the offloaded share must fit the GPUs' memory
-            n_layer = await BUILD.run(_block_count, resolved)
-            free = sum(d.free_bytes for d in gpu.offload_devices(gpu.devices()))
-            gpu.check_fit(size, n_layer, gpu.offloaded(n_gpu_layers, n_layer), free)
+        if fits is not None:
+            await fits(size)
         reservation = self.memory.reserve(f"model {resolved.name!r}", size, path=str(resolved))
         done = self._loading[key] = trio.Event()
         started = time.perf_counter()
         try:
-            model = await BUILD.run(
-                lambda: llama.Model(str(resolved), n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
-                                    progress=progress, repack=self.repack)
-            )
-            tensors = await BUILD.run(_header, resolved)
+            model, tensors = await BUILD.run(make)
         except BaseException:
             reservation.release()
             raise
@@ -215,10 +232,10 @@ class ModelRegistry:
             del self._loading[key]
             done.set()
         entry = LoadedModel(model_id, resolved, key, model, params, reservation=reservation,
-                            tensors=tensors, chat_template=chat_template)
+                            tensors=tensors, chat_template=chat_template, backend=backend)
         entry.load_seconds = time.perf_counter() - started
         self._by_id[model_id] = self._by_key[key] = entry
-        log.info("model_loaded", model=model_id, path=str(resolved),
+        log.info("model_loaded", model=model_id, path=str(resolved), backend=backend,
                  seconds=round(entry.load_seconds, 3))
         return entry
 
@@ -247,36 +264,10 @@ class ModelRegistry:
                                 "its model file itself: use_mmap=false cannot be honoured",
                                 field="use_mmap", backend=litert.BACKEND, reason="runtime_maps")
         threads = self.threads
-        key = (str(resolved), litert.BACKEND, threads)
-        while key in self._loading:
-            await self._loading[key].wait()
-        if key in self._by_key:
-            return self._already(key, chat_template)
-        model_id = self._new_id(resolved, alias)
-        try:
-            size = resolved.stat().st_size
-        except OSError as exc:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"cannot read model {path!r}: "
-                                f"{exc.strerror}", path=path) from None
-        reservation = self.memory.reserve(f"model {resolved.name!r}", size, path=str(resolved))
-        done = self._loading[key] = trio.Event()
-        started = time.perf_counter()
-        try:
-            model = await BUILD.run(lambda: litert.Model(str(resolved), threads=threads))
-        except BaseException:
-            reservation.release()
-            raise
-        finally:
-            del self._loading[key]
-            done.set()
-        entry = LoadedModel(model_id, resolved, key, model, {"threads": threads},
-                            reservation=reservation, chat_template=chat_template,
-                            backend=litert.BACKEND)
-        entry.load_seconds = time.perf_counter() - started
-        self._by_id[model_id] = self._by_key[key] = entry
-        log.info("model_loaded", model=model_id, path=str(resolved), backend=litert.BACKEND,
-                 seconds=round(entry.load_seconds, 3))
-        return entry
+        return await self._load(
+            resolved, path, (str(resolved), litert.BACKEND, threads), {"threads": threads},
+            alias=alias, chat_template=chat_template, fits=None, backend=litert.BACKEND,
+            make=lambda: (litert.Model(str(resolved), threads=threads), None))
 
     def get(self, ref: str) -> LoadedModel:
         """A loaded model by id or by path (resolved); ``not_found`` otherwise."""

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import start_daemon
-from test_gemma_adapters import ADAPTERS, CHECKS, PROMPTS
+from test_gemma_adapters import ADAPTERS, CHECKS, rate
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("litert_lm") is None,
@@ -59,14 +59,6 @@ def bundle() -> Path:
         pytest.skip("the LiteRT-LM default model needs the conversion extra once "
                     f"(pip install 'lorad[litert-convert]'): {cached.stderr.strip()}")
     return Path(cached.stdout.strip().splitlines()[-1])
-
-
-def rate(ctx, check) -> float:
-    hits = 0
-    for p in PROMPTS:
-        text = ctx.generate(p, max_tokens=24, temperature=0, stop=["\nQuestion"]).collect()
-        hits += bool(check(text))
-    return hits / len(PROMPTS)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
