@@ -248,8 +248,10 @@ def _convert_for_litert(peft: Path, model: Path, output: Path) -> Path:
         raise ProtocolError(ErrorCode.BACKEND_UNSUPPORTED, f"{model} takes no adapter: it was "
                             "not exported with LoRA inputs (lorad's converter exports them)",
                             backend="litert_lm", reason="no_lora_inputs", field="model")
-    litert_lora.write_file(output, spec, litert_lora.from_peft(peft, spec, 1.0,
-                                                               max_bytes=1 << 31))
+    from lorad.daemon.peft import PeftFiles, read_adapter
+
+    adapter = read_adapter(peft, PeftFiles.read(peft, 1 << 31))
+    litert_lora.write_file(output, spec, litert_lora.from_peft(adapter, spec, 1.0))
     return output
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import litert_lora
 from .litert_lora import LoraSpec
+from .peft import PeftFiles, read_adapter
 
 MAX_FILES = 64
 """Adapter files kept per model (the oldest are deleted past it)."""
@@ -36,14 +37,16 @@ class AdapterInfo:
 
     path: Path
     alpha: float
-    rank: int
+    ranks: tuple[int, ...]
     targets: tuple[str, ...]
     nbytes: int
     is_alora = False
 
     def to_wire(self) -> dict[str, Any]:
         return {"path": str(self.path), "name": None, "architecture": None,
-                "alpha": self.alpha, "rank": self.rank, "ranks": [self.rank],
+                "alpha": self.alpha,
+                "rank": self.ranks[0] if len(self.ranks) == 1 else None,
+                "ranks": list(self.ranks),
                 "n_targets": len(self.targets), "targets": sorted(self.targets),
                 "bytes": self.nbytes, "alora": False, "alora_invocation_tokens": None}
 
@@ -64,17 +67,17 @@ class LitertAdapter:
 
 
 def load_peft(directory: Path, spec: LoraSpec, *, max_bytes: int) -> LitertAdapter:
-    """Read and convert a PEFT directory for a model of ``spec`` (blocking: a file worker's)."""
-    import json
-
-    tensors = litert_lora.from_peft(directory, spec, 1.0, max_bytes=max_bytes)
-    config = json.loads((directory / "adapter_config.json").read_bytes()[:1 << 20])
+    """Read, check and convert a PEFT directory for a model of ``spec`` (blocking: a file
+    worker's)."""
+    files = PeftFiles.read(directory, max_bytes)
+    adapter = read_adapter(directory, files)
+    tensors = litert_lora.from_peft(adapter, spec, 1.0)
     targets = tuple(sorted({name.split("_")[2] for name, t in tensors.items() if t.any()}))
-    nbytes = sum(t.nbytes for t in tensors.values())
-    key = hashlib.sha256(f"{litert_lora.digest(directory)}:{spec.to_json()}".encode()
-                         ).hexdigest()[:24]
-    return LitertAdapter(AdapterInfo(directory, float(config.get("lora_alpha", config["r"])),
-                                     int(config["r"]), targets, nbytes), key, tensors)
+    ranks = tuple(sorted({int(ab["A"].shape[0]) for ab in adapter.pairs.values()}))
+    key = hashlib.sha256(f"{files.digest()}:{spec.to_json()}".encode()).hexdigest()[:24]
+    info = AdapterInfo(directory, adapter.alpha, ranks, targets,
+                       sum(t.nbytes for t in tensors.values()))
+    return LitertAdapter(info, key, tensors)
 
 
 class SessionFiles:

@@ -15,20 +15,17 @@ What the runtime takes (``litert-lm-api`` 0.18.1, CPU), as found by running it:
   gives every session a file, the zero adapter for a context without one.
 
 Adapters come to a LiteRT-LM context as PEFT directories (attention ``q_proj``, ``k_proj``,
-``v_proj``, ``o_proj``; a lower rank is padded with zeros to the model's): lorad reads them
-(bounded, no pickle), folds ``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA) and the scale into
-``b'``, and writes the runtime's file into its cache. The runtime never reads a file a client
-wrote.
+``v_proj``, ``o_proj``; a lower rank is padded with zeros to the model's), read and checked as
+for llama.cpp models (:func:`lorad.daemon.peft.read_adapter`: private bounded copies, PEFT's
+per-module scaling, its variants refused); lorad folds the scaling and the scale into ``b'``
+and writes the runtime's file into its cache. The runtime never reads a file a client wrote.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +34,17 @@ import numpy as np
 
 from lorad.protocol import ErrorCode, ProtocolError
 
+from .peft import PeftAdapter
+
 MARKER = b"lorad-lora-spec:"
 """Where lorad's converter puts a bundle's :class:`LoraSpec` (JSON after it, in the header)."""
 HEADER_BYTES = 1 << 16
 """How far into a bundle the spec is looked for (the system metadata is in the header)."""
 TARGETS = ("q", "k", "v", "o")
 PEFT_TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
-_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?"
-                       r"(?:model\.)?layers\.(\d+)\.self_attn\.(\w+)\.lora_([AB])\.weight$")
+_PEFT_MODULE = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)"
+                          r"\.self_attn\.(\w+)$")
+"""A PEFT module name (the base_model.model. prefix taken off) of an attention projection."""
 
 
 @dataclass(frozen=True)
@@ -195,94 +195,45 @@ def write_file(path: str | os.PathLike[str], spec: LoraSpec,
 
 
 def _bad(code: ErrorCode, path: Path, message: str, **details: Any) -> ProtocolError:
-    return ProtocolError(code, f"{path}: {message}", path=str(path), **details)
+    return ProtocolError(code, f"{path.name}: {message}", path=str(path), **details)
 
 
-def from_peft(directory: Path, spec: LoraSpec, scale: float, *,
-              max_bytes: int) -> dict[str, np.ndarray]:
-    """The runtime's tensors for a PEFT adapter directory on a model of ``spec``, ``scale``
-    folded in (typed errors for what cannot be converted or does not fit)."""
-    from safetensors.numpy import load
-
-    config_path, weights = directory / "adapter_config.json", directory / \
-        "adapter_model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
-        raise _bad(ErrorCode.LORA_INVALID, directory, "a PEFT adapter directory needs "
-                   "adapter_config.json and adapter_model.safetensors")
-    try:
-        with open(weights, "rb") as f:  # a private copy, bounded: the file may change
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"{weights}: more than "
-                                f"limits.max_adapter_file_bytes ({max_bytes}) bytes",
-                                path=str(weights), limit="max_adapter_file_bytes",
-                                value=max_bytes)
-        with open(config_path, "rb") as f:
-            config = json.loads(f.read(1 << 20))
-        raw = load(data)
-    except (ValueError, OSError, struct.error) as exc:
-        raise _bad(ErrorCode.LORA_INVALID, directory, f"unreadable adapter: {exc}") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise _bad(ErrorCode.LORA_UNSUPPORTED, directory, "not a LoRA adapter",
-                   reason="not_lora")
-    for key in ("use_dora", "fan_in_fan_out"):
-        if config.get(key):
-            raise _bad(ErrorCode.LORA_UNSUPPORTED, directory, f"{key} cannot be converted",
-                       reason=key.removeprefix("use_"))
-    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise _bad(ErrorCode.LORA_INVALID, directory, "adapter_config.json needs r and "
-                   "lora_alpha")
-    if r > spec.rank:
-        raise _bad(ErrorCode.LORA_INCOMPATIBLE, directory, f"rank {r} is above the "
-                   f"{spec.rank} this model takes (ranks up to it are padded)",
-                   reason="rank", rank=r, model_rank=spec.rank)
-    factor = scale * (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+def from_peft(adapter: PeftAdapter, spec: LoraSpec, scale: float) -> dict[str, np.ndarray]:
+    """The runtime's tensors for a PEFT adapter (read and checked by
+    :func:`lorad.daemon.peft.read_adapter`) on a model of ``spec``, PEFT's scaling and
+    ``scale`` folded into ``b'``; typed errors for what does not fit."""
+    path = adapter.path
     out = zeros(spec)
-    for key, value in raw.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise _bad(ErrorCode.LORA_UNSUPPORTED, directory, f"tensor {key!r}: LiteRT-LM "
-                       "models take attention LoRA only (q_proj, k_proj, v_proj, o_proj)",
-                       reason="litert_attention_only", tensor=key)
-        layer, module, part = int(m.group(1)), m.group(2), m.group(3)
-        target = PEFT_TARGETS.get(module)
-        if target is None:
-            raise _bad(ErrorCode.LORA_UNSUPPORTED, directory, f"tensor {key!r}: LiteRT-LM "
-                       "models take attention LoRA only (q_proj, k_proj, v_proj, o_proj)",
-                       reason="litert_attention_only", tensor=key)
+    for module, ab in adapter.pairs.items():
+        m = _PEFT_MODULE.match(module)
+        if m is None or module in adapter.embedding or m.group(2) not in PEFT_TARGETS:
+            raise _bad(ErrorCode.LORA_UNSUPPORTED, path, f"module {module!r}: LiteRT-LM models "
+                       "take attention LoRA only (q_proj, k_proj, v_proj, o_proj)",
+                       reason="litert_attention_only", tensor=module)
+        layer, target = int(m.group(1)), PEFT_TARGETS[m.group(2)]
         if layer >= spec.n_layer:
-            raise _bad(ErrorCode.LORA_INCOMPATIBLE, directory, f"tensor {key!r}: the model "
-                       f"has {spec.n_layer} layers", tensor=key)
-        (a_shape, b_shape) = spec.shapes(layer)[target]
-        value = np.asarray(value, np.float32)
-        if part == "A":  # PEFT: (r, in) -> a': (in, rank)
-            want = (r, a_shape[0])
-            name, padded = tensor_name(target, "a", layer), np.zeros(a_shape, np.float32)
-            if value.shape != want:
-                raise _bad(ErrorCode.LORA_INCOMPATIBLE, directory, f"tensor {key!r} has shape "
-                           f"{list(value.shape)}, the model needs {list(want)}", tensor=key)
-            padded[:, :r] = value.T
-        else:  # PEFT: (out, r) -> b': (rank, out), the scaling folded in
-            want = (b_shape[1], r)
-            name, padded = tensor_name(target, "b", layer), np.zeros(b_shape, np.float32)
-            if value.shape != want:
-                raise _bad(ErrorCode.LORA_INCOMPATIBLE, directory, f"tensor {key!r} has shape "
-                           f"{list(value.shape)}, the model needs {list(want)}", tensor=key)
-            padded[:r, :] = value.T * factor
-        if not np.isfinite(padded).all():
-            raise _bad(ErrorCode.LORA_INVALID, directory, f"tensor {key!r} holds NaN or "
-                       "infinite values", tensor=key)
-        out[name] = padded
+            raise _bad(ErrorCode.LORA_INCOMPATIBLE, path, f"module {module!r}: the model has "
+                       f"{spec.n_layer} layers", tensor=module)
+        a, b = ab["A"], ab["B"]  # PEFT: A (r, in), B (out, r)
+        rank = a.shape[0]
+        if rank > spec.rank:
+            raise _bad(ErrorCode.LORA_INCOMPATIBLE, path, f"rank {rank} is above the "
+                       f"{spec.rank} this model takes (ranks up to it are padded)",
+                       reason="rank", rank=rank, model_rank=spec.rank)
+        a_shape, b_shape = spec.shapes(layer)[target]
+        if a.shape[1] != a_shape[0] or b.shape[0] != b_shape[1]:
+            raise _bad(ErrorCode.LORA_INCOMPATIBLE, path, f"module {module!r}: lora_A "
+                       f"{list(a.shape)} and lora_B {list(b.shape)} do not fit the model's "
+                       f"{a_shape[0]} -> {b_shape[1]} projection", tensor=module)
+        factor = np.float32(adapter.scaling(module, rank) * scale)
+        a_out, b_out = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+        a_out[:, :rank] = a.T  # a': (in, rank), zero-padded
+        b_out[:rank, :] = b.T * factor  # b': (rank, out), the scaling folded in
+        if not (np.isfinite(a_out).all() and np.isfinite(b_out).all()):
+            raise ProtocolError(ErrorCode.LORA_INVALID, f"{path.name}: module {module!r} "
+                                "holds NaN or infinite values", path=str(path), tensor=module)
+        out[tensor_name(target, "a", layer)] = a_out
+        out[tensor_name(target, "b", layer)] = b_out
     return out
 
 
-def digest(directory: Path) -> str:
-    """A PEFT directory's content, for the cache of converted files."""
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        h.update(name.encode())
-        with open(directory / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:32]

@@ -166,7 +166,41 @@ def convert_peft(peft_dir: Path, model_path: Path, out: Path, *,
     return _convert(peft_dir, PeftFiles.read(peft_dir, max_bytes), model_path, out)
 
 
-def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> Path:
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A PEFT LoRA adapter, read and checked (see :func:`read_adapter`): its pairs by module,
+    and PEFT's scaling of each."""
+
+    path: Path
+    r: float
+    alpha: float
+    rslora: bool
+    rank_patterns: list[tuple[re.Pattern, Any]]
+    alpha_patterns: list[tuple[re.Pattern, Any]]
+    pairs: dict[str, dict[str, np.ndarray]]
+    """Module name -> ``{"A": ..., "B": ...}`` as PEFT saved them (float32)."""
+    embedding: set[str]
+    """The modules whose pair is an embedding LoRA (``lora_embedding_A/B``)."""
+    base_layers: dict[str, tuple[int, ...]]
+    """The shapes of the base weights PEFT saved beside some pairs."""
+
+    def scaling(self, module: str, rank: int) -> float:
+        """PEFT's scale of ``module``'s delta (``alpha_m / r_m``, or ``/ sqrt(r_m)`` with
+        rsLoRA); ``lora_invalid`` when its pair's ``rank`` is not the config's."""
+        r_m = _number(self.path, "rank_pattern", pattern_value(self.rank_patterns, module,
+                                                               self.r))
+        a_m = _number(self.path, "alpha_pattern", pattern_value(self.alpha_patterns, module,
+                                                                self.alpha))
+        if rank != r_m:
+            raise _invalid(self.path, f"{module!r}: lora_A has rank {rank}, the config says "
+                           f"{r_m:g}", tensor=module)
+        return a_m / math.sqrt(r_m) if self.rslora else a_m / r_m
+
+
+def read_adapter(peft_dir: Path, files: PeftFiles) -> PeftAdapter:
+    """The adapter in ``files`` (private copies), with every check that does not depend on a
+    model: what PEFT computes otherwise (``lora_unsupported``), malformed files and pairs
+    (``lora_invalid``)."""
     from safetensors.numpy import load
 
     try:
@@ -179,11 +213,11 @@ def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> P
         raise _refuse(peft_dir, "not_lora", f"peft_type is {config.get('peft_type')!r}, not LORA")
     for key, reason in _VARIANTS.items():
         if config.get(key):
-            raise _refuse(peft_dir, reason, f"{key} adapters are not supported (llama.cpp applies "
+            raise _refuse(peft_dir, reason, f"{key} adapters are not supported (lorad applies "
                           "plain LoRA deltas W + s * B @ A)")
     if config.get("modules_to_save"):
         raise _refuse(peft_dir, "modules_to_save", "modules_to_save holds whole trained modules "
-                      f"({config['modules_to_save']}), which a LoRA GGUF cannot carry")
+                      f"({config['modules_to_save']}), which a LoRA adapter cannot carry")
     if files.weights is None:
         raise _refuse(peft_dir, "no_safetensors", "adapter_model.safetensors is missing (a "
                       ".bin adapter needs torch to read: re-save it with safe_serialization)")
@@ -191,24 +225,7 @@ def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> P
         tensors = load(files.weights)  # copies out of the snapshot: no map of the file
     except Exception as exc:
         raise _invalid(peft_dir, f"unreadable adapter_model.safetensors: {exc}") from None
-
-    meta, shapes = read_model_header(model_path)
-    arch = meta.get("general.architecture")
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
-    if arch_enum is None:
-        raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"unknown model architecture {arch!r}",
-                            path=str(peft_dir))
-    n_layer = int(meta.get(f"{arch}.block_count") or 0)
-    n_head = meta.get(f"{arch}.attention.head_count")
-    n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
-    names = gguf.get_tensor_name_map(arch_enum, n_layer)
-
     r = _number(peft_dir, "r", config.get("r", 8))
-    alpha = _number(peft_dir, "lora_alpha", config.get("lora_alpha", r))
-    rank_patterns = _patterns(peft_dir, config, "rank_pattern")
-    alpha_patterns = _patterns(peft_dir, config, "alpha_pattern")
-    rslora = bool(config.get("use_rslora"))
-
     pairs: dict[str, dict[str, np.ndarray]] = {}
     embedding: set[str] = set()
     base_layers: dict[str, tuple[int, ...]] = {}
@@ -223,12 +240,10 @@ def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> P
         elif key.endswith(("embed_tokens.weight", "lm_head.weight")):
             raise _refuse(peft_dir, "saved_embeddings", f"tensor {key!r} is a whole embedding "
                           "or output matrix (saved by PEFT when the vocabulary was resized), "
-                          "which a LoRA GGUF cannot carry", tensor=key)
+                          "which a LoRA adapter cannot carry", tensor=key)
         else:
             raise _refuse(peft_dir, "unexpected_tensor", f"tensor {key!r} is not a LoRA A/B "
                           "weight (biases and saved modules are not supported)", tensor=key)
-
-    out_tensors: dict[str, np.ndarray] = {}
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise _invalid(peft_dir, f"{module!r} lacks lora_{'B' if 'A' in ab else 'A'}",
@@ -237,11 +252,39 @@ def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> P
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise _invalid(peft_dir, f"{module!r}: lora_A {a.shape} and lora_B {b.shape} are not "
                            "a LoRA pair", tensor=module)
+    if unpaired := sorted(set(base_layers) - set(pairs)):
+        raise _refuse(peft_dir, "unexpected_tensor", f"base_layer weights without a LoRA: "
+                      f"{unpaired}", tensor=unpaired[0])
+    if not pairs:
+        raise _invalid(peft_dir, "the adapter has no LoRA tensors")
+    return PeftAdapter(peft_dir, r, _number(peft_dir, "lora_alpha", config.get("lora_alpha", r)),
+                       bool(config.get("use_rslora")), _patterns(peft_dir, config, "rank_pattern"),
+                       _patterns(peft_dir, config, "alpha_pattern"), pairs, embedding,
+                       base_layers)
+
+
+def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> Path:
+    adapter = read_adapter(peft_dir, files)
+    meta, shapes = read_model_header(model_path)
+    arch = meta.get("general.architecture")
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
+    if arch_enum is None:
+        raise ProtocolError(ErrorCode.LORA_INCOMPATIBLE, f"unknown model architecture {arch!r}",
+                            path=str(peft_dir))
+    n_layer = int(meta.get(f"{arch}.block_count") or 0)
+    n_head = meta.get(f"{arch}.attention.head_count")
+    n_head_kv = meta.get(f"{arch}.attention.head_count_kv", n_head)
+    names = gguf.get_tensor_name_map(arch_enum, n_layer)
+
+    alpha = adapter.alpha
+    out_tensors: dict[str, np.ndarray] = {}
+    for module, ab in sorted(adapter.pairs.items()):
+        a, b = ab["A"], ab["B"]
         target = names.get_name(module + ".weight", try_suffixes=(".weight",))
         if target is None:
             raise _incompatible(peft_dir, f"no {arch} tensor for module {module!r}",
                                 tensor=module)
-        is_embedding = module in embedding
+        is_embedding = module in adapter.embedding
         if is_embedding and target != TOKEN_EMBD:
             raise _refuse(peft_dir, "embedding_target", f"{module!r} is an embedding that is not "
                           "the token embedding: llama.cpp applies embedding LoRAs to "
@@ -271,16 +314,12 @@ def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> P
                 f"{a.shape} and {b.shape}", tensor=target, model_shape=list(shapes[target]),
                 expected_lora_a=list(expected_a), expected_lora_b=list(expected_b),
                 found_lora_a=list(a.shape), found_lora_b=list(b.shape))
-        if module in base_layers and base_layers[module] != shapes[target]:
+        if module in adapter.base_layers and adapter.base_layers[module] != shapes[target]:
             raise _incompatible(peft_dir, f"{module!r}: the adapter was saved with a "
-                                f"{base_layers[module]} base weight, the model's {target!r} is "
-                                f"{shapes[target]} (a resized vocabulary?)", tensor=target)
-        r_m = _number(peft_dir, "rank_pattern", pattern_value(rank_patterns, module, r))
-        a_m = _number(peft_dir, "alpha_pattern", pattern_value(alpha_patterns, module, alpha))
-        if rank != r_m:
-            raise _invalid(peft_dir, f"{module!r}: lora_A has rank {rank}, the config says "
-                           f"{r_m:g}", tensor=module)
-        peft_scale = a_m / math.sqrt(r_m) if rslora else a_m / r_m
+                                f"{adapter.base_layers[module]} base weight, the model's "
+                                f"{target!r} is {shapes[target]} (a resized vocabulary?)",
+                                tensor=target)
+        peft_scale = adapter.scaling(module, rank)
         llama_scale = alpha / rank if alpha else 1.0  # llama.cpp's, per unit of adapter scale
         b = b * np.float32(peft_scale / llama_scale)
         short = module.rsplit(".", 1)[-1]
@@ -288,12 +327,6 @@ def _convert(peft_dir: Path, files: PeftFiles, model_path: Path, out: Path) -> P
             b = _permute(b, n_head, n_head if short == "q_proj" else n_head_kv)
         out_tensors[f"{target}.lora_a"] = np.ascontiguousarray(a)
         out_tensors[f"{target}.lora_b"] = np.ascontiguousarray(b)
-    if unpaired := sorted(set(base_layers) - set(pairs)):
-        raise _refuse(peft_dir, "unexpected_tensor", f"base_layer weights without a LoRA: "
-                      f"{unpaired}", tensor=unpaired[0])
-    if not out_tensors:
-        raise _invalid(peft_dir, "the adapter has no LoRA tensors")
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     w = gguf.GGUFWriter(tmp, arch)

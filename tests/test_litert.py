@@ -11,6 +11,7 @@ reason) for every operation the runtime cannot do.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -415,8 +416,6 @@ def test_a_scale_is_folded_into_the_adapter(ctx: Context, models: Path) -> None:
 
 def _peft(root: Path, name: str, *, rank: int = 4, module: str = "q_proj",
           d_in: int = 64, d_out: int = 64) -> Path:
-    import json
-
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -457,6 +456,13 @@ def test_adapters_the_runtime_cannot_take_are_refused_by_name(zmq: Client, ctx: 
     assert (err.value.details["rank"], err.value.details["model_rank"]) == (64, 16)
     with pytest.raises(LoraIncompatible):
         ctx.set_loras([(str(_peft(models, "narrow", d_in=32)), 1.0)])
+    alora = _peft(models, "alora")  # PEFT's variants are refused as on llama.cpp models
+    config = json.loads((alora / "adapter_config.json").read_text())
+    (alora / "adapter_config.json").write_text(json.dumps({**config,
+                                                           "alora_invocation_tokens": [5]}))
+    with pytest.raises(LoraUnsupported) as err:
+        ctx.set_loras([(str(alora), 1.0)])
+    assert err.value.details["reason"] == "alora"
     assert [e["path"] for e in ctx.loras()] == [peft]
     report = zmq.validate_lora("tiny", str(_peft(models, "wide", rank=64)))
     assert not report["compatible"] and report["problems"][0]["code"] == "lora_incompatible"
