@@ -385,7 +385,7 @@ class Engine:
                                 max_queued=args.max_queued, persistent=persistent,
                                 owner=None if persistent else creator, params=params,
                                 templates=self.templates, speculative=args.speculative,
-                                limits=self.limits)
+                                limits=self.limits, text=self.text)
             actor.creator = creator
             actor.shared = shared
             actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)

@@ -32,6 +32,7 @@ from .requests import RequestHandle
 from .speculative import OFF_METRICS
 from .speculative import refuse as refuse_speculative
 from .templates import TemplateRenderer
+from .workers import Pool, TextWorkers
 
 MIN_P_DEFAULT = 0.05
 """``min_p``'s protocol default: accepted (and not applied: the runtime has no min-p), like 0."""
@@ -171,13 +172,15 @@ class LitertActor(Actor):
                  seed: int, max_queued: int, persistent: bool, owner: bytes | None,
                  params: dict[str, Any], templates: TemplateRenderer,
                  speculative: dict[str, Any] | bool | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS, text: Pool | None = None) -> None:
         super().__init__(context_id, model, n_ctx=n_ctx, max_queued=max_queued,
                          persistent=persistent, owner=owner, params=params,
                          speculative=speculative)
         self.turns = turns
         self.templates = templates
         self.limits = limits
+        self.text = text if text is not None else TextWorkers(limits)
+        """Where prompts are tokenized (the daemon's pool for text work)."""
         self._rng = random.Random(seed)
 
     def submit(self, handle: RequestHandle, args: OpArgs, stack: Any = None,
@@ -244,7 +247,7 @@ class LitertActor(Actor):
         text = await self._prompt(h, args)
         if not text:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the prompt is empty", field="prompt")
-        n_prompt = len(await trio.to_thread.run_sync(model.tokenize, text)) + 1  # + start
+        n_prompt = len(await self.text.run(model.tokenize, text)) + 1  # + the start token
         if n_prompt >= self.n_ctx:
             raise ProtocolError(ErrorCode.CONTEXT_OVERFLOW, f"prompt of {n_prompt} tokens does "
                                 f"not fit in n_ctx={self.n_ctx}", prompt_tokens=n_prompt,
