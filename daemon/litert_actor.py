@@ -247,7 +247,11 @@ class LitertActor(Actor):
         text = await self._prompt(h, args)
         if not text:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the prompt is empty", field="prompt")
-        n_prompt = len(await self.text.run(model.tokenize, text)) + 1  # + the start token
+        tokens = await self.text.run(model.tokenize, text)
+        if not tokens:  # the runtime fails to prefill the start token alone
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "the prompt has no tokens (this model's "
+                                "tokenizer drops what it holds)", field="prompt")
+        n_prompt = len(tokens) + 1  # + the start token
         if n_prompt >= self.n_ctx:
             raise ProtocolError(ErrorCode.CONTEXT_OVERFLOW, f"prompt of {n_prompt} tokens does "
                                 f"not fit in n_ctx={self.n_ctx}", prompt_tokens=n_prompt,

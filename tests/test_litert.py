@@ -502,3 +502,58 @@ def test_lorad_lora_convert_writes_the_runtimes_file(tmp_path: Path, models: Pat
                               "-o", str(tmp_path / "x.lora")], capture_output=True, text=True)
     assert refused.returncode == 1 and "no_lora_inputs" not in refused.stderr
     assert "takes no adapter" in refused.stderr and not (tmp_path / "x.lora").exists()
+
+
+@pytest.mark.parametrize("params", [
+    {"top_k": 0}, {"top_p": 0.0, "temperature": 1.0}, {"temperature": 100.0, "top_k": 1000},
+    {"seed": 2**32 - 1, "temperature": 0.5}, {"max_tokens": 1}, {"stop": ["x" * 200]},
+])
+def test_sampling_edges_run(ctx: Context, params: dict[str, Any]) -> None:
+    stream = ctx.generate(PROMPT, **{"max_tokens": 8, **params})
+    stream.collect()
+    assert stream.finish_reason in ("length", "stop")
+    assert 1 <= stream.metrics["generated_tokens"] <= 8
+
+
+@pytest.mark.parametrize("prompt", ["<start_of_turn>", "日本語 🎉 \u200b\ufeff", " ", "\n" * 50,
+                                    "<end_of_turn>" * 30, "\x00\x01"])
+def test_odd_prompts_run_or_are_refused_by_name(ctx: Context, prompt: str) -> None:
+    try:
+        stream = ctx.generate(prompt, max_tokens=4, temperature=0)
+        stream.collect()
+    except BadRequest as exc:  # a prompt the tokenizer turns into nothing
+        assert exc.details == {"field": "prompt"} and "no tokens" in str(exc)
+        return
+    assert stream.finish_reason in ("length", "stop")
+
+
+def test_many_clients_at_once_with_cancels(door: DaemonProcess) -> None:
+    """Twelve streams on four contexts of one engine, every third cancelled after its first
+    item: every stream ends, the engine's queue empties, and the contexts serve again."""
+    import threading
+
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with door.client() as c:
+            ctxs = [c.create_context("tiny") for _ in range(1)]
+            stream = ctxs[0].generate(PROMPT, max_tokens=40, temperature=0, credit=2)
+            for n, _chunk in enumerate(stream, 1):
+                if i % 3 == 0 and n == 1:
+                    stream.cancel()
+            with lock:
+                results.append(stream.finish_reason)
+            ctxs[0].close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results).count("cancelled") >= 4 and len(results) == 12
+    with door.client() as c:
+        assert c.status()["litert_sessions"] == [{"model": "tiny", "running": None,
+                                                  "waiting": 0}]
+        with c.create_context("tiny") as ctx:
+            assert ctx.generate(PROMPT, max_tokens=3, temperature=0).collect()
