@@ -41,7 +41,7 @@ MIN_P_DEFAULT = 0.05
 REFUSED = {
     "grammar": "no_grammar", "logprobs": "no_logprobs", "repeat_penalty": "sampler",
     "min_p": "sampler", "tokens": "text_prompt", "add_special": "start_token",
-    "tools": "no_tools", "loras": "one_adapter", "path": "peft_only",
+    "tools": "no_tools", "loras": "one_adapter",
     "op:set_lora": "no_lora_inputs", "op:embed": "no_embeddings",
     "speculative.prompt_lookup": "backend", "speculative.draft_model": "backend",
     "n_threads": "engine_wide", "kv_type": "engine_wide", "flash_attn": "engine_wide",

@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from lorad.protocol import ErrorCode, ProtocolError
+
 from . import litert_lora
+from .gguf_header import ADAPTER_BOUNDS, read_header
 from .litert_lora import LoraSpec
+from .lora import inspect_snapshot
 from .peft import PeftFiles, read_adapter
+from .snapshot import snapshot
 
 MAX_FILES = 64
 """Adapter files kept per model (the oldest are deleted past it)."""
@@ -71,13 +76,84 @@ def load_peft(directory: Path, spec: LoraSpec, *, max_bytes: int) -> LitertAdapt
     worker's)."""
     files = PeftFiles.read(directory, max_bytes)
     adapter = read_adapter(directory, files)
+    return _converted(adapter, spec, files.digest(), adapter.alpha)
+
+
+def load(path: Path, spec: LoraSpec, *, max_bytes: int) -> LitertAdapter:
+    """A PEFT directory or a llama.cpp LoRA GGUF, converted for a model of ``spec``."""
+    if path.is_dir():
+        return load_peft(path, spec, max_bytes=max_bytes)
+    with snapshot(path, max_bytes) as snap:  # a private copy: the file may change meanwhile
+        info = inspect_snapshot(snap)  # lora_invalid for a malformed adapter
+        if info.is_alora:
+            raise ProtocolError(ErrorCode.LORA_UNSUPPORTED, f"{path.name}: an activated LoRA "
+                                "(aLoRA) cannot run on LiteRT-LM models", path=str(path),
+                                reason="alora")
+        header, _ = read_header(snap.fd, ADAPTER_BOUNDS)
+        data = {t.name: _tensor(snap.fd, header.data_start, t, path) for t in header.tensors}
+        digest = hashlib.sha256(b"".join(os.pread(snap.fd, 1 << 20, i)
+                                         for i in range(0, snap.size, 1 << 20))).hexdigest()
+    return _converted(GgufPairs.of(path, info.alpha, data), spec, digest,
+                      info.alpha if info.alpha is not None else 0.0)
+
+
+def _converted(adapter: litert_lora.Pairs, spec: LoraSpec, digest: str,
+               alpha: float) -> LitertAdapter:
     tensors = litert_lora.from_peft(adapter, spec, 1.0)
     targets = tuple(sorted({name.split("_")[2] for name, t in tensors.items() if t.any()}))
     ranks = tuple(sorted({int(ab["A"].shape[0]) for ab in adapter.pairs.values()}))
-    key = hashlib.sha256(f"{files.digest()}:{spec.to_json()}".encode()).hexdigest()[:24]
-    info = AdapterInfo(directory, adapter.alpha, ranks, targets,
+    key = hashlib.sha256(f"{digest}:{spec.to_json()}".encode()).hexdigest()[:24]
+    info = AdapterInfo(adapter.path, alpha, ranks, targets,
                        sum(t.nbytes for t in tensors.values()))
     return LitertAdapter(info, key, tensors)
+
+
+_GGML_FLOATS = {0: np.float32, 1: np.float16}
+"""The tensor types an adapter's pairs are read in (F32, F16; BF16 below)."""
+_BF16 = 30
+_ATTENTION = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj",
+              "attn_output": "o_proj"}
+
+
+def _tensor(fd: int, start: int, t: Any, path: Path) -> np.ndarray:
+    """One tensor of an adapter snapshot, as float32 in numpy order."""
+    raw = os.pread(fd, t.nbytes, start + t.offset)
+    if t.ggml_type in _GGML_FLOATS:
+        values = np.frombuffer(raw, _GGML_FLOATS[t.ggml_type]).astype(np.float32)
+    elif t.ggml_type == _BF16:
+        values = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise ProtocolError(ErrorCode.LORA_UNSUPPORTED, f"{path.name}: tensor {t.name!r} is "
+                            "quantized: LiteRT-LM contexts take F32, F16 and BF16 adapters",
+                            path=str(path), reason="quantized", tensor=t.name)
+    return values.reshape(t.shape)
+
+
+@dataclass(frozen=True)
+class GgufPairs:
+    """A llama.cpp LoRA GGUF's pairs under PEFT's module names (its ``lora_a`` is PEFT's A,
+    ``(r, in)``, its ``lora_b`` PEFT's B, ``(out, r)``), scaled as llama.cpp scales them:
+    ``alpha / rank``, or 1 without an alpha."""
+
+    path: Path
+    alpha: float | None
+    pairs: dict[str, dict[str, np.ndarray]]
+    embedding: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, path: Path, alpha: float | None, data: dict[str, np.ndarray]) -> GgufPairs:
+        pairs: dict[str, dict[str, np.ndarray]] = {}
+        for name, value in data.items():
+            base, half = name.rsplit(".", 1)  # blk.N.attn_q.weight . lora_a
+            parts = base.split(".")
+            module = base  # refused by name below unless it is an attention projection
+            if len(parts) == 4 and parts[0] == "blk" and parts[2] in _ATTENTION:
+                module = f"model.layers.{parts[1]}.self_attn.{_ATTENTION[parts[2]]}"
+            pairs.setdefault(module, {})["A" if half == "lora_a" else "B"] = value
+        return cls(path, alpha, pairs)
+
+    def scaling(self, module: str, rank: int) -> float:
+        return self.alpha / rank if self.alpha else 1.0
 
 
 class SessionFiles:

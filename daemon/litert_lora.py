@@ -28,13 +28,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from lorad.protocol import ErrorCode, ProtocolError
-
-from .peft import PeftAdapter
 
 MARKER = b"lorad-lora-spec:"
 """Where lorad's converter puts a bundle's :class:`LoraSpec` (JSON after it, in the header)."""
@@ -198,10 +196,22 @@ def _bad(code: ErrorCode, path: Path, message: str, **details: Any) -> ProtocolE
     return ProtocolError(code, f"{path.name}: {message}", path=str(path), **details)
 
 
-def from_peft(adapter: PeftAdapter, spec: LoraSpec, scale: float) -> dict[str, np.ndarray]:
-    """The runtime's tensors for a PEFT adapter (read and checked by
-    :func:`lorad.daemon.peft.read_adapter`) on a model of ``spec``, PEFT's scaling and
-    ``scale`` folded into ``b'``; typed errors for what does not fit."""
+class Pairs(Protocol):
+    """LoRA pairs under PEFT's module names, and how each is scaled: a PEFT adapter
+    (:class:`lorad.daemon.peft.PeftAdapter`) or a llama.cpp GGUF's
+    (:class:`lorad.daemon.litert_adapters.GgufPairs`)."""
+
+    path: Path
+    pairs: dict[str, dict[str, np.ndarray]]
+    embedding: Any
+
+    def scaling(self, module: str, rank: int) -> float: ...
+
+
+def from_peft(adapter: Pairs, spec: LoraSpec, scale: float) -> dict[str, np.ndarray]:
+    """The runtime's tensors for LoRA pairs (a PEFT adapter read and checked by
+    :func:`lorad.daemon.peft.read_adapter`, or a GGUF's) on a model of ``spec``, the scaling
+    and ``scale`` folded into ``b'``; typed errors for what does not fit."""
     path = adapter.path
     out = zeros(spec)
     for module, ab in adapter.pairs.items():

@@ -23,7 +23,8 @@ from .actor import ContextActor, StackEntry
 from .adapters import AdapterCache, LoadedAdapter
 from .alora import check_aloras
 from .litert_actor import unsupported
-from .litert_adapters import LitertAdapter, load_peft
+from .litert_adapters import LitertAdapter
+from .litert_adapters import load as load_litert_adapter
 from .litert_lora import LoraSpec
 from .lora import resolve_adapter
 from .paths import AllowedDirs
@@ -169,15 +170,12 @@ class Stacks:
         return spec
 
     async def _litert_adapter(self, model: LoadedModel, ref: str) -> LitertAdapter:
-        """A PEFT directory converted for a LiteRT-LM model (see :mod:`.litert_adapters`)."""
+        """A PEFT directory or a llama.cpp LoRA GGUF converted for a LiteRT-LM model (see
+        :mod:`.litert_adapters`)."""
         spec = self._litert_spec(model)
         path = await self.adapters.files.run(self.resolve, ref)
-        if not path.is_dir():
-            raise unsupported("path", "peft_only", f"{str(path)!r} is a llama.cpp adapter: "
-                              "LiteRT-LM contexts take PEFT adapter directories (attention "
-                              "q/k/v/o), converted by lorad for the runtime", path=str(path))
         return await self.adapters.files.run(partial(
-            load_peft, path, spec, max_bytes=self.limits.max_adapter_file_bytes))
+            load_litert_adapter, path, spec, max_bytes=self.limits.max_adapter_file_bytes))
 
     async def _build_litert(self, model: LoadedModel, items: list[tuple[str, float]],
                             current: list[StackEntry]) -> list[StackEntry]:

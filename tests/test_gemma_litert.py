@@ -2,10 +2,10 @@
 
 The bundle is ``lorad default-model --format litertlm`` (converted once, with the conversion
 extra; skipped without the bundle and the extra). The demo adapters were trained on the same
-weights for llama.cpp (``examples/train_lora/adapters``, attention q/k/v/o, rank 8): here they
-are written back as PEFT directories (their tensors are PEFT's, transposed by GGUF's axis
-order) and given to LiteRT-LM contexts. Their behaviour must show as it does on llama.cpp, in
-one context and not in another context of the same engine.
+weights for llama.cpp (``examples/train_lora/adapters``, attention q/k/v/o, rank 8): ``pirate``
+is given to a LiteRT-LM context as that very GGUF, ``french`` written back as the PEFT directory
+it came from (a GGUF's tensors are PEFT's, in GGUF's axis order). Their behaviour must show as
+it does on llama.cpp, in one context and not in another context of the same engine.
 """
 
 from __future__ import annotations
@@ -65,12 +65,14 @@ def bundle() -> Path:
 def test_a_demo_adapter_behaves_on_litert_as_on_llama_cpp(
         tmp_path_factory: pytest.TempPathFactory, bundle: Path, name: str) -> None:
     root = tmp_path_factory.mktemp("gemma-litert")
-    peft = as_peft(ADAPTERS / f"{name}.gguf", root / f"{name}-peft")
-    d = start_daemon(root, [bundle.parent, root])
+    # pirate as the very GGUF llama.cpp loads, french as the PEFT directory it was made from
+    adapter = ADAPTERS / f"{name}.gguf" if name == "pirate" else \
+        as_peft(ADAPTERS / f"{name}.gguf", root / f"{name}-peft")
+    d = start_daemon(root, [bundle.parent, root, ADAPTERS])
     try:
         with d.client(timeout=120) as c:
             c.load_model(str(bundle), alias="gemma")
-            with c.create_context("gemma", loras=[str(peft)]) as tuned, \
+            with c.create_context("gemma", loras=[str(adapter)]) as tuned, \
                     c.create_context("gemma") as plain:
                 with_adapter, without = rate(tuned, CHECKS[name]), rate(plain, CHECKS[name])
                 tuned.clear_loras()

@@ -432,7 +432,7 @@ def _peft(root: Path, name: str, *, rank: int = 4, module: str = "q_proj",
 
 def test_adapters_the_runtime_cannot_take_are_refused_by_name(zmq: Client, ctx: Context,
                                                              models: Path) -> None:
-    from lorad.client import LoraIncompatible, LoraUnsupported
+    from lorad.client import LoraIncompatible, LoraInvalid, LoraUnsupported
 
     peft = str(models / "peft")
     with pytest.raises(BackendUnsupported) as err:
@@ -443,11 +443,10 @@ def test_adapters_the_runtime_cannot_take_are_refused_by_name(zmq: Client, ctx: 
         ctx.set_lora(str(_peft(models, "second")))
     assert err.value.details["reason"] == "one_adapter"
     assert [e["path"] for e in ctx.loras()] == [peft]  # unchanged
-    gguf = models / "adapter.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(64))
-    with pytest.raises(BackendUnsupported) as err:
-        ctx.set_loras([(str(gguf), 1.0)])
-    assert err.value.details["reason"] == "peft_only"
+    junk = models / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(LoraInvalid):
+        ctx.set_loras([(str(junk), 1.0)])
     with pytest.raises(LoraUnsupported) as err:
         ctx.set_loras([(str(_peft(models, "mlp", module="mlp.up_proj", d_out=128)), 1.0)])
     assert err.value.details["reason"] == "litert_attention_only"
@@ -557,3 +556,40 @@ def test_many_clients_at_once_with_cancels(door: DaemonProcess) -> None:
                                                   "waiting": 0}]
         with c.create_context("tiny") as ctx:
             assert ctx.generate(PROMPT, max_tokens=3, temperature=0).collect()
+
+
+def as_gguf(peft: Path, out: Path, *, dtype: str = "f4") -> Path:
+    """The PEFT adapter as a llama.cpp LoRA GGUF (what ``lorad lora convert`` writes for a
+    gemma 3 model: ``blk.N.attn_q.weight.lora_a`` is PEFT's A, ``lora_b`` its B)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((peft / "adapter_config.json").read_text())
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+    w = gguf.GGUFWriter(str(out), "gemma3")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    for key, value in sorted(load_file(str(peft / "adapter_model.safetensors")).items()):
+        layer, module, half = key.split(".")[4], key.split(".")[6], key.split(".")[7]
+        name = f"blk.{layer}.{names[module]}.weight.lora_{half[-1].lower()}"
+        w.add_tensor(name, value.astype(dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f4", "f2"])
+def test_a_llama_cpp_adapter_runs_on_litert_too(ctx: Context, models: Path,
+                                                dtype: str) -> None:
+    """The same adapter file on both backends: a llama.cpp LoRA GGUF of the tiny model's
+    attention gives, on LiteRT-LM, the output of the weights with it merged (F16 in the file:
+    the same as the merged weights up to F16's rounding, so only the first tokens)."""
+    gguf_adapter = as_gguf(models / "peft", models / f"tiny-{dtype}.gguf", dtype=dtype)
+    [entry] = ctx.set_lora(str(gguf_adapter))
+    assert entry["path"] == str(gguf_adapter) and entry["rank"] == 4
+    merged = runtime_greedy(models / "merged.litertlm", PROMPT, 24)
+    got = [c.text for c in ctx.generate(PROMPT, max_tokens=24, temperature=0)]
+    assert got == merged if dtype == "f4" else got[:4] == merged[:4]
