@@ -531,7 +531,7 @@ class SlabScheduler:
             width = (sum(len(t) for _, t, _ in entries), sum(o for *_, o in entries))
             self.widened = width[0] > self._widest[0] or width[1] > self._widest[1]
             self._widest = (max(width[0], self._widest[0]), max(width[1], self._widest[1]))
-            starts = slab.decode(entries)
+            starts = slab.decode(entries, self._fillers(entries))
             self.tokens += width[0]
         except Exception as exc:
             for step, _, _ in stepped:
@@ -549,6 +549,44 @@ class SlabScheduler:
             except Exception as exc:
                 step.error = exc
             step.finished = True
+
+    def _fillers(self, entries: list[tuple[llama.Sequence, list[int], int]]
+                 ) -> list[tuple[int, int]]:
+        """The gaps between the sequence ids of a step of one token per sequence, filled (see
+        :meth:`llama.Slab.decode`): without them, a context between requests among those that
+        stream (one that finished first, say) split every step of the others in two graph
+        computations (80 ms against 55 for 8 sequences of gemma 270M on 2 cores). Only with a
+        KV pool per sequence (a unified pool needs none) and a memory that can drop the
+        filler's cell again."""
+        slab = self.slab
+        if (slab.unified or len(entries) < 2 or any(len(t) != 1 for _, t, _ in entries)
+                or not slab.model.can_roll_back):
+            return []
+        ids = {seq.seq_id for seq, _, _ in entries}
+
+        def filler(sid: int) -> tuple[int, int] | None:
+            seq = self.sequences.get(sid)
+            pos = len(seq.tokens) if seq is not None else 0
+            return (sid, pos) if pos < slab.n_ctx_seq else None  # a full one lends no cell
+
+        fillers = []
+        for sid in range(min(ids), max(ids)):
+            if sid not in ids:
+                if (one := filler(sid)) is None:
+                    return []  # the step splits
+                fillers.append(one)
+        # An odd size costs more than the even size above it (matrix kernels work on blocks
+        # of tokens): a filler, which takes no logits, next to the run makes it whole.
+        low, high = min(ids), max(ids)
+        while not whole(len(entries) + len(fillers)):
+            sid = high + 1 if high + 1 < slab.n_seq else low - 1
+            if sid < 0 or (one := filler(sid)) is None:
+                break
+            fillers.append(one)
+            low, high = min(low, sid), max(high, sid)
+        if len(entries) + len(fillers) > slab.n_batch:
+            return []
+        return fillers
 
     def _prompt_quotas(self, batch: list[Step], key: tuple[tuple[int, float], ...]
                        ) -> dict[int, int]:

@@ -633,28 +633,43 @@ class Slab:
         _set_adapters(self.ptr, stack)
         self._adapters = key
 
-    def decode(self, entries: list[tuple[Sequence, list[int], int]]) -> list[int]:
+    def decode(self, entries: list[tuple[Sequence, list[int], int]],
+               fillers: list[tuple[int, int]] = ()) -> list[int]:
         """Decode, in one batch, ``tokens`` at the next positions of each sequence (under the
         adapters of :meth:`set_adapters`); ``outputs`` is how many of an entry's last tokens
-        get logits. Returns each entry's batch index of its first token (for :meth:`logits`)."""
+        get logits. Returns each entry's batch index of its first token (for :meth:`logits`).
+
+        ``fillers``: ``(seq_id, pos)`` of sequences not stepped whose ids lie between those of
+        the entries, each given one token at ``pos`` (its next position) that no logits are
+        taken of and whose cell is removed after the decode: with a KV pool per sequence,
+        llama.cpp computes a ubatch of one token per sequence at once only for consecutive
+        sequence ids, and a gap (a context between requests) split every step in two."""
         batch = self._batch
-        if sum(len(t) for _, t, _ in entries) > self.n_batch:
+        filler = self.model.bos if self.model.bos >= 0 else 0
+        rows = [(seq, tokens, outputs, seq.seq_id, len(seq.tokens), k)
+                for k, (seq, tokens, outputs) in enumerate(entries)]
+        if fillers:  # in the batch at their ids' places (the entries are in that order)
+            rows = sorted([*rows, *((None, [filler], 1, sid, pos, -1) for sid, pos in fillers)],
+                          key=lambda e: e[3])
+        if sum(len(e[1]) for e in rows) > self.n_batch:
             raise ValueError("more tokens than n_batch in one batch")
         i = 0
-        starts = []
-        for seq, tokens, outputs in entries:
-            starts.append(i)
-            pos0 = len(seq.tokens)
+        starts = [0] * len(entries)
+        for _seq, tokens, outputs, seq_id, pos0, k in rows:
+            if k >= 0:
+                starts[k] = i
             first_out = len(tokens) - outputs
             for j, tok in enumerate(tokens):
                 batch.token[i] = tok
                 batch.pos[i] = pos0 + j
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq.seq_id
+                batch.seq_id[i][0] = seq_id
                 batch.logits[i] = int(j >= first_out)
                 i += 1
         batch.n_tokens = i
         rc = C.llama_decode(self.ptr, batch)
+        for seq_id, pos in fillers:  # their cells go: the sequences are as they were
+            C.llama_memory_seq_rm(self.memory, seq_id, pos, -1)
         if rc != 0:
             # A failed ubatch may have left part of the batch in the cache: resynchronise.
             for seq, _, _ in entries:

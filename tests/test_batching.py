@@ -501,3 +501,83 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
         for slab in slabs:
             slab.close()
         model.close()
+
+
+async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_were(
+        tiny_model: Path) -> None:
+    """Fillers (``SlabScheduler._fillers``): a context between requests among streaming ones,
+    and an odd number of streams, get a throwaway token so that the step is one run of
+    consecutive sequence ids of a whole size (a gap split it in two computations, and 7 rows
+    cost more than 8). The streams give their output alone, and the idle context's cache is as
+    it was: its next request reuses it and gives its output alone."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler, Step
+    from lorad.daemon.sampling import Pick
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    texts = [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS]
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    pick = Pick(sampler, plain_greedy=True)
+
+    async def stream(scheduler: SlabScheduler, seq, text: list[int], n: int) -> list[int]:
+        scheduler.join(seq)
+        produced = await scheduler.run(Step(seq, text, [], prompt=True, then=pick))
+        out = []
+        for _ in range(n):
+            out.append(produced[0][0])
+            produced = await scheduler.run(Step(seq, [out[-1]], [], then=pick))
+        scheduler.leave(seq)
+        return out
+
+    @asynccontextmanager
+    async def running(n_seq: int) -> AsyncIterator[SlabScheduler]:
+        slab = llama.Slab(model, n_seq=n_seq, n_ctx_seq=128, n_batch=64, n_threads=1,
+                          kv_type="f32", flash_attn=False)
+        scheduler = SlabScheduler(slab, budget=64)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(scheduler.loop)
+                yield scheduler
+                nursery.cancel_scope.cancel()
+        finally:
+            slab.close()
+
+    try:
+        alone = []
+        for text in texts:
+            async with running(1) as scheduler:
+                alone.append(await stream(scheduler, scheduler.attach(128), text, 10))
+        async with running(8) as scheduler:
+            seqs = [scheduler.attach(128) for _ in range(5)]
+            # seq 1 ran a request and waits for the next: its cells hold its prompt and output
+            idle = await stream(scheduler, seqs[1], texts[1], 10)
+            assert idle == alone[1]
+            cached = list(seqs[1].tokens)
+            got: dict[int, list[int]] = {}
+
+            async def one(k: int, text: list[int]) -> None:
+                got[k] = await stream(scheduler, seqs[k], text, 10)
+
+            async with trio.open_nursery() as nursery:  # ids 0, 2, 3, 4: a gap, 4 streams
+                for k, text in ((0, texts[0]), (2, texts[2]), (3, texts[3]), (4, texts[1])):
+                    nursery.start_soon(one, k, text)
+            assert [got[0], got[2], got[3], got[4]] == [alone[0], alone[2], alone[3], alone[1]]
+            assert scheduler._fillers([(seqs[k], [1], 1) for k in (0, 2, 3, 4)]) == \
+                [(1, len(cached)), (5, 0)]  # the gap, then a free id: 6 rows, a whole size
+            assert seqs[1].tokens == cached
+            again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, then=pick)
+            scheduler.join(seqs[1])
+            produced = await scheduler.run(again)
+            scheduler.leave(seqs[1])
+            # its cache, as it was: all but the last token, whose logits the step needs
+            assert again.reused == len(texts[1]) + 5 - 1
+            assert produced[0][0] == alone[1][5]
+    finally:
+        sampler.close()
+        model.close()
