@@ -593,3 +593,23 @@ def test_a_llama_cpp_adapter_runs_on_litert_too(ctx: Context, models: Path,
     merged = runtime_greedy(models / "merged.litertlm", PROMPT, 24)
     got = [c.text for c in ctx.generate(PROMPT, max_tokens=24, temperature=0)]
     assert got == merged if dtype == "f4" else got[:4] == merged[:4]
+
+
+def test_a_forced_unload_while_sessions_run_and_wait(zmq: Client, models: Path) -> None:
+    """The runtime crashed when an engine was closed with a session alive: an unload closes
+    the contexts first (a running session is cancelled and closed, a waiting one never made),
+    then the engine; the daemon goes on."""
+    copy = models / "unload.litertlm"
+    shutil.copy(models / "tiny.litertlm", copy)
+    zmq.load_model(str(copy))
+    a, b = zmq.create_context("unload"), zmq.create_context("unload")
+    running = a.generate(PROMPT, max_tokens=200, temperature=0, credit=1)
+    it = iter(running)
+    next(it)
+    waiting = b.generate(PROMPT, max_tokens=200, temperature=0, credit=1)
+    assert zmq.unload_model("unload", force=True)["unloaded"]
+    rest = list(it)
+    assert running.finish_reason == "cancelled" and len(rest) < 199
+    list(waiting)
+    assert waiting.finish_reason == "cancelled"
+    assert "unload" not in [m["id"] for m in zmq.list_models()] and zmq.ping()["pong"]
