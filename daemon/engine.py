@@ -32,6 +32,7 @@ from .litert_adapters import SessionFiles
 from .logs import log
 from .metrics import Metrics
 from .paths import AllowedDirs
+from .queue_actor import Actor
 from .registry import LoadedModel, ModelRegistry, unloaded
 from .repack import decide as decide_repack
 from .sessions import is_http_peer
@@ -83,13 +84,14 @@ class Engine:
             AllowedDirs([*config.allowed_dirs, *config.adapter_dirs, peft_cache]),
             peft_cache, config.limits)
         self.templates = TemplateRenderer(config.limits)
-        self.contexts: dict[str, ContextActor] = {}
-        self.on_closed: Callable[[ContextActor], None] | None = None
+        self.contexts: dict[str, Actor] = {}
+        """Every context, of either backend (:class:`ContextActor`, :class:`LitertActor`)."""
+        self.on_closed: Callable[[Actor], None] | None = None
         """Called when a context closes (the sessions forget its owner's claim on it)."""
         self._nursery: trio.Nursery | None = None
         self._embedders: dict[str, _Embedder] = {}
         """One embedding context per model id (never a generation context)."""
-        self._closing: set[ContextActor] = set()
+        self._closing: set[Actor] = set()
         """Contexts being closed (out of ``contexts`` already): a drain waits for them too."""
         self._batchers: dict[int, Batcher] = {}
         """The batched llama contexts of each model (by ``id`` of its LoadedModel)."""
@@ -260,15 +262,15 @@ class Engine:
     def created_by(self, owner: bytes) -> int:
         return sum(1 for a in self.contexts.values() if a.creator == owner)
 
-    def visible(self, actor: ContextActor, owner: bytes | None) -> bool:
+    def visible(self, actor: Actor, owner: bytes | None) -> bool:
         """A client sees its own contexts and the shared ones (config contexts are shared);
         an HTTP connection, the contexts of the HTTP door's pool (``managed``)."""
         return actor.shared or actor.creator == owner or (actor.managed and is_http_peer(owner))
 
-    def visible_contexts(self, owner: bytes | None) -> list[ContextActor]:
+    def visible_contexts(self, owner: bytes | None) -> list[Actor]:
         return [a for a in self.contexts.values() if self.visible(a, owner)]
 
-    def context(self, context_id: str, owner: bytes | None) -> ContextActor:
+    def context(self, context_id: str, owner: bytes | None) -> Actor:
         """The context, if ``owner`` may use it; another client's private context is
         ``not_found`` exactly like one that does not exist."""
         actor = self.contexts.get(context_id)
@@ -278,7 +280,7 @@ class Engine:
         return actor
 
     async def create_context(self, args: OpArgs, *, creator: bytes | None,
-                             context_id: str | None = None) -> ContextActor:
+                             context_id: str | None = None) -> Actor:
         """A new context actor (running); persistent unless ``creator`` owns it."""
         entry = await self.model_for(args.model)
         if entry.backend == litert.BACKEND:
@@ -425,7 +427,7 @@ class Engine:
         return [{"model": m.id, **slab} for m in self.models
                 for slab in (self._batchers[id(m)].info() if id(m) in self._batchers else [])]
 
-    async def close_context(self, actor: ContextActor) -> None:
+    async def close_context(self, actor: Actor) -> None:
         """Cancel its work, stop its actor, free its llama context (idempotent)."""
         if self.contexts.get(actor.id) is not actor:
             if actor in self._closing:  # another task closes it: done when it is
@@ -443,7 +445,7 @@ class Engine:
         self.metrics.forget_context(actor.id)
         log.info("context_closed", context=actor.id)
 
-    def close_soon(self, actor: ContextActor) -> None:
+    def close_soon(self, actor: Actor) -> None:
         """Close a context in the background (a peer that went away owned it)."""
         if self._nursery is not None:
             self._nursery.start_soon(self.close_context, actor)
