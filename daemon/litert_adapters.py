@@ -1,5 +1,6 @@
-"""Adapters on LiteRT-LM contexts: PEFT directories read once per request that names them, and
-the runtime's files lorad writes from them, per scale, in the model's own cache directory.
+"""Adapters on LiteRT-LM contexts: PEFT directories and llama.cpp LoRA GGUFs, read into private
+memory and converted when a request names them, and the runtime's files lorad writes from them,
+per scale, in the model's own cache directory.
 
 The runtime's LoRA belongs to its engine: the adapter of the last session made applies to every
 later one. Sessions of a model run one at a time (:class:`lorad.daemon.litert_actor.Turns`), and
@@ -58,7 +59,7 @@ class AdapterInfo:
 
 @dataclass(eq=False)
 class LitertAdapter:
-    """A PEFT adapter converted for one LiteRT-LM model (tensors at scale 1)."""
+    """An adapter (PEFT or GGUF) converted for one LiteRT-LM model (tensors at scale 1)."""
 
     info: AdapterInfo
     key: str
@@ -91,8 +92,10 @@ def load(path: Path, spec: LoraSpec, *, max_bytes: int) -> LitertAdapter:
                                 reason="alora")
         header, _ = read_header(snap.fd, ADAPTER_BOUNDS)
         data = {t.name: _tensor(snap.fd, header.data_start, t, path) for t in header.tensors}
-        digest = hashlib.sha256(b"".join(os.pread(snap.fd, 1 << 20, i)
-                                         for i in range(0, snap.size, 1 << 20))).hexdigest()
+        h = hashlib.sha256()
+        for offset in range(0, snap.size, 1 << 20):
+            h.update(os.pread(snap.fd, 1 << 20, offset))
+        digest = h.hexdigest()
     return _converted(GgufPairs.of(path, info.alpha, data), spec, digest,
                       info.alpha if info.alpha is not None else 0.0)
 
