@@ -251,7 +251,7 @@ def _convert_for_litert(peft: Path, model: Path, output: Path) -> Path:
     from lorad.daemon.peft import PeftFiles, read_adapter
 
     adapter = read_adapter(peft, PeftFiles.read(peft, 1 << 31))
-    litert_lora.write_file(output, spec, litert_lora.from_peft(adapter, spec, 1.0))
+    litert_lora.write_file(output, spec, litert_lora.runtime_tensors(adapter, spec, 1.0))
     return output
 
 

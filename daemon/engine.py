@@ -283,13 +283,19 @@ class Engine:
                              context_id: str | None = None) -> Actor:
         """A new context actor (running); persistent unless ``creator`` owns it."""
         entry = await self.model_for(args.model)
-        if entry.backend == litert.BACKEND:
-            entry.creating += 1
-            try:
+        entry.creating += 1  # an unload without force refuses until it is made or failed
+        try:
+            if entry.backend == litert.BACKEND:
                 return await self._create_litert(entry, args, creator=creator,
                                                  context_id=context_id)
-            finally:
-                entry.creating -= 1
+            return await self._create_llama(entry, args, creator=creator,
+                                            context_id=context_id)
+        finally:
+            entry.creating -= 1
+
+    async def _create_llama(self, entry: LoadedModel, args: OpArgs, *, creator: bytes | None,
+                            context_id: str | None) -> ContextActor:
+        """A context on a llama.cpp model: a sequence of a batched llama context."""
         n_ctx = args.n_ctx or min(entry.info()["n_ctx_train"], DEFAULT_N_CTX,
                                   self.limits.max_n_ctx)
         if args.n_threads is not None and args.n_threads > self.max_threads:
@@ -299,16 +305,6 @@ class Engine:
                 "CPUs)", field="n_threads", limit="max_n_threads", value=self.max_threads)
         n_threads = args.n_threads or min(os.cpu_count() or 1, self.max_threads)
         n_batch = min(args.n_batch, n_ctx)
-        entry.creating += 1  # an unload without force refuses until it is made or failed
-        try:
-            return await self._create(entry, args, n_ctx=n_ctx, n_threads=n_threads,
-                                      n_batch=n_batch, creator=creator, context_id=context_id)
-        finally:
-            entry.creating -= 1
-
-    async def _create(self, entry: LoadedModel, args: OpArgs, *, n_ctx: int, n_threads: int,
-                      n_batch: int, creator: bytes | None,
-                      context_id: str | None) -> ContextActor:
         async with entry.using():  # an unload of the model waits, then closes it
             batcher = self._batcher(entry)
             scheduler, seq = await batcher.attach(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
@@ -327,30 +323,36 @@ class Engine:
                                  adapters=self.adapters, speculative=args.speculative,
                                  templates=self.templates, limits=self.limits,
                                  text=self.text)
-            actor.creator = creator
-            actor.shared = shared
-            actor.resolve_model = self.model_for
-            actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
-            try:
-                if args.speculative:  # a context default that cannot run fails here, not later
-                    await actor.prepare_speculative(args.speculative)
-                if args.loras:
-                    stack, held = await self.stacks.build(entry, args.loras, [])
-                    try:
-                        await actor.set_stack(stack)
-                    finally:
-                        await self.stacks.release(held)
-                if entry.detached:  # a forced unload began meanwhile: it would close it
-                    raise unloaded(entry)
-            except BaseException:
-                await actor.dispose()
-                raise
-            self.contexts[context_id] = actor
-            entry.contexts.add(context_id)
-            assert self._nursery is not None, "the engine is not running"
-            self._nursery.start_soon(actor.run)
+            await self._start(actor, args, creator=creator)
         log.info("context_created", context=context_id, model=entry.id, **params)
         return actor
+
+    async def _start(self, actor: Actor, args: OpArgs, *, creator: bytes | None) -> None:
+        """Set up a new context of either backend (its default speculation checked, its
+        adapter stack built), then register it and start its task; on failure it is freed."""
+        entry = actor.model
+        actor.creator = creator
+        actor.shared = creator is None or args.shared
+        actor.resolve_model = self.model_for
+        actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
+        try:
+            if args.speculative:  # a context default that cannot run fails here, not later
+                await actor.prepare_speculative(args.speculative)
+            if args.loras:
+                stack, held = await self.stacks.build(entry, args.loras, [])
+                try:
+                    await actor.set_stack(stack)
+                finally:
+                    await self.stacks.release(held)
+            if entry.detached:  # a forced unload began meanwhile: it would close it
+                raise unloaded(entry)
+        except BaseException:
+            await actor.dispose()
+            raise
+        self.contexts[actor.id] = actor
+        entry.contexts.add(actor.id)
+        assert self._nursery is not None, "the engine is not running"
+        self._nursery.start_soon(actor.run)
 
     async def _create_litert(self, entry: LoadedModel, args: OpArgs, *, creator: bytes | None,
                              context_id: str | None) -> LitertActor:
@@ -388,20 +390,7 @@ class Engine:
                                 owner=None if persistent else creator, params=params,
                                 templates=self.templates, speculative=args.speculative,
                                 limits=self.limits, text=self.text)
-            actor.creator = creator
-            actor.shared = shared
-            actor.on_stack_change = lambda a: self.metrics.stack_changed(a.model.id, a.id)
-            if args.speculative:
-                await actor.prepare_speculative(args.speculative)
-            if args.loras:
-                stack, _ = await self.stacks.build(entry, args.loras, [])
-                await actor.set_stack(stack)
-            if entry.detached:
-                raise unloaded(entry)
-            self.contexts[context_id] = actor
-            entry.contexts.add(context_id)
-            assert self._nursery is not None, "the engine is not running"
-            self._nursery.start_soon(actor.run)
+            await self._start(actor, args, creator=creator)
         log.info("context_created", context=context_id, model=entry.id, backend=litert.BACKEND,
                  **params)
         return actor

@@ -200,11 +200,7 @@ class LitertActor(Actor):
                               "with set_loras", value=len(stack))
         if self.on_stack_change is not None:
             self.on_stack_change(self)
-        for entry in self.stack:
-            entry.adapter.contexts.discard(self.id)
         self.stack = list(stack)
-        for entry in self.stack:
-            entry.adapter.contexts.add(self.id)
 
     def set_scales(self, stack: list[Any]) -> None:
         """The same adapter at another scale (its file is written when a session needs it)."""

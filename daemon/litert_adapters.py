@@ -65,7 +65,6 @@ class LitertAdapter:
     key: str
     """Its content's digest (and the model's spec): the name of its files."""
     tensors: dict[str, np.ndarray] = field(repr=False)
-    contexts: set[str] = field(default_factory=set)
 
     @property
     def path(self) -> Path:
@@ -102,7 +101,7 @@ def load(path: Path, spec: LoraSpec, *, max_bytes: int) -> LitertAdapter:
 
 def _converted(adapter: litert_lora.Pairs, spec: LoraSpec, digest: str,
                alpha: float) -> LitertAdapter:
-    tensors = litert_lora.from_peft(adapter, spec, 1.0)
+    tensors = litert_lora.runtime_tensors(adapter, spec, 1.0)
     targets = tuple(sorted({name.split("_")[2] for name, t in tensors.items() if t.any()}))
     ranks = tuple(sorted({int(ab["A"].shape[0]) for ab in adapter.pairs.values()}))
     key = hashlib.sha256(f"{digest}:{spec.to_json()}".encode()).hexdigest()[:24]

@@ -208,7 +208,7 @@ class Pairs(Protocol):
     def scaling(self, module: str, rank: int) -> float: ...
 
 
-def from_peft(adapter: Pairs, spec: LoraSpec, scale: float) -> dict[str, np.ndarray]:
+def runtime_tensors(adapter: Pairs, spec: LoraSpec, scale: float) -> dict[str, np.ndarray]:
     """The runtime's tensors for LoRA pairs (a PEFT adapter read and checked by
     :func:`lorad.daemon.peft.read_adapter`, or a GGUF's) on a model of ``spec``, the scaling
     and ``scale`` folded into ``b'``; typed errors for what does not fit."""

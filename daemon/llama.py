@@ -646,16 +646,16 @@ class Slab:
         sequence ids, and a gap (a context between requests) split every step in two."""
         batch = self._batch
         filler = self.model.bos if self.model.bos >= 0 else 0
-        rows = [(seq, tokens, outputs, seq.seq_id, len(seq.tokens), k)
+        rows = [(seq.seq_id, len(seq.tokens), tokens, outputs, k)
                 for k, (seq, tokens, outputs) in enumerate(entries)]
         if fillers:  # in the batch at their ids' places (the entries are in that order)
-            rows = sorted([*rows, *((None, [filler], 1, sid, pos, -1) for sid, pos in fillers)],
-                          key=lambda e: e[3])
-        if sum(len(e[1]) for e in rows) > self.n_batch:
+            rows = sorted([*rows, *((sid, pos, [filler], 1, -1) for sid, pos in fillers)],
+                          key=lambda e: e[0])
+        if sum(len(e[2]) for e in rows) > self.n_batch:
             raise ValueError("more tokens than n_batch in one batch")
         i = 0
         starts = [0] * len(entries)
-        for _seq, tokens, outputs, seq_id, pos0, k in rows:
+        for seq_id, pos0, tokens, outputs, k in rows:
             if k >= 0:
                 starts[k] = i
             first_out = len(tokens) - outputs
