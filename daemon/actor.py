@@ -1,11 +1,13 @@
 """Context actors: one trio task per context runs its requests one at a time.
 
 A context is a sequence of a batched llama context (:mod:`.batching`): the actor owns its
-queue, adapter stack, cancellation and streaming state, and hands each decoding step (a prompt,
-the next token, a draft to verify) to its slab's scheduler, which decodes it together with the
-steps of other contexts. Requests wait in a FIFO queue of ``max_queued`` places; when it is full
-the context answers ``context_busy``. The actor checks for cancellation between steps (and the
-scheduler between a prompt's chunks).
+queue, adapter stack, cancellation and streaming state. It turns a request into a
+:class:`~lorad.daemon.generation.Generation` (prompt, stack, sampler, drafter) and asks its
+slab's scheduler for the generation's steps one at a time; the scheduler decodes each together
+with the steps of other contexts and returns its tokens, which the actor turns into replies
+(:class:`~lorad.daemon.output.Output`: text, stop sequences, the end). Requests wait in a FIFO
+queue of ``max_queued`` places; when it is full the context answers ``context_busy``. The
+engine checks for cancellation between steps and between a prompt's chunks.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from lorad.protocol.args import OpArgs
 from . import llama, tools
 from .adapters import AdapterCache, LoadedAdapter
 from .alora import activation
-from .batching import Batcher, SlabScheduler, Step
+from .batching import Batcher, SlabScheduler
 from .budget import KvShape, Reservation
+from .generation import Generation
 from .grammar import check_grammar
 from .ngrams import Memory
 from .output import Output
 from .queue_actor import Actor, Job
 from .registry import LoadedModel
 from .requests import RequestHandle
-from .sampling import Pick, Produced, Verify
 from .speculative import (
     OFF_METRICS,
     Acceptance,
@@ -44,10 +46,6 @@ from .speculative import (
 from .speculative import refuse as refuse_speculative
 from .templates import TemplateRenderer
 from .workers import Pool, TextWorkers
-
-INLINE_INDEX = 6000
-"""n-gram index entries (tokens times sizes, about 1 ms) built on the event loop; more go to a
-thread."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ class ContextActor(Actor):
         if self.current is not None:
             return  # busy: the next generation applies it
         seq = self.seq
-        await self.scheduler.run(Step(seq, [], [], then=lambda slab, _i: slab.clear_seq(seq)))
+        await self.scheduler.clear(seq)
         if self.current is None:
             self._applied = []
             await self._sync_holds()
@@ -208,23 +206,6 @@ class ContextActor(Actor):
                        whole=self.scheduler.draft_whole, step_seconds=self.scheduler.step_seconds,
                        width=self.scheduler.width,
                        draft_seconds=self.draft_seconds.get(id(source.ctx)))
-
-    async def _start_drafter(self, drafter: Drafter, prompt: list[int]) -> None:
-        """Give ``drafter`` the prompt and, for n-gram drafts, the context's memory, both
-        indexed (in a thread where that is more than a few milliseconds of work)."""
-        if drafter.source is not None:
-            drafter.start(prompt)  # a draft model's: nothing to index
-            return
-        sizes = drafter.sizes
-
-        def start() -> None:
-            drafter.start(prompt)
-            drafter.memory = self.memory.index(sizes) if len(self.memory) else None
-
-        if (len(prompt) * len(sizes) + self.memory.pending(sizes)) > INLINE_INDEX:
-            await trio.to_thread.run_sync(start)
-        else:
-            start()
 
     async def _free(self) -> None:
         await self.batcher.detach(self.scheduler, self.seq)
@@ -340,103 +321,47 @@ class ContextActor(Actor):
             repeat_last_n=args.repeat_last_n, seed=seed,
             grammar=tooling.grammar if tooling and tooling.grammar else args.grammar,
         )
-        model, seq, scheduler = self.model.model, self.seq, self.scheduler
         spec = args.speculative if args.speculative is not None else self.speculative
         drafter = await self.drafter(spec, args) if spec else None
-        rng = np.random.default_rng(seed)
         greedy = args.temperature == 0
-        plain_greedy = greedy and params.grammar is None and args.repeat_penalty == 1.0
         stack = job.stack if job.stack is not None else list(self.stack)
         if [(e.adapter, e.scale) for e in stack] != [(e.adapter, e.scale) for e in self._applied]:
             await self._apply(stack)  # the scheduler reuses no token cached under another stack
         active, before, split = activation(stack, prompt)  # an aLoRA starts at its invocation
-        pairs = [(e.adapter.adapter, e.scale) for e in active]
-        pre_pairs = [(e.adapter.adapter, e.scale) for e in before] if before is not None else None
         if params.grammar is not None:
             await trio.to_thread.run_sync(check_grammar, params.grammar, self.limits)
+        model = self.model.model
         sampler = await trio.to_thread.run_sync(
             lambda: llama.Sampler(model, params, self.limits.grammar_ms))
-        n_logprobs = args.logprobs
+        gen = Generation(
+            self.seq, prompt, [(e.adapter.adapter, e.scale) for e in active], sampler,
+            args.max_tokens,
+            plain_greedy=greedy and params.grammar is None and args.repeat_penalty == 1.0,
+            params=None if greedy else params, rng=np.random.default_rng(seed),
+            n_logprobs=args.logprobs, chunk=self.params["n_batch"],
+            pre_stack=([(e.adapter.adapter, e.scale) for e in before] if before is not None
+                       else None),
+            split=split or 0, drafter=drafter, memory=self.memory,
+            should_stop=lambda: h.cancelled)
         out = Output(model.piece, model.is_eog, args.stop,
                      tools.StreamSplitter(tooling.use, tooling.format) if tooling else None,
                      received_at=h.received_at, started=started)
-        finish = "length"
-        pick = Pick(sampler, plain_greedy, n_logprobs)
-
-        first = Step(seq, prompt, pairs, prompt=True, then=pick,
-                     should_stop=lambda: h.cancelled, chunk=self.params["n_batch"],
-                     pre_stack=pre_pairs, split=split or 0)
-        reused = 0
-        scheduler.join(seq)
+        self.scheduler.join(self.seq)
         try:
-            produced: Produced = await scheduler.run(first) or []
-            reused = first.reused
-            out.prompt_done()
-            if drafter is not None:
-                await self._start_drafter(drafter, prompt)
-            done = first.stopped
-            if done:
-                finish = "cancelled"
-            while not done:
-                if h.cancelled:
-                    finish = "cancelled"
-                    break
-                previous = None
-                for token, logprobs in produced:
-                    item = out.token(token, logprobs)
-                    if item is None:  # the end-of-generation token
-                        done = True
-                        break
-                    if drafter is not None:
-                        drafter.feed(token)
-                    if h.credit <= 0:  # waits for the client: the batches go on without it
-                        scheduler.leave(seq)
-                    sent = await h.send_item(item)
-                    scheduler.join(seq)
-                    if not sent:
-                        finish, done = "cancelled", True
-                        break
-                    if out.finish is not None:  # a stop sequence
-                        done = True
-                        break
-                    previous = token
-                if done:
-                    break
-                if out.generated >= args.max_tokens or len(seq.tokens) >= seq.n_ctx:
-                    finish = "length"  # max_tokens, or the context is full
-                    break
-                assert previous is not None
-                if drafter is not None:
-                    room = min(args.max_tokens - out.generated, seq.n_ctx - len(seq.tokens),
-                               scheduler.budget) - 1
-                    if drafter.source is None:  # n-gram lookup: cheap, no thread hop
-                        draft, qs = drafter.draft(room), None
-                    elif depth := drafter.plan(room):  # a draft model: in its own context
-                        draft, qs = await trio.to_thread.run_sync(
-                            drafter.propose, depth, None if greedy else params, rng)
-                    else:  # no draft this step: no thread hop either
-                        draft, qs = [], None
-                    step = Step(seq, [previous, *draft], pairs, outputs=len(draft) + 1,
-                                then=Verify(seq, draft, qs, None if greedy else params, rng,
-                                            n_logprobs))
-                else:
-                    step = Step(seq, [previous], pairs, then=pick)
-                produced = await scheduler.run(step)
-                if drafter is not None:  # accepted draft tokens, and the one after them
-                    drafter.record(len(draft), len(produced) - 1, produced[-1][0])
+            finish = await self._stream(h, gen, out)
             if finish != "cancelled":
                 tail = out.close()
                 finish = out.finish or finish
                 if tail is not None:
                     await h.send_item(tail)
         finally:
-            scheduler.leave(seq)
+            self.scheduler.leave(self.seq)
             self.memory.add(prompt, out.tokens)
             await trio.to_thread.run_sync(sampler.close)
             if drafter is not None and drafter.source is not None and drafter.draft_seconds:
                 self.draft_seconds[id(drafter.source.ctx)] = drafter.draft_seconds
         metrics = {
-            **out.stats(len(prompt), reused),
+            **out.stats(len(prompt), gen.reused),
             "seed": seed,
             "loras": [{"ref": e.ref, "path": str(e.adapter.path), "scale": e.scale}
                       for e in stack],
@@ -448,6 +373,33 @@ class ContextActor(Actor):
         if tooling is not None:
             end["tool_calls"] = out.calls
         h.send_end(end)
+
+    async def _stream(self, h: RequestHandle, gen: Generation, out: Output) -> str:
+        """Step ``gen`` and send its tokens as they come, until it ends: ``cancelled``, or
+        ``length`` (``out.finish`` says when a stop sequence or the end-of-generation token
+        ended it first). A client with no credit left takes its sequence out of the batches
+        until it reads again."""
+        scheduler, seq = self.scheduler, self.seq
+        while True:
+            output = await scheduler.next(gen)
+            if out.prompted is None:
+                out.prompt_done()
+            if output.end == "cancelled":
+                return "cancelled"
+            for token, logprobs in output.tokens:
+                item = out.token(token, logprobs)
+                if item is None:  # the end-of-generation token
+                    return "length"
+                if h.credit <= 0:  # waits for the client: the batches go on without it
+                    scheduler.leave(seq)
+                sent = await h.send_item(item)
+                scheduler.join(seq)
+                if not sent:
+                    return "cancelled"
+                if out.finish is not None:  # a stop sequence
+                    return "length"
+            if output.end is not None:
+                return output.end
 
 
 async def render_chat(templates: TemplateRenderer, model: llama.Model,

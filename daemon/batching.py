@@ -1,14 +1,15 @@
 """Continuous batching: contexts of one model are sequences of shared llama contexts (slabs),
 and one scheduler per slab decodes the work of all of them in one ``llama_decode`` per step.
 
-A context actor hands the scheduler a :class:`Step` (a prompt, the next token, or a token and
-its draft) and waits for it. Each step the scheduler picks one adapter stack (llama.cpp applies
-adapters to a whole batch), takes every waiting decode of that stack, fills the rest of the
-token budget with chunks of that stack's waiting prompts, decodes them in a worker thread, and
-runs each finished step's ``then`` (sampling, verification) in that same thread on the logits
-in place. Stacks with waiting work are served in rotation, in turns of ``QUANTUM`` steps, so
-none starves: with k stacks waiting, each waits at most ``(k - 1) * QUANTUM`` steps. Only the
-scheduler's thread calls llama.cpp on a slab.
+A context actor asks the scheduler for its generation's next step (:meth:`SlabScheduler.next`,
+:mod:`.generation`): the scheduler makes it a :class:`Step` (the prompt, the next token, or a
+token and its draft) and returns what it produced. Each step the scheduler picks one adapter
+stack (llama.cpp applies adapters to a whole batch), takes every waiting decode of that stack,
+fills the rest of the token budget with chunks of that stack's waiting prompts, decodes them in
+its decode thread, and samples or verifies each finished step (its ``logits`` value) in that
+same thread on the logits in place. Stacks with waiting work are served in rotation, in turns
+of ``QUANTUM`` steps, so none starves: with k stacks waiting, each waits at most
+``(k - 1) * QUANTUM`` steps. Only the scheduler's thread calls llama.cpp on a slab.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from typing import Any
 
 import trio
 
-from lorad.protocol import ErrorCode, ProtocolError
-
 from . import llama
 from .budget import KvShape, MemoryBudget, Reservation
+from .errors import EngineStopped, SequenceClosing
+from .generation import Generation, StackPairs, StepOutput, start_drafting
 from .ingress import Ingress
 from .logs import log
+from .sampling import Pick, Verify
 from .workers import BUILD, DECODE, Pool
 
-StackPairs = list[tuple[llama.Adapter, float]]
 GATHER_S = 0.02
 """How long a batch waits at most for a generating sequence's next step."""
 SHORT_PROMPT = 64
@@ -45,8 +46,9 @@ step), so turns of a few steps amortise it; the wait of the others stays a few s
 
 @dataclass(eq=False)
 class Step:
-    """Work for one sequence: ``tokens`` decoded under ``stack``, then ``then`` on the slab and
-    the batch index of the first token (in the decode thread; its result is the step's)."""
+    """Work for one sequence: ``tokens`` decoded under ``stack``, then ``logits`` run on the
+    slab and the batch index of its first row (in the decode thread; its result is the
+    step's)."""
 
     seq: llama.Sequence
     tokens: list[int]
@@ -56,7 +58,10 @@ class Step:
     in chunks of at most ``chunk`` tokens, and only its last token gets logits."""
     outputs: int = 1
     """How many of the last tokens get logits (not for prompts)."""
-    then: Callable[[llama.Slab, int], Any] | None = None
+    logits: Pick | Verify | None = None
+    """What is done with the step's rows: sample the next token, or verify a draft."""
+    clear: bool = False
+    """Housekeeping (no tokens): the sequence's cells are freed."""
     should_stop: Callable[[], bool] = lambda: False
     chunk: int = 1 << 30
     pre_stack: StackPairs | None = None
@@ -309,8 +314,8 @@ class SlabScheduler:
         """Free the sequence's cells and its place (after its last step)."""
         if not self.closed:  # a stopped scheduler's slab is freed whole
             try:
-                await self.run(Step(seq, [], [], then=lambda slab, _i: slab.clear_seq(seq)))
-            except ProtocolError:
+                await self.clear(seq)
+            except (EngineStopped, SequenceClosing):
                 if not self.closed:
                     raise
         del self.sequences[seq.seq_id]
@@ -326,7 +331,7 @@ class SlabScheduler:
         self.closed = True
         for step in self._waiting:
             if not step.done.is_set():
-                step.error = ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+                step.error = EngineStopped("the daemon is stopping")
                 step.finished = True
                 step.done.set()
         self._waiting = []
@@ -367,11 +372,57 @@ class SlabScheduler:
             if not self.active:
                 self.cores.streaming(self, None)
 
+    async def clear(self, seq: llama.Sequence) -> None:
+        """Free ``seq``'s cells, between two steps."""
+        await self.run(Step(seq, [], [], clear=True))
+
+    async def next(self, gen: Generation) -> StepOutput:
+        """``gen``'s next step, decoded in a batch with the other sequences' steps: its prompt
+        first (the cached prefix reused), then its last token and, with a drafter, a draft to
+        verify. The caller asks for the next step once it has used this one's tokens."""
+        seq, drafter = gen.seq, gen.drafter
+        if gen.started and gen.should_stop():
+            return StepOutput([], "cancelled")
+        if not gen.started:
+            gen.started = True
+            first = Step(seq, gen.prompt, gen.stack, prompt=True, logits=gen.pick,
+                         should_stop=gen.should_stop, chunk=gen.chunk, pre_stack=gen.pre_stack,
+                         split=gen.split)
+            produced = await self.run(first)
+            gen.reused = first.reused
+            if first.stopped:
+                return StepOutput([], "cancelled")
+            if drafter is not None:
+                await start_drafting(drafter, gen.prompt, gen.memory)
+        elif drafter is None:
+            produced = await self.run(Step(seq, [gen.last], gen.stack, logits=gen.pick))
+        else:
+            room = gen.room(self.budget)
+            draft, qs = [], None
+            if drafter.source is None:  # n-gram lookup: cheap, no thread hop
+                draft = drafter.draft(room)
+            elif depth := drafter.plan(room):  # a draft model: in its own context
+                draft, qs = await trio.to_thread.run_sync(drafter.propose, depth, gen.params,
+                                                          gen.rng)
+            produced = await self.run(Step(seq, [gen.last, *draft], gen.stack,
+                                           outputs=len(draft) + 1,
+                                           logits=gen.verify(draft, qs)))
+            # the accepted draft tokens, and the one after them
+            drafter.record(len(draft), len(produced) - 1, produced[-1][0])
+        gen.generated += len(produced)
+        gen.last = produced[-1][0]
+        if drafter is not None:
+            for token, _ in produced:
+                drafter.feed(token)
+        if gen.should_stop():
+            return StepOutput(produced, "cancelled")
+        return StepOutput(produced, "length" if gen.at_limit() else None)
+
     async def run(self, step: Step) -> Any:
         """Queue ``step`` and wait for its result (a cancelled caller still lets the scheduler
         finish the step, so that the sequence's cells stay in step with its tokens)."""
         if self.closed:
-            raise ProtocolError(ErrorCode.NOT_FOUND, "the context is closing")
+            raise SequenceClosing("the context is closing")
         self._waiting.append(step)
         if step.key not in self._order:
             self._order.append(step.key)
@@ -515,7 +566,8 @@ class SlabScheduler:
                     stepped.append((step, step.tokens, True))
                     decoded += len(step.tokens)
                 else:  # housekeeping only
-                    step.result = step.then(slab, -1) if step.then else None
+                    if step.clear:
+                        slab.clear_seq(step.seq)
                     step.finished = True
             except Exception as exc:  # handed to the step's owner
                 step.error = exc
@@ -545,7 +597,7 @@ class SlabScheduler:
                 continue
             index = start + len(tokens) - (1 if step.prompt else step.outputs)
             try:
-                step.result = step.then(slab, index) if step.then else None
+                step.result = step.logits(slab, index) if step.logits else None
             except Exception as exc:
                 step.error = exc
             step.finished = True

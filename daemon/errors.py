@@ -75,6 +75,18 @@ class ContextFull(LlamaError):
     code = ErrorCode.CONTEXT_OVERFLOW
 
 
+class EngineStopped(DaemonError):
+    """The engine stopped (the daemon is stopping) before a step was decoded."""
+
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class SequenceClosing(DaemonError):
+    """A step was asked of a slab whose scheduler has stopped (its context is closing)."""
+
+    code = ErrorCode.NOT_FOUND
+
+
 class UnknownTemplate(LlamaError):
     """A chat template name that is none of llama.cpp's built-in ones."""
 

@@ -1,10 +1,11 @@
 """What a decoding step does with its logits, as values the scheduler runs in the decode thread.
 
-A generation's step carries one of these (``Step.then``): :class:`Pick` samples the next token
-from a row, :class:`Verify` checks a speculative draft against its rows and rolls the rejected
-tokens back out of the sequence's cells (on the decode thread, the one that owns the slab's
-memory). Each returns the step's output, ``[(token, scored), ...]``; what the actor does with it
-(items, drafter bookkeeping, the end) happens after, in its own task.
+A generation's step carries one of these (``Step.logits``, made by the scheduler from the
+:class:`~lorad.daemon.generation.Generation`): :class:`Pick` samples the next token from a row,
+:class:`Verify` checks a speculative draft against its rows and rolls the rejected tokens back
+out of the sequence's cells (on the decode thread, the one that owns the slab's memory). Each
+returns the step's output, ``[(token, scored), ...]``; the scheduler does the drafter's
+bookkeeping with it, and the actor turns it into items, in its own task.
 """
 
 from __future__ import annotations

@@ -381,6 +381,7 @@ async def test_a_models_steps_all_decode_on_one_thread_of_its_own(tiny_model: Pa
 
     from lorad.daemon import llama
     from lorad.daemon.batching import Cores, SlabScheduler, Step
+    from lorad.daemon.sampling import Pick
 
     llama.init_backend()
     model = llama.Model(str(tiny_model))
@@ -389,8 +390,15 @@ async def test_a_models_steps_all_decode_on_one_thread_of_its_own(tiny_model: Pa
               for _ in range(2)]
     threads: set[int] = set()
 
-    def where(_slab: llama.Slab, _i: int) -> None:
-        threads.add(threading.get_ident())
+    class Where(Pick):
+        """Greedy picks that note the thread they run on."""
+
+        def __call__(self, slab: llama.Slab, i: int):
+            threads.add(threading.get_ident())
+            return super().__call__(slab, i)
+
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    where = Where(sampler, plain_greedy=True)
 
     try:
         schedulers = [SlabScheduler(s, budget=64, cores=cores) for s in slabs_]
@@ -399,9 +407,9 @@ async def test_a_models_steps_all_decode_on_one_thread_of_its_own(tiny_model: Pa
                 nursery.start_soon(scheduler.loop)
             for scheduler in schedulers:
                 seq = scheduler.attach(128)
-                await scheduler.run(Step(seq, [5, 6, 7], [], prompt=True, then=where))
+                await scheduler.run(Step(seq, [5, 6, 7], [], prompt=True, logits=where))
                 for token in range(8, 12):
-                    await scheduler.run(Step(seq, [token], [], then=where))
+                    await scheduler.run(Step(seq, [token], [], logits=where))
                     await trio.to_thread.run_sync(lambda: None)  # trio's threads go on
             nursery.cancel_scope.cancel()
         assert len(threads) == 1 and threading.get_ident() not in threads
@@ -411,6 +419,7 @@ async def test_a_models_steps_all_decode_on_one_thread_of_its_own(tiny_model: Pa
         decode_thread.join(5)
         assert not decode_thread.is_alive()
     finally:
+        sampler.close()
         for s in slabs_:
             s.close()
         model.close()
@@ -444,11 +453,11 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
         async def one(k: int) -> None:
             seq = seqs[k]
             scheduler.join(seq)
-            produced = await scheduler.run(Step(seq, texts[k], [], prompt=True, then=pick))
+            produced = await scheduler.run(Step(seq, texts[k], [], prompt=True, logits=pick))
             for _ in range(n):
                 token = produced[0][0]
                 outs[k].append(token)
-                produced = await scheduler.run(Step(seq, [token], [], then=pick))
+                produced = await scheduler.run(Step(seq, [token], [], logits=pick))
             scheduler.leave(seq)
 
         async with trio.open_nursery() as nursery:
@@ -483,16 +492,16 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
             # is cut back to the first token it got wrong
             seq, rng = seqs[0], np.random.default_rng(0)
             scheduler.join(seq)
-            first = await scheduler.run(Step(seq, prompts[0], [], prompt=True, then=pick))
+            first = await scheduler.run(Step(seq, prompts[0], [], prompt=True, logits=pick))
             assert first[0][0] == alone[0][0]
             draft = alone[0][1:5]
             good = await scheduler.run(Step(seq, [alone[0][0], *draft], [], outputs=5,
-                                            then=Verify(seq, draft, None, None, rng)))
+                                            logits=Verify(seq, draft, None, None, rng)))
             assert [t for t, _ in good] == alone[0][1:6]
             held = len(seq.tokens)
             wrong = [(t + 1) % model.n_vocab for t in alone[0][6:9]]
             bad = await scheduler.run(Step(seq, [alone[0][5], *wrong], [], outputs=4,
-                                           then=Verify(seq, wrong, None, None, rng)))
+                                           logits=Verify(seq, wrong, None, None, rng)))
             assert [t for t, _ in bad] == [alone[0][6]]  # no draft token accepted
             assert len(seq.tokens) == held + 1  # the rejected ones left the cells
             scheduler.leave(seq)
@@ -527,11 +536,11 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
 
     async def stream(scheduler: SlabScheduler, seq, text: list[int], n: int) -> list[int]:
         scheduler.join(seq)
-        produced = await scheduler.run(Step(seq, text, [], prompt=True, then=pick))
+        produced = await scheduler.run(Step(seq, text, [], prompt=True, logits=pick))
         out = []
         for _ in range(n):
             out.append(produced[0][0])
-            produced = await scheduler.run(Step(seq, [out[-1]], [], then=pick))
+            produced = await scheduler.run(Step(seq, [out[-1]], [], logits=pick))
         scheduler.leave(seq)
         return out
 
@@ -571,7 +580,7 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
             assert scheduler._fillers([(seqs[k], [1], 1) for k in (0, 2, 3, 4)]) == \
                 [(1, len(cached)), (5, 0)]  # the gap, then a free id: 6 rows, a whole size
             assert seqs[1].tokens == cached
-            again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, then=pick)
+            again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, logits=pick)
             scheduler.join(seqs[1])
             produced = await scheduler.run(again)
             scheduler.leave(seqs[1])
@@ -580,4 +589,91 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
             assert produced[0][0] == alone[1][5]
     finally:
         sampler.close()
+        model.close()
+
+
+async def test_the_engine_core_steps_a_generation_and_returns_its_outputs(
+        tiny_model: Path) -> None:
+    """The engine core's API without a daemon (issue 25): a :class:`Generation` asked for its
+    steps gives, as return values, one token a step, the greedy tokens of plain steps; it ends
+    with ``length`` at ``max_tokens``; with ``prompt_lookup`` a repeating text is drafted and
+    verified, several tokens a step, and its tokens are those without drafting; a cancel ends
+    it at the next step, decoding nothing more."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler, Step
+    from lorad.daemon.generation import Generation
+    from lorad.daemon.ngrams import Memory
+    from lorad.daemon.sampling import Pick
+    from lorad.daemon.speculative import Drafter
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    prompt = model.tokenize(PROMPTS[0], add_special=True, limit=64)
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    slab = llama.Slab(model, n_seq=1, n_ctx_seq=256, n_batch=64, n_threads=1, kv_type="f32",
+                      flash_attn=False)
+
+    @asynccontextmanager
+    async def running() -> AsyncIterator[SlabScheduler]:
+        scheduler = SlabScheduler(slab, budget=64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.loop)
+            yield scheduler
+            nursery.cancel_scope.cancel()
+
+    async def steps(scheduler: SlabScheduler, gen: Generation
+                    ) -> tuple[list[list[int]], str]:
+        outputs = []
+        while True:
+            output = await scheduler.next(gen)
+            outputs.append([t for t, _ in output.tokens])
+            if output.end is not None:
+                return outputs, output.end
+
+    try:
+        async with running() as scheduler:
+            seq = scheduler.attach(256)
+            pick = Pick(sampler, plain_greedy=True)
+            produced = await scheduler.run(Step(seq, prompt, [], prompt=True, logits=pick))
+            plain = [produced[0][0]]
+            for _ in range(39):
+                produced = await scheduler.run(Step(seq, [plain[-1]], [], logits=pick))
+                plain.append(produced[0][0])
+
+            gen = Generation(seq, prompt, [], sampler, 40, plain_greedy=True)
+            outputs, end = await steps(scheduler, gen)
+            assert end == "length" and all(len(o) == 1 for o in outputs)
+            assert [t for o in outputs for t in o] == plain
+            assert gen.reused == len(prompt) - 1  # the same prompt: its cache reused
+
+            # the request sent again drafts from the context's memory of its output: the
+            # drafts are the greedy tokens, accepted, several a step, and the output is the same
+            memory = Memory()
+            memory.add(prompt, plain)
+            drafted = Generation(seq, prompt, [], sampler, 40, plain_greedy=True,
+                                 drafter=Drafter("prompt_lookup", 8, adaptive=False),
+                                 memory=memory)
+            outputs, end = await steps(scheduler, drafted)
+            assert end == "length"
+            assert [t for o in outputs for t in o] == plain
+            assert drafted.drafter.accepted == drafted.drafter.drafted > 0
+            assert max(len(o) for o in outputs) == 9 and len(outputs) < 10
+
+            cancelled = False
+            gen = Generation(seq, prompt, [], sampler, 40, plain_greedy=True,
+                             should_stop=lambda: cancelled)
+            first = await scheduler.next(gen)
+            assert first.end is None and [t for t, _ in first.tokens] == plain[:1]
+            cancelled = True
+            cached = len(seq.tokens)
+            assert (await scheduler.next(gen)).end == "cancelled"
+            assert len(seq.tokens) == cached  # nothing decoded after the cancel
+    finally:
+        sampler.close()
+        slab.close()
         model.close()
