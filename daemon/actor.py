@@ -199,12 +199,9 @@ class ContextActor(Actor):
         if source is None:
             return Drafter("prompt_lookup", spec["max_draft"], spec["ngram_min"],
                            spec["ngram_max"], adaptive=spec["adaptive"],
-                           cost=self.scheduler.draft_cost, whole=self.scheduler.draft_whole,
-                           width=self.scheduler.width, acceptance=self.acceptance)
+                           acceptance=self.acceptance)
         return Drafter("draft_model", spec["max_draft"], source=source,
-                       adaptive=spec["adaptive"], cost=self.scheduler.draft_cost,
-                       whole=self.scheduler.draft_whole, step_seconds=self.scheduler.step_seconds,
-                       width=self.scheduler.width,
+                       adaptive=spec["adaptive"],
                        draft_seconds=self.draft_seconds.get(id(source.ctx)))
 
     async def _free(self) -> None:

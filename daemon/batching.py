@@ -392,7 +392,9 @@ class SlabScheduler:
             gen.reused = first.reused
             if first.stopped:
                 return StepOutput([], "cancelled")
-            if drafter is not None:
+            if drafter is not None:  # it drafts by what a draft costs the batch it joins
+                drafter.cost, drafter.whole = self.draft_cost, self.draft_whole
+                drafter.width, drafter.step_seconds = self.width, self.step_seconds
                 await start_drafting(drafter, gen.prompt, gen.memory)
         elif drafter is None:
             produced = await self.run(Step(seq, [gen.last], gen.stack, logits=gen.pick))

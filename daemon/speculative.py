@@ -249,7 +249,8 @@ class Drafter:
     adaptive: bool = True
     """False: always draft ``max_draft`` tokens."""
     cost: Callable[[int], float] = lambda d: 1.0 + 0.5 * d
-    """The relative cost of a step with ``d`` draft tokens (the engine's estimate)."""
+    """The relative cost of a step with ``d`` draft tokens (the engine's estimate: the
+    scheduler sets this and the three below when the generation starts drafting)."""
     whole: Callable[[int], bool] = lambda d: True
     """Whether a step with ``d`` draft tokens is of a size on the engine's grid: the depth is
     one of those, or the whole proposal where it is shorter than ``max_draft``."""
