@@ -712,16 +712,22 @@ class Batcher:
     contexts' cached tokens are moved into it, not evaluated again), and a kind whose slab
     is at its widest gets another slab. A slab starts with one sequence, so memory follows
     the contexts that exist: at most twice their KV caches, and a context alone costs its
-    own."""
+    own. A slab of one sequence outlives its last context by ``keep_idle`` seconds, for the
+    next context of its kind (a client that makes and closes contexts one after another
+    allocates and clears a KV cache once); the memory budget frees it first when it needs
+    the room."""
 
     def __init__(self, model: llama.Model, *, sequences: int, budget: int, unified: bool,
                  nursery: trio.Nursery, memory: MemoryBudget | None = None,
                  model_id: str = "", prompt_share: float = 0.5,
-                 ingress: Ingress | None = None) -> None:
+                 ingress: Ingress | None = None, keep_idle: float = 0.0) -> None:
         self.model = model
         self.sequences = sequences
         self.budget = budget
         self.unified = unified
+        self.keep_idle = keep_idle
+        self._idle: dict[int, float] = {}
+        """Idle slabs (by their scheduler's ``id``): until when they are kept."""
         self.memory = memory if memory is not None else MemoryBudget()
         self.model_id = model_id
         self.kv = KvShape.of(model)
@@ -742,6 +748,9 @@ class Batcher:
             slabs = self.slabs.get(key, [])
             for scheduler, _ in slabs:
                 if scheduler.free_ids:
+                    if self._idle.pop(id(scheduler), None) is not None and \
+                            scheduler.reservation is not None:
+                        scheduler.reservation.reclaim = None  # in use again
                     return scheduler, scheduler.attach(key.n_ctx_seq)
             growing = next((s for s, _ in slabs if s.slab.n_seq < self.sequences), None)
             n_seq = 1 if growing is None else min(self.sequences, growing.slab.n_seq * 2)
@@ -787,24 +796,54 @@ class Batcher:
                 scheduler.stop()
 
     async def detach(self, scheduler: SlabScheduler, seq: llama.Sequence) -> None:
-        """Free the sequence; a slab left without sequences is freed too."""
+        """Free the sequence; a slab left without sequences is freed too, or kept idle for
+        ``keep_idle`` seconds when it has one sequence."""
         await scheduler.detach(seq)
         async with self._lock:
-            if scheduler.sequences:
+            if scheduler.sequences or scheduler.closed:
                 return
-            for key, slabs in list(self.slabs.items()):
-                for pair in slabs:
-                    if pair[0] is scheduler:
-                        slabs.remove(pair)
-                        pair[1].cancel()
-                if not slabs:
-                    del self.slabs[key]
-            scheduler.closed = True
-            self.cores.streaming(scheduler, None)
-            if scheduler.reservation is not None:
-                scheduler.reservation.release()
+            if self.keep_idle > 0 and scheduler.slab.n_seq == 1:
+                until = trio.current_time() + self.keep_idle
+                self._idle[id(scheduler)] = until
+                if scheduler.reservation is not None:
+                    scheduler.reservation.reclaim = lambda: self._drop(scheduler)
+                self._nursery.start_soon(self._expire, scheduler, until)
+                return
+            self._forget(scheduler)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(scheduler.slab.close)
+
+    async def _expire(self, scheduler: SlabScheduler, until: float) -> None:
+        """Free an idle slab once its time is up, unless a context took it meanwhile."""
+        await trio.sleep_until(until)
+        async with self._lock:
+            if self._idle.get(id(scheduler)) != until or scheduler.closed:
+                return  # taken (or taken and left again: a later timer frees it)
+            self._forget(scheduler)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(scheduler.slab.close)
+
+    def _drop(self, scheduler: SlabScheduler) -> None:
+        """Free an idle slab now (the memory budget needs its room): it has no sequence, so
+        nothing decodes on it; freeing it takes milliseconds, in the trio thread."""
+        self._forget(scheduler)
+        scheduler.slab.close()
+
+    def _forget(self, scheduler: SlabScheduler) -> None:
+        """Take a slab without sequences out of service: its scheduler stops and its
+        reservation is released (the caller frees the llama context)."""
+        for key, slabs in list(self.slabs.items()):
+            for pair in slabs:
+                if pair[0] is scheduler:
+                    slabs.remove(pair)
+                    pair[1].cancel()
+            if not slabs:
+                del self.slabs[key]
+        self._idle.pop(id(scheduler), None)
+        scheduler.closed = True
+        self.cores.streaming(scheduler, None)
+        if scheduler.reservation is not None:
+            scheduler.reservation.release()
 
     def close(self) -> None:
         """Free every slab (the daemon is stopping: their schedulers are cancelled)."""
@@ -816,6 +855,7 @@ class Batcher:
                     scheduler.reservation.release()
                 scheduler.slab.close()
         self.slabs.clear()
+        self._idle.clear()
         self.cores.close()
 
     def info(self) -> list[dict[str, Any]]:
@@ -823,7 +863,7 @@ class Batcher:
         return [{"n_ctx_seq": k.n_ctx_seq, "kv_type": k.kv_type, "flash_attn": k.flash_attn,
                  "n_threads": k.n_threads, "sequences": s.slab.n_seq, "used": len(s.sequences),
                  "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches,
-                 "step_ms": s.cost.table()}
+                 "step_ms": s.cost.table(), "idle": id(s) in self._idle}
                 for k, slabs in self.slabs.items() for s, _ in slabs]
 
 

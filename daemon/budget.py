@@ -3,8 +3,9 @@
 Every model load, slab (a batched llama context: the KV cache of its sequences) and other
 llama context (embeddings, draft models) reserves its size here before llama.cpp allocates
 it; a reservation that would take the total past the budget is refused with ``too_large`` and
-the figures (``needed``, ``budget``, ``in_use``), so nothing is allocated for it. Sizes are
-computed from the model's shape, not measured:
+the figures (``needed``, ``budget``, ``in_use``), so nothing is allocated for it. What is held
+only to be reused (a slab kept idle for the next context of its kind) is freed first when that
+makes the room. Sizes are computed from the model's shape, not measured:
 
 * a model: its file's size (the weights llama.cpp maps or reads);
 * a KV cache: ``n_cells * n_layer * (n_embd_k + n_embd_v) * element size``, with ``n_embd_k``
@@ -76,6 +77,9 @@ class Reservation:
     what: str
     nbytes: int
     id: int
+    reclaim: Callable[[], None] | None = None
+    """Set while what it holds is idle (a slab kept for the next context of its kind): frees
+    it and releases the reservation, when the budget needs the room."""
 
     def release(self) -> None:
         self.budget._held.pop(self.id, None)
@@ -97,6 +101,8 @@ class MemoryBudget:
         self._held: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self.refused = 0
+        self.reclaimed = 0
+        """Idle reservations freed to make room."""
 
     @property
     def in_use(self) -> int:
@@ -107,6 +113,8 @@ class MemoryBudget:
         not fit; ``details`` go into the error."""
         in_use = self.in_use
         if in_use + nbytes > self.limit:
+            in_use = self._reclaim(in_use + nbytes - self.limit)
+        if in_use + nbytes > self.limit:
             self.refused += 1
             raise ProtocolError(
                 ErrorCode.TOO_LARGE,
@@ -115,6 +123,22 @@ class MemoryBudget:
                 + (f"; {_mib(replacing)} of it would be freed after" if replacing else ""),
                 limit="memory_budget_bytes", needed=nbytes, budget=self.limit, in_use=in_use,
                 **details)
+
+    def _reclaim(self, short: int) -> int:
+        """Free idle reservations, the oldest first, until ``short`` bytes are back (none if
+        all of them would not be enough); what is in use after."""
+        idle = sorted((r for r in self._held.values() if r.reclaim is not None),
+                      key=lambda r: r.id)
+        if sum(r.nbytes for r in idle) >= short:
+            for r in idle:
+                if short <= 0:
+                    break
+                short -= r.nbytes
+                assert r.reclaim is not None
+                r.reclaim()
+                r.release()
+                self.reclaimed += 1
+        return self.in_use
 
     def reserve(self, what: str, nbytes: int, **details: Any) -> Reservation:
         """Hold ``nbytes`` for ``what``, or raise ``too_large`` (see :meth:`check`)."""
@@ -138,8 +162,10 @@ class MemoryBudget:
         return {"budget": self.limit, "in_use": self.in_use, "machine": self.machine,
                 "source": (f"derived: {SHARE:.0%} of the machine's memory" if self.derived
                            else "limits.memory_budget_bytes"),
-                "refused": self.refused,
-                "held": [{"what": r.what, "bytes": r.nbytes} for r in self._held.values()]}
+                "refused": self.refused, "reclaimed": self.reclaimed,
+                "held": [{"what": r.what, "bytes": r.nbytes,
+                          **({"idle": True} if r.reclaim is not None else {})}
+                         for r in self._held.values()]}
 
 
 def _mib(nbytes: int) -> str:

@@ -68,6 +68,11 @@ class BatchingConfig:
     loop's work in that step stays under 1 ms plus this share of the step's time; the rest
     waits for the step's end (a flood of cheap messages preempted llama.cpp's threads and
     made steps up to 30x slower: see ``daemon/ingress.py``)."""
+    keep_idle_s: float = 5.0
+    """How long a slab of one sequence outlives its last context, for the next context of its
+    kind (0: freed at once): a client that makes and closes contexts one after another then
+    allocates and clears a KV cache once, not each time. Its memory stays in the budget,
+    which takes it back first when it needs room."""
 
 
 @dataclass
@@ -266,6 +271,11 @@ def _batching(table: Any) -> BatchingConfig:
         raise _config_error("batching.loop_share must be a number in 0.01..100",
                             field="loop_share")
     out.loop_share = float(loop)
+    keep = out.keep_idle_s
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 3600:
+        raise _config_error("batching.keep_idle_s must be a number of seconds in 0..3600",
+                            field="keep_idle_s")
+    out.keep_idle_s = float(keep)
     return out
 
 

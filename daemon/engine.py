@@ -160,9 +160,9 @@ class Engine:
             async with embedder.lock:  # an embedding in progress finishes first
                 await trio.to_thread.run_sync(embedder.ctx.close)
             embedder.reservation.release()
-        batcher = self._batchers.pop(id(entry), None)  # its contexts are closed: no slab left
+        batcher = self._batchers.pop(id(entry), None)  # its contexts are closed
         if batcher is not None:
-            batcher.cores.close()  # its decode thread ends
+            batcher.close()  # the idle slabs kept for its next contexts; its decode thread
         self._turns.pop(id(entry), None)
         await self.adapters.drop_model(entry)
         await self.models.unload(entry)
@@ -408,7 +408,7 @@ class Engine:
             batcher = self._batchers[id(entry)] = Batcher(
                 entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
                 nursery=self._nursery, memory=self.memory, model_id=entry.id,
-                prompt_share=b.prompt_share, ingress=self.ingress)
+                prompt_share=b.prompt_share, ingress=self.ingress, keep_idle=b.keep_idle_s)
         return batcher
 
     def batching_info(self) -> list[dict[str, Any]]:

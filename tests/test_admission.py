@@ -77,7 +77,21 @@ def test_a_context_costs_its_own_kv_and_growth_past_the_budget_is_refused(
                 client.create_context(tiny_model, n_ctx=2048, **EXACT)
             assert err.value.details["needed"] == 2 * 2048 * CELL
             assert ctx.generate("Hello world", max_tokens=4).collect()  # still serving
-        assert memory(client)["in_use"] == base
+        # the emptied slab is kept for the next context of its kind, its KV in the budget ...
+        [slab] = client.status()["batching"]
+        assert slab["idle"] and slab["used"] == 0
+        held = memory(client)
+        assert held["in_use"] == base + 2048 * CELL
+        assert [h.get("idle", False) for h in held["held"]] == [False, True]
+        with client.create_context(tiny_model, n_ctx=2048, **EXACT):  # ... and taken again
+            [again] = client.status()["batching"]
+            assert not again["idle"] and again["steps"] == slab["steps"]
+        # a context that fits only without it frees it first
+        with client.create_context(tiny_model, n_ctx=1024, **EXACT):
+            assert [s["n_ctx_seq"] for s in client.status()["batching"]] == [1024]
+            after = memory(client)
+            assert after["in_use"] == base + 1024 * CELL
+            assert after["reclaimed"] == held["reclaimed"] + 1
 
 
 def test_a_model_past_the_budget_is_refused(small: DaemonProcess, tiny_model: Path,

@@ -21,7 +21,10 @@ EXACT = {"n_ctx": 256, "kv_type": "f32", "flash_attn": False}
 @pytest.fixture(scope="module")
 def batch_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
                  tiny_model: Path) -> Iterator[DaemonProcess]:
-    d = start_daemon(tmp_path_factory.mktemp("batching"), [models_dir])
+    workdir = tmp_path_factory.mktemp("batching")
+    config = workdir / "lorad.toml"  # slabs are freed with their last context (not kept idle)
+    config.write_text("[batching]\nkeep_idle_s = 0\n")
+    d = start_daemon(workdir, [models_dir], "--config", str(config))
     yield d
     assert d.stop() == 0, d.log()
 
@@ -676,4 +679,51 @@ async def test_the_engine_core_steps_a_generation_and_returns_its_outputs(
     finally:
         sampler.close()
         slab.close()
+        model.close()
+
+
+async def test_a_slab_of_one_sequence_is_kept_idle_for_the_next_context_of_its_kind(
+        tiny_model: Path, autojump_clock) -> None:
+    """``keep_idle``: the emptied slab of one sequence is taken by the next context of its
+    kind (no KV cache allocated and cleared again), and freed once its time is up; a slab of
+    more sequences is freed with its last context (an idle slab never holds more than one
+    context's cache)."""
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import Batcher
+    from lorad.daemon.budget import MemoryBudget
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    memory = MemoryBudget()
+    kind = {"n_ctx": 128, "n_batch": 64, "n_threads": 1, "kv_type": "f32", "flash_attn": False}
+    try:
+        async with trio.open_nursery() as nursery:
+            batcher = Batcher(model, sequences=4, budget=64, unified=False, nursery=nursery,
+                              memory=memory, keep_idle=5.0)
+            scheduler, seq = await batcher.attach(**kind)
+            await batcher.detach(scheduler, seq)
+            [slab] = batcher.info()
+            assert slab["idle"] and slab["used"] == 0
+            assert [h.get("idle") for h in memory.info()["held"]] == [True]
+            await trio.sleep(4)
+            again, seq = await batcher.attach(**kind)
+            assert again is scheduler and not batcher.info()[0]["idle"]
+            assert [h.get("idle") for h in memory.info()["held"]] == [None]
+            await trio.sleep(2)  # the first idle time is up: a slab in use stays
+            assert batcher.info()[0]["used"] == 1
+            await batcher.detach(again, seq)
+            await trio.sleep(6)
+            assert batcher.info() == [] and memory.in_use == 0 and again.closed
+
+            # two sequences: freed with the last one
+            (one, a), (two, b) = [await batcher.attach(**kind) for _ in range(2)]
+            assert one is two and one.slab.n_seq == 2
+            await batcher.detach(one, a)
+            await batcher.detach(two, b)
+            assert batcher.info() == [] and memory.in_use == 0
+            batcher.close()
+            nursery.cancel_scope.cancel()
+    finally:
         model.close()
