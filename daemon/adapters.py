@@ -12,6 +12,7 @@ model are serialised (llama.cpp keeps a per-model set of adapters).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from .lora import (
     AdapterInfo,
     ModelTensors,
     incompatibilities,
-    inspect_adapter,
     inspect_snapshot,
 )
 from .metrics import Metrics
@@ -36,6 +36,9 @@ from .snapshot import FileIdentity, changed, identity_of, snapshot
 from .workers import FileWorkers
 
 Key = tuple[str, str, FileIdentity]
+INSPECTED = 256
+"""File versions whose inspection (the adapter's header and tensor table, or why it is not an
+adapter) is remembered: validating an unchanged file again does not read it again."""
 
 
 @dataclass(eq=False)
@@ -84,6 +87,14 @@ class AdapterCache:
         self._loading: dict[Key, trio.Event] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._model_tensors: dict[str, ModelTensors] = {}
+        self._inspected: OrderedDict[tuple[str, FileIdentity],
+                                     AdapterInfo | ProtocolError] = OrderedDict()
+        self.inspections_reused = 0
+        """Inspections answered from memory (the file unchanged) since start."""
+
+    def inspections(self) -> dict[str, int]:
+        """How many file versions' inspections are remembered, and how often one was reused."""
+        return {"remembered": len(self._inspected), "reused": self.inspections_reused}
 
     def __iter__(self):
         return iter(list(self._entries.values()))
@@ -106,8 +117,40 @@ class AdapterCache:
 
         Raises ``lora_file_not_found``/``lora_invalid`` for a file that is not a LoRA adapter.
         """
-        info = await self.files.run(inspect_adapter, path, self.max_file_bytes)
+        info = await self.inspect(path)
         return info, incompatibilities(info, await self.model_tensors(model))
+
+    async def inspect(self, path: Path) -> AdapterInfo:
+        """What :func:`~lorad.daemon.lora.inspect_adapter` says of the file's current version,
+        remembered per version (device, inode, size, mtime, as loaded adapters are): a flood
+        of validations of one file costs a ``stat`` each, not a read and a parse. Only a
+        version that stayed the same while it was read is remembered, its refusal
+        (``lora_invalid``) included."""
+        identity = await self.files.run(identity_of, path)
+        key = (str(path), identity)
+        result = self._inspected.get(key)
+        if result is None:
+            result, seen = await self.files.run(self._inspect_version, path)
+            if seen == identity:
+                self._inspected[key] = result
+                while len(self._inspected) > INSPECTED:
+                    self._inspected.popitem(last=False)
+        else:
+            self._inspected.move_to_end(key)
+            self.inspections_reused += 1
+        if isinstance(result, ProtocolError):
+            raise ProtocolError(result.code, result.message, **result.details)
+        return result
+
+    def _inspect_version(self, path: Path
+                         ) -> tuple[AdapterInfo | ProtocolError, FileIdentity | None]:
+        """In a file worker: the inspection of one snapshot of ``path`` (or why the file is
+        not an adapter) and the version it was taken of (None: no version was read whole)."""
+        with snapshot(path, self.max_file_bytes) as snap:
+            try:
+                return inspect_snapshot(snap), snap.identity
+            except ProtocolError as exc:
+                return exc, snap.identity
 
     async def acquire(self, model: LoadedModel, path: Path) -> LoadedAdapter:
         """The loaded adapter for the current version of ``path``, with one more reference.

@@ -413,6 +413,33 @@ def test_validate_lora_reports_without_applying(client: Client, files: Files) ->
     assert client.status()["adapters"] == []
 
 
+def test_a_file_validated_again_unchanged_is_not_read_again(client: Client, files: Files
+                                                             ) -> None:
+    """Validations are remembered per file version: the same file again is answered from
+    memory (a refusal too), and a file replaced since is read again, never answered stale."""
+    model = client.load_model(files.model)["id"]
+    path = files.root / "validated.gguf"
+    shutil.copy(files.a.path, path)
+
+    def reused() -> int:
+        return client.status()["adapter_inspections"]["reused"]
+
+    first, before = client.validate_lora(model, path), reused()
+    assert first["compatible"] is True
+    assert client.validate_lora(model, path) == first
+    assert reused() == before + 1
+    garbage = client.validate_lora(model, files.bad["garbage"])
+    assert [p["code"] for p in garbage["problems"]] == ["lora_invalid"]
+    assert client.validate_lora(model, files.bad["garbage"]) == garbage
+    assert reused() == before + 2
+    shutil.copy(files.bad["bad_shape"], path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # another version: read again
+    replaced = client.validate_lora(model, path)
+    assert replaced["compatible"] is False
+    assert [p["code"] for p in replaced["problems"]] == ["lora_incompatible"]
+    assert reused() == before + 2
+
+
 # -- names, files that change, lifetimes -------------------------------------------------------
 def test_adapter_by_name(client: Client, files: Files, expected) -> None:
     with client.create_context(files.model, **EXACT) as ctx:

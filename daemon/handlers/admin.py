@@ -35,6 +35,7 @@ async def status(s: Services, h: RequestHandle) -> dict[str, Any]:
         "litert_sessions": engine.litert_info(),
         "memory": engine.memory.info(),
         "file_workers": engine.files.info(),
+        "adapter_inspections": engine.adapters.inspections(),
         "text_workers": engine.text.info(),
         "ingress": engine.ingress.info(),
         "contexts_total": len(engine.contexts),
