@@ -38,6 +38,9 @@ GATHER_S = 0.02
 SHORT_PROMPT = 64
 """A prompt with at most this many tokens left is fed whole even while other contexts stream
 (a new request starts at once); longer ones are held to ``prompt_share``."""
+SPLIT_TOKENS = 8
+"""Steps whose prompt chunks of at most this many tokens made a computation of their own are
+timed as what such a computation costs (its fixed part, about what the share decides on)."""
 QUANTUM = 4
 """Steps a stack is served in a row while others wait: changing the adapters of a llama
 context makes its next decode re-reserve the graph (6-9 ms on gemma 270M here, a fifth of a
@@ -128,6 +131,9 @@ class StepCost:
 
     PRIOR = 0.35
     KEEP = 15
+    SPLIT_PRIOR = 0.5
+    """What a second computation of a step adds, before one was timed, relative to a
+    one-token step (measured 0.63 on gemma 3 270M, Intel Xeon, 2 cores)."""
     DRAFT_PRIOR = 1.5
     """What a draft beside other sequences costs over a step of its size before any was timed
     (measured 1.2-3.7 on 2 cores: the prior is the cheap side, never below it)."""
@@ -138,6 +144,9 @@ class StepCost:
         self._points: list[tuple[int, float]] | None = None  # interpolated, until a new sample
         self.prompt_samples: deque[float] = deque(maxlen=self.KEEP)
         """What one prompt token added to recent steps that had some (seconds)."""
+        self.split_samples: deque[float] = deque(maxlen=self.KEEP)
+        """What recent steps' prompt chunks of more than one token added beside one-token
+        decodes, with a KV pool per sequence (seconds): a computation of their own."""
         self.draft_samples: deque[float] = deque(maxlen=self.KEEP)
         """What the draft tokens of recent steps with other sequences added, over what a
         step of that many tokens costs (:meth:`draft_time`)."""
@@ -178,6 +187,19 @@ class StepCost:
         if self.samples and prompt_tokens > 0:
             extra = seconds - self.time(max(1, decodes))
             self.prompt_samples.append(max(extra, 0.0) / prompt_tokens)
+
+    def observe_split(self, decodes: int, seconds: float) -> None:
+        """A step of ``decodes`` one-token decodes and prompt chunks that made a computation
+        of their own took ``seconds``."""
+        if self.samples:
+            self.split_samples.append(max(seconds - self.time(max(1, decodes)), 0.0))
+
+    def split_time(self) -> float:
+        """What a computation of prompt chunks beside one-token decodes adds to their step:
+        the median of recent such steps, else ``SPLIT_PRIOR`` of a one-token step."""
+        if self.split_samples and self.samples:
+            return statistics.median(self.split_samples)
+        return self.SPLIT_PRIOR * self.time(1)
 
     def observe_draft(self, base: int, extra: int, seconds: float) -> None:
         """A step of ``base`` sequences, ``extra`` draft tokens among them, took ``seconds``."""
@@ -259,6 +281,9 @@ class SlabScheduler:
         """Prompt tokens the step being decoded may take (:meth:`_pick` decides)."""
         self._shape = (0, 0)
         """The decode and prompt tokens of the last step."""
+        self._split = False
+        """Whether the last step's prompt chunks made a computation of their own beside its
+        one-token decodes (see :meth:`_prompt_room`)."""
         self.free_ids = list(range(slab.n_seq))
         self.sequences: dict[int, llama.Sequence] = {}
         self._waiting: list[Step] = []
@@ -463,6 +488,8 @@ class SlabScheduler:
                 steps = [s for s in batch if not s.prompt]
                 if prompts and not self.widened:
                     self.cost.observe_prompt(decodes, prompts, elapsed)
+                    if self._split and prompts <= SPLIT_TOKENS:
+                        self.cost.observe_split(decodes, elapsed)
                 elif not prompts and steps and all(s.outputs == len(s.tokens) for s in steps):
                     # one ubatch (as many tokens of each sequence) is a step of its size; a
                     # draft beside others' single tokens is a computation more (draft_cost),
@@ -502,12 +529,14 @@ class SlabScheduler:
                 break
             batch.append(s)
             used += len(s.tokens)
-        self._room = min(self.budget - used, self._prompt_room(used, prompts))
+        self._room = min(self.budget - used,
+                         self._prompt_room(used, prompts, ride=all(len(s.tokens) == 1
+                                                                   for s in batch)))
         if self._room > 0:  # every prompt: the step's room is shared out among them
             batch += prompts
         return batch
 
-    def _prompt_room(self, decodes: int, prompts: list[Step]) -> int:
+    def _prompt_room(self, decodes: int, prompts: list[Step], ride: bool = False) -> int:
         """How many prompt tokens a step of ``decodes`` decode tokens may take: all the budget
         while no context of the model streams; else as many as add at most ``prompt_share``
         to the time of the streams' step (this slab's, or the slowest other slab's: a step of
@@ -515,7 +544,16 @@ class SlabScheduler:
         tokens left) are fed whole, the shortest first, together up to the share or
         ``SHORT_PROMPT`` tokens, whichever is more, and at least one a step (a new request
         starts at once; many at once take turns of a few), and long ones share what is left
-        of the room once every short one is in, at least one token."""
+        of the room once every short one is in, at least one token.
+
+        With a KV pool per sequence, llama.cpp computes a step in ubatches of as many tokens
+        of each sequence (``split_equal``): beside one-token decodes (``ride``), a prompt
+        chunk of one token joins their computation, as one more sequence would, while a
+        longer one is a computation of its own, whatever its length (measured on gemma 3
+        270M, Intel Xeon, 2 cores, next to one stream of 22 ms: one prompt token 25 ms, two
+        36 ms, eight 52 ms). Where that computation (learnt: :meth:`StepCost.split_time`)
+        costs more than the share, each long prompt is fed one token a step, as many as the
+        share allows (at least one prompt), so that the streams' steps keep to it."""
         streams = self.cost.time(decodes) if decodes else 0.0
         # another slab's step times are seconds: comparable once this kind has timed steps
         others = self.cores.stream_seconds(self) if self.cost.samples else None
@@ -532,6 +570,15 @@ class SlabScheduler:
             whole += n
         if len(shorts) == len(lefts):
             return whole
+        longs = len(lefts) - len(shorts)
+        if ride and decodes and not whole and not self.slab.unified and \
+                self.cost.split_time() > self.cores.prompt_share * base:
+            # one token of each long prompt (quotas give each one) as far as the share goes
+            fit = 1
+            while fit < longs and self.cost.time(decodes + fit + 1) - streams \
+                    <= self.cores.prompt_share * base:
+                fit += 1
+            return fit
         return whole + max(1, share - whole)
 
     def _decode(self, batch: list[Step]) -> None:
@@ -576,6 +623,10 @@ class SlabScheduler:
                 step.pending = []
                 step.finished = True
         self._shape = (decoded, prompted)
+        self._split = (bool(decoded) and not slab.unified
+                       and any(len(t) > 1 for (_, t, _), (st, _, _) in zip(entries, stepped,
+                                                                           strict=True)
+                               if st.prompt))
         if not entries:
             return
         try:

@@ -305,6 +305,24 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         assert picked(decode, prompt)[1] == 7  # the longer of the two waits
         cores.streaming(there, None)
         assert picked(prompt)[1] == 512
+
+        # a KV pool per sequence: a prompt chunk of more than one token beside one-token
+        # decodes is a computation of its own; once that is known to cost more than the
+        # share (8 ms > 0.5 x 10 ms), each long prompt rides along, one token a step (as one
+        # more sequence would: 2 and 3 sequences cost 11 and 12 ms), as many as the share
+        # allows
+        for _ in range(3):
+            here.cost.observe(2, 0.011)
+            here.cost.observe(3, 0.012)
+            here.cost.split_samples.append(0.008)
+        assert picked(decode, prompt)[1] == 1
+        second = Step(here.attach(512), list(range(5, 305)), [], prompt=True)
+        assert picked(decode, prompt, second)[1] == 2
+        quotas = here._prompt_quotas([prompt, second], prompt.key)
+        assert (quotas[id(prompt)], quotas[id(second)]) == (1, 1)
+        drafted = Step(streaming, [5, 6, 7], [], outputs=3)  # unequal counts: split anyway
+        assert picked(drafted, prompt)[1] == 3  # the linear rule: 0.5 x 12 ms / 2 ms
+        assert picked(prompt)[1] == 512  # prompts alone: the whole budget
     finally:
         for s in slabs_:
             s.close()
