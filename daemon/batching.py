@@ -529,14 +529,15 @@ class SlabScheduler:
                 break
             batch.append(s)
             used += len(s.tokens)
-        self._room = min(self.budget - used,
-                         self._prompt_room(used, prompts, ride=all(len(s.tokens) == 1
-                                                                   for s in batch)))
+        ride = [s.seq.seq_id for s in batch] if all(len(s.tokens) == 1 for s in batch) \
+            else None
+        self._room = min(self.budget - used, self._prompt_room(used, prompts, ride))
         if self._room > 0:  # every prompt: the step's room is shared out among them
             batch += prompts
         return batch
 
-    def _prompt_room(self, decodes: int, prompts: list[Step], ride: bool = False) -> int:
+    def _prompt_room(self, decodes: int, prompts: list[Step],
+                     ride: list[int] | None = None) -> int:
         """How many prompt tokens a step of ``decodes`` decode tokens may take: all the budget
         while no context of the model streams; else as many as add at most ``prompt_share``
         to the time of the streams' step (this slab's, or the slowest other slab's: a step of
@@ -547,13 +548,15 @@ class SlabScheduler:
         of the room once every short one is in, at least one token.
 
         With a KV pool per sequence, llama.cpp computes a step in ubatches of as many tokens
-        of each sequence (``split_equal``): beside one-token decodes (``ride``), a prompt
-        chunk of one token joins their computation, as one more sequence would, while a
-        longer one is a computation of its own, whatever its length (measured on gemma 3
-        270M, Intel Xeon, 2 cores, next to one stream of 22 ms: one prompt token 25 ms, two
-        36 ms, eight 52 ms). Where that computation (learnt: :meth:`StepCost.split_time`)
-        costs more than the share, each long prompt is fed one token a step, as many as the
-        share allows (at least one prompt), so that the streams' steps keep to it."""
+        of each sequence (``split_equal``): beside one-token decodes (``ride``: their sequence
+        ids), a prompt chunk of one token joins their computation, as one more sequence would,
+        while a longer one is a computation of its own, whatever its length (measured on
+        gemma 3 270M, Intel Xeon, 2 cores, next to one stream of 22 ms: one prompt token
+        25 ms, two 36 ms, eight 52 ms). Where that computation (learnt:
+        :meth:`StepCost.split_time`) costs more than the share, and one token of the first
+        long prompt costs less than it (with the rows that fill the gaps between sequence
+        ids, :meth:`_fillers`), each long prompt is fed one token a step, as many as the share
+        allows, so that the streams' steps keep to it."""
         streams = self.cost.time(decodes) if decodes else 0.0
         # another slab's step times are seconds: comparable once this kind has timed steps
         others = self.cores.stream_seconds(self) if self.cost.samples else None
@@ -570,16 +573,31 @@ class SlabScheduler:
             whole += n
         if len(shorts) == len(lefts):
             return whole
-        longs = len(lefts) - len(shorts)
-        if ride and decodes and not whole and not self.slab.unified and \
-                self.cost.split_time() > self.cores.prompt_share * base:
-            # one token of each long prompt (quotas give each one) as far as the share goes
-            fit = 1
-            while fit < longs and self.cost.time(decodes + fit + 1) - streams \
-                    <= self.cores.prompt_share * base:
+        allowed = self.cores.prompt_share * base
+        split = self.cost.split_time()
+        if ride and not whole and not self.slab.unified and split > allowed:
+            # one token of each long prompt, in the order the quotas serve them
+            longs = sorted(prompts, key=lambda s: min(s.chunk, len(s.pending) if s.started
+                                                      else len(s.tokens)))
+            ids, fit = set(ride), 0
+            rows = self._rows(ids)
+            for step in longs:
+                ids.add(step.seq.seq_id)
+                extra = self.cost.time(self._rows(ids)) - self.cost.time(rows)
+                if extra > (allowed if fit else split):
+                    break
                 fit += 1
-            return fit
+            if fit:
+                return fit
         return whole + max(1, share - whole)
+
+    def _rows(self, ids: set[int]) -> int:
+        """The rows a step of one token of each of ``ids`` decodes: the run from the lowest
+        to the highest, made whole where the slab has room (see :meth:`_fillers`)."""
+        n = max(ids) - min(ids) + 1
+        while not whole(n) and n < self.slab.n_seq:
+            n += 1
+        return n
 
     def _decode(self, batch: list[Step]) -> None:
         """One scheduler step, in a worker thread: the only code that calls llama.cpp here."""
@@ -594,6 +612,7 @@ class SlabScheduler:
         entries: list[tuple[llama.Sequence, list[int], int]] = []
         stepped: list[tuple[Step, list[int], bool]] = []
         decoded = prompted = 0
+        shorts = 0  # prompt chunks of prompts fed whole (not held to the share)
         quotas = self._prompt_quotas(batch, key)
         for step in batch:
             try:
@@ -603,6 +622,7 @@ class SlabScheduler:
                     n = quotas.get(id(step), 0)
                     if n <= 0:  # no room left in this step: the next one goes on
                         continue
+                    shorts += len(step.pending) <= SHORT_PROMPT
                     tokens, step.pending = step.pending[:n], step.pending[n:]
                     last = not step.pending
                     entries.append((step.seq, tokens, 1 if last else 0))
@@ -623,10 +643,14 @@ class SlabScheduler:
                 step.pending = []
                 step.finished = True
         self._shape = (decoded, prompted)
-        self._split = (bool(decoded) and not slab.unified
-                       and any(len(t) > 1 for (_, t, _), (st, _, _) in zip(entries, stepped,
-                                                                           strict=True)
-                               if st.prompt))
+        # what the share decides on: chunks of long prompts only, beside one-token decodes
+        # of a size timed on its own (a time interpolated between sizes is too rough a base)
+        self._split = (bool(decoded) and not slab.unified and not shorts
+                       and decoded in self.cost.samples
+                       and all(len(t) == 1 for (_, t, _), (st, _, _)
+                               in zip(entries, stepped, strict=True) if not st.prompt)
+                       and any(len(t) > 1 for (_, t, _), (st, _, _)
+                               in zip(entries, stepped, strict=True) if st.prompt))
         if not entries:
             return
         try:

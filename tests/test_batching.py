@@ -320,6 +320,15 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         assert picked(decode, prompt, second)[1] == 2
         quotas = here._prompt_quotas([prompt, second], prompt.key)
         assert (quotas[id(prompt)], quotas[id(second)]) == (1, 1)
+        # a prompt whose sequence id lies far from the streams' would ride with filler rows
+        # for the ids between (5 rows: 30 ms); dearer than its own computation: chunks again
+        for _ in range(3):
+            here.cost.observe(5, 0.030)
+        here.attach(512)
+        far = Step(here.attach(512), list(range(5, 305)), [], prompt=True)
+        assert far.seq.seq_id == 4
+        assert picked(decode, far)[1] == 2  # the linear rule: 0.5 x 10 ms / 2 ms
+        assert picked(decode, prompt, far)[1] == 2  # the far one is served first (shorter)
         drafted = Step(streaming, [5, 6, 7], [], outputs=3)  # unequal counts: split anyway
         assert picked(drafted, prompt)[1] == 3  # the linear rule: 0.5 x 12 ms / 2 ms
         assert picked(prompt)[1] == 512  # prompts alone: the whole budget
