@@ -39,6 +39,9 @@ Key = tuple[str, str, FileIdentity]
 INSPECTED = 256
 """File versions whose inspection (the adapter's header and tensor table, or why it is not an
 adapter) is remembered: validating an unchanged file again does not read it again."""
+INSPECTED_TARGETS = 1 << 16
+"""The most adapter targets the remembered inspections hold together (a few MiB): files of
+many targets cannot make the memory grow past it."""
 
 
 @dataclass(eq=False)
@@ -133,7 +136,8 @@ class AdapterCache:
             result, seen = await self.files.run(self._inspect_version, path)
             if seen == identity:
                 self._inspected[key] = result
-                while len(self._inspected) > INSPECTED:
+                while len(self._inspected) > INSPECTED or \
+                        sum(map(_weight, self._inspected.values())) > INSPECTED_TARGETS:
                     self._inspected.popitem(last=False)
         else:
             self._inspected.move_to_end(key)
@@ -149,8 +153,8 @@ class AdapterCache:
         with snapshot(path, self.max_file_bytes) as snap:
             try:
                 return inspect_snapshot(snap), snap.identity
-            except ProtocolError as exc:
-                return exc, snap.identity
+            except ProtocolError as exc:  # kept without its traceback (and the frames' data)
+                return ProtocolError(exc.code, exc.message, **exc.details), snap.identity
 
     async def acquire(self, model: LoadedModel, path: Path) -> LoadedAdapter:
         """The loaded adapter for the current version of ``path``, with one more reference.
@@ -241,3 +245,8 @@ class AdapterCache:
                 await trio.to_thread.run_sync(entry.adapter.free)
         self._locks.pop(model.id, None)
         self._model_tensors.pop(model.id, None)
+
+
+def _weight(result: AdapterInfo | ProtocolError) -> int:
+    """What a remembered inspection holds, in adapter targets (at least 1)."""
+    return 1 + (len(result.targets) if isinstance(result, AdapterInfo) else 0)

@@ -1175,6 +1175,18 @@ class Fuzzer:
         self.restart(f"{kind} at {case.label}")
 
     # -- the whole run ------------------------------------------------------------------------
+    def wait_no_idle_slabs(self, timeout: float = 30.0) -> None:
+        """Wait until the daemon holds no slab kept idle for a next context (``[batching]
+        keep_idle_s``, freed after 5 s): memory it gives back by design is not a leak, and
+        one that is never given back fails here."""
+        deadline = time.monotonic() + timeout
+        while True:
+            slabs = self.call("status", {})["result"]["batching"]
+            if not any(s["idle"] for s in slabs):
+                return
+            assert time.monotonic() < deadline, f"idle slabs never freed: {slabs}"
+            time.sleep(0.2)
+
     def run(self, cases: list[Case], warmup: list[Case]) -> dict[str, Any]:
         started = time.monotonic()
         self.cases = [*cases, *warmup]
@@ -1185,6 +1197,7 @@ class Fuzzer:
             self.run_case(case, 0)
         self.call("ping", {})
         time.sleep(0.5)
+        self.wait_no_idle_slabs()
         pid = self.daemon.pid
         restarts = self.restarts
         rss0, fd0 = rss_kib(pid), fd_count(pid)
@@ -1204,6 +1217,7 @@ class Fuzzer:
         self.restore_fixtures()
         time.sleep(0.5)
         self.call("ping", {})
+        self.wait_no_idle_slabs()
         assert self.daemon is not None
         rss1, fd1 = rss_kib(self.daemon.pid), fd_count(self.daemon.pid)
         again = self.greedy()

@@ -440,6 +440,32 @@ def test_a_file_validated_again_unchanged_is_not_read_again(client: Client, file
     assert reused() == before + 2
 
 
+async def test_remembered_inspections_are_bounded_and_hold_no_traceback(files: Files) -> None:
+    """What the adapter cache remembers of inspections is small: a refusal without its
+    traceback (whose frames held the file's parsed header: the full fuzz run's RSS grew
+    46 MiB with them), and at most ``INSPECTED`` versions."""
+    from lorad.daemon import adapters as adapters_mod
+    from lorad.daemon.adapters import AdapterCache
+    from lorad.daemon.workers import FileWorkers
+    from lorad.protocol import Limits, ProtocolError
+
+    cache = AdapterCache(FileWorkers(Limits()))
+    with pytest.raises(ProtocolError):
+        await cache.inspect(files.bad["garbage"])
+    info = await cache.inspect(files.a.path)
+    [refusal, kept] = cache._inspected.values()
+    assert isinstance(refusal, ProtocolError) and refusal.__traceback__ is None
+    assert refusal.__context__ is None and kept is info
+    paths = []
+    for i in range(adapters_mod.INSPECTED + 3):
+        paths.append(files.root / f"copy-{i}.gguf")
+        shutil.copy(files.a.path, paths[-1])
+        await cache.inspect(paths[-1])
+    assert len(cache._inspected) == adapters_mod.INSPECTED
+    kept_paths = {p for p, _ in cache._inspected}
+    assert str(paths[-1]) in kept_paths and str(paths[2]) not in kept_paths  # oldest first
+
+
 # -- names, files that change, lifetimes -------------------------------------------------------
 def test_adapter_by_name(client: Client, files: Files, expected) -> None:
     with client.create_context(files.model, **EXACT) as ctx:
