@@ -647,10 +647,8 @@ class SlabScheduler:
         # of a size timed on its own (a time interpolated between sizes is too rough a base)
         self._split = (bool(decoded) and not slab.unified and not shorts
                        and decoded in self.cost.samples
-                       and all(len(t) == 1 for (_, t, _), (st, _, _)
-                               in zip(entries, stepped, strict=True) if not st.prompt)
-                       and any(len(t) > 1 for (_, t, _), (st, _, _)
-                               in zip(entries, stepped, strict=True) if st.prompt))
+                       and all(len(t) == 1 for st, t, _ in stepped if not st.prompt)
+                       and any(len(t) > 1 for st, t, _ in stepped if st.prompt))
         if not entries:
             return
         try:
@@ -884,9 +882,7 @@ class Batcher:
                     scheduler.reservation.reclaim = lambda: self._drop(scheduler)
                 self._nursery.start_soon(self._expire, scheduler, until)
                 return
-            self._forget(scheduler)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(scheduler.slab.close)
+            await self._free(scheduler)
 
     async def _expire(self, scheduler: SlabScheduler, until: float) -> None:
         """Free an idle slab once its time is up, unless a context took it meanwhile."""
@@ -894,9 +890,13 @@ class Batcher:
         async with self._lock:
             if self._idle.get(id(scheduler)) != until or scheduler.closed:
                 return  # taken (or taken and left again: a later timer frees it)
-            self._forget(scheduler)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(scheduler.slab.close)
+            await self._free(scheduler)
+
+    async def _free(self, scheduler: SlabScheduler) -> None:
+        """Free a slab without sequences, its llama context in a thread (the lock held)."""
+        self._forget(scheduler)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(scheduler.slab.close)
 
     def _drop(self, scheduler: SlabScheduler) -> None:
         """Free an idle slab now (the memory budget needs its room): it has no sequence, so
