@@ -698,6 +698,25 @@ class Slab:
         written = C.llama_state_seq_get_data_ext(self.ptr, buf, n, seq_id, flags)
         return bytes(buf)[:written]
 
+    def exchange(self, a: int, b: int, a_cells: bool, b_cells: bool) -> tuple[bool, bool]:
+        """Exchange the cells of sequence ids ``a`` and ``b`` of this slab (llama.cpp's
+        sequence state, nothing evaluated again; ``*_cells``: whether that id holds any).
+        Reads back, per side, whether its cells arrived at the other id (False: that id is
+        left empty; the caller's :class:`Sequence` must drop its tokens)."""
+        states = [self._seq_state(i, 0) if has else None for i, has in ((a, a_cells),
+                                                                         (b, b_cells))]
+        for i in (a, b):
+            C.llama_memory_seq_rm(self.memory, i, -1, -1)
+        arrived = []
+        for state, to in zip(states, (b, a), strict=True):
+            ok = state is None or (bool(state) and bool(C.llama_state_seq_set_data_ext(
+                self.ptr, (ctypes.c_uint8 * len(state)).from_buffer_copy(state), len(state),
+                to, 0)))
+            if not ok:
+                C.llama_memory_seq_rm(self.memory, to, -1, -1)
+            arrived.append(ok)
+        return arrived[0], arrived[1]
+
     def move_to(self, other: Slab, sequences: list[Sequence]) -> None:
         """Copy each sequence's cells into the same sequence id of ``other`` (llama.cpp's
         sequence state, without evaluating anything again) and make them ``other``'s. A

@@ -622,6 +622,91 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
         model.close()
 
 
+async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> None:
+    """``SlabScheduler._place``: a long prompt that starts while a stream generates, two ids
+    away from it over a context between requests, exchanges its id and cells with that
+    context's: the stream and the prompt give their output alone, and the idle context's
+    cache moved with it (its next request reuses it and gives its output alone)."""
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SHORT_PROMPT, SlabScheduler, Step
+    from lorad.daemon.sampling import Pick
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    short = [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS]
+    long = model.tokenize(" ".join(PROMPTS * 2), add_special=True, limit=100)
+    assert len(long) > SHORT_PROMPT
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    pick = Pick(sampler, plain_greedy=True)
+
+    async def stream(scheduler: SlabScheduler, seq, text: list[int], n: int,
+                     started: trio.Event | None = None) -> list[int]:
+        scheduler.join(seq)
+        produced = await scheduler.run(Step(seq, text, [], prompt=True, logits=pick))
+        out = []
+        for _ in range(n):
+            out.append(produced[0][0])
+            if started is not None:
+                started.set()
+            produced = await scheduler.run(Step(seq, [out[-1]], [], logits=pick))
+        scheduler.leave(seq)
+        return out
+
+    @asynccontextmanager
+    async def running(n_seq: int) -> AsyncIterator[SlabScheduler]:
+        slab = llama.Slab(model, n_seq=n_seq, n_ctx_seq=128, n_batch=64, n_threads=1,
+                          kv_type="f32", flash_attn=False)
+        scheduler = SlabScheduler(slab, budget=64)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(scheduler.loop)
+                yield scheduler
+                nursery.cancel_scope.cancel()
+        finally:
+            slab.close()
+
+    try:
+        alone = []
+        for text, n in ((short[0], 20), (long, 8), (short[1], 10)):
+            async with running(1) as scheduler:
+                alone.append(await stream(scheduler, scheduler.attach(128), text, n))
+        async with running(4) as scheduler:
+            seqs = [scheduler.attach(128) for _ in range(3)]
+            idle = await stream(scheduler, seqs[1], short[1], 10)  # between requests, id 1
+            assert idle == alone[2]
+            cached = list(seqs[1].tokens)
+            got: dict[int, list[int]] = {}
+            streaming = trio.Event()
+
+            async def one(k: int, text: list[int], n: int) -> None:
+                got[k] = await stream(scheduler, seqs[k], text, n,
+                                      streaming if k == 0 else None)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 0, short[0], 20)
+                await streaming.wait()  # the stream generates: the long prompt starts beside it
+                nursery.start_soon(one, 2, long, 8)
+            assert got == {0: alone[0], 2: alone[1]}
+            assert scheduler.moves == 1
+            assert (seqs[2].seq_id, seqs[1].seq_id) == (1, 2)
+            assert sorted(scheduler.sequences) == [0, 1, 2]
+            assert scheduler.sequences[2] is seqs[1] and seqs[1].tokens == cached
+            again = Step(seqs[1], short[1] + alone[2][:5], [], prompt=True, logits=pick)
+            scheduler.join(seqs[1])
+            produced = await scheduler.run(again)
+            scheduler.leave(seqs[1])
+            assert again.reused == len(short[1]) + 5 - 1  # its cache, at its new id
+            assert produced[0][0] == alone[2][5]
+    finally:
+        sampler.close()
+        model.close()
+
+
 async def test_the_engine_core_steps_a_generation_and_returns_its_outputs(
         tiny_model: Path) -> None:
     """The engine core's API without a daemon (issue 25): a :class:`Generation` asked for its
