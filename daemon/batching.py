@@ -608,11 +608,14 @@ class SlabScheduler:
         against 25 ms beside it."""
         if self.slab.unified:
             return
-        for step in self._waiting:
+        longs = [s for s in self._waiting if s.prompt and not s.started
+                 and len(s.tokens) > SHORT_PROMPT and s.seq.seq_id in self.active]
+        for n, step in enumerate(longs):
             seq = step.seq
-            others = self.active - {seq.seq_id}
-            if (not step.prompt or step.started or len(step.tokens) <= SHORT_PROMPT
-                    or not others or seq.seq_id not in self.active):
+            # what it goes next to: the others that generate (those placed before it too), not
+            # the long prompts still to be placed
+            others = self.active - {s.seq.seq_id for s in longs[n:]}
+            if not others:
                 continue
             waiting = {s.seq.seq_id for s in self._waiting}
             low, high = min(others), max(others)

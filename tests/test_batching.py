@@ -626,7 +626,8 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
     """``SlabScheduler._place``: a long prompt that starts while a stream generates, two ids
     away from it over a context between requests, exchanges its id and cells with that
     context's: the stream and the prompt give their output alone, and the idle context's
-    cache moved with it (its next request reuses it and gives its output alone)."""
+    cache moved with it (its next request reuses it and gives its output alone). Two long
+    prompts that start together both go next to the stream."""
     from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
@@ -675,7 +676,7 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
         for text, n in ((short[0], 20), (long, 8), (short[1], 10)):
             async with running(1) as scheduler:
                 alone.append(await stream(scheduler, scheduler.attach(128), text, n))
-        async with running(4) as scheduler:
+        async with running(8) as scheduler:
             seqs = [scheduler.attach(128) for _ in range(3)]
             idle = await stream(scheduler, seqs[1], short[1], 10)  # between requests, id 1
             assert idle == alone[2]
@@ -702,6 +703,20 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
             scheduler.leave(seqs[1])
             assert again.reused == len(short[1]) + 5 - 1  # its cache, at its new id
             assert produced[0][0] == alone[2][5]
+
+            # ids 1 and 2 between requests, two long prompts at 3 and 4 start together
+            seqs += [scheduler.attach(128) for _ in range(2)]
+            assert [q.seq_id for q in seqs] == [0, 2, 1, 3, 4]
+            streaming = trio.Event()
+            got.clear()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 0, short[0], 20)
+                await streaming.wait()
+                nursery.start_soon(one, 3, long, 8)
+                nursery.start_soon(one, 4, long, 8)
+            assert got == {0: alone[0], 3: alone[1], 4: alone[1]}
+            assert scheduler.moves == 3
+            assert {seqs[3].seq_id, seqs[4].seq_id} == {1, 2}
     finally:
         sampler.close()
         model.close()
