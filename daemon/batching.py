@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from . import llama
+from .affinity import Team
 from .budget import KvShape, MemoryBudget, Reservation
 from .errors import EngineStopped, SequenceClosing
 from .generation import Generation, StackPairs, StepOutput, start_drafting
@@ -243,7 +244,8 @@ class Cores:
     would only slow each other down) and which of them have streaming contexts, with what
     their steps take (a step of one slab is a wait for the streams of the others)."""
 
-    def __init__(self, prompt_share: float = 0.5, ingress: Ingress | None = None) -> None:
+    def __init__(self, prompt_share: float = 0.5, ingress: Ingress | None = None,
+                 team: Team | None = None) -> None:
         self.lock = trio.Lock()
         self.prompt_share = prompt_share
         self.ingress = ingress if ingress is not None else Ingress()
@@ -251,6 +253,8 @@ class Cores:
         self.thread = Pool("decode", 1, own=True)
         """Where the model's steps decode, one after the other: always the same thread, so
         llama.cpp's OpenMP team is always the same one (see :mod:`lorad.daemon.workers`)."""
+        self.team = team if team is not None else Team(enabled=False)
+        """Where that team runs (:mod:`lorad.daemon.affinity`)."""
         self._streams: dict[int, float] = {}
 
     def close(self) -> None:
@@ -487,7 +491,8 @@ class SlabScheduler:
                 batch = self._pick()
                 started = time.perf_counter()
                 with self.cores.ingress.decoding():
-                    await self.cores.thread.run(self._decode, batch)
+                    await self.cores.thread.run(self.cores.team.run, self.slab.n_threads,
+                                                self._decode, batch)
             elapsed = time.perf_counter() - started
             if batch:
                 decodes, prompts = self._shape
@@ -865,7 +870,8 @@ class Batcher:
     def __init__(self, model: llama.Model, *, sequences: int, budget: int, unified: bool,
                  nursery: trio.Nursery, memory: MemoryBudget | None = None,
                  model_id: str = "", prompt_share: float = 0.5,
-                 ingress: Ingress | None = None, keep_idle: float = 0.0) -> None:
+                 ingress: Ingress | None = None, keep_idle: float = 0.0,
+                 pin_threads: bool = False) -> None:
         self.model = model
         self.sequences = sequences
         self.budget = budget
@@ -878,7 +884,7 @@ class Batcher:
         self.kv = KvShape.of(model)
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
-        self.cores = Cores(prompt_share, ingress)
+        self.cores = Cores(prompt_share, ingress, Team(pin_threads))
         """Shared by the model's slabs (see :class:`Cores`)."""
         self.costs: dict[SlabKey, StepCost] = {}
         """Step costs learnt per kind of slab, kept when its slabs go: a context created

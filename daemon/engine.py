@@ -408,7 +408,8 @@ class Engine:
             batcher = self._batchers[id(entry)] = Batcher(
                 entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
                 nursery=self._nursery, memory=self.memory, model_id=entry.id,
-                prompt_share=b.prompt_share, ingress=self.ingress, keep_idle=b.keep_idle_s)
+                prompt_share=b.prompt_share, ingress=self.ingress, keep_idle=b.keep_idle_s,
+                pin_threads=b.pin_threads)
         return batcher
 
     def batching_info(self) -> list[dict[str, Any]]:

@@ -619,6 +619,7 @@ class Slab:
                                 flash_attn=flash_attn)
         self.model = model
         self.n_seq = n_seq
+        self.n_threads = n_threads
         self.n_ctx_seq = int(C.llama_n_ctx_seq(self.ptr))
         self.n_batch = n_batch
         self.memory = C.llama_get_memory(self.ptr)

@@ -22,14 +22,16 @@ Here each kind has a limiter of its own:
 
 Build and text have threads of their own at a lower priority (nice +:data:`NICE`): where the
 cores are short, a decode step goes first and a model or context being made, or a prompt being
-tokenized, takes what is left. Both run in C without the GIL (a tokenization holds it only to
-encode the text and to list at most its ``limit`` tokens); a 300 KB prompt over the HTTP door
-took 0.8 s of C at the daemon's priority, and another client's stream then waited up to 1.3 s
-between two tokens (``bench/noisy.py``). Files run on trio's threads at the daemon's priority:
-their parsing is Python code that holds the GIL (see :class:`Pool`); on threads of their own,
-under a flood of validations, a stream stalled for over a second (before the doors' ingress
-gate, :mod:`lorad.daemon.ingress`: the event loop's work preempted llama.cpp's threads; not
-tried again since).
+tokenized, takes what is left (with llama.cpp's threads pinned, :mod:`lorad.daemon.affinity`,
+that is little: a 2.25 GiB context took 35 s to make beside a stream at +10, 7.5 s at +5 with
+the stream's p99 at 1.36x quiet, 5 s at +0 with it at 1.50x). Both run in C without the GIL
+(a tokenization holds it only to encode the text and to list at most its ``limit`` tokens);
+a 300 KB prompt over the HTTP door took 0.8 s of C at the daemon's priority, and another
+client's stream then waited up to 1.3 s between two tokens (``bench/noisy.py``). Files run
+on trio's threads at the daemon's priority: their parsing is Python code that holds the GIL
+(see :class:`Pool`); on threads of their own, under a flood of validations, a stream stalled
+for over a second (before the doors' ingress gate, :mod:`lorad.daemon.ingress`: the event
+loop's work preempted llama.cpp's threads; not tried again since).
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -53,7 +55,7 @@ from lorad.protocol import ErrorCode, Limits, ProtocolError
 
 T = TypeVar("T")
 
-NICE = 10
+NICE = 5
 """How much lower than the daemon's the priority of slow work's threads is."""
 
 CLIENT: contextvars.ContextVar[bytes | None] = contextvars.ContextVar("lorad_client",

@@ -138,3 +138,45 @@ async def test_slow_work_runs_at_a_lower_priority_than_decoding() -> None:
     assert await FileWorkers(DEFAULT_LIMITS).run(niceness) == base
     assert await trio.to_thread.run_sync(niceness) == base  # decode steps' threads
     assert pool.info()["busy"] == 0
+
+
+def test_a_decode_threads_openmp_workers_run_on_the_other_cores(tiny_model: Path) -> None:
+    """``[batching] pin_threads``: a model's decode thread runs on a core of its own and the
+    OpenMP workers llama.cpp makes for its steps on the others (left to the kernel, the two
+    shared a core at times while other work of the daemon ran: 24 ms steps took 680 ms)."""
+    import os
+    import threading
+
+    from lorad.daemon import llama
+    from lorad.daemon.affinity import Team, usable
+
+    cpus = usable()
+    if len(cpus) < 2:
+        pytest.skip("one usable CPU: nothing to pin")
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=1, n_ctx_seq=64, n_batch=16, n_threads=2, kv_type="f32",
+                      flash_attn=False)
+    team = Team()
+    seen: dict[str, object] = {}
+
+    def decode() -> None:  # the decode thread: its first step of 2 threads makes the worker
+        before = set(os.listdir("/proc/self/task"))
+        seq = llama.Sequence(slab, 0, 64)
+        team.run(2, slab.decode, [(seq, model.tokenize("Hello world", add_special=True), 1)],
+                 [])
+        workers = set(os.listdir("/proc/self/task")) - before
+        seen["workers"] = {tid: os.sched_getaffinity(int(tid)) for tid in workers}
+        seen["own"] = os.sched_getaffinity(0)
+
+    try:
+        thread = threading.Thread(target=decode)
+        thread.start()
+        thread.join()
+    finally:
+        slab.close()
+        model.close()
+    assert team.own in cpus and seen["own"] == {team.own}
+    assert seen["workers"], "llama.cpp made no OpenMP worker for a step of 2 threads"
+    assert all(mask == set(cpus) - {team.own} for mask in seen["workers"].values())
+    assert os.sched_getaffinity(0) == set(cpus)  # the other threads are left alone
