@@ -9,16 +9,23 @@ a 131,072-cell context (2.25 GiB cleared): steps of 24 ms took 220-680 ms at tim
 builder at nice +10 and about 230 ms each at the daemon's priority; with the decode thread on
 one core and its worker on the other, p99 31 ms (max 42) and 44 ms (max 48).
 
-So the decode thread runs on one core, chosen in turn per model, and the workers on the others:
-a worker inherits the affinity of the thread that makes it, so while the team may grow (a step
-with more threads than any before) the decode thread runs on the others, and on its own core
-after. Linux only; with one usable core, or where the kernel refuses, nothing is pinned.
+So the decode thread runs on one core, chosen in turn per model, and the workers on the others.
+A worker inherits the name of the thread that makes it: the decode thread names itself (its
+team's :attr:`Team.name`) before its first step, and after each step that grew the team (more
+threads than any before) it pins itself and every other thread of that name. (Making the
+workers while the decode thread ran on the others, so that they inherit that affinity, put
+the two on one core for the whole step: a 5-token prompt took 2.1 s.) Linux only; with one
+usable core, or where the kernel refuses, nothing is pinned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import itertools
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,15 +43,36 @@ def usable() -> list[int]:
         return []
 
 
+def _name(name: bytes) -> None:
+    """Name the calling thread (``prctl(PR_SET_NAME)``; nothing where that is not there)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _comm(tid: str) -> bytes:
+    try:
+        with open(f"/proc/self/task/{tid}/comm", "rb") as f:
+            return f.read().strip()
+    except OSError:  # the thread ended meanwhile
+        return b""
+
+
 class Team:
     """The cores of one decode thread's team (see the module). Only that thread calls
     :meth:`run`."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.cpus = usable() if enabled else []
-        self.own: int | None = (self.cpus[next(_turn) % len(self.cpus)]
-                                if len(self.cpus) > 1 else None)
+        turn = next(_turn)
+        self.own: int | None = self.cpus[turn % len(self.cpus)] if len(self.cpus) > 1 else None
         """The decode thread's core (None: nothing is pinned)."""
+        self.name = f"lorad-dec{turn % 100000}".encode()
+        """The decode thread's name, which the OpenMP workers it makes inherit (at most 15
+        bytes: the kernel's limit)."""
+        self._named = False
         self.size = 1
         """The most threads a step of this team has had (its workers exist)."""
 
@@ -52,25 +80,28 @@ class Team:
         """``fn(*args)``, a step of ``n_threads`` threads, with the team where it belongs."""
         if self.own is None:
             return fn(*args)
-        grows = n_threads > self.size
-        if grows:  # the workers it makes go to the other cores
-            self._pin(set(self.cpus) - {self.own})
+        if not self._named:
+            self._named = True
+            _name(self.name)
         try:
             return fn(*args)
         finally:
-            if grows:
+            if n_threads > self.size:
                 self.size = n_threads
-                self._pin({self.own})
+                self._pin()
 
-    def _pin(self, cpus: set[int]) -> None:
+    def _pin(self) -> None:
+        """The decode thread (the caller) on its core, the team's workers on the others."""
+        me = threading.get_native_id()
         try:
-            os.sched_setaffinity(0, cpus)  # the calling thread (Linux)
+            os.sched_setaffinity(0, {self.own})
+            for tid in os.listdir("/proc/self/task"):
+                if int(tid) != me and _comm(tid) == self.name:
+                    os.sched_setaffinity(int(tid), set(self.cpus) - {self.own})
         except OSError:  # a mask the kernel refuses (cpusets changed): leave it to the kernel
             self.own = None
-            try:
+            with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, self.cpus)
-            except OSError:
-                pass
 
     def info(self) -> dict[str, Any]:
         """What ``status`` shows of the team."""
