@@ -4,7 +4,8 @@ shared batches, and each keeps its promises (output, prefix cache, n_ctx, cancel
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -460,7 +461,6 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
     sequences decoded in one batch give each the greedy tokens it gives alone (f32 KV), a
     draft of the greedy continuation is accepted whole, and a wrong draft is rolled back out
     of the sequence's cells."""
-    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     import numpy as np
@@ -542,6 +542,44 @@ async def test_the_engine_in_process_batches_picks_and_verifies(tiny_model: Path
         model.close()
 
 
+async def greedy_steps(scheduler, seq, text: list[int], n: int, pick,
+                       started=None) -> list[int]:
+    """``n`` greedy tokens of ``seq`` after the prompt ``text``, a step each, through the
+    scheduler (``started`` is set once the first token is out)."""
+    from lorad.daemon.batching import Step
+
+    scheduler.join(seq)
+    produced = await scheduler.run(Step(seq, text, [], prompt=True, logits=pick))
+    out = []
+    for _ in range(n):
+        out.append(produced[0][0])
+        if started is not None:
+            started.set()
+        produced = await scheduler.run(Step(seq, [out[-1]], [], logits=pick))
+    scheduler.leave(seq)
+    return out
+
+
+@asynccontextmanager
+async def scheduling(model, n_seq: int) -> AsyncIterator:
+    """A running scheduler of an f32 slab of ``n_seq`` sequences of 128 cells on ``model``."""
+    import trio
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SlabScheduler
+
+    slab = llama.Slab(model, n_seq=n_seq, n_ctx_seq=128, n_batch=64, n_threads=1,
+                      kv_type="f32", flash_attn=False)
+    scheduler = SlabScheduler(slab, budget=64)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(scheduler.loop)
+            yield scheduler
+            nursery.cancel_scope.cancel()
+    finally:
+        slab.close()
+
+
 async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_were(
         tiny_model: Path) -> None:
     """Fillers (``SlabScheduler._fillers``): a context between requests among streaming ones,
@@ -549,13 +587,11 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
     consecutive sequence ids of a whole size (a gap split it in two computations, and 7 rows
     cost more than 8). The streams give their output alone, and the idle context's cache is as
     it was: its next request reuses it and gives its output alone."""
-    from collections.abc import AsyncIterator
-    from contextlib import asynccontextmanager
 
     import trio
 
     from lorad.daemon import llama
-    from lorad.daemon.batching import SlabScheduler, Step
+    from lorad.daemon.batching import Step
     from lorad.daemon.sampling import Pick
 
     llama.init_backend()
@@ -564,28 +600,11 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
     sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
     pick = Pick(sampler, plain_greedy=True)
 
-    async def stream(scheduler: SlabScheduler, seq, text: list[int], n: int) -> list[int]:
-        scheduler.join(seq)
-        produced = await scheduler.run(Step(seq, text, [], prompt=True, logits=pick))
-        out = []
-        for _ in range(n):
-            out.append(produced[0][0])
-            produced = await scheduler.run(Step(seq, [out[-1]], [], logits=pick))
-        scheduler.leave(seq)
-        return out
+    def stream(scheduler, seq, text: list[int], n: int):
+        return greedy_steps(scheduler, seq, text, n, pick)
 
-    @asynccontextmanager
-    async def running(n_seq: int) -> AsyncIterator[SlabScheduler]:
-        slab = llama.Slab(model, n_seq=n_seq, n_ctx_seq=128, n_batch=64, n_threads=1,
-                          kv_type="f32", flash_attn=False)
-        scheduler = SlabScheduler(slab, budget=64)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(scheduler.loop)
-                yield scheduler
-                nursery.cancel_scope.cancel()
-        finally:
-            slab.close()
+    def running(n_seq: int):
+        return scheduling(model, n_seq)
 
     try:
         alone = []
@@ -628,13 +647,11 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
     context's: the stream and the prompt give their output alone, and the idle context's
     cache moved with it (its next request reuses it and gives its output alone). Two long
     prompts that start together both go next to the stream."""
-    from collections.abc import AsyncIterator
-    from contextlib import asynccontextmanager
 
     import trio
 
     from lorad.daemon import llama
-    from lorad.daemon.batching import SHORT_PROMPT, SlabScheduler, Step
+    from lorad.daemon.batching import SHORT_PROMPT, Step
     from lorad.daemon.sampling import Pick
 
     llama.init_backend()
@@ -645,31 +662,11 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
     sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
     pick = Pick(sampler, plain_greedy=True)
 
-    async def stream(scheduler: SlabScheduler, seq, text: list[int], n: int,
-                     started: trio.Event | None = None) -> list[int]:
-        scheduler.join(seq)
-        produced = await scheduler.run(Step(seq, text, [], prompt=True, logits=pick))
-        out = []
-        for _ in range(n):
-            out.append(produced[0][0])
-            if started is not None:
-                started.set()
-            produced = await scheduler.run(Step(seq, [out[-1]], [], logits=pick))
-        scheduler.leave(seq)
-        return out
+    def stream(scheduler, seq, text: list[int], n: int, started: trio.Event | None = None):
+        return greedy_steps(scheduler, seq, text, n, pick, started)
 
-    @asynccontextmanager
-    async def running(n_seq: int) -> AsyncIterator[SlabScheduler]:
-        slab = llama.Slab(model, n_seq=n_seq, n_ctx_seq=128, n_batch=64, n_threads=1,
-                          kv_type="f32", flash_attn=False)
-        scheduler = SlabScheduler(slab, budget=64)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(scheduler.loop)
-                yield scheduler
-                nursery.cancel_scope.cancel()
-        finally:
-            slab.close()
+    def running(n_seq: int):
+        return scheduling(model, n_seq)
 
     try:
         alone = []
@@ -729,7 +726,6 @@ async def test_the_engine_core_steps_a_generation_and_returns_its_outputs(
     with ``length`` at ``max_tokens``; with ``prompt_lookup`` a repeating text is drafted and
     verified, several tokens a step, and its tokens are those without drafting; a cancel ends
     it at the next step, decoding nothing more."""
-    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     import trio
