@@ -102,7 +102,3 @@ class Team:
             self.own = None
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(0, self.cpus)
-
-    def info(self) -> dict[str, Any]:
-        """What ``status`` shows of the team."""
-        return {"decode_cpu": self.own, "threads": self.size}
