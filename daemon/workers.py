@@ -28,11 +28,12 @@ took 35 s to make beside a stream at +10, 7.5 s at +5 with the stream's p99 at 1
 File parsing is Python code that holds the GIL (see :class:`Pool`); on threads of their own,
 under a flood of validations, a stream stalled for over a second (before the doors' ingress
 gate, :mod:`lorad.daemon.ingress`: the event loop's work preempted llama.cpp's threads; not
-tried again since). Text on threads of its own at nice +5 or +10 (tried: a 300 KB prompt's
-0.8 s of tokenizing then held another stream 2.7x quiet instead of 48x, before the threads
-were pinned) made the ZeroMQ fuzz's daemon keep 45-115 MiB more after the run (glibc kept what
-those threads freed, ``malloc_trim`` did not give it back) against 3-9 MiB on trio's threads;
-with llama.cpp's threads pinned that prompt holds the stream 4.8x quiet.
+tried again since). Text on threads of its own at nice +10 was tried (a 300 KB prompt's 0.8 s
+of tokenizing then held another stream 2.7x quiet instead of 48x, before llama.cpp's threads
+were pinned) and taken back: the ZeroMQ fuzz's leak check failed with it (the daemon kept
+45-49 MiB after the run); that check also varies from 7 to 43 MiB on the code before it, so
+the cause is not established. With llama.cpp's threads pinned that prompt holds the stream
+4.8x quiet.
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.

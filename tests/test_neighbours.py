@@ -115,8 +115,8 @@ def test_a_flood_of_huge_tokenizations_is_bounded_and_leaves_another_stream_alon
 async def test_slow_work_runs_at_a_lower_priority_than_decoding() -> None:
     """Build threads (models and llama contexts being made, in C) are their own, at nice
     +NICE: where cores are short, a decode step (trio's threads, the daemon's priority) goes
-    first. File and text work keep the daemon's priority (file parsing holds the GIL; text on
-    niced threads of its own made the fuzz's daemon keep 45-115 MiB: see workers.py)."""
+    first. File and text work keep the daemon's priority (file parsing holds the GIL; for
+    text, see workers.py)."""
     import os
     import threading
 
