@@ -136,9 +136,9 @@ class AdapterCache:
             result, seen = await self.files.run(self._inspect_version, path)
             if seen == identity:
                 self._inspected[key] = result
-                while len(self._inspected) > INSPECTED or \
-                        sum(map(_weight, self._inspected.values())) > INSPECTED_TARGETS:
-                    self._inspected.popitem(last=False)
+                weight = sum(map(_weight, self._inspected.values()))
+                while len(self._inspected) > INSPECTED or weight > INSPECTED_TARGETS:
+                    weight -= _weight(self._inspected.popitem(last=False)[1])
         else:
             self._inspected.move_to_end(key)
             self.inspections_reused += 1

@@ -708,15 +708,18 @@ class Slab:
                                                                          (b, b_cells))]
         for i in (a, b):
             C.llama_memory_seq_rm(self.memory, i, -1, -1)
-        arrived = []
-        for state, to in zip(states, (b, a), strict=True):
-            ok = state is None or (bool(state) and bool(C.llama_state_seq_set_data_ext(
+        return (states[0] is None or self._restore(states[0], b),
+                states[1] is None or self._restore(states[1], a))
+
+    def _restore(self, state: bytes | None, seq_id: int) -> bool:
+        """Set a sequence's state (as :meth:`_seq_state` reads it) into ``seq_id`` of this
+        slab; whether it arrived (if not, ``seq_id`` is left empty)."""
+        if state and C.llama_state_seq_set_data_ext(
                 self.ptr, (ctypes.c_uint8 * len(state)).from_buffer_copy(state), len(state),
-                to, 0)))
-            if not ok:
-                C.llama_memory_seq_rm(self.memory, to, -1, -1)
-            arrived.append(ok)
-        return arrived[0], arrived[1]
+                seq_id, 0):
+            return True
+        C.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        return False
 
     def move_to(self, other: Slab, sequences: list[Sequence]) -> None:
         """Copy each sequence's cells into the same sequence id of ``other`` (llama.cpp's
@@ -724,13 +727,9 @@ class Slab:
         sequence whose state ``other`` refuses starts empty there (its next prompt is
         evaluated whole: correct, only slower)."""
         for seq in sequences:
-            if seq.tokens:
-                state = self._moved_state(seq.seq_id, other.n_seq)
-                if state is None or not C.llama_state_seq_set_data_ext(
-                        other.ptr, (ctypes.c_uint8 * len(state)).from_buffer_copy(state),
-                        len(state), seq.seq_id, 0):
-                    C.llama_memory_seq_rm(other.memory, seq.seq_id, -1, -1)
-                    seq._cut(0)
+            if seq.tokens and not other._restore(self._moved_state(seq.seq_id, other.n_seq),
+                                                 seq.seq_id):
+                seq._cut(0)
             seq.slab = other
 
     def _moved_state(self, seq_id: int, n_seq: int) -> bytes | None:
