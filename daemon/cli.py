@@ -61,6 +61,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace, speculative: dict[str, Any] | bool | None) -> int:
     """Run the daemon in the foreground with ``args`` over the config file; the exit status."""
+    from .heap import return_large_frees
+    from .lean_imports import keep_imports_lean
+
+    keep_imports_lean()  # before anything imports llama_cpp or structlog
+    return_large_frees()  # freed KV caches and buffers go back to the system
     import trio
 
     from lorad.protocol import ProtocolError

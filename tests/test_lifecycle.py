@@ -412,6 +412,44 @@ def test_contexts_share_the_weights(fresh_daemon: DaemonProcess, models_dir: Pat
     assert with_four - loaded < weights_kib / 2
 
 
+
+LEAN_SCRIPT = """
+import importlib.metadata, sys
+from lorad.daemon.lean_imports import keep_imports_lean
+keep_imports_lean()
+import lorad.daemon.server, lorad.daemon.llama, lorad.daemon.logs
+loaded = sorted(m for m in sys.modules if sys.modules[m] is not None and
+                m.split(".")[0] in ("jinja2", "diskcache", "sqlite3", "rich", "pygments")
+                or m == "llama_cpp.llama")
+assert not loaded, loaded
+import llama_cpp
+assert llama_cpp.__version__ == importlib.metadata.version("llama_cpp_python")
+assert llama_cpp.llama_backend_init is sys.modules["llama_cpp.llama_cpp"].llama_backend_init
+from llama_cpp import Llama  # the high-level API still resolves, imported on first use
+assert Llama.__module__ == "llama_cpp.llama", Llama
+try:
+    llama_cpp.no_such_name
+except AttributeError as exc:
+    assert "no_such_name" in str(exc)
+else:
+    raise AssertionError("a missing name resolved")
+"""
+
+
+def test_the_daemon_process_imports_only_what_it_uses(daemon: DaemonProcess,
+                                                      client: Client, tiny_model: Path) -> None:
+    # keep_imports_lean, in a fresh interpreter: llama_cpp's high-level API and rich stay out.
+    subprocess.run([sys.executable, "-c", LEAN_SCRIPT], check=True, timeout=60)
+    # ... and the daemon process applies it: diskcache (llama_cpp.llama's) would map _sqlite3.
+    ctx = client.create_context(tiny_model, n_ctx=64)
+    try:
+        assert ctx.generate(PROMPT, max_tokens=2).collect()
+    finally:
+        ctx.close()
+    maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+    assert "libllama" in maps
+    assert "_sqlite3" not in maps
+
 async def test_async_client_mirrors_sync(daemon: DaemonProcess, client: Client,
                                          tiny_model: Path) -> None:
     expected = expected_tokens(client, tiny_model, PROMPT, 16)
