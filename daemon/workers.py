@@ -20,20 +20,20 @@ Here each kind has a limiter of its own:
 * **build**: making models and llama contexts (loads, slabs, draft and embedding contexts:
   allocating and clearing gigabytes of KV cache takes a second), :data:`BUILD`.
 
-Build has threads of its own at a lower priority (nice +:data:`NICE`): where the cores are
-short, a decode step goes first and a model or context being made takes what is left (with
-llama.cpp's threads pinned, :mod:`lorad.daemon.affinity`, that is little: a 2.25 GiB context
-took 35 s to make beside a stream at +10, 7.5 s at +5 with the stream's p99 at 1.36x quiet,
-5 s at +0 with it at 1.50x). Files and text run on trio's threads at the daemon's priority.
-File parsing is Python code that holds the GIL (see :class:`Pool`); on threads of their own,
-under a flood of validations, a stream stalled for over a second (before the doors' ingress
-gate, :mod:`lorad.daemon.ingress`: the event loop's work preempted llama.cpp's threads; not
-tried again since). Text on threads of its own at nice +10 was tried (a 300 KB prompt's 0.8 s
-of tokenizing then held another stream 2.7x quiet instead of 48x, before llama.cpp's threads
-were pinned) and taken back: the ZeroMQ fuzz's leak check failed with it (the daemon kept
-45-49 MiB after the run); that check also varies from 7 to 43 MiB on the code before it, so
-the cause is not established. With llama.cpp's threads pinned that prompt holds the stream
-4.8x quiet.
+Build and text have threads of their own at a lower priority (nice +:data:`NICE`): where the
+cores are short, a decode step goes first and a model or context being made, or a prompt being
+tokenized, takes what is left (with llama.cpp's threads pinned, :mod:`lorad.daemon.affinity`,
+that is little: a 2.25 GiB context took 35 s to make beside a stream at +10, 7.5 s at +5 with
+the stream's p99 at 1.36x quiet, 5 s at +0 with it at 1.50x). Both run in C without the GIL
+(a tokenization holds it only to encode the text and to list at most its ``limit`` tokens);
+a 300 KB prompt over the HTTP door took 0.8 s of C at the daemon's priority, and another
+client's stream then waited up to 1.3 s between two tokens (``bench/noisy.py``). Files run
+on trio's threads at the daemon's priority: their parsing is Python code that holds the GIL
+(see :class:`Pool`); on threads of their own, under a flood of validations, a stream stalled
+for over a second (before the doors' ingress gate, :mod:`lorad.daemon.ingress`: the event
+loop's work preempted llama.cpp's threads; not tried again since). Text threads of their own
+were taken back once, when the ZeroMQ fuzz's leak check failed with them: that was glibc's
+heap keeping what threads freed once its mmap threshold had risen (:mod:`lorad.daemon.heap`).
 
 The client a file call is made for is the task's :data:`CLIENT` (set by the dispatcher for the
 request it runs), so the adapter code below the handlers needs no peer argument.
@@ -193,11 +193,12 @@ class FileWorkers(Pool):
 
 class TextWorkers(Pool):
     """The pool for tokenizing and detokenizing: a client's ``tokenize``/``detokenize`` (capped
-    per client) and every prompt's tokenization (the context's own work: not capped)."""
+    per client) and every prompt's tokenization (the context's own work: not capped), on
+    threads of its own at nice +:data:`NICE` (see the module)."""
 
     def __init__(self, limits: Limits) -> None:
         super().__init__("text", limits.text_workers, limits.max_text_ops_per_client,
-                         "max_text_ops_per_client")
+                         "max_text_ops_per_client", nice=True)
 
 
 def usable_cpus() -> int:
