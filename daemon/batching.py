@@ -584,9 +584,14 @@ class SlabScheduler:
             whole += n
         if len(shorts) == len(lefts):
             return whole
+        if not ride or whole or self.slab.unified:
+            return whole + max(1, share - whole)
         allowed = self.cores.prompt_share * base
         split = self.cost.split_time()
-        if ride and not whole and not self.slab.unified and split > allowed:
+        # a chunk beside one-token decodes is a computation of its own: its tokens get what
+        # the share leaves once that computation is paid for
+        chunk = int((allowed - split) / self.cost.prompt_token())
+        if chunk < 2:
             # one token of each long prompt, in the order the quotas serve them
             longs = sorted(prompts, key=lambda s: min(s.chunk, len(s.pending) if s.started
                                                       else len(s.tokens)))
@@ -600,7 +605,7 @@ class SlabScheduler:
                 fit += 1
             if fit:
                 return fit
-        return whole + max(1, share - whole)
+        return max(1, chunk)
 
     async def _place(self) -> None:
         """Put each long prompt about to start next to the sequences that generate, where an
