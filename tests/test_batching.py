@@ -302,6 +302,10 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         assert (quotas[id(short)], quotas[id(other)]) == (10, 0)
         third = Step(here.attach(512), list(range(5, 25)), [], prompt=True)
         assert picked(decode, short, third)[1] == 30  # 10 + 20 <= 64: both at once
+        # nothing streams: short prompts alone take the whole budget; a short one beside a
+        # long one is a request about to stream, its step held to the share as a stream's
+        assert picked(short, third)[1] == 512
+        assert picked(prompt, short)[1] == 10 + 1  # 0.5 x 10 ms / 2 ms: the short one whole
         here._waiting = []
         here.free_ids += [other.seq.seq_id, third.seq.seq_id]
         here._waiting = []
@@ -648,6 +652,71 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
         sampler.close()
         model.close()
 
+
+
+async def test_prompt_tokens_that_ride_along_do_not_teach_a_prompt_tokens_cost(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long prompt fed one token a step beside a stream (its own computation known to cost
+    more than the share) joins the stream's computation: what those tokens add (often nothing
+    measurable) is not what a prompt token costs in a chunk. Learnt as such, a median of 0 made
+    the share unbounded, and a new request beside a long prompt took a step of 512 tokens
+    (1.1 s on gemma 3 270M). Both give their output alone."""
+    import itertools
+
+    import trio
+
+    from lorad.daemon import batching, llama
+    from lorad.daemon.batching import SHORT_PROMPT, Step
+    from lorad.daemon.sampling import Pick
+
+    # every step waits for the stream's token: each one is the stream's, none of prompts alone
+    monkeypatch.setattr(batching, "GATHER_S", 60.0)
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    short = model.tokenize(PROMPTS[0], add_special=True, limit=64)
+    long = model.tokenize(" ".join(PROMPTS * 2), add_special=True, limit=100)
+    assert len(long) > SHORT_PROMPT
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    pick = Pick(sampler, plain_greedy=True)
+    try:
+        alone = []
+        for text, n in ((short, 24), (long, 4)):
+            async with scheduling(model, 1) as scheduler:
+                alone.append(await greedy_steps(scheduler, scheduler.attach(128), text, n, pick))
+        async with scheduling(model, 2) as scheduler:
+            scheduler.cost.split_samples.extend([10.0] * 3)  # a chunk of its own: too dear
+            stream, prompt = scheduler.attach(128), scheduler.attach(128)
+            learnt: list[int] = []
+            fed: list[int] = []  # the prompt's cells after each of the stream's steps
+            got: dict[str, list[int]] = {}
+
+            async def streamer(nursery) -> None:
+                scheduler.join(stream)
+                produced = await scheduler.run(Step(stream, short, [], prompt=True,
+                                                    logits=pick))
+                out: list[int] = []
+                for i in range(24):
+                    out.append(produced[0][0])
+                    if i == 1:  # it generates: the long prompt starts beside it
+                        nursery.start_soon(prompter)
+                    produced = await scheduler.run(Step(stream, [out[-1]], [], logits=pick))
+                    learnt.append(len(scheduler.cost.prompt_samples))
+                    fed.append(len(prompt.tokens))
+                scheduler.leave(stream)
+                got["stream"] = out
+
+            async def prompter() -> None:
+                got["prompt"] = await greedy_steps(scheduler, prompt, long, 4, pick)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(streamer, nursery)
+            assert got == {"stream": alone[0], "prompt": alone[1]}
+            steps = [b - a for a, b in itertools.pairwise(fed)]
+            assert max(steps) == 1 and sum(steps) >= 15, fed  # it rode along, a token a step
+            assert learnt == [0] * 24, learnt
+    finally:
+        sampler.close()
+        model.close()
 
 async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> None:
     """``SlabScheduler._place``: a long prompt that starts while a stream generates, two ids
