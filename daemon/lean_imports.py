@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import re
 import sys
 from typing import Any
 
@@ -49,7 +50,7 @@ def _bindings_only_llama_cpp() -> None:
         raise
     # as the package's own `from .llama_cpp import *`
     package.__dict__.update((k, v) for k, v in vars(bindings).items() if not k.startswith("_"))
-    package.__version__ = importlib.metadata.version("llama_cpp_python")  # type: ignore[attr-defined]
+    package.__version__ = _version(package)  # type: ignore[attr-defined]
 
     def __getattr__(name: str) -> Any:  # PEP 562: the rest of the package, on first use
         high_level = importlib.import_module("llama_cpp.llama")
@@ -59,3 +60,21 @@ def _bindings_only_llama_cpp() -> None:
             raise AttributeError(f"module 'llama_cpp' has no attribute {name!r}") from None
 
     package.__getattr__ = __getattr__  # type: ignore[attr-defined]
+
+
+def _version(package: Any) -> str:
+    """The package's own ``__version__`` (set in the ``__init__`` not run), else its
+    distribution's."""
+    init = getattr(package, "__file__", None)
+    if init:
+        try:
+            with open(init, encoding="utf-8") as f:
+                found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", f.read(), re.M)
+        except OSError:
+            found = None
+        if found:
+            return found.group(1)
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
