@@ -267,10 +267,12 @@ class ContextActor(Actor):
         model = self.model.model
         room = self.n_ctx - 1  # a prompt leaves room for at least one generated token
 
-        def overflow(n: int) -> ProtocolError:
+        def overflow(n: int, at_least: bool = False) -> ProtocolError:
+            extra = {"at_least": True} if at_least else {}
             return ProtocolError(ErrorCode.CONTEXT_OVERFLOW,
-                                 f"prompt of {n} tokens does not fit in n_ctx={self.n_ctx}",
-                                 prompt_tokens=n, n_ctx=self.n_ctx)
+                                 f"prompt of {'at least ' if at_least else ''}{n} tokens does "
+                                 f"not fit in n_ctx={self.n_ctx}",
+                                 prompt_tokens=n, n_ctx=self.n_ctx, **extra)
 
         if h.op != "chat" and args.tokens is not None:
             tokens = args.tokens
@@ -295,13 +297,13 @@ class ContextActor(Actor):
                 tokens = bos + await self.text.run(lambda: model.tokenize(
                     text, add_special=False, parse_special=True, limit=room - len(bos)))
             except llama.TooManyTokens as exc:
-                raise overflow(exc.n + len(bos)) from None
+                raise overflow(exc.n + len(bos), exc.at_least) from None
         else:
             try:
                 tokens = await self.text.run(lambda: model.tokenize(
                     args.prompt, add_special=args.add_special, limit=room))
             except llama.TooManyTokens as exc:
-                raise overflow(exc.n) from None
+                raise overflow(exc.n, exc.at_least) from None
         if not tokens:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "the prompt is empty", field="prompt")
         return tokens

@@ -205,9 +205,10 @@ class Engine:
                                                     limit=embedder.n_ctx))
                 except llama.TooManyTokens as exc:
                     raise ProtocolError(
-                        ErrorCode.CONTEXT_OVERFLOW, f"input {i} has {exc.n} tokens, more than "
-                        f"the embedding context's {embedder.n_ctx}", field="input", index=i,
-                        prompt_tokens=exc.n, n_ctx=embedder.n_ctx) from None
+                        ErrorCode.CONTEXT_OVERFLOW, f"input {i} has {exc.count()} tokens, more "
+                        f"than the embedding context's {embedder.n_ctx}", field="input",
+                        index=i, prompt_tokens=exc.n, n_ctx=embedder.n_ctx,
+                        **({"at_least": True} if exc.at_least else {})) from None
             vectors = []
             embedder.set_adapters(stack)
             try:

@@ -193,6 +193,49 @@ def test_tokens_prompt_and_errors(client: Client, tiny_model: Path) -> None:
         list(ctx.generate(PROMPT))
 
 
+def test_a_prompt_that_cannot_fit_is_refused_without_being_tokenized(
+        client: Client, tiny_model: Path) -> None:
+    """A text longer than the room times the vocabulary's longest piece has more tokens than
+    the room whatever they are: refused untokenized, with a lower bound (``at_least``);
+    tokenizing such a text (the HTTP fuzz's 4 MiB string) took 1.6 s of a core on gemma 3.
+    Shorter over-long prompts get their exact count. In process: the bound never refuses a
+    text that fits, and never says more tokens than the text has."""
+    from lorad.daemon import llama
+
+    with client.create_context(tiny_model, n_ctx=64) as ctx:
+        with pytest.raises(ContextOverflow) as err:
+            ctx.generate("x" * (1 << 20), max_tokens=4).collect()
+        assert err.value.details["at_least"] is True
+        assert ctx.info["n_ctx"] < err.value.details["prompt_tokens"] <= (1 << 20)
+        words = " ".join(["word"] * (ctx.info["n_ctx"] + 1))
+        with pytest.raises(ContextOverflow) as err:
+            ctx.generate(words, max_tokens=4).collect()
+        assert "at_least" not in err.value.details
+        assert err.value.details["prompt_tokens"] == len(ctx.tokenize(words))
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    try:
+        longest = model.longest_piece()
+        assert longest is not None and longest >= 1
+        texts = [unit * n for unit in ("x", "the cat ", "日本", " ", "tttt", "\n")
+                 for n in (100, 1000, 5000, 20000)]
+        bounded = 0
+        for text in texts:
+            exact = len(model.tokenize(text, add_special=False))
+            for limit in (1, 8, 64, 500):
+                try:
+                    got = model.tokenize(text, add_special=False, limit=limit)
+                except llama.TooManyTokens as exc:
+                    assert exact > limit and exc.n <= exact, (text[:8], len(text), limit)
+                    bounded += exc.at_least
+                else:
+                    assert len(got) == exact <= limit
+        assert bounded  # the bound was taken, not only exact counts
+    finally:
+        model.close()
+
+
 def test_busy_context_answers_context_busy(client: Client, tiny_model: Path) -> None:
     with client.create_context(tiny_model, n_ctx=256, max_queued=0) as ctx:
         # Greedy: a sampled run could draw end-of-generation at once and free the context.

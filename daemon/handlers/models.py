@@ -60,7 +60,7 @@ async def tokenize(s: Services, h: RequestHandle) -> list[int]:
                 lambda: model.tokenize(a.text, add_special=a.add_special,
                                        parse_special=a.parse_special, limit=limit))
     except llama.TooManyTokens as exc:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"the text has {exc.n} tokens, more than "
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"the text has {exc.count()} tokens, more than "
                             f"limits.max_array_len ({limit}) can carry", field="text",
                             limit="max_array_len", value=limit) from None
 
