@@ -450,6 +450,23 @@ def test_the_daemon_process_imports_only_what_it_uses(daemon: DaemonProcess,
     assert "libllama" in maps
     assert "_sqlite3" not in maps
 
+
+def test_glibcs_mmap_threshold_is_fixed_unless_the_environment_sets_it() -> None:
+    """daemon/heap.py: the daemon process fixes glibc's mmap threshold (what closed contexts
+    freed goes back; the slow suite measures it on gemma), and leaves it to an operator who set
+    it in the environment."""
+    script = "from lorad.daemon.heap import return_large_frees; print(return_large_frees())"
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+
+    def run(**env: str) -> str:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**clean, **env}, timeout=60, check=True).stdout.strip()
+
+    assert run() == "True"  # glibc, as on every machine this runs on
+    assert run(MALLOC_MMAP_THRESHOLD_="65536") == "False"
+    assert run(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536") == "False"
+
 async def test_async_client_mirrors_sync(daemon: DaemonProcess, client: Client,
                                          tiny_model: Path) -> None:
     expected = expected_tokens(client, tiny_model, PROMPT, 16)
