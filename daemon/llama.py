@@ -165,11 +165,6 @@ class TooManyTokens(Exception):
         return f"at least {self.n}" if self.at_least else str(self.n)
 
 
-BOUND_CHECK_BYTES_PER_TOKEN = 16
-"""A text with more bytes than this many per token of a tokenization's limit is checked against
-the vocabulary's longest piece before it is tokenized (:meth:`Model.tokenize`)."""
-
-
 class Model:
     """A loaded llama_model: weights shared by every context created on it."""
 
@@ -206,28 +201,27 @@ class Model:
         self.bos = C.llama_vocab_bos(self.vocab)
         self.eos = C.llama_vocab_eos(self.vocab)
         self._pieces: dict[int, bytes] = {}
-        self._longest: int | None = -1  # -1: not scanned yet
+        self.longest_piece = self._longest_piece()
+        """The most bytes of a text that one token stands for (:meth:`tokenize`'s bound), or
+        None where the tokenizer does not keep every byte of a text."""
 
-    def longest_piece(self) -> int | None:
-        """The most bytes of a text that one token stands for, where the tokenizer keeps every
-        byte of a text (SPM and BPE vocabularies with no token that strips the whitespace next
-        to it); None elsewhere (WPM and UGM fold or drop whitespace). Scanned once (0.3 s on
-        gemma 3's 262,144 tokens: 48 bytes)."""
-        if self._longest == -1:
-            longest: int | None = 0
-            if C.llama_vocab_type(self.vocab) not in (C.LLAMA_VOCAB_TYPE_SPM,
-                                                      C.LLAMA_VOCAB_TYPE_BPE):
-                longest = None
-            buf = ctypes.create_string_buffer(1024)
-            strips = C.LLAMA_TOKEN_ATTR_LSTRIP | C.LLAMA_TOKEN_ATTR_RSTRIP
-            for token in range(self.n_vocab if longest is not None else 0):
-                if C.llama_vocab_get_attr(self.vocab, token) & strips:
-                    longest = None
-                    break
-                n = C.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-                longest = max(longest, abs(n))
-            self._longest = longest or None
-        return self._longest
+    def _longest_piece(self) -> int | None:
+        """An upper bound of the bytes of a text one token stands for, where the tokenizer keeps
+        every byte of a text (SPM and BPE vocabularies with no token that strips the whitespace
+        next to it); None elsewhere (WPM and UGM fold or drop whitespace). A token's text as
+        stored is never shorter than what it stands for (SPM's "▁" is a space, BPE's byte
+        characters one byte each, "<0x0A>" one byte): 48 bytes on gemma 3, whose 262,144 tokens
+        are read in 0.15 s as the model loads (the first over-long prompts of a flood read them
+        on two tokenizing threads at once, at 2.6 s of CPU, while it was done on demand)."""
+        if C.llama_vocab_type(self.vocab) not in (C.LLAMA_VOCAB_TYPE_SPM,
+                                                  C.LLAMA_VOCAB_TYPE_BPE):
+            return None
+        strips = C.LLAMA_TOKEN_ATTR_LSTRIP | C.LLAMA_TOKEN_ATTR_RSTRIP
+        vocab, text, attr = self.vocab, C.llama_vocab_get_text, C.llama_vocab_get_attr
+        if any(attr(vocab, token) & strips for token in range(self.n_vocab)):
+            return None
+        return max((len(text(vocab, token) or b"") for token in range(self.n_vocab)),
+                   default=0) or None
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -277,10 +271,9 @@ class Model:
         longer than ``limit`` times the vocabulary's longest piece is refused untokenized (at
         least that many tokens): tokenizing 4 MiB took 1.6 s of a core on gemma 3."""
         data = text.encode("utf-8")
-        if limit is not None and len(data) > BOUND_CHECK_BYTES_PER_TOKEN * max(limit, 1):
-            longest = self.longest_piece()
-            if longest is not None and len(data) > longest * limit:
-                raise TooManyTokens(-(-len(data) // longest), at_least=True)
+        longest = self.longest_piece
+        if limit is not None and longest is not None and len(data) > longest * limit:
+            raise TooManyTokens(-(-len(data) // longest), at_least=True)
         n_max = len(data) + 8 if limit is None else min(len(data) + 8, limit + 1)
         buf = (C.llama_token * n_max)()
         n = C.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)

@@ -216,7 +216,7 @@ def test_a_prompt_that_cannot_fit_is_refused_without_being_tokenized(
     llama.init_backend()
     model = llama.Model(str(tiny_model))
     try:
-        longest = model.longest_piece()
+        longest = model.longest_piece
         assert longest is not None and longest >= 1
         texts = [unit * n for unit in ("x", "the cat ", "日本", " ", "tttt", "\n")
                  for n in (100, 1000, 5000, 20000)]
