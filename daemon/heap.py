@@ -5,7 +5,7 @@ glibc serves a block of at least its mmap threshold with a mapping of its own, u
 32 MiB), so once a daemon has freed a KV cache or a logits buffer, blocks of that size come from
 the heap arenas instead, where a freed block stays with the process unless it is at an arena's
 top. Measured on gemma 3 270M (8 contexts made and closed, then 1, then 8 again): the daemon
-kept 38-48 MiB more after each round with the default, nothing with a fixed 4 MiB threshold,
+kept 20-48 MiB more after such rounds with the default, nothing with a fixed 4 MiB threshold,
 and its PSS with 8 contexts was 520 against 496 MiB.
 """
 
