@@ -585,7 +585,8 @@ class SlabScheduler:
         if not streams and others is None and not starting:
             return self.budget
         base = max(streams, others or 0.0, self.cost.time(1) if starting else 0.0)
-        share = max(1, int(self.cores.prompt_share * base / self.cost.prompt_token()))
+        per_token = self.cost.prompt_token()
+        share = max(1, int(self.cores.prompt_share * base / per_token))
         shorts = sorted(n for n in lefts if n <= SHORT_PROMPT)
         whole, cap = 0, max(share, SHORT_PROMPT)
         for n in shorts:
@@ -600,7 +601,7 @@ class SlabScheduler:
         split = self.cost.split_time()
         # a chunk beside one-token decodes is a computation of its own: its tokens get what
         # the share leaves once that computation is paid for
-        chunk = int((allowed - split) / self.cost.prompt_token())
+        chunk = int((allowed - split) / per_token)
         if chunk < 2:
             # one token of each long prompt, in the order the quotas serve them
             longs = sorted(prompts, key=lambda s: min(s.chunk, len(s.pending) if s.started

@@ -211,7 +211,7 @@ class Model:
         next to it); None elsewhere (WPM and UGM fold or drop whitespace). A token's text as
         stored is never shorter than what it stands for (SPM's "▁" is a space, BPE's byte
         characters one byte each, "<0x0A>" one byte): 48 bytes on gemma 3, whose 262,144 tokens
-        are read in 0.15 s as the model loads (the first over-long prompts of a flood read them
+        are read in 0.2 s as the model loads (the first over-long prompts of a flood read them
         on two tokenizing threads at once, at 2.6 s of CPU, while it was done on demand)."""
         if C.llama_vocab_type(self.vocab) not in (C.LLAMA_VOCAB_TYPE_SPM,
                                                   C.LLAMA_VOCAB_TYPE_BPE):

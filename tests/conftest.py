@@ -127,6 +127,14 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def rss_anon_kib(pid: int) -> int:
+    """A process's resident anonymous memory in KiB (``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon")
+
+
 def fd_count(pid: int) -> int:
     """A process's open file descriptors."""
     return len(os.listdir(f"/proc/{pid}/fd"))

@@ -10,7 +10,7 @@ import llama_cpp.llama_cpp as C
 import numpy as np
 import pytest
 
-from conftest import DaemonProcess, start_daemon
+from conftest import DaemonProcess, rss_anon_kib, start_daemon
 from test_embed import TEXTS, reference_mean
 
 pytestmark = pytest.mark.slow
@@ -135,10 +135,7 @@ def test_the_daemon_gives_back_what_closed_contexts_held(tmp_path: Path, gemma: 
     d = start_daemon(tmp_path, [gemma.parent], "--config", str(config))
 
     def rss_anon_mib() -> float:
-        for line in Path(f"/proc/{d.pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no RssAnon")
+        return rss_anon_kib(d.pid) / 1024
 
     try:
         with d.client(timeout=120) as client:

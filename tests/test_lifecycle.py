@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 import tinymodels
-from conftest import DaemonProcess, start_daemon
+from conftest import DaemonProcess, rss_anon_kib, start_daemon
 from lorad.client import (
     AsyncClient,
     Client,
@@ -381,13 +381,6 @@ def test_config_file_preloads_models_and_contexts(tmp_path: Path, models_dir: Pa
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
-
-
-def rss_anon_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    raise AssertionError("no RssAnon")
 
 
 def test_contexts_share_the_weights(fresh_daemon: DaemonProcess, models_dir: Path) -> None:
