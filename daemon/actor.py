@@ -341,7 +341,7 @@ class ContextActor(Actor):
             pre_stack=([(e.adapter.adapter, e.scale) for e in before] if before is not None
                        else None),
             split=split or 0, drafter=drafter, memory=self.memory,
-            should_stop=lambda: h.cancelled)
+            should_stop=lambda: h.cancelled, client=self.creator)
         out = Output(model.piece, model.is_eog, args.stop,
                      tools.StreamSplitter(tooling.use, tooling.format) if tooling else None,
                      received_at=h.received_at, started=started)

@@ -38,7 +38,9 @@ GATHER_S = 0.02
 """How long a batch waits at most for a generating sequence's next step."""
 SHORT_PROMPT = 64
 """A prompt with at most this many tokens left is fed whole even while other contexts stream
-(a new request starts at once); longer ones are held to ``prompt_share``."""
+(a new request starts at once); longer ones are held to ``prompt_share``. Beside another
+client's streams, a client's short prompts past the share are fed whole at most once per
+``Cores.start_interval`` seconds (see :meth:`Cores.may_start`)."""
 SPLIT_TOKENS = 8
 """Steps whose prompt chunks of at most this many tokens made a computation of their own are
 timed as what such a computation costs (its fixed part, about what the share decides on)."""
@@ -71,11 +73,17 @@ class Step:
     """Housekeeping (no tokens): the sequence's cells are freed."""
     should_stop: Callable[[], bool] = lambda: False
     chunk: int = 1 << 30
+    client: object = None
+    """Whose work it is (the context's creator; None: the sequence's own): the scheduler
+    shares out what new requests may add to the steps of other clients' streams."""
     pre_stack: StackPairs | None = None
     """For a prompt: the stack of its tokens before ``split`` (an activated LoRA's prompt is
     computed without it up to its invocation); ``stack`` applies from ``split`` on."""
     split: int = 0
     # -- the scheduler's state
+    held: bool = False
+    """A short prompt held to the share at least once (its client started another too
+    recently beside others' streams)."""
     key: tuple[tuple[int, float], ...] = ()
     """The stack of the next tokens to decode (what the scheduler batches by)."""
     reused: int = 0
@@ -97,6 +105,11 @@ class Step:
         if not self.prompt or self.pre_stack is None:
             self.split = 0
         self._target(0)
+
+    @property
+    def owner(self) -> object:
+        """The client the step's work is counted to."""
+        return self.client if self.client is not None else self.seq
 
     def want(self, i: int) -> tuple[tuple[int, float], ...]:
         """The stack prompt token ``i`` must be computed under."""
@@ -186,11 +199,15 @@ class StepCost:
 
     def observe_prompt(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
         """A step of ``decodes`` tokens with logits and ``prompt_tokens`` without took
-        ``seconds``: what a prompt token adds is what the step took beyond the decodes (or
-        beyond a one-token step, the fixed cost of any step, for prompts alone)."""
-        if self.samples and prompt_tokens > 0:
+        ``seconds``: what a prompt token adds is what the step took beyond the decodes; for
+        prompts alone, what its tokens after the first took beyond a one-token step, which the
+        first is (a prompt of one token left, as one mostly cached, teaches nothing: counted as
+        one token more, such steps made the median 0 after a client's cached prompts, and the
+        share unbounded)."""
+        counted = prompt_tokens if decodes else prompt_tokens - 1
+        if self.samples and counted > 0:
             extra = seconds - self.time(max(1, decodes))
-            self.prompt_samples.append(max(extra, 0.0) / prompt_tokens)
+            self.prompt_samples.append(max(extra, 0.0) / counted)
 
     def observe_split(self, decodes: int, seconds: float) -> None:
         """A step of ``decodes`` one-token decodes and prompt chunks that made a computation
@@ -245,9 +262,13 @@ class Cores:
     their steps take (a step of one slab is a wait for the streams of the others)."""
 
     def __init__(self, prompt_share: float = 0.5, ingress: Ingress | None = None,
-                 team: Team | None = None) -> None:
+                 team: Team | None = None, start_interval: float = 5.0) -> None:
         self.lock = trio.Lock()
         self.prompt_share = prompt_share
+        self.start_interval = start_interval
+        """How often a client's short prompt may be fed whole past the share beside another
+        client's streams (seconds; see :meth:`may_start`)."""
+        self._starts: dict[object, float] = {}
         self.ingress = ingress if ingress is not None else Ingress()
         """Told when a step decodes: the doors then hold back new work (the daemon's)."""
         self.thread = Pool("decode", 1, own=True)
@@ -267,6 +288,22 @@ class Cores:
             self._streams.pop(id(scheduler), None)
         else:
             self._streams[id(scheduler)] = step_seconds
+
+    def may_start(self, client: object, now: float) -> bool:
+        """Whether ``client`` may have a short prompt fed whole past the share beside another
+        client's streams now: a new request starts at once, but a client that starts them
+        faster than one per ``start_interval`` has the next ones held to the share (each such
+        start is a step of the others' streams several times as long: a 24-token prompt made a
+        25 ms step of gemma 3 270M 110-150 ms on 2 cores)."""
+        last = self._starts.get(client)
+        return last is None or now - last >= self.start_interval
+
+    def started(self, client: object, now: float) -> None:
+        """``client``'s short prompt was fed whole past the share beside others' streams."""
+        if len(self._starts) >= 256:  # clients come and go: forget those whose time is up
+            self._starts = {c: t for c, t in self._starts.items()
+                            if now - t < self.start_interval}
+        self._starts[client] = now
 
     def stream_seconds(self, scheduler: SlabScheduler) -> float | None:
         """The longest step of another slab's streams (None: no other slab streams)."""
@@ -294,6 +331,15 @@ class SlabScheduler:
         self._rode = False
         """Whether the last step's prompt tokens rode along, one a sequence beside one-token
         decodes (their cost is not a prompt token's: :meth:`StepCost.observe_prompt`)."""
+        self._held: set[int] = set()
+        """Short prompts (by ``id``) held to the share in the step being decoded: their client
+        started another too recently beside others' streams (:meth:`Cores.may_start`)."""
+        self._starts: dict[int, object] = {}
+        """Short prompts (by ``id``) of the step being decoded that are fed whole past the
+        share beside another client's streams, with their client (counted as they are fed)."""
+        self._within = 0
+        """The prompt tokens of short prompts fed whole that the share pays for in the step
+        being decoded (:meth:`_prompt_room`)."""
         self.free_ids = list(range(slab.n_seq))
         self.sequences: dict[int, llama.Sequence] = {}
         self._waiting: list[Step] = []
@@ -310,6 +356,11 @@ class SlabScheduler:
         self.stack_switches = 0
         self.moves = 0
         """Long prompts moved next to the generating sequences (:meth:`_place`)."""
+        self.starts = 0
+        """Short prompts fed whole past the share beside another client's streams."""
+        self.held = 0
+        """Short prompts held to the share: their client had started another too recently
+        beside others' streams (:meth:`Cores.may_start`)."""
         self._widest = (0, slab.n_seq)  # the most tokens and outputs of a step so far
         self.widened = False
         """Whether the last step had more tokens or outputs than any before it on this slab:
@@ -424,7 +475,7 @@ class SlabScheduler:
             gen.started = True
             first = Step(seq, gen.prompt, gen.stack, prompt=True, logits=gen.pick,
                          should_stop=gen.should_stop, chunk=gen.chunk, pre_stack=gen.pre_stack,
-                         split=gen.split)
+                         split=gen.split, client=gen.client)
             produced = await self.run(first)
             gen.reused = first.reused
             if first.stopped:
@@ -434,7 +485,8 @@ class SlabScheduler:
                 drafter.width, drafter.step_seconds = self.width, self.step_seconds
                 await start_drafting(drafter, gen.prompt, gen.memory)
         elif drafter is None:
-            produced = await self.run(Step(seq, [gen.last], gen.stack, logits=gen.pick))
+            produced = await self.run(Step(seq, [gen.last], gen.stack, logits=gen.pick,
+                                           client=gen.client))
         else:
             room = gen.room(self.budget)
             draft, qs = [], None
@@ -445,7 +497,7 @@ class SlabScheduler:
                                                           gen.rng)
             produced = await self.run(Step(seq, [gen.last, *draft], gen.stack,
                                            outputs=len(draft) + 1,
-                                           logits=gen.verify(draft, qs)))
+                                           logits=gen.verify(draft, qs), client=gen.client))
             # the accepted draft tokens, and the one after them
             drafter.record(len(draft), len(produced) - 1, produced[-1][0])
         gen.generated += len(produced)
@@ -545,13 +597,18 @@ class SlabScheduler:
             used += len(s.tokens)
         ride = [s.seq.seq_id for s in batch] if all(len(s.tokens) == 1 for s in batch) \
             else None
-        self._room = min(self.budget - used, self._prompt_room(used, prompts, ride))
+        streaming = {s.owner for s in self._waiting if not s.prompt}  # every stack's streams
+        prompting = {s.owner for s in prompts}
+        theirs = sum(len(s.tokens) for s in batch if s.owner not in prompting)
+        self._room = min(self.budget - used,
+                         self._prompt_room(used, prompts, ride, streaming, theirs))
         if self._room > 0:  # every prompt: the step's room is shared out among them
             batch += prompts
         return batch
 
     def _prompt_room(self, decodes: int, prompts: list[Step],
-                     ride: list[int] | None = None) -> int:
+                     ride: list[int] | None = None, streaming: set[object] | None = None,
+                     theirs: int = 0) -> int:
         """How many prompt tokens a step of ``decodes`` decode tokens may take: all the budget
         while no context of the model streams; else as many as add at most ``prompt_share``
         to the time of the streams' step (this slab's, or the slowest other slab's: a step of
@@ -562,7 +619,13 @@ class SlabScheduler:
         of the room once every short one is in, at least one token. A short prompt beside
         long ones counts as a stream about to start (a one-token step) when nothing streams:
         a new request is not held behind a whole budget of another's prompt (1.1-1.5 s on
-        gemma 3 270M, 2 cores).
+        gemma 3 270M, 2 cores). Beside the streams of another client (``streaming``: the
+        clients whose sequences generate; another slab's streams count as another's), a short
+        prompt past the share is fed whole only if its client has not had one so fed within
+        ``Cores.start_interval``; else it is held to the share as a long one. The share is
+        then of the step of the clients whose decodes are in it without a prompt (``theirs``,
+        their decode tokens): a client's own rows do not widen what its prompts may add to
+        another's step.
 
         With a KV pool per sequence, llama.cpp computes a step in ubatches of as many tokens
         of each sequence (``split_equal``): beside one-token decodes (``ride``: their sequence
@@ -574,7 +637,9 @@ class SlabScheduler:
         long prompt costs less than it (with the rows that fill the gaps between sequence
         ids, :meth:`_fillers`), each long prompt is fed one token a step, as many as the share
         allows, so that the streams' steps keep to it."""
-        streams = self.cost.time(decodes) if decodes else 0.0
+        # beside another client's streams, the share is of their step: a client's own rows in
+        # it do not widen what its prompts may add to the others'
+        streams = self.cost.time(theirs if 0 < theirs < decodes else decodes) if decodes else 0.0
         # another slab's step times are seconds: comparable once this kind has timed steps
         others = self.cores.stream_seconds(self) if self.cost.samples else None
         lefts = [len(s.pending) if s.started else len(s.tokens) for s in prompts]
@@ -582,32 +647,60 @@ class SlabScheduler:
         # held to the share as a stream's would be, not filled up with the long prompts
         starting = (not streams and bool(self.cost.samples)
                     and 0 < sum(n <= SHORT_PROMPT for n in lefts) < len(lefts))
+        self._held, self._starts = set(), {}
         if not streams and others is None and not starting:
             return self.budget
         base = max(streams, others or 0.0, self.cost.time(1) if starting else 0.0)
         per_token = self.cost.prompt_token()
         share = max(1, int(self.cores.prompt_share * base / per_token))
-        shorts = sorted(n for n in lefts if n <= SHORT_PROMPT)
+        allowed = self.cores.prompt_share * base
+        split = self.cost.split_time()
+        # what the share pays for, in short prompts fed whole: beside one-token decodes (a KV
+        # pool per sequence) a chunk of more than one token is a computation of its own
+        within = self._within = (share if not ride or self.slab.unified
+                                 else max(1, int((allowed - split) / per_token)))
+        now, streaming = time.monotonic(), streaming or set()
+        for step, n in sorted(zip(prompts, lefts, strict=True), key=lambda p: p[1]):
+            if n > SHORT_PROMPT or (others is None and not streaming - {step.owner}):
+                continue  # a long one; or beside its own client's streams only: whole
+            if n <= within:
+                within -= n  # within the share, the shortest first
+            elif (step.owner not in self._starts.values()
+                  and self.cores.may_start(step.owner, now)):
+                self._starts[id(step)] = step.owner  # past it: one a client an interval
+            else:
+                self._held.add(id(step))
+                if not step.held:
+                    step.held = True
+                    self.held += 1
+        fed: list[Step] = []  # short prompts fed whole, the shortest first
         whole, cap = 0, max(share, SHORT_PROMPT)
-        for n in shorts:
+        for step, n in sorted(((s, n) for s, n in zip(prompts, lefts, strict=True)
+                               if n <= SHORT_PROMPT and id(s) not in self._held),
+                              key=lambda p: p[1]):
             if whole and whole + n > cap:
                 return whole  # the other short prompts come next, the long ones after them
             whole += n
-        if len(shorts) == len(lefts):
+            fed.append(step)
+        if len(fed) == len(lefts):
             return whole
-        if not ride or whole or self.slab.unified:
+        if not ride or self.slab.unified or whole > len(fed):
+            # (a short prompt of more than one token is a computation of its own: the long
+            # ones join it)
             return whole + max(1, share - whole)
-        allowed = self.cores.prompt_share * base
-        split = self.cost.split_time()
-        # a chunk beside one-token decodes is a computation of its own: its tokens get what
-        # the share leaves once that computation is paid for
+        # a chunk beside one-token decodes (and short prompts of one token, which ride along
+        # as they would) is a computation of its own: its tokens get what the share leaves
+        # once that computation is paid for
+        ids = set(ride) | {s.seq.seq_id for s in fed}
+        rows = self._rows(ids)
+        allowed -= self.cost.time(rows) - self.cost.time(self._rows(set(ride)))
         chunk = int((allowed - split) / per_token)
         if chunk < 2:
             # one token of each long prompt, in the order the quotas serve them
-            longs = sorted(prompts, key=lambda s: min(s.chunk, len(s.pending) if s.started
-                                                      else len(s.tokens)))
-            ids, fit = set(ride), 0
-            rows = self._rows(ids)
+            longs = sorted((s for s in prompts if s not in fed),
+                           key=lambda s: min(s.chunk, len(s.pending) if s.started
+                                             else len(s.tokens)))
+            fit = 0
             for step in longs:
                 ids.add(step.seq.seq_id)
                 extra = self.cost.time(self._rows(ids)) - self.cost.time(rows)
@@ -615,8 +708,8 @@ class SlabScheduler:
                     break
                 fit += 1
             if fit:
-                return fit
-        return max(1, chunk)
+                return whole + fit
+        return whole + max(1, chunk)
 
     async def _place(self) -> None:
         """Put each long prompt about to start next to the sequences that generate, where an
@@ -715,7 +808,7 @@ class SlabScheduler:
                     n = quotas.get(id(step), 0)
                     if n <= 0:  # no room left in this step: the next one goes on
                         continue
-                    shorts += len(step.pending) <= SHORT_PROMPT
+                    shorts += len(step.pending) <= SHORT_PROMPT and id(step) not in self._held
                     tokens, step.pending = step.pending[:n], step.pending[n:]
                     last = not step.pending
                     entries.append((step.seq, tokens, 1 if last else 0))
@@ -839,12 +932,16 @@ class SlabScheduler:
             if step.position < step.split:
                 n = min(n, step.split - step.position)
             wants.append((n, step))
-        wants.sort(key=lambda w: w[0])
+        wants.sort(key=lambda w: (id(w[1]) in self._held, w[0]))  # held ones as long ones
         quotas: dict[int, int] = {}
         left = self._room
         for i, (n, step) in enumerate(wants):
-            if n <= SHORT_PROMPT and len(step.pending) <= SHORT_PROMPT:
+            if (n <= SHORT_PROMPT and len(step.pending) <= SHORT_PROMPT
+                    and id(step) not in self._held):
                 q = n if n <= left else 0  # whole, or in a later step
+                if q > self._within and id(step) in self._starts:
+                    self.cores.started(step.owner, time.monotonic())
+                    self.starts += 1
             else:
                 q = min(n, -(-left // (len(wants) - i)))  # ceil
             quotas[id(step)] = q
@@ -891,7 +988,7 @@ class Batcher:
                  nursery: trio.Nursery, memory: MemoryBudget | None = None,
                  model_id: str = "", prompt_share: float = 0.5,
                  ingress: Ingress | None = None, keep_idle: float = 0.0,
-                 pin_threads: bool = False) -> None:
+                 pin_threads: bool = False, start_interval: float = 5.0) -> None:
         self.model = model
         self.sequences = sequences
         self.budget = budget
@@ -904,7 +1001,7 @@ class Batcher:
         self.kv = KvShape.of(model)
         self._nursery = nursery
         self.slabs: dict[SlabKey, list[tuple[SlabScheduler, trio.CancelScope]]] = {}
-        self.cores = Cores(prompt_share, ingress, Team(pin_threads))
+        self.cores = Cores(prompt_share, ingress, Team(pin_threads), start_interval)
         """Shared by the model's slabs (see :class:`Cores`)."""
         self.costs: dict[SlabKey, StepCost] = {}
         """Step costs learnt per kind of slab, kept when its slabs go: a context created
@@ -1036,7 +1133,7 @@ class Batcher:
         return [{"n_ctx_seq": k.n_ctx_seq, "kv_type": k.kv_type, "flash_attn": k.flash_attn,
                  "n_threads": k.n_threads, "sequences": s.slab.n_seq, "used": len(s.sequences),
                  "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches,
-                 "moves": s.moves,
+                 "moves": s.moves, "starts": s.starts, "held": s.held,
                  "step_ms": s.cost.table(), "idle": id(s) in self._idle}
                 for k, slabs in self.slabs.items() for s, _ in slabs]
 

@@ -63,6 +63,10 @@ class BatchingConfig:
     """While contexts of a model stream, the prompt tokens of a step may add at most this
     share to the time of their step (a long prompt then never slows a stream by more than
     half); prompts alone take the whole ``step_tokens``."""
+    start_interval_s: float = 5.0
+    """Beside another client's streams, a client's new request whose prompt (at most 64 tokens)
+    is past ``prompt_share`` starts at once (its prompt fed whole) at most once per this many
+    seconds; sooner, its prompt is held to the share like a long one (0: always at once)."""
     loop_share: float = 0.1
     """While a step decodes, both doors take in new messages and requests only while the event
     loop's work in that step stays under 1 ms plus this share of the step's time; the rest
@@ -276,6 +280,11 @@ def _batching(table: Any) -> BatchingConfig:
         raise _config_error("batching.loop_share must be a number in 0.01..100",
                             field="loop_share")
     out.loop_share = float(loop)
+    start = out.start_interval_s
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start <= 3600:
+        raise _config_error("batching.start_interval_s must be a number of seconds in 0..3600",
+                            field="start_interval_s")
+    out.start_interval_s = float(start)
     keep = out.keep_idle_s
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 3600:
         raise _config_error("batching.keep_idle_s must be a number of seconds in 0..3600",

@@ -410,7 +410,7 @@ class Engine:
                 entry.model, sequences=b.sequences, budget=b.step_tokens, unified=b.kv_unified,
                 nursery=self._nursery, memory=self.memory, model_id=entry.id,
                 prompt_share=b.prompt_share, ingress=self.ingress, keep_idle=b.keep_idle_s,
-                pin_threads=b.pin_threads)
+                pin_threads=b.pin_threads, start_interval=b.start_interval_s)
         return batcher
 
     def batching_info(self) -> list[dict[str, Any]]:

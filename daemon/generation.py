@@ -58,6 +58,9 @@ class Generation:
     """The context's earlier outputs, which n-gram drafts also draw on."""
     should_stop: Callable[[], bool] = lambda: False
     """Whether the request was cancelled (read between steps and between a prompt's chunks)."""
+    client: object = None
+    """Whose request it is (the context's creator; None: the context's own): what a client's
+    new requests may add to other clients' streams is shared out by client."""
     # -- the engine's state
     started: bool = False
     reused: int = 0

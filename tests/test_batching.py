@@ -141,6 +141,51 @@ def test_streams_keep_their_output_while_their_slab_widens(
     assert got == [alone[p] for p in PROMPTS[:2]]
 
 
+def test_a_client_that_starts_requests_without_pause_beside_anothers_stream_is_held(
+        tmp_path: Path, models_dir: Path, tiny_model: Path) -> None:
+    """Through a daemon: while one client streams, another client's first request starts at
+    once and its next ones, within ``start_interval_s``, are held to the share
+    (``status().batching[].starts`` / ``held``); alone, its requests are never held. Each
+    request's output is what it would be alone."""
+    config = tmp_path / "lorad.toml"
+    config.write_text("[batching]\nprompt_share = 0.05\nstart_interval_s = 3600\n")
+    d = start_daemon(tmp_path, [models_dir], "--config", str(config))
+    try:
+        with d.client() as a, d.client() as b:
+            streamer = a.create_context(tiny_model, **{**EXACT, "n_ctx": 4096})
+            ctx = b.create_context(tiny_model, **{**EXACT, "n_ctx": 4096})  # one slab
+            prompts = [[3 + (7 * i + k) % 200 for k in range(40)] for i in range(5)]
+            alone = [[t for c in ctx.generate(tokens=p, max_tokens=4, temperature=0)
+                      for t in c.token_ids] for p in prompts[:2]]
+            assert [(s["starts"], s["held"]) for s in slabs(a)] == [(0, 0)]  # alone
+            beside: list[list[int]] = []
+
+            def other_client() -> None:  # b is used by this thread alone meanwhile
+                beside.extend([t for c in ctx.generate(tokens=p, max_tokens=4, temperature=0)
+                               for t in c.token_ids] for p in prompts)
+
+            stream = streamer.generate(tokens=[5] * 8, max_tokens=4000, temperature=0)
+            chunks = iter(stream)
+            next(chunks)  # it streams
+            thread = threading.Thread(target=other_client)
+            thread.start()
+            for _ in chunks:  # read while the other client's requests run
+                if not thread.is_alive():
+                    break
+            else:
+                pytest.fail("the stream ended before the other client's requests")
+            stream.cancel()
+            for _ in chunks:  # to its end
+                pass
+            thread.join(60)
+            assert stream.finish_reason == "cancelled"
+            assert beside[:2] == alone
+            [slab] = slabs(a)
+            assert slab["starts"] >= 1 and slab["held"] >= 1, slab
+    finally:
+        assert d.stop() == 0, d.log()
+
+
 @pytest.mark.parametrize("sequences", [2])
 def test_a_kind_at_its_widest_gets_another_slab(tmp_path: Path, models_dir: Path,
                                                 tiny_model: Path, sequences: int) -> None:
@@ -257,11 +302,32 @@ async def test_a_step_wider_than_any_before_on_its_slab_is_not_timed(tiny_model:
     assert timed == [[2], [1, 2], [1, 2], [1, 2, 3], [1, 2, 3], [1, 2, 3]]
 
 
+def test_a_prompt_tokens_cost_is_learnt_beyond_what_the_step_costs_without_it() -> None:
+    """What a prompt token adds to a step: beside decodes, the step's time beyond theirs over
+    its prompt tokens; for prompts alone, beyond a one-token step (which their first token
+    is) over the tokens after the first. A prompt of one token left alone (a mostly cached
+    one, as a client that sends its prompts again has) is a one-token step and teaches
+    nothing: counted as a prompt token, its 0 made the median 0 and the share unbounded."""
+    from lorad.daemon.batching import StepCost
+
+    cost = StepCost()
+    cost.observe(1, 0.020)
+    cost.observe(2, 0.024)
+    cost.observe_prompt(0, 1, 0.020)  # one token left, alone: nothing learnt
+    assert not cost.prompt_samples
+    cost.observe_prompt(0, 11, 0.050)  # ten tokens after the first: 3 ms each
+    cost.observe_prompt(2, 4, 0.036)  # beside two decodes: 12 ms over 4 tokens
+    assert list(cost.prompt_samples) == pytest.approx([0.003, 0.003])
+
+
+APP = "one client"
+
+
 def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) -> None:
     """While contexts stream, a step's prompt tokens may add at most ``prompt_share`` to the
     step (a long prompt never slows a stream by more than half); alone, prompts take the whole
     budget; a stream of another slab of the model limits them too (its step waits for this
-    one)."""
+    one). All its work is one client's (other clients' streams: the next test)."""
     from lorad.daemon import llama
     from lorad.daemon.batching import Cores, SlabScheduler, Step
 
@@ -276,8 +342,8 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
             here.cost.observe(1, 0.010)
             here.cost.prompt_samples.append(0.002)
         streaming, prompting = here.attach(512), here.attach(512)
-        decode = Step(streaming, [5], [])
-        prompt = Step(prompting, list(range(5, 405)), [], prompt=True)
+        decode = Step(streaming, [5], [], client=APP)
+        prompt = Step(prompting, list(range(5, 405)), [], prompt=True, client=APP)
 
         def picked(*steps: Step) -> tuple[list[Step], int]:
             here._waiting = list(steps)
@@ -290,17 +356,17 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         assert picked(decode, prompt) == ([decode, prompt], 1)
         here.cost.split_samples.append(0.0005)
         assert picked(decode, prompt) == ([decode, prompt], 2)  # (0.5 x 10 - 0.5 ms) / 2 ms
-        short = Step(here.attach(512), list(range(5, 15)), [], prompt=True)
+        short = Step(here.attach(512), list(range(5, 15)), [], prompt=True, client=APP)
         # a new request starts at once (whole, past the share), the long prompt goes on
         assert picked(decode, prompt, short)[1] == 10 + 1
         assert picked(decode, short)[1] == 10
-        other = Step(here.attach(512), list(range(5, 65)), [], prompt=True)
+        other = Step(here.attach(512), list(range(5, 65)), [], prompt=True, client=APP)
         # many short ones take turns, the shortest first: together up to the share or 64
         # tokens, whichever is more, and at least one a step
         assert picked(decode, short, other)[1] == 10
         quotas = here._prompt_quotas([short, other], short.key)
         assert (quotas[id(short)], quotas[id(other)]) == (10, 0)
-        third = Step(here.attach(512), list(range(5, 25)), [], prompt=True)
+        third = Step(here.attach(512), list(range(5, 25)), [], prompt=True, client=APP)
         assert picked(decode, short, third)[1] == 30  # 10 + 20 <= 64: both at once
         # nothing streams: short prompts alone take the whole budget; a short one beside a
         # long one is a request about to stream, its step held to the share as a stream's
@@ -328,7 +394,7 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
             here.cost.observe(3, 0.012)
             here.cost.split_samples.append(0.008)
         assert picked(decode, prompt)[1] == 1
-        second = Step(here.attach(512), list(range(5, 305)), [], prompt=True)
+        second = Step(here.attach(512), list(range(5, 305)), [], prompt=True, client=APP)
         assert picked(decode, prompt, second)[1] == 2
         quotas = here._prompt_quotas([prompt, second], prompt.key)
         assert (quotas[id(prompt)], quotas[id(second)]) == (1, 1)
@@ -338,17 +404,145 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         for _ in range(3):
             here.cost.observe(5, 0.030)
         here.attach(512)
-        far = Step(here.attach(512), list(range(5, 305)), [], prompt=True)
+        far = Step(here.attach(512), list(range(5, 305)), [], prompt=True, client=APP)
         assert far.seq.seq_id == 4
         assert picked(decode, far)[1] == 1
         assert picked(decode, prompt, far)[1] == 1  # the far one is served first (shorter)
-        drafted = Step(streaming, [5, 6, 7], [], outputs=3)  # unequal counts: split anyway
+        # unequal counts: split anyway
+        drafted = Step(streaming, [5, 6, 7], [], outputs=3, client=APP)
         assert picked(drafted, prompt)[1] == 3  # the linear rule: 0.5 x 12 ms / 2 ms
         assert picked(prompt)[1] == 512  # prompts alone: the whole budget
     finally:
         for s in slabs_:
             s.close()
         model.close()
+
+
+def test_a_clients_new_requests_start_at_once_beside_anothers_streams_once_an_interval(
+        tiny_model: Path) -> None:
+    """Beside another client's streams, a client's short prompt past the share is fed whole
+    (its request starts at once) once per ``start_interval``; sooner, it is held to the share
+    like a long prompt, so that a client that starts requests without pause (issue 24's HTTP
+    flood: a 24-token prompt made the stream's 25 ms step 110-150 ms) cannot make every step
+    of the others' streams several times as long. Its clock is its own: another client starts
+    at once meanwhile; prompts within the share are fed whole as far as it pays for them;
+    beside its own streams only, a client's prompts are its own business, fed whole."""
+    import time
+
+    from lorad.daemon import llama
+    from lorad.daemon.batching import Cores, SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=6, n_ctx_seq=512, n_batch=512, n_threads=1)
+    cores = Cores(prompt_share=0.5, start_interval=5.0)
+    try:
+        sched = SlabScheduler(slab, budget=512, cores=cores)
+        for _ in range(3):  # a 10 ms one-token step, a prompt token adds 2 ms: the share is
+            sched.cost.observe(1, 0.010)  # 2 tokens; a chunk's computation 0.5 ms: chunks
+            sched.cost.prompt_samples.append(0.002)  # of 2 tokens beside a stream
+            sched.cost.split_samples.append(0.0005)
+        stream = Step(sched.attach(512), [5], [], client="streamer")
+        seqs = [sched.attach(512) for _ in range(4)]
+
+        def request(i: int, client: str, n: int = 20) -> Step:
+            return Step(seqs[i], list(range(5, 5 + n)), [], prompt=True, client=client)
+
+        def fed(*steps: Step) -> dict[Step, int]:
+            sched._waiting = list(steps)
+            batch = sched._pick()
+            quotas = sched._prompt_quotas(batch, batch[0].key)
+            return {s: quotas[id(s)] for s in steps if s.prompt}
+
+        first = request(0, "flooder")
+        assert fed(stream, first) == {first: 20}  # its first request starts at once
+        again = request(1, "flooder")
+        assert fed(stream, again) == {again: 2}  # the next one: held to the share
+        assert fed(stream, request(1, "flooder", n=2))  # within the share: whole, as ever
+        assert not cores.may_start("flooder", time.monotonic())
+        assert cores.may_start("flooder", time.monotonic() + 5.0)  # once its interval is up
+        other = request(2, "another")  # its own clock: whole; the held one gets what is left
+        assert fed(stream, again, other) == {again: 1, other: 20}
+        # one start a client an interval, also of two in one step
+        a, b = request(0, "third", 10), request(3, "third", 12)
+        assert fed(stream, a, b) == {a: 10, b: 1}
+        # short prompts within the share are fed whole only as far as the share pays for them
+        x, y = request(2, "flooder", 2), request(3, "flooder", 2)
+        assert fed(stream, x, y) == {x: 2, y: 1}
+        # beside its own streams only, a client starts its requests at once, every time
+        own = Step(stream.seq, [5], [], client="flooder")
+        assert fed(own, again) == {again: 20}
+        # a stream of another slab of the model counts as another client's
+        other_slab = SlabScheduler(slab, budget=512, cores=cores)
+        cores.streaming(other_slab, 0.010)
+        assert fed(own, again) == {again: 2}  # held to the share
+        cores.streaming(other_slab, None)
+    finally:
+        slab.close()
+        model.close()
+
+
+def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
+        tiny_model: Path) -> None:
+    """Beside another client's streams, a prompt's share is of *their* step: its client's own
+    rows in the step do not widen it (issue 24's HTTP flood: the door's generations made the
+    stream's step wider, and its next prompts got half of that wider step on top). A short
+    prompt of one token rides along as one more sequence would; the long ones beside it get
+    what the share leaves once that row and their own computation are paid for, not the
+    share as if chunks were free."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import Cores, SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=4, n_ctx_seq=512, n_batch=512, n_threads=1)
+    try:
+        sched = SlabScheduler(slab, budget=512, cores=Cores(prompt_share=0.5))
+        for _ in range(3):  # 1, 2 and 3 sequences: 10, 20 and 22 ms; a prompt token 0.5 ms
+            sched.cost.observe(1, 0.010)
+            sched.cost.observe(2, 0.020)
+            sched.cost.observe(3, 0.022)
+            sched.cost.prompt_samples.append(0.0005)
+            sched.cost.split_samples.append(0.0015)  # a chunk's computation: 1.5 ms
+        stream = Step(sched.attach(512), [5], [], client="streamer")
+        own = Step(sched.attach(512), [5], [], client="door")
+        long_ = Step(sched.attach(512), list(range(5, 105)), [], prompt=True, client="door")
+
+        def room(*steps: Step) -> int:
+            sched._waiting = list(steps)
+            sched._pick()
+            return sched._room
+
+        # the share of the stream's 10 ms step (not of the 20 ms one with the door's row):
+        # (5 - 1.5) ms / 0.5 ms
+        assert room(stream, own, long_) == 7
+        assert room(stream, long_) == 7
+        mine = Step(stream.seq, [5], [], client="door")  # the door's rows only: its own step
+        assert room(mine, own, long_) == 17  # (10 - 1.5) / 0.5
+        # a short prompt of one token left (a cached one) rides along, a row more (20 - 10 ms
+        # of the 5 allowed are gone): the long one gets one token, as dear as its own
+        # computation (22 - 20 ms), not 5 / 0.5 - 1 tokens
+        sched._waiting = []
+        cached = Step(own.seq, [5], [], prompt=True, client="other")
+        assert room(stream, cached, long_) == 1 + 1
+    finally:
+        slab.close()
+        model.close()
+
+
+def test_a_start_interval_that_means_nothing_is_refused(tmp_path: Path) -> None:
+    from lorad.daemon.config import load_config
+    from lorad.daemon.errors import ConfigError
+
+    path = tmp_path / "lorad.toml"
+    for bad in ("-1", "1e9", "true", '"soon"'):
+        path.write_text(f"[batching]\nstart_interval_s = {bad}\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert err.value.details["field"] == "start_interval_s"
+    path.write_text("[batching]\nstart_interval_s = 0\n")
+    assert load_config(path).batching.start_interval_s == 0.0
+    assert load_config(None).batching.start_interval_s == 5.0
 
 
 def test_a_short_prompt_is_not_held_behind_a_long_one(tiny_model: Path) -> None:
