@@ -667,22 +667,24 @@ class Slab:
         self._adapters = key
 
     def decode(self, entries: list[tuple[Sequence, list[int], int]],
-               fillers: list[tuple[int, int]] = ()) -> list[int]:
+               fillers: list[tuple[int, int, bool]] = ()) -> list[int]:
         """Decode, in one batch, ``tokens`` at the next positions of each sequence (under the
         adapters of :meth:`set_adapters`); ``outputs`` is how many of an entry's last tokens
         get logits. Returns each entry's batch index of its first token (for :meth:`logits`).
 
-        ``fillers``: ``(seq_id, pos)`` of sequences not stepped whose ids lie between those of
-        the entries, each given one token at ``pos`` (its next position) that no logits are
-        taken of and whose cell is removed after the decode: with a KV pool per sequence,
-        llama.cpp computes a ubatch of one token per sequence at once only for consecutive
-        sequence ids, and a gap (a context between requests) split every step in two."""
+        ``fillers``: ``(seq_id, pos, logits)`` of sequences not stepped whose ids lie between
+        those of the entries, each given one token at ``pos`` (its next position) whose cell is
+        removed after the decode, with an output row only where ``logits`` (which are never
+        read): with a KV pool per sequence, llama.cpp computes a ubatch of one token per
+        sequence at once only for consecutive sequence ids, and a gap (a context between
+        requests) split every step in two."""
         batch = self._batch
         filler = self.model.bos if self.model.bos >= 0 else 0
         rows = [(seq.seq_id, len(seq.tokens), tokens, outputs, k)
                 for k, (seq, tokens, outputs) in enumerate(entries)]
         if fillers:  # in the batch at their ids' places (the entries are in that order)
-            rows = sorted([*rows, *((sid, pos, [filler], 1, -1) for sid, pos in fillers)],
+            rows = sorted([*rows, *((sid, pos, [filler], int(out), -1)
+                                    for sid, pos, out in fillers)],
                           key=lambda e: e[0])
         if sum(len(e[2]) for e in rows) > self.n_batch:
             raise ValueError("more tokens than n_batch in one batch")
@@ -701,7 +703,7 @@ class Slab:
                 i += 1
         batch.n_tokens = i
         rc = C.llama_decode(self.ptr, batch)
-        for seq_id, pos in fillers:  # their cells go: the sequences are as they were
+        for seq_id, pos, _ in fillers:  # their cells go: the sequences are as they were
             C.llama_memory_seq_rm(self.memory, seq_id, pos, -1)
         if rc != 0:
             # A failed ubatch may have left part of the batch in the cache: resynchronise.

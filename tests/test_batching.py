@@ -832,8 +832,15 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
                 for k, text in ((0, texts[0]), (2, texts[2]), (3, texts[3]), (4, texts[1])):
                     nursery.start_soon(one, k, text)
             assert [got[0], got[2], got[3], got[4]] == [alone[0], alone[2], alone[3], alone[1]]
+            # the gap, then a free id: 6 rows, a whole size; 4 outputs are whole: the fillers
+            # have no output row (a product with the whole vocabulary each)
             assert scheduler._fillers([(seqs[k], [1], 1) for k in (0, 2, 3, 4)]) == \
-                [(1, len(cached)), (5, 0)]  # the gap, then a free id: 6 rows, a whole size
+                [(1, len(cached), False), (5, 0, False)]
+            # 5 outputs (ids 0 and 2-5): the filler has a row, which makes them 6
+            fifth = scheduler.attach(128)
+            assert scheduler._fillers([(seqs[k], [1], 1) for k in (0, 2, 3, 4)] + [
+                (fifth, [1], 1)]) == [(1, len(cached), True)]
+            await scheduler.detach(fifth)
             assert seqs[1].tokens == cached
             again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, logits=pick)
             scheduler.join(seqs[1])
