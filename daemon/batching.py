@@ -621,10 +621,10 @@ class SlabScheduler:
         of the room once every short one is in, at least one token. A short prompt beside
         long ones counts as a stream about to start (a one-token step) when nothing streams:
         a new request is not held behind a whole budget of another's prompt (1.1-1.5 s on
-        gemma 3 270M, 2 cores). Beside the streams of another client (``streaming``: the
-        clients whose sequences generate; another slab's streams count as another's), a short
-        prompt past the share is fed whole only if its client has not had one so fed within
-        ``Cores.start_interval``; else it is held to the share as a long one. The share is
+        gemma 3 270M, 2 cores). Beside the streams of another client on this slab
+        (``streaming``: the clients whose sequences generate), a short prompt past the share is
+        fed whole only if its client has not had one so fed within ``Cores.start_interval``;
+        else it is held to the share as a long one. The share is
         then of the step of the clients whose decodes are in it without a prompt (``theirs``,
         their decode tokens): a client's own rows do not widen what its prompts may add to
         another's step.
@@ -663,8 +663,11 @@ class SlabScheduler:
                                  else max(1, int((allowed - split) / per_token)))
         now, streaming = time.monotonic(), streaming or set()
         for step, n in sorted(zip(prompts, lefts, strict=True), key=lambda p: p[1]):
-            if n > SHORT_PROMPT or (others is None and not streaming - {step.owner}):
-                continue  # a long one; or beside its own client's streams only: whole
+            if n > SHORT_PROMPT or not streaming - {step.owner}:
+                # a long one; or beside no other client's streams on this slab: whole (a
+                # step of another slab is a wait of a whole step for its streams, whatever its
+                # size: held to the share, its prompts made many such waits)
+                continue
             if n <= within:
                 within -= n  # within the share, the shortest first
             elif (step.owner not in self._starts.values()

@@ -426,7 +426,8 @@ def test_a_clients_new_requests_start_at_once_beside_anothers_streams_once_an_in
     flood: a 24-token prompt made the stream's 25 ms step 110-150 ms) cannot make every step
     of the others' streams several times as long. Its clock is its own: another client starts
     at once meanwhile; prompts within the share are fed whole as far as it pays for them;
-    beside its own streams only, a client's prompts are its own business, fed whole."""
+    beside its own streams only, a client's prompts are its own business, fed whole (and so
+    beside another slab's streams: held, they made many steps of a slab, each a whole wait)."""
     import time
 
     from lorad.daemon import llama
@@ -472,10 +473,12 @@ def test_a_clients_new_requests_start_at_once_beside_anothers_streams_once_an_in
         # beside its own streams only, a client starts its requests at once, every time
         own = Step(stream.seq, [5], [], client="flooder")
         assert fed(own, again) == {again: 20}
-        # a stream of another slab of the model counts as another client's
+        # a stream of another slab of the model does not hold it: a step of this slab is a
+        # wait of a whole step for that stream, whatever its size (held, its prompts made
+        # many: issue 24's credit flood, whose 8 contexts were a slab of their own)
         other_slab = SlabScheduler(slab, budget=512, cores=cores)
         cores.streaming(other_slab, 0.010)
-        assert fed(own, again) == {again: 2}  # held to the share
+        assert fed(own, again) == {again: 20}
         cores.streaming(other_slab, None)
     finally:
         slab.close()
