@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +39,8 @@ GATHER_S = 0.02
 SHORT_PROMPT = 64
 """A prompt with at most this many tokens left is fed whole even while other contexts stream
 (a new request starts at once); longer ones are held to ``prompt_share``. Beside another
-client's streams, a client's short prompts past the share are fed whole at most once per
-``Cores.start_interval`` seconds (see :meth:`Cores.may_start`)."""
+client's streams, the short prompts past the share of a client that runs requests side by side
+are fed whole at most once per ``Cores.start_interval`` seconds (see :meth:`Cores.may_start`)."""
 SPLIT_TOKENS = 8
 """Steps whose prompt chunks of at most this many tokens made a computation of their own are
 timed as what such a computation costs (its fixed part, about what the share decides on)."""
@@ -261,7 +261,9 @@ class StepCost:
 class Cores:
     """What the slabs of one model share: the cores (one slab decodes at a time: two at once
     would only slow each other down) and which of them have streaming contexts, with what
-    their steps take (a step of one slab is a wait for the streams of the others)."""
+    their steps take (a step of one slab is a wait for the streams of the others); and, by
+    client, when one last ran requests side by side and had a short prompt fed whole past the
+    share beside another's streams (:meth:`may_start`)."""
 
     def __init__(self, prompt_share: float = 0.5, ingress: Ingress | None = None,
                  team: Team | None = None, start_interval: float = 5.0) -> None:
@@ -271,6 +273,7 @@ class Cores:
         """How often a client's short prompt may be fed whole past the share beside another
         client's streams (seconds; see :meth:`may_start`)."""
         self._starts: dict[object, float] = {}
+        self._parallel: dict[object, float] = {}
         self.ingress = ingress if ingress is not None else Ingress()
         """Told when a step decodes: the doors then hold back new work (the daemon's)."""
         self.thread = Pool("decode", 1, own=True)
@@ -293,19 +296,33 @@ class Cores:
 
     def may_start(self, client: object, now: float) -> bool:
         """Whether ``client`` may have a short prompt fed whole past the share beside another
-        client's streams now: a new request starts at once, but a client that starts them
-        faster than one per ``start_interval`` has the next ones held to the share (each such
-        start is a step of the others' streams several times as long: a 24-token prompt made a
-        25 ms step of gemma 3 270M 110-150 ms on 2 cores)."""
+        client's streams now. A client whose requests run one at a time always may: its new
+        request starts at once (4 clients asking short questions one after another lost 15 %
+        of their throughput when each was held). A client that has run requests side by side
+        within ``start_interval`` (a flood of them: every step of the others' streams carried
+        one of its prompts) may once per ``start_interval``; sooner, its prompts are held to
+        the share (each such start is a step of the others' streams several times as long: a
+        24-token prompt made a 25 ms step of gemma 3 270M 110-150 ms on 2 cores)."""
+        parallel = self._parallel.get(client)
+        if parallel is None or now - parallel >= self.start_interval:
+            return True
         last = self._starts.get(client)
         return last is None or now - last >= self.start_interval
 
     def started(self, client: object, now: float) -> None:
         """``client``'s short prompt was fed whole past the share beside others' streams."""
-        if len(self._starts) >= 256:  # clients come and go: forget those whose time is up
-            self._starts = {c: t for c, t in self._starts.items()
-                            if now - t < self.start_interval}
-        self._starts[client] = now
+        self._starts = self._remember(self._starts, client, now)
+
+    def side_by_side(self, client: object, now: float) -> None:
+        """``client`` has more than one request on the model's steps now."""
+        self._parallel = self._remember(self._parallel, client, now)
+
+    def _remember(self, times: dict[object, float], client: object, now: float
+                  ) -> dict[object, float]:
+        if len(times) >= 256:  # clients come and go: forget those whose time is up
+            times = {c: t for c, t in times.items() if now - t < self.start_interval}
+        times[client] = now
+        return times
 
     def stream_seconds(self, scheduler: SlabScheduler) -> float | None:
         """The longest step of another slab's streams (None: no other slab streams)."""
@@ -600,6 +617,10 @@ class SlabScheduler:
         ride = [s.seq.seq_id for s in batch] if all(len(s.tokens) == 1 for s in batch) \
             else None
         streaming = {s.owner for s in self._waiting if not s.prompt}  # every stack's streams
+        now = time.monotonic()
+        for owner, n in Counter(s.owner for s in self._waiting).items():
+            if n > 1:
+                self.cores.side_by_side(owner, now)
         prompting = {s.owner for s in prompts}
         theirs = sum(len(s.tokens) for s in batch if s.owner not in prompting)
         self._room = min(self.budget - used,
@@ -623,11 +644,11 @@ class SlabScheduler:
         a new request is not held behind a whole budget of another's prompt (1.1-1.5 s on
         gemma 3 270M, 2 cores). Beside the streams of another client on this slab
         (``streaming``: the clients whose sequences generate), a short prompt past the share is
-        fed whole only if its client has not had one so fed within ``Cores.start_interval``;
-        else it is held to the share as a long one. The share is
-        then of the step of the clients whose decodes are in it without a prompt (``theirs``,
-        their decode tokens): a client's own rows do not widen what its prompts may add to
-        another's step.
+        fed whole if its client runs requests one at a time, or has not had one so fed within
+        ``Cores.start_interval`` (:meth:`Cores.may_start`); else it is held to the share as a
+        long one. The share is then of the step of the
+        clients whose decodes are in it without a prompt (``theirs``: their decode tokens): a
+        client's own rows do not widen what its prompts may add to another's step.
 
         With a KV pool per sequence, llama.cpp computes a step in ubatches of as many tokens
         of each sequence (``split_equal``): beside one-token decodes (``ride``: their sequence

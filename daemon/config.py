@@ -64,9 +64,11 @@ class BatchingConfig:
     share to the time of their step (a long prompt then never slows a stream by more than
     half); prompts alone take the whole ``step_tokens``."""
     start_interval_s: float = 5.0
-    """Beside another client's streams, a client's new request whose prompt (at most 64 tokens)
-    is past ``prompt_share`` starts at once (its prompt fed whole) at most once per this many
-    seconds; sooner, its prompt is held to the share like a long one (0: always at once)."""
+    """Beside another client's streams, a client that has run requests side by side within
+    this many seconds has a new request whose prompt (at most 64 tokens) is past
+    ``prompt_share`` start at once (its prompt fed whole) at most once per this many seconds;
+    sooner, its prompt is held to the share like a long one (0: always at once). A client
+    whose requests run one at a time starts each at once."""
     loop_share: float = 0.1
     """While a step decodes, both doors take in new messages and requests only while the event
     loop's work in that step stays under 1 ms plus this share of the step's time; the rest

@@ -141,47 +141,73 @@ def test_streams_keep_their_output_while_their_slab_widens(
     assert got == [alone[p] for p in PROMPTS[:2]]
 
 
-def test_a_client_that_starts_requests_without_pause_beside_anothers_stream_is_held(
+async def test_a_client_that_starts_requests_side_by_side_beside_anothers_stream_is_held(
         tmp_path: Path, models_dir: Path, tiny_model: Path) -> None:
-    """Through a daemon: while one client streams, another client's first request starts at
-    once and its next ones, within ``start_interval_s``, are held to the share
-    (``status().batching[].starts`` / ``held``); alone, its requests are never held. Each
-    request's output is what it would be alone."""
+    """Through a daemon, while one client streams: another client's requests one at a time
+    each start at once (``status().batching[].starts``), never held; once it runs requests
+    side by side, its next ones within ``start_interval_s`` are held to the share (``held``).
+    Each request's output is what it would be alone."""
+    import trio
+
+    from lorad.client import AsyncClient
+
     config = tmp_path / "lorad.toml"
     config.write_text("[batching]\nprompt_share = 0.05\nstart_interval_s = 3600\n")
     d = start_daemon(tmp_path, [models_dir], "--config", str(config))
+    params = {**EXACT, "n_ctx": 4096}  # one slab for all
+    prompts = [[3 + (7 * i + k) % 200 for k in range(40)] for i in range(4)]
+
+    async def tokens(ctx, prompt: list[int], n: int = 4) -> list[int]:
+        stream = await ctx.generate(tokens=prompt, max_tokens=n, temperature=0)
+        return [t async for c in stream for t in c.token_ids]
+
+    async def counters(client) -> tuple[int, int]:
+        [slab] = (await client.status())["batching"]
+        return slab["starts"], slab["held"]
+
     try:
-        with d.client() as a, d.client() as b:
-            streamer = a.create_context(tiny_model, **{**EXACT, "n_ctx": 4096})
-            ctx = b.create_context(tiny_model, **{**EXACT, "n_ctx": 4096})  # one slab
-            prompts = [[3 + (7 * i + k) % 200 for k in range(40)] for i in range(5)]
-            alone = [[t for c in ctx.generate(tokens=p, max_tokens=4, temperature=0)
-                      for t in c.token_ids] for p in prompts[:2]]
-            assert [(s["starts"], s["held"]) for s in slabs(a)] == [(0, 0)]  # alone
-            beside: list[list[int]] = []
+        async with AsyncClient(d.endpoint) as a, AsyncClient(d.endpoint) as b:
+            streamer = await a.create_context(tiny_model, **params)
+            ctx = await b.create_context(tiny_model, **params)
+            side = await b.create_context(tiny_model, **params)
+            alone = [await tokens(ctx, p) for p in prompts]
+            assert await counters(a) == (0, 0)  # nothing streamed beside them
 
-            def other_client() -> None:  # b is used by this thread alone meanwhile
-                beside.extend([t for c in ctx.generate(tokens=p, max_tokens=4, temperature=0)
-                               for t in c.token_ids] for p in prompts)
+            async def beside(work) -> list:
+                done = trio.Event()
+                async with trio.open_nursery() as nursery:
 
-            stream = streamer.generate(tokens=[5] * 8, max_tokens=4000, temperature=0)
-            chunks = iter(stream)
-            next(chunks)  # it streams
-            thread = threading.Thread(target=other_client)
-            thread.start()
-            for _ in chunks:  # read while the other client's requests run
-                if not thread.is_alive():
-                    break
-            else:
-                pytest.fail("the stream ended before the other client's requests")
-            stream.cancel()
-            for _ in chunks:  # to its end
-                pass
-            thread.join(60)
-            assert stream.finish_reason == "cancelled"
-            assert beside[:2] == alone
-            [slab] = slabs(a)
-            assert slab["starts"] >= 1 and slab["held"] >= 1, slab
+                    async def stream() -> None:
+                        async with await streamer.generate(
+                                tokens=[5] * 8, max_tokens=4000, temperature=0) as s:
+                            async for _ in s:
+                                if done.is_set():
+                                    return
+                        raise AssertionError("the stream ended before the other's requests")
+
+                    nursery.start_soon(stream)
+                    await trio.sleep(0)  # (a checkpoint: the stream's request goes first)
+                    try:
+                        return await work()
+                    finally:
+                        done.set()
+
+            async def one_at_a_time() -> list:
+                return [await tokens(ctx, p) for p in prompts]
+
+            assert await beside(one_at_a_time) == alone
+            starts, held = await counters(a)
+            assert starts >= 1 and held == 0
+
+            async def side_by_side() -> list:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(tokens, side, [5] * 8, 400)
+                    got = [await tokens(ctx, p) for p in prompts]
+                    nursery.cancel_scope.cancel()
+                return got
+
+            assert await beside(side_by_side) == alone
+            assert (await counters(a))[1] >= 1
     finally:
         assert d.stop() == 0, d.log()
 
@@ -418,16 +444,18 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         model.close()
 
 
-def test_a_clients_new_requests_start_at_once_beside_anothers_streams_once_an_interval(
+def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_interval(
         tiny_model: Path) -> None:
-    """Beside another client's streams, a client's short prompt past the share is fed whole
-    (its request starts at once) once per ``start_interval``; sooner, it is held to the share
-    like a long prompt, so that a client that starts requests without pause (issue 24's HTTP
-    flood: a 24-token prompt made the stream's 25 ms step 110-150 ms) cannot make every step
-    of the others' streams several times as long. Its clock is its own: another client starts
-    at once meanwhile; prompts within the share are fed whole as far as it pays for them;
-    beside its own streams only, a client's prompts are its own business, fed whole (and so
-    beside another slab's streams: held, they made many steps of a slab, each a whole wait)."""
+    """Beside another client's streams, a short prompt past the share of a client that runs
+    requests side by side is fed whole (its request starts at once) once per
+    ``start_interval``; sooner, it is held to the share like a long prompt, so that a client
+    that starts requests without pause (issue 24's HTTP flood: a 24-token prompt made the
+    stream's 25 ms step 110-150 ms) cannot make every step of the others' streams several
+    times as long. A client whose requests run one at a time starts each at once. Its clock
+    is its own: another client starts at once meanwhile; prompts within the share are fed
+    whole as far as it pays for them; beside its own streams only, a client's prompts are its
+    own business, fed whole (and so beside another slab's streams: held, they made many steps
+    of a slab, each a whole wait)."""
     import time
 
     from lorad.daemon import llama
@@ -455,16 +483,21 @@ def test_a_clients_new_requests_start_at_once_beside_anothers_streams_once_an_in
             quotas = sched._prompt_quotas(batch, batch[0].key)
             return {s: quotas[id(s)] for s in steps if s.prompt}
 
+        row = Step(sched.attach(512), [5], [], client="flooder")  # one of its requests
         first = request(0, "flooder")
-        assert fed(stream, first) == {first: 20}  # its first request starts at once
+        assert fed(stream, row, first) == {first: 20}  # its first request starts at once
         again = request(1, "flooder")
-        assert fed(stream, again) == {again: 2}  # the next one: held to the share
-        assert fed(stream, request(1, "flooder", n=2))  # within the share: whole, as ever
+        assert fed(stream, row, again) == {again: 2}  # the next, beside its own: held
+        assert fed(stream, again) == {again: 2}  # and for an interval after
+        assert fed(stream, row, request(1, "flooder", n=2))  # within the share: whole
         assert not cores.may_start("flooder", time.monotonic())
         assert cores.may_start("flooder", time.monotonic() + 5.0)  # once its interval is up
+        for _ in range(3):  # a client whose requests run one at a time: each at once
+            one = request(2, "sequential")
+            assert fed(stream, one) == {one: 20}
         other = request(2, "another")  # its own clock: whole; the held one gets what is left
         assert fed(stream, again, other) == {again: 1, other: 20}
-        # one start a client an interval, also of two in one step
+        # two side by side in one step: one start an interval
         a, b = request(0, "third", 10), request(3, "third", 12)
         assert fed(stream, a, b) == {a: 10, b: 1}
         # short prompts within the share are fed whole only as far as the share pays for them
