@@ -8,6 +8,8 @@ The client's ``lorad`` command borrows :func:`add_serve_arguments` and :func:`ru
 from __future__ import annotations
 
 import argparse
+import functools
+import signal
 import sys
 from typing import Any
 
@@ -94,10 +96,16 @@ def run_serve(args: argparse.Namespace, speculative: dict[str, Any] | bool | Non
         return 2
     configure_logging(config.log_format, config.log_level)
     try:
-        trio.run(run_daemon, config)
+        # The process ends with the daemon: a signal after its drain is dropped. Python puts
+        # back the default handlers of those it handled as it finalizes (a SIGINT then ended
+        # the process with -2 after a clean drain), but leaves ignored signals ignored.
+        trio.run(functools.partial(run_daemon, config, restore_signals=False))
     except (DaemonError, ProtocolError) as exc:
         print(f"lorad serve: [{exc.code.value}] {exc.message}", file=sys.stderr)
         return 1
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 

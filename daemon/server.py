@@ -33,7 +33,7 @@ __all__ = ["VERSION", "Daemon", "run_daemon"]
 class Daemon:
     """Serve lorad on ``config.endpoint`` until SIGTERM/SIGINT or :meth:`shutdown`."""
 
-    def __init__(self, config: DaemonConfig) -> None:
+    def __init__(self, config: DaemonConfig, *, restore_signals: bool = True) -> None:
         self.config = config
         metrics = Metrics()
         self.engine = Engine(config, metrics)
@@ -44,6 +44,10 @@ class Daemon:
             curve_authorized_keys=config.curve_authorized_keys, admit=self.engine.ingress.admit)
         self._stop = trio.Event()
         self._previous_handlers: dict[int, Any] = {}
+        self._restore = restore_signals
+        """Whether the handlers before :meth:`serve` come back when it returns (in a process
+        of its own, ``lorad serve``, they do not: a signal after the drain is dropped, where
+        Python's default handlers, back too soon, ended the process with -2 or 1)."""
         if config.http_address:  # checked before anything binds
             try:
                 from .http.serve import check_exposure
@@ -146,15 +150,18 @@ class Daemon:
         self.shutdown()
 
     def _restore_signals(self) -> None:
+        if not self._restore:
+            return
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 
 
 async def run_daemon(config: DaemonConfig,
-                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED, *,
+                     restore_signals: bool = True) -> None:
     try:
-        await Daemon(config).serve(task_status=task_status)
+        await Daemon(config, restore_signals=restore_signals).serve(task_status=task_status)
     except BaseException as exc:  # one failure at start: itself, not a task group of one
         leaf = exc
         while isinstance(getattr(leaf, "exceptions", None), tuple) and len(leaf.exceptions) == 1:
