@@ -272,26 +272,15 @@ def _batching(table: Any) -> BatchingConfig:
     for name in ("kv_unified", "pin_threads"):
         if not isinstance(getattr(out, name), bool):
             raise _config_error(f"batching.{name} must be true or false", field=name)
-    share = out.prompt_share
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.05 <= share <= 1e3:
-        raise _config_error("batching.prompt_share must be a number in 0.05..1000",
-                            field="prompt_share")
-    out.prompt_share = float(share)
-    loop = out.loop_share
-    if isinstance(loop, bool) or not isinstance(loop, (int, float)) or not 0.01 <= loop <= 100:
-        raise _config_error("batching.loop_share must be a number in 0.01..100",
-                            field="loop_share")
-    out.loop_share = float(loop)
-    start = out.start_interval_s
-    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start <= 3600:
-        raise _config_error("batching.start_interval_s must be a number of seconds in 0..3600",
-                            field="start_interval_s")
-    out.start_interval_s = float(start)
-    keep = out.keep_idle_s
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 <= keep <= 3600:
-        raise _config_error("batching.keep_idle_s must be a number of seconds in 0..3600",
-                            field="keep_idle_s")
-    out.keep_idle_s = float(keep)
+    for name, lo, hi, what in (("prompt_share", 0.05, 1000, "a number"),
+                               ("loop_share", 0.01, 100, "a number"),
+                               ("start_interval_s", 0, 3600, "a number of seconds"),
+                               ("keep_idle_s", 0, 3600, "a number of seconds")):
+        value = getattr(out, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not lo <= value <= hi:
+            raise _config_error(f"batching.{name} must be {what} in {lo}..{hi}", field=name)
+        setattr(out, name, float(value))
     return out
 
 
