@@ -27,7 +27,7 @@ import trio
 from . import llama
 from .affinity import Team
 from .budget import KvShape, MemoryBudget, Reservation
-from .errors import EngineStopped, SequenceClosing
+from .errors import CacheLost, EngineStopped, SequenceClosing
 from .generation import Generation, StackPairs, StepOutput, start_drafting
 from .ingress import Ingress
 from .logs import log
@@ -47,6 +47,10 @@ timed as what such a computation costs (its fixed part, about what the share dec
 MOVE_CELLS = 4096
 """Most cached tokens (of both sequences together) moved to put a long prompt next to the
 sequences that generate (:meth:`SlabScheduler._place`): a move copies them between two steps."""
+ROTATE_CELLS = 128
+"""Most cached tokens (of both sequences together) exchanged to put a sequence of a step next
+to the others (:meth:`SlabScheduler._rotate`): gemma 3 270M copied 60 in 0.5 ms, 600 in 5 ms
+(Intel Xeon, 2 cores), while each id filled between them adds 1.5-2.5 ms to the step."""
 QUANTUM = 4
 """Steps a stack is served in a row while others wait: changing the adapters of a llama
 context makes its next decode re-reserve the graph (6-9 ms on gemma 270M here, a fifth of a
@@ -81,6 +85,9 @@ class Step:
     computed without it up to its invocation); ``stack`` applies from ``split`` on."""
     split: int = 0
     # -- the scheduler's state
+    capped: bool = False
+    """Left out of a step at least once: its client had as many sequences in it as its share
+    of the other clients' step pays for (:meth:`SlabScheduler._share_rows`)."""
     held: bool = False
     """A short prompt held to the share at least once (its client started another too
     recently beside others' streams)."""
@@ -145,7 +152,8 @@ class StepCost:
     too. Beyond the largest size, each further token is assumed to cost ``PRIOR`` of a one-token
     step, or the slope of the two largest sizes when that is lower: optimistic where nothing is
     known, so that a deep draft is tried when its acceptance would pay for it, and its real cost
-    learnt from then on. (Costs are not linear in the size: on CPUs a step of 2 or 3 tokens may
+    learnt from then on (another client's rows beside a stream are priced the other way round,
+    ``dear``). (Costs are not linear in the size: on CPUs a step of 2 or 3 tokens may
     cost nearly twice one of 1, while further tokens cost a third of it each.)"""
 
     PRIOR = 0.35
@@ -174,8 +182,10 @@ class StepCost:
         self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
         self._points = None
 
-    def time(self, tokens: int) -> float:
-        """The expected time of a step of ``tokens`` tokens (any unit)."""
+    def time(self, tokens: int, dear: bool = False) -> float:
+        """The expected time of a step of ``tokens`` tokens (any unit). ``dear``: beyond the
+        largest size seen, each further token costs at least ``PRIOR`` of a one-token step
+        (what is not known is not assumed cheap: see :meth:`SlabScheduler._share_rows`)."""
         if self._points is None:  # a draft's depth asks this for every depth it weighs
             self._medians = {x: statistics.median(ys) for x, ys in self.samples.items()}
             seen = sorted(self._medians.items())
@@ -196,7 +206,8 @@ class StepCost:
         slope = self.PRIOR * unit
         if len(points) > 1:
             xp, yp = points[-2]
-            slope = min(slope, max((yl - yp) / (xl - xp), 0.0))
+            seen = max((yl - yp) / (xl - xp), 0.0)
+            slope = max(slope, seen) if dear else min(slope, seen)
         return yl + slope * (tokens - xl)
 
     def observe_prompt(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
@@ -377,6 +388,11 @@ class SlabScheduler:
         """Long prompts moved next to the generating sequences (:meth:`_place`)."""
         self.starts = 0
         """Short prompts fed whole past the share beside another client's streams."""
+        self.capped = 0
+        """Steps left out of a step beside other clients' streams (:meth:`_share_rows`)."""
+        self._served: dict[int, int] = {}
+        """The step each sequence last had work in (by id): a client's sequences beyond its
+        share take turns, the least recently served first."""
         self.held = 0
         """Short prompts held to the share: their client had started another too recently
         beside others' streams (:meth:`Cores.may_start`)."""
@@ -426,6 +442,7 @@ class SlabScheduler:
                 if not self.closed:
                     raise
         del self.sequences[seq.seq_id]
+        self._served.pop(seq.seq_id, None)
         self.free_ids.append(seq.seq_id)
 
     # -- work -----------------------------------------------------------------------------------
@@ -562,7 +579,7 @@ class SlabScheduler:
                     break
             async with self._stepping, self.cores.lock:
                 await self._place()
-                batch = self._pick()
+                batch = await self._rotate(self._pick())
                 started = time.perf_counter()
                 with self.cores.ingress.decoding():
                     await self.cores.thread.run(self.cores.team.run, self.slab.n_threads,
@@ -614,6 +631,8 @@ class SlabScheduler:
                 break
             batch.append(s)
             used += len(s.tokens)
+        batch, prompts = self._share_rows(batch, prompts)
+        used = sum(len(s.tokens) for s in batch)
         ride = [s.seq.seq_id for s in batch] if all(len(s.tokens) == 1 for s in batch) \
             else None
         streaming = {s.owner for s in self._waiting if not s.prompt}  # every stack's streams
@@ -628,6 +647,56 @@ class SlabScheduler:
         if self._room > 0:  # every prompt: the step's room is shared out among them
             batch += prompts
         return batch
+
+    def _share_rows(self, decodes: list[Step], prompts: list[Step]
+                    ) -> tuple[list[Step], list[Step]]:
+        """The decodes and prompts of a step beside other clients' streams: a client with more
+        than one sequence in it (its decodes and prompts) gets as many of them as add at most
+        ``prompt_share`` to the step of the others' decodes (the rows that fill the gaps
+        between sequence ids counted), at least one, its sequences served least recently
+        first; the others wait for the next steps. Each sequence a client adds is a row of
+        the others' step (on gemma 3 270M, 2 cores: a 23 ms step of one stream took 35-48 ms
+        with the four sequences of the HTTP door's small requests beside it)."""
+        clients = Counter(s.owner for s in itertools.chain(decodes, prompts))
+        streaming = {s.owner for s in decodes}
+        if len(clients) < 2 or not any(n > 1 and streaming - {c} for c, n in clients.items()):
+            return decodes, prompts
+        out: set[int] = set()
+        for client, n in clients.items():
+            others = [s for s in decodes if s.owner != client]
+            if n < 2 or not others:
+                continue
+            base = self._row_time(others)
+            allowed = self.cores.prompt_share * base
+            ids = {s.seq.seq_id for s in others}
+            mine = sorted((s for s in itertools.chain(decodes, prompts) if s.owner == client),
+                          key=lambda s: (self._served.get(s.seq.seq_id, -1),
+                                         min(abs(s.seq.seq_id - i) for i in ids)))
+            kept: list[Step] = []
+            for step in mine:
+                if not kept or self._row_time(others + kept + [step]) - base <= allowed:
+                    kept.append(step)
+                else:
+                    out.add(id(step))
+        for step in itertools.chain(decodes, prompts):
+            if id(step) in out:
+                if not step.capped:
+                    step.capped = True
+                    self.capped += 1
+            else:
+                self._served[step.seq.seq_id] = self.steps
+        return ([s for s in decodes if id(s) not in out],
+                [s for s in prompts if id(s) not in out])
+
+    def _row_time(self, steps: list[Step]) -> float:
+        """What a step of ``steps`` costs, a prompt counted as one token (its least): with a KV
+        pool per sequence and one token each, the run of ids from the lowest to the highest
+        (:meth:`_rows`). Sizes wider than any timed are dear (``StepCost.time``): by the slope
+        of the two widest timed, a first HTTP flood's door had four rows beside a stream, in
+        steps of 36-50 ms against 25 ms for the stream alone."""
+        if not self.slab.unified and all(s.prompt or len(s.tokens) == 1 for s in steps):
+            return self.cost.time(self._rows({s.seq.seq_id for s in steps}), dear=True)
+        return self.cost.time(sum(1 if s.prompt else len(s.tokens) for s in steps), dear=True)
 
     def _prompt_room(self, decodes: int, prompts: list[Step],
                      ride: list[int] | None = None, streaming: set[object] | None = None,
@@ -675,8 +744,10 @@ class SlabScheduler:
             return self.budget
         base = max(streams, others or 0.0, self.cost.time(1) if starting else 0.0)
         per_token = self.cost.prompt_token()
-        share = max(1, int(self.cores.prompt_share * base / per_token))
-        allowed = self.cores.prompt_share * base
+        # the prompting clients' own decodes in the step took part of their share already
+        spent = self.cost.time(decodes) - streams if 0 < theirs < decodes else 0.0
+        allowed = max(0.0, self.cores.prompt_share * base - spent)
+        share = max(1, int(allowed / per_token))
         split = self.cost.split_time()
         # what the share pays for, in short prompts fed whole: beside one-token decodes (a KV
         # pool per sequence) a chunk of more than one token is a computation of its own
@@ -777,14 +848,64 @@ class SlabScheduler:
             if best is not None and gaps(best) < gaps(seq.seq_id):
                 await self._exchange(seq, best)
 
-    async def _exchange(self, seq: llama.Sequence, at: int) -> None:
-        """Give ``seq`` the id ``at`` (free, or the id of a sequence between requests, which
-        takes ``seq``'s) with its cells; the ids are the scheduler's at once, the cells follow
-        in the decode thread before the next step."""
+    async def _rotate(self, batch: list[Step]) -> list[Step]:
+        """Put the sequences of a step of one token each next to one another where that is
+        cheap: a sequence with few cached tokens exchanges its id with a gap of the run of
+        ids (free, or a sequence not in the step with few cached tokens too: at most
+        ``ROTATE_CELLS`` together), so that the step has no ids to fill (:meth:`_fillers`). A
+        client whose sequences take turns in others' steps (:meth:`_share_rows`) has one far
+        from them a step, and the HTTP door's short requests are such sequences: the stream's
+        23 ms step took 30 ms with two ids filled, 34 ms with four, 27 with none (gemma 3 270M,
+        2 cores, during the HTTP flood). Returns the batch without the steps of a sequence
+        whose cells did not arrive (failed with :class:`CacheLost`)."""
+        if (self.slab.unified or len(batch) < 2
+                or any(len(s.tokens) != 1 for s in batch if not s.prompt)):
+            return batch
+        ids = {s.seq.seq_id for s in batch}
+        small = [s.seq for s in batch if len(s.seq.tokens) < ROTATE_CELLS]
+        for _ in range(len(small)):  # each pass moves one at most: until none helps
+            moves = []
+            for seq in small:
+                rest = ids - {seq.seq_id}
+
+                def gaps(at: int, rest: set[int] = rest) -> int:  # ids to fill with it at
+                    return max(rest | {at}) - min(rest | {at}) - len(rest)
+
+                def movable(at: int, seq: llama.Sequence = seq) -> bool:
+                    other = self.sequences.get(at)
+                    cells = len(seq.tokens) + (len(other.tokens) if other is not None else 0)
+                    return cells <= ROTATE_CELLS
+
+                places = [at for at in range(max(0, min(rest) - 1),
+                                             min(self.slab.n_seq, max(rest) + 2))
+                          if at not in rest and movable(at)]
+                moves += [(gaps(at) - gaps(seq.seq_id), abs(at - seq.seq_id), seq.seq_id, at)
+                          for at in places]
+            if not moves or (best := min(moves))[0] >= 0:
+                break
+            seq, at = self.sequences[best[2]], best[3]
+            for lost in await self._exchange(seq, at):
+                for step in self._waiting:  # a generation's cells are its tokens so far
+                    if step.seq is lost and (not step.prompt or step.started):
+                        step.error = CacheLost("the sequence's cached tokens were lost as "
+                                               "the scheduler moved it in its slab")
+                        step.finished = True
+                        step.done.set()
+            ids = (ids - {best[2]}) | {at}
+        return [s for s in batch if not s.finished]
+
+    async def _exchange(self, seq: llama.Sequence, at: int) -> list[llama.Sequence]:
+        """Give ``seq`` the id ``at`` (free, or the id of another sequence, which takes
+        ``seq``'s) with its cells; the ids are the scheduler's at once, the cells follow in the
+        decode thread before the next step (the caller holds the slab between steps). Returns
+        the sequences whose cells did not arrive (they start again empty)."""
         old, other = seq.seq_id, self.sequences.get(at)
         cells = (bool(seq.tokens), bool(other is not None and other.tokens))
         seq.seq_id = at
         self.sequences[at] = seq
+        active = {at} if old in self.active else set()
+        served = {i: self._served.pop(j) for i, j in ((at, old), (old, at))
+                  if j in self._served}
         if other is None:
             self.free_ids.remove(at)
             del self.sequences[old]
@@ -792,16 +913,21 @@ class SlabScheduler:
         else:
             other.seq_id = old
             self.sequences[old] = other
-        self.active.discard(old)
-        self.active.add(at)
+            active |= {old} if at in self.active else set()
+        self.active -= {old, at}
+        self.active |= active
+        self._served.update(served)
         self.moves += 1
         arrived = (False, False)  # a failure leaves both without cells
+        lost = []
         try:
             arrived = await self.cores.thread.run(self.slab.exchange, old, at, *cells)
         finally:
-            for moved, ok in zip((seq, other), arrived, strict=True):
+            for moved, ok, had in zip((seq, other), arrived, cells, strict=True):
                 if moved is not None and not ok:
                     moved._cut(0)
+                    lost += [moved] if had else []
+        return lost
 
     def _rows(self, ids: set[int]) -> int:
         """The rows a step of one token of each of ``ids`` decodes: the run from the lowest
@@ -1167,7 +1293,7 @@ class Batcher:
         return [{"n_ctx_seq": k.n_ctx_seq, "kv_type": k.kv_type, "flash_attn": k.flash_attn,
                  "n_threads": k.n_threads, "sequences": s.slab.n_seq, "used": len(s.sequences),
                  "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches,
-                 "moves": s.moves, "starts": s.starts, "held": s.held,
+                 "moves": s.moves, "starts": s.starts, "held": s.held, "capped": s.capped,
                  "step_ms": s.cost.table(), "idle": id(s) in self._idle}
                 for k, slabs in self.slabs.items() for s, _ in slabs]
 

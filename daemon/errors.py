@@ -75,6 +75,11 @@ class ContextFull(LlamaError):
     code = ErrorCode.CONTEXT_OVERFLOW
 
 
+class CacheLost(LlamaError):
+    """A sequence's cached tokens did not arrive where the scheduler moved it in its slab: its
+    generation cannot go on."""
+
+
 class EngineStopped(DaemonError):
     """The engine stopped (the daemon is stopping) before a step was decoded."""
 

@@ -146,7 +146,8 @@ async def test_a_client_that_starts_requests_side_by_side_beside_anothers_stream
     """Through a daemon, while one client streams: another client's requests one at a time
     each start at once (``status().batching[].starts``), never held; once it runs requests
     side by side, its next ones within ``start_interval_s`` are held to the share (``held``).
-    Each request's output is what it would be alone."""
+    Each request's output is what it would be alone. (One at a time, its sequence never waits
+    for a turn beside the stream: ``capped``, which a test below counts in process.)"""
     import trio
 
     from lorad.client import AsyncClient
@@ -161,9 +162,9 @@ async def test_a_client_that_starts_requests_side_by_side_beside_anothers_stream
         stream = await ctx.generate(tokens=prompt, max_tokens=n, temperature=0)
         return [t async for c in stream for t in c.token_ids]
 
-    async def counters(client) -> tuple[int, int]:
+    async def counters(client) -> tuple[int, int, int]:
         [slab] = (await client.status())["batching"]
-        return slab["starts"], slab["held"]
+        return slab["starts"], slab["held"], slab["capped"]
 
     try:
         async with AsyncClient(d.endpoint) as a, AsyncClient(d.endpoint) as b:
@@ -171,7 +172,7 @@ async def test_a_client_that_starts_requests_side_by_side_beside_anothers_stream
             ctx = await b.create_context(tiny_model, **params)
             side = await b.create_context(tiny_model, **params)
             alone = [await tokens(ctx, p) for p in prompts]
-            assert await counters(a) == (0, 0)  # nothing streamed beside them
+            assert await counters(a) == (0, 0, 0)  # nothing streamed beside them
 
             async def beside(work) -> list:
                 done = trio.Event()
@@ -196,8 +197,8 @@ async def test_a_client_that_starts_requests_side_by_side_beside_anothers_stream
                 return [await tokens(ctx, p) for p in prompts]
 
             assert await beside(one_at_a_time) == alone
-            starts, held = await counters(a)
-            assert starts >= 1 and held == 0
+            starts, held, capped = await counters(a)
+            assert starts >= 1 and held == 0 and capped == 0
 
             async def side_by_side() -> list:
                 async with trio.open_nursery() as nursery:
@@ -206,7 +207,7 @@ async def test_a_client_that_starts_requests_side_by_side_beside_anothers_stream
                     nursery.cancel_scope.cancel()
                 return got
 
-            assert await beside(side_by_side) == alone
+            assert await beside(side_by_side) == alone  # whichever of its sequences waited
             assert (await counters(a))[1] >= 1
     finally:
         assert d.stop() == 0, d.log()
@@ -471,6 +472,7 @@ def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_in
             sched.cost.observe(1, 0.010)  # 2 tokens; a chunk's computation 0.5 ms: chunks
             sched.cost.prompt_samples.append(0.002)  # of 2 tokens beside a stream
             sched.cost.split_samples.append(0.0005)
+            sched.cost.observe(8, 0.011)  # rows nearly free: the flooder's all fit its share
         stream = Step(sched.attach(512), [5], [], client="streamer")
         seqs = [sched.attach(512) for _ in range(4)]
 
@@ -521,25 +523,32 @@ def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_in
 def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
         tiny_model: Path) -> None:
     """Beside another client's streams, a prompt's share is of *their* step: its client's own
-    rows in the step do not widen it (issue 24's HTTP flood: the door's generations made the
-    stream's step wider, and its next prompts got half of that wider step on top). A short
+    rows in the step do not widen it, they take part of it (issue 24's HTTP flood: the door's
+    generations made the stream's step wider, and its next prompts got half of that wider step
+    on top). A short
     prompt of one token rides along as one more sequence would; the long ones beside it get
     what the share leaves once that row and their own computation are paid for, not the
     share as if chunks were free."""
     from lorad.daemon import llama
-    from lorad.daemon.batching import Cores, SlabScheduler, Step
+    from lorad.daemon.batching import Cores, SlabScheduler, Step, StepCost
 
     llama.init_backend()
     model = llama.Model(str(tiny_model))
     slab = llama.Slab(model, n_seq=4, n_ctx_seq=512, n_batch=512, n_threads=1)
+
+    def costs(*steps_ms: float) -> StepCost:
+        cost = StepCost()
+        for _ in range(3):  # 1, 2 and 3 sequences; a prompt token 0.5 ms
+            for n, ms in enumerate(steps_ms, 1):
+                cost.observe(n, ms / 1000)
+            cost.prompt_samples.append(0.0005)
+            cost.split_samples.append(0.0015)  # a chunk's computation: 1.5 ms
+        return cost
+
     try:
-        sched = SlabScheduler(slab, budget=512, cores=Cores(prompt_share=0.5))
-        for _ in range(3):  # 1, 2 and 3 sequences: 10, 20 and 22 ms; a prompt token 0.5 ms
-            sched.cost.observe(1, 0.010)
-            sched.cost.observe(2, 0.020)
-            sched.cost.observe(3, 0.022)
-            sched.cost.prompt_samples.append(0.0005)
-            sched.cost.split_samples.append(0.0015)  # a chunk's computation: 1.5 ms
+        # rows that fit the door's share (a step of 1, 2, 3 sequences: 10, 12, 14 ms)
+        sched = SlabScheduler(slab, budget=512, cost=costs(10, 12, 14),
+                              cores=Cores(prompt_share=0.5))
         stream = Step(sched.attach(512), [5], [], client="streamer")
         own = Step(sched.attach(512), [5], [], client="door")
         long_ = Step(sched.attach(512), list(range(5, 105)), [], prompt=True, client="door")
@@ -549,18 +558,66 @@ def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
             sched._pick()
             return sched._room
 
-        # the share of the stream's 10 ms step (not of the 20 ms one with the door's row):
-        # (5 - 1.5) ms / 0.5 ms
-        assert room(stream, own, long_) == 7
-        assert room(stream, long_) == 7
+        # the share of the stream's 10 ms step (not of the 12 ms one with the door's row),
+        # less what that row took of it: (5 - 2 - 1.5) ms / 0.5 ms
+        assert room(stream, own, long_) == 3
+        assert room(stream, long_) == 7  # (5 - 1.5) / 0.5
         mine = Step(stream.seq, [5], [], client="door")  # the door's rows only: its own step
-        assert room(mine, own, long_) == 17  # (10 - 1.5) / 0.5
+        assert room(mine, own, long_) == 9  # (6 - 1.5) / 0.5
         # a short prompt of one token left (a cached one) rides along, a row more (20 - 10 ms
         # of the 5 allowed are gone): the long one gets one token, as dear as its own
         # computation (22 - 20 ms), not 5 / 0.5 - 1 tokens
-        sched._waiting = []
+        sched.cost = costs(10, 20, 22)
         cached = Step(own.seq, [5], [], prompt=True, client="other")
         assert room(stream, cached, long_) == 1 + 1
+    finally:
+        slab.close()
+        model.close()
+
+
+def test_a_client_gets_the_rows_its_share_of_anothers_step_pays_for(tiny_model: Path) -> None:
+    """Beside another client's streams, a client with several sequences in a step (the HTTP
+    door's generations, say) gets as many as add at most ``prompt_share`` to the others' step,
+    at least one, in turns (the least recently served first): each is a row of their step.
+    Alone, or beside clients of one sequence each, every sequence is in every step."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import Cores, SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=6, n_ctx_seq=512, n_batch=512, n_threads=1)
+    try:
+        sched = SlabScheduler(slab, budget=512, cores=Cores(prompt_share=0.5))
+        for _ in range(3):  # a row adds 2 ms to a 10 ms step: 2 fit the 5 ms share
+            for n in (1, 2, 3, 4, 6):
+                sched.cost.observe(n, 0.010 + 0.002 * (n - 1))
+        stream = Step(sched.attach(512), [5], [], client="streamer")
+        door = [Step(sched.attach(512), [5], [], client="door") for _ in range(3)]
+        prompt = Step(sched.attach(512), [5, 6, 7], [], prompt=True, client="door")
+
+        def ids(*steps: Step) -> list[int]:
+            sched._waiting = list(steps)
+            batch = sched._pick()
+            sched.steps += 1
+            return sorted(s.seq.seq_id for s in batch)
+
+        assert ids(stream, *door) == [0, 1, 2]  # the two nearest the stream
+        # then the one left out, alone: with the other two, or the id between filled, the
+        # step would be 16 ms
+        assert ids(stream, *door) == [0, 3]
+        assert ids(stream, *door) == [0, 1, 2]
+        assert ids(stream, *door) == [0, 3]
+        assert sched.capped == 3
+        assert ids(stream, *door, prompt) == [0, 4]  # the prompt takes its turn too
+        assert ids(stream, *door, prompt) == [0, 1, 2]
+        assert ids(*door, prompt) == [1, 2, 3, 4]  # alone: all of them
+        ones = [Step(d.seq, [5], [], client=f"app{i}") for i, d in enumerate(door)]
+        assert ids(stream, *ones) == [0, 1, 2, 3]  # clients of one sequence each: all
+        # two clients of several: each gets its share of the other's step (the door's 14 ms
+        # step pays for 7: the streamer's two, 6 ms; and so the other way round)
+        mine = Step(prompt.seq, [5], [], client="streamer")
+        assert ids(stream, mine, *door) == [0, 1, 2, 3, 4]
+        assert sched.capped == 4
     finally:
         slab.close()
         model.close()
@@ -823,18 +880,21 @@ async def scheduling(model, n_seq: int) -> AsyncIterator:
 
 
 async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_were(
-        tiny_model: Path) -> None:
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fillers (``SlabScheduler._fillers``): a context between requests among streaming ones,
     and an odd number of streams, get a throwaway token so that the step is one run of
     consecutive sequence ids of a whole size (a gap split it in two computations, and 7 rows
     cost more than 8). The streams give their output alone, and the idle context's cache is as
-    it was: its next request reuses it and gives its output alone."""
+    it was: its next request reuses it and gives its output alone. (Sequences too dear to
+    move: cheap ones are put next to one another instead, the next test.)"""
 
     import trio
 
-    from lorad.daemon import llama
+    from lorad.daemon import batching, llama
     from lorad.daemon.batching import Step
     from lorad.daemon.sampling import Pick
+
+    monkeypatch.setattr(batching, "ROTATE_CELLS", 0)
 
     llama.init_backend()
     model = llama.Model(str(tiny_model))
@@ -889,6 +949,91 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
         sampler.close()
         model.close()
 
+
+
+async def test_sequences_cheap_to_move_are_put_next_to_one_another(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SlabScheduler._rotate``: streams at ids 0, 2, 3 and 4 around a context between
+    requests at id 1, all with few cached tokens, exchange ids and cells so that a step is one
+    run of ids with nothing to fill. Every stream gives its output alone, and the idle
+    context's cache moved with it: its next request reuses it and gives its output alone. A
+    sequence with ``ROTATE_CELLS`` cached tokens or more stays where it is (its gap is filled
+    instead); one whose cells do not arrive fails (``CacheLost``)."""
+
+    import trio
+
+    from lorad.daemon import batching, llama
+    from lorad.daemon.batching import Step
+    from lorad.daemon.sampling import Pick
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    texts = [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS]
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    pick = Pick(sampler, plain_greedy=True)
+
+    def stream(scheduler, seq, text: list[int], n: int):
+        return greedy_steps(scheduler, seq, text, n, pick)
+
+    try:
+        alone = []
+        for text in texts:
+            async with scheduling(model, 1) as scheduler:
+                alone.append(await stream(scheduler, scheduler.attach(128), text, 10))
+        async with scheduling(model, 8) as scheduler:
+            seqs = [scheduler.attach(128) for _ in range(5)]
+            idle = await stream(scheduler, seqs[1], texts[1], 10)
+            assert idle == alone[1]
+            cached = list(seqs[1].tokens)
+            assert 2 * len(cached) <= batching.ROTATE_CELLS
+            got: dict[int, list[int]] = {}
+
+            async def one(k: int, text: list[int]) -> None:
+                got[k] = await stream(scheduler, seqs[k], text, 10)
+
+            async with trio.open_nursery() as nursery:  # ids 0, 2, 3, 4 around an idle one
+                for k, text in ((0, texts[0]), (2, texts[2]), (3, texts[3]), (4, texts[1])):
+                    nursery.start_soon(one, k, text)
+            assert [got[0], got[2], got[3], got[4]] == [alone[0], alone[2], alone[3], alone[1]]
+            assert scheduler.moves >= 1
+            ids = sorted(seqs[k].seq_id for k in (0, 2, 3, 4))
+            assert ids[-1] - ids[0] == 3  # one run: nothing between them to fill
+            assert seqs[1].seq_id not in ids and seqs[1].tokens == cached
+            again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, logits=pick)
+            scheduler.join(seqs[1])
+            produced = await scheduler.run(again)
+            scheduler.leave(seqs[1])
+            assert again.reused == len(texts[1]) + 5 - 1  # its cache, at its new id
+            assert produced[0][0] == alone[1][5]
+            # too dear to move: the step fills the gap instead
+            far = sorted((seqs[1], *(seqs[k] for k in (0, 2, 3, 4))), key=lambda q: q.seq_id)
+            far = [far[0], far[-1]]
+            assert far[1].seq_id - far[0].seq_id > 1
+            moves = scheduler.moves
+            monkeypatch.setattr(batching, "ROTATE_CELLS", min(len(q.tokens) for q in far))
+            await scheduler._rotate([Step(q, [1], []) for q in far])
+            assert scheduler.moves == moves
+            monkeypatch.undo()
+            await scheduler._rotate([Step(q, [1], []) for q in far])
+            assert scheduler.moves == moves + 1
+            assert abs(far[1].seq_id - far[0].seq_id) == 1
+            # cells that did not arrive (llama.cpp refused them): the generation fails, it
+            # does not go on from an empty cache
+            from lorad.daemon.errors import CacheLost
+
+            apart = [seqs[k] for k in (0, 2, 3, 4)]
+            await scheduler._exchange(apart[1], max(q.seq_id for q in apart) + 2)
+            steps = [Step(q, [1], []) for q in apart]
+            monkeypatch.setattr(scheduler.slab, "exchange", lambda *a: (False, False))
+            scheduler._waiting = list(steps)
+            kept = await scheduler._rotate(steps)
+            scheduler._waiting = []
+            lost = [s for s in steps if s not in kept]
+            assert lost and all(isinstance(s.error, CacheLost) and s.done.is_set()
+                                and not s.seq.tokens for s in lost)
+    finally:
+        sampler.close()
+        model.close()
 
 
 async def test_prompt_tokens_that_ride_along_do_not_teach_a_prompt_tokens_cost(
