@@ -51,6 +51,12 @@ ROTATE_CELLS = 128
 """Most cached tokens (of both sequences together) exchanged to put a sequence of a step next
 to the others (:meth:`SlabScheduler._rotate`): gemma 3 270M copied 60 in 0.5 ms, 600 in 5 ms
 (Intel Xeon, 2 cores), while each id filled between them adds 1.5-2.5 ms to the step."""
+ROW_PRICE = 0.35
+"""The least a row of another client adds to a step, relative to a one-token step, where
+:meth:`SlabScheduler._share_rows` weighs it: learnt step costs put a row at 1 ms beside a
+28 ms step in a first HTTP flood (a one-token step's median then came from the flood's most
+contended steps), and the door had two or three rows beside the stream where a row costs
+4-5 ms (22 against 27 ms quiet, gemma 3 270M, 2 cores)."""
 QUANTUM = 4
 """Steps a stack is served in a row while others wait: changing the adapters of a llama
 context makes its next decode re-reserve the graph (6-9 ms on gemma 270M here, a fifth of a
@@ -152,9 +158,10 @@ class StepCost:
     too. Beyond the largest size, each further token is assumed to cost ``PRIOR`` of a one-token
     step, or the slope of the two largest sizes when that is lower: optimistic where nothing is
     known, so that a deep draft is tried when its acceptance would pay for it, and its real cost
-    learnt from then on (another client's rows beside a stream are priced the other way round,
-    ``dear``). (Costs are not linear in the size: on CPUs a step of 2 or 3 tokens may
-    cost nearly twice one of 1, while further tokens cost a third of it each.)"""
+    learnt from then on (another client's rows beside a stream are priced the other way round:
+    :meth:`SlabScheduler._share_rows`). (Costs are not linear in the size: on CPUs a step of 2
+    or 3 tokens may cost nearly twice one of 1, while further tokens cost a third of it
+    each.)"""
 
     PRIOR = 0.35
     KEEP = 15
@@ -182,10 +189,8 @@ class StepCost:
         self.samples.setdefault(tokens, deque(maxlen=self.KEEP)).append(seconds)
         self._points = None
 
-    def time(self, tokens: int, dear: bool = False) -> float:
-        """The expected time of a step of ``tokens`` tokens (any unit). ``dear``: beyond the
-        largest size seen, each further token costs at least ``PRIOR`` of a one-token step
-        (what is not known is not assumed cheap: see :meth:`SlabScheduler._share_rows`)."""
+    def time(self, tokens: int) -> float:
+        """The expected time of a step of ``tokens`` tokens (any unit)."""
         if self._points is None:  # a draft's depth asks this for every depth it weighs
             self._medians = {x: statistics.median(ys) for x, ys in self.samples.items()}
             seen = sorted(self._medians.items())
@@ -206,8 +211,7 @@ class StepCost:
         slope = self.PRIOR * unit
         if len(points) > 1:
             xp, yp = points[-2]
-            seen = max((yl - yp) / (xl - xp), 0.0)
-            slope = max(slope, seen) if dear else min(slope, seen)
+            slope = min(slope, max((yl - yp) / (xl - xp), 0.0))
         return yl + slope * (tokens - xl)
 
     def observe_prompt(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
@@ -653,8 +657,9 @@ class SlabScheduler:
         """The decodes and prompts of a step beside other clients' streams: a client with more
         than one sequence in it (its decodes and prompts) gets as many of them as add at most
         ``prompt_share`` to the step of the others' decodes (the rows that fill the gaps
-        between sequence ids counted), at least one, its sequences served least recently
-        first; the others wait for the next steps. Each sequence a client adds is a row of
+        between sequence ids counted; a row at least ``ROW_PRICE`` of a one-token step), at
+        least one, its sequences served least recently first; the others wait for the next
+        steps. Each sequence a client adds is a row of
         the others' step (on gemma 3 270M, 2 cores: a 23 ms step of one stream took 35-48 ms
         with the four sequences of the HTTP door's small requests beside it)."""
         clients = Counter(s.owner for s in itertools.chain(decodes, prompts))
@@ -662,11 +667,13 @@ class SlabScheduler:
         if len(clients) < 2 or not any(n > 1 and streaming - {c} for c, n in clients.items()):
             return decodes, prompts
         out: set[int] = set()
+        unit = self.cost.time(1)
         for client, n in clients.items():
             others = [s for s in decodes if s.owner != client]
             if n < 2 or not others:
                 continue
-            base = self._row_time(others)
+            rows = self._width(others)
+            base = self.cost.time(rows)
             allowed = self.cores.prompt_share * base
             ids = {s.seq.seq_id for s in others}
             mine = sorted((s for s in itertools.chain(decodes, prompts) if s.owner == client),
@@ -674,7 +681,9 @@ class SlabScheduler:
                                          min(abs(s.seq.seq_id - i) for i in ids)))
             kept: list[Step] = []
             for step in mine:
-                if not kept or self._row_time(others + kept + [step]) - base <= allowed:
+                wider = self._width(others + kept + [step])
+                added = max(self.cost.time(wider) - base, ROW_PRICE * unit * (wider - rows))
+                if not kept or added <= allowed:
                     kept.append(step)
                 else:
                     out.add(id(step))
@@ -688,15 +697,13 @@ class SlabScheduler:
         return ([s for s in decodes if id(s) not in out],
                 [s for s in prompts if id(s) not in out])
 
-    def _row_time(self, steps: list[Step]) -> float:
-        """What a step of ``steps`` costs, a prompt counted as one token (its least): with a KV
-        pool per sequence and one token each, the run of ids from the lowest to the highest
-        (:meth:`_rows`). Sizes wider than any timed are dear (``StepCost.time``): by the slope
-        of the two widest timed, a first HTTP flood's door had four rows beside a stream, in
-        steps of 36-50 ms against 25 ms for the stream alone."""
+    def _width(self, steps: list[Step]) -> int:
+        """The rows a step of ``steps`` decodes, a prompt counted as one token (its least):
+        with a KV pool per sequence and one token each, the run of ids from the lowest to the
+        highest (:meth:`_rows`)."""
         if not self.slab.unified and all(s.prompt or len(s.tokens) == 1 for s in steps):
-            return self.cost.time(self._rows({s.seq.seq_id for s in steps}), dear=True)
-        return self.cost.time(sum(1 if s.prompt else len(s.tokens) for s in steps), dear=True)
+            return self._rows({s.seq.seq_id for s in steps})
+        return sum(1 if s.prompt else len(s.tokens) for s in steps)
 
     def _prompt_room(self, decodes: int, prompts: list[Step],
                      ride: list[int] | None = None, streaming: set[object] | None = None,

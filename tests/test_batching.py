@@ -446,7 +446,7 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
 
 
 def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_interval(
-        tiny_model: Path) -> None:
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beside another client's streams, a short prompt past the share of a client that runs
     requests side by side is fed whole (its request starts at once) once per
     ``start_interval``; sooner, it is held to the share like a long prompt, so that a client
@@ -459,7 +459,7 @@ def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_in
     of a slab, each a whole wait)."""
     import time
 
-    from lorad.daemon import llama
+    from lorad.daemon import batching, llama
     from lorad.daemon.batching import Cores, SlabScheduler, Step
 
     llama.init_backend()
@@ -473,6 +473,7 @@ def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_in
             sched.cost.prompt_samples.append(0.002)  # of 2 tokens beside a stream
             sched.cost.split_samples.append(0.0005)
             sched.cost.observe(8, 0.011)  # rows nearly free: the flooder's all fit its share
+        monkeypatch.setattr(batching, "ROW_PRICE", 0.0)  # (priced as learnt)
         stream = Step(sched.attach(512), [5], [], client="streamer")
         seqs = [sched.attach(512) for _ in range(4)]
 
@@ -521,7 +522,7 @@ def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_in
 
 
 def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
-        tiny_model: Path) -> None:
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beside another client's streams, a prompt's share is of *their* step: its client's own
     rows in the step do not widen it, they take part of it (issue 24's HTTP flood: the door's
     generations made the stream's step wider, and its next prompts got half of that wider step
@@ -529,7 +530,7 @@ def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
     prompt of one token rides along as one more sequence would; the long ones beside it get
     what the share leaves once that row and their own computation are paid for, not the
     share as if chunks were free."""
-    from lorad.daemon import llama
+    from lorad.daemon import batching, llama
     from lorad.daemon.batching import Cores, SlabScheduler, Step, StepCost
 
     llama.init_backend()
@@ -545,6 +546,7 @@ def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
             cost.split_samples.append(0.0015)  # a chunk's computation: 1.5 ms
         return cost
 
+    monkeypatch.setattr(batching, "ROW_PRICE", 0.0)  # rows priced as learnt
     try:
         # rows that fit the door's share (a step of 1, 2, 3 sequences: 10, 12, 14 ms)
         sched = SlabScheduler(slab, budget=512, cost=costs(10, 12, 14),
@@ -578,19 +580,21 @@ def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
 def test_a_client_gets_the_rows_its_share_of_anothers_step_pays_for(tiny_model: Path) -> None:
     """Beside another client's streams, a client with several sequences in a step (the HTTP
     door's generations, say) gets as many as add at most ``prompt_share`` to the others' step,
-    at least one, in turns (the least recently served first): each is a row of their step.
-    Alone, or beside clients of one sequence each, every sequence is in every step."""
+    at least one, in turns (the least recently served first): each is a row of their step,
+    priced at least ``ROW_PRICE`` of a one-token step. Alone, or beside clients of one
+    sequence each, every sequence is in every step."""
     from lorad.daemon import llama
-    from lorad.daemon.batching import Cores, SlabScheduler, Step
+    from lorad.daemon.batching import ROW_PRICE, Cores, SlabScheduler, Step
 
     llama.init_backend()
     model = llama.Model(str(tiny_model))
     slab = llama.Slab(model, n_seq=6, n_ctx_seq=512, n_batch=512, n_threads=1)
     try:
-        sched = SlabScheduler(slab, budget=512, cores=Cores(prompt_share=0.5))
-        for _ in range(3):  # a row adds 2 ms to a 10 ms step: 2 fit the 5 ms share
-            for n in (1, 2, 3, 4, 6):
+        sched = SlabScheduler(slab, budget=512, cores=Cores(prompt_share=0.8))
+        for _ in range(3):  # a row adds 2 ms to a 10 ms step, learnt; priced 3.5 ms at least:
+            for n in (1, 2, 3, 4, 6):  # 2 fit the 8 ms share, 3 do not
                 sched.cost.observe(n, 0.010 + 0.002 * (n - 1))
+        assert ROW_PRICE == 0.35
         stream = Step(sched.attach(512), [5], [], client="streamer")
         door = [Step(sched.attach(512), [5], [], client="door") for _ in range(3)]
         prompt = Step(sched.attach(512), [5, 6, 7], [], prompt=True, client="door")
@@ -602,8 +606,8 @@ def test_a_client_gets_the_rows_its_share_of_anothers_step_pays_for(tiny_model: 
             return sorted(s.seq.seq_id for s in batch)
 
         assert ids(stream, *door) == [0, 1, 2]  # the two nearest the stream
-        # then the one left out, alone: with the other two, or the id between filled, the
-        # step would be 16 ms
+        # then the one left out, alone: with the other two, or the id between filled, three
+        # rows more (10.5 ms)
         assert ids(stream, *door) == [0, 3]
         assert ids(stream, *door) == [0, 1, 2]
         assert ids(stream, *door) == [0, 3]
@@ -614,10 +618,14 @@ def test_a_client_gets_the_rows_its_share_of_anothers_step_pays_for(tiny_model: 
         ones = [Step(d.seq, [5], [], client=f"app{i}") for i, d in enumerate(door)]
         assert ids(stream, *ones) == [0, 1, 2, 3]  # clients of one sequence each: all
         # two clients of several: each gets its share of the other's step (the door's 14 ms
-        # step pays for 7: the streamer's two, 6 ms; and so the other way round)
+        # step pays for 11.2: the streamer's two, three rows more with the id between, 10.5
+        # ms; and so the other way round)
         mine = Step(prompt.seq, [5], [], client="streamer")
         assert ids(stream, mine, *door) == [0, 1, 2, 3, 4]
         assert sched.capped == 4
+        # a 5 ms share: the learnt 2 ms a row would let two in, the price lets one
+        sched.cores.prompt_share = 0.5
+        assert len(ids(stream, *door)) == 2
     finally:
         slab.close()
         model.close()

@@ -621,11 +621,6 @@ def test_step_cost_is_learnt_from_step_times() -> None:
         cost.observe(8, 0.100)  # 8 tokens: 100 ms
     assert cost.time(5) == pytest.approx(0.070)  # interpolated between the sizes seen
     assert cost.time(12) == pytest.approx(0.100 + 4 * min(StepCost.PRIOR * 0.020, 0.060 / 6))
-    # dear (another client's rows beside a stream): beyond the sizes seen, the dearer of the
-    # prior and the slope of the two largest
-    assert cost.time(12, dear=True) == pytest.approx(0.100 + 4 * max(StepCost.PRIOR * 0.020,
-                                                                      0.060 / 6))
-    assert cost.time(5, dear=True) == cost.time(5)  # within them: what was seen
     # a size off the grid (a request's last step) costs what it was seen to cost, but is no
     # point to interpolate from: it is dearer than the sizes around it
     for _ in range(3):
