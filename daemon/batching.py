@@ -56,7 +56,7 @@ ROW_PRICE = 0.35
 :meth:`SlabScheduler._share_rows` weighs it: learnt step costs put a row at 1 ms beside a
 28 ms step in a first HTTP flood (a one-token step's median then came from the flood's most
 contended steps), and the door had two or three rows beside the stream where a row costs
-4-5 ms (22 against 27 ms quiet, gemma 3 270M, 2 cores)."""
+4-5 ms (27 against 22 ms quiet, gemma 3 270M, 2 cores)."""
 QUANTUM = 4
 """Steps a stack is served in a row while others wait: changing the adapters of a llama
 context makes its next decode re-reserve the graph (6-9 ms on gemma 270M here, a fifth of a
@@ -659,9 +659,9 @@ class SlabScheduler:
         ``prompt_share`` to the step of the others' decodes (the rows that fill the gaps
         between sequence ids counted; a row at least ``ROW_PRICE`` of a one-token step), at
         least one, its sequences served least recently first; the others wait for the next
-        steps. Each sequence a client adds is a row of
-        the others' step (on gemma 3 270M, 2 cores: a 23 ms step of one stream took 35-48 ms
-        with the four sequences of the HTTP door's small requests beside it)."""
+        steps. Each sequence a client adds is a row of the others' step (on gemma 3 270M, 2
+        cores: a 23 ms step of one stream took 35-48 ms with the four sequences of the HTTP
+        door's small requests beside it)."""
         clients = Counter(s.owner for s in itertools.chain(decodes, prompts))
         streaming = {s.owner for s in decodes}
         if len(clients) < 2 or not any(n > 1 and streaming - {c} for c, n in clients.items()):

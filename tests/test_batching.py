@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -526,10 +527,9 @@ def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
     """Beside another client's streams, a prompt's share is of *their* step: its client's own
     rows in the step do not widen it, they take part of it (issue 24's HTTP flood: the door's
     generations made the stream's step wider, and its next prompts got half of that wider step
-    on top). A short
-    prompt of one token rides along as one more sequence would; the long ones beside it get
-    what the share leaves once that row and their own computation are paid for, not the
-    share as if chunks were free."""
+    on top). A short prompt of one token rides along as one more sequence would; the long ones
+    beside it get what the share leaves once that row and their own computation are paid for,
+    not the share as if chunks were free."""
     from lorad.daemon import batching, llama
     from lorad.daemon.batching import Cores, SlabScheduler, Step, StepCost
 
@@ -887,6 +887,64 @@ async def scheduling(model, n_seq: int) -> AsyncIterator:
         slab.close()
 
 
+@contextmanager
+def greedy_model(path: Path) -> Iterator[tuple[Any, list[list[int]], Any]]:
+    """The model at ``path``, ``PROMPTS`` tokenized, and a greedy pick."""
+    from lorad.daemon import llama
+    from lorad.daemon.sampling import Pick
+
+    llama.init_backend()
+    model = llama.Model(str(path))
+    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
+    try:
+        yield (model, [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS],
+               Pick(sampler, plain_greedy=True))
+    finally:
+        sampler.close()
+        model.close()
+
+
+async def streams_around_an_idle_one(model, texts: list[list[int]], pick, scheduler
+                                     ) -> tuple[list, list[int], list[list[int]]]:
+    """Each text's 10 greedy tokens alone (a slab of its own each), then on ``scheduler``: id 1
+    runs a request and waits for its next (its cells hold its prompt and output) while ids 0,
+    2, 3 and 4 stream together; each stream's output is its output alone. Returns the
+    sequences, id 1's cached tokens and the outputs alone."""
+    import trio
+
+    alone = []
+    for text in texts:
+        async with scheduling(model, 1) as own:
+            alone.append(await greedy_steps(own, own.attach(128), text, 10, pick))
+    seqs = [scheduler.attach(128) for _ in range(5)]
+    assert await greedy_steps(scheduler, seqs[1], texts[1], 10, pick) == alone[1]
+    cached = list(seqs[1].tokens)
+    got: dict[int, list[int]] = {}
+
+    async def one(k: int, text: list[int]) -> None:
+        got[k] = await greedy_steps(scheduler, seqs[k], text, 10, pick)
+
+    async with trio.open_nursery() as nursery:
+        for k, text in ((0, texts[0]), (2, texts[2]), (3, texts[3]), (4, texts[1])):
+            nursery.start_soon(one, k, text)
+    assert [got[0], got[2], got[3], got[4]] == [alone[0], alone[2], alone[3], alone[1]]
+    return seqs, cached, alone
+
+
+async def next_request_reuses_its_cache(scheduler, seq, text: list[int], alone: list[int],
+                                        pick) -> None:
+    """``seq``'s next request (its last prompt and 5 of its tokens) reuses its cache, all but
+    the last token (whose logits the step needs), and goes on as alone."""
+    from lorad.daemon.batching import Step
+
+    again = Step(seq, text + alone[:5], [], prompt=True, logits=pick)
+    scheduler.join(seq)
+    produced = await scheduler.run(again)
+    scheduler.leave(seq)
+    assert again.reused == len(text) + 5 - 1
+    assert produced[0][0] == alone[5]
+
+
 async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_were(
         tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fillers (``SlabScheduler._fillers``): a context between requests among streaming ones,
@@ -895,47 +953,14 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
     cost more than 8). The streams give their output alone, and the idle context's cache is as
     it was: its next request reuses it and gives its output alone. (Sequences too dear to
     move: cheap ones are put next to one another instead, the next test.)"""
-
-    import trio
-
-    from lorad.daemon import batching, llama
-    from lorad.daemon.batching import Step
-    from lorad.daemon.sampling import Pick
+    from lorad.daemon import batching
 
     monkeypatch.setattr(batching, "ROTATE_CELLS", 0)
-
-    llama.init_backend()
-    model = llama.Model(str(tiny_model))
-    texts = [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS]
-    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
-    pick = Pick(sampler, plain_greedy=True)
-
-    def stream(scheduler, seq, text: list[int], n: int):
-        return greedy_steps(scheduler, seq, text, n, pick)
-
-    def running(n_seq: int):
-        return scheduling(model, n_seq)
-
-    try:
-        alone = []
-        for text in texts:
-            async with running(1) as scheduler:
-                alone.append(await stream(scheduler, scheduler.attach(128), text, 10))
-        async with running(8) as scheduler:
-            seqs = [scheduler.attach(128) for _ in range(5)]
-            # seq 1 ran a request and waits for the next: its cells hold its prompt and output
-            idle = await stream(scheduler, seqs[1], texts[1], 10)
-            assert idle == alone[1]
-            cached = list(seqs[1].tokens)
-            got: dict[int, list[int]] = {}
-
-            async def one(k: int, text: list[int]) -> None:
-                got[k] = await stream(scheduler, seqs[k], text, 10)
-
-            async with trio.open_nursery() as nursery:  # ids 0, 2, 3, 4: a gap, 4 streams
-                for k, text in ((0, texts[0]), (2, texts[2]), (3, texts[3]), (4, texts[1])):
-                    nursery.start_soon(one, k, text)
-            assert [got[0], got[2], got[3], got[4]] == [alone[0], alone[2], alone[3], alone[1]]
+    with greedy_model(tiny_model) as (model, texts, pick):
+        async with scheduling(model, 8) as scheduler:
+            # ids 0, 2, 3, 4 stream: a gap at 1
+            seqs, cached, alone = await streams_around_an_idle_one(model, texts, pick,
+                                                                   scheduler)
             # the gap, then a free id: 6 rows, a whole size; 4 outputs are whole: the fillers
             # have no output row (a product with the whole vocabulary each)
             assert scheduler._fillers([(seqs[k], [1], 1) for k in (0, 2, 3, 4)]) == \
@@ -946,17 +971,7 @@ async def test_a_step_is_one_run_of_sequence_ids_and_leaves_the_others_as_they_w
                 (fifth, [1], 1)]) == [(1, len(cached), True)]
             await scheduler.detach(fifth)
             assert seqs[1].tokens == cached
-            again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, logits=pick)
-            scheduler.join(seqs[1])
-            produced = await scheduler.run(again)
-            scheduler.leave(seqs[1])
-            # its cache, as it was: all but the last token, whose logits the step needs
-            assert again.reused == len(texts[1]) + 5 - 1
-            assert produced[0][0] == alone[1][5]
-    finally:
-        sampler.close()
-        model.close()
-
+            await next_request_reuses_its_cache(scheduler, seqs[1], texts[1], alone[1], pick)
 
 
 async def test_sequences_cheap_to_move_are_put_next_to_one_another(
@@ -967,52 +982,21 @@ async def test_sequences_cheap_to_move_are_put_next_to_one_another(
     context's cache moved with it: its next request reuses it and gives its output alone. A
     sequence with ``ROTATE_CELLS`` cached tokens or more stays where it is (its gap is filled
     instead); one whose cells do not arrive fails (``CacheLost``)."""
-
-    import trio
-
-    from lorad.daemon import batching, llama
+    from lorad.daemon import batching
     from lorad.daemon.batching import Step
-    from lorad.daemon.sampling import Pick
+    from lorad.daemon.errors import CacheLost
 
-    llama.init_backend()
-    model = llama.Model(str(tiny_model))
-    texts = [model.tokenize(p, add_special=True, limit=64) for p in PROMPTS]
-    sampler = llama.Sampler(model, llama.SamplingParams(temperature=0))
-    pick = Pick(sampler, plain_greedy=True)
-
-    def stream(scheduler, seq, text: list[int], n: int):
-        return greedy_steps(scheduler, seq, text, n, pick)
-
-    try:
-        alone = []
-        for text in texts:
-            async with scheduling(model, 1) as scheduler:
-                alone.append(await stream(scheduler, scheduler.attach(128), text, 10))
+    with greedy_model(tiny_model) as (model, texts, pick):
         async with scheduling(model, 8) as scheduler:
-            seqs = [scheduler.attach(128) for _ in range(5)]
-            idle = await stream(scheduler, seqs[1], texts[1], 10)
-            assert idle == alone[1]
-            cached = list(seqs[1].tokens)
+            seqs, cached, alone = await streams_around_an_idle_one(model, texts, pick,
+                                                                   scheduler)
             assert 2 * len(cached) <= batching.ROTATE_CELLS
-            got: dict[int, list[int]] = {}
-
-            async def one(k: int, text: list[int]) -> None:
-                got[k] = await stream(scheduler, seqs[k], text, 10)
-
-            async with trio.open_nursery() as nursery:  # ids 0, 2, 3, 4 around an idle one
-                for k, text in ((0, texts[0]), (2, texts[2]), (3, texts[3]), (4, texts[1])):
-                    nursery.start_soon(one, k, text)
-            assert [got[0], got[2], got[3], got[4]] == [alone[0], alone[2], alone[3], alone[1]]
             assert scheduler.moves >= 1
             ids = sorted(seqs[k].seq_id for k in (0, 2, 3, 4))
             assert ids[-1] - ids[0] == 3  # one run: nothing between them to fill
             assert seqs[1].seq_id not in ids and seqs[1].tokens == cached
-            again = Step(seqs[1], texts[1] + alone[1][:5], [], prompt=True, logits=pick)
-            scheduler.join(seqs[1])
-            produced = await scheduler.run(again)
-            scheduler.leave(seqs[1])
-            assert again.reused == len(texts[1]) + 5 - 1  # its cache, at its new id
-            assert produced[0][0] == alone[1][5]
+            # its cache, at its new id
+            await next_request_reuses_its_cache(scheduler, seqs[1], texts[1], alone[1], pick)
             # too dear to move: the step fills the gap instead
             far = sorted((seqs[1], *(seqs[k] for k in (0, 2, 3, 4))), key=lambda q: q.seq_id)
             far = [far[0], far[-1]]
@@ -1027,8 +1011,6 @@ async def test_sequences_cheap_to_move_are_put_next_to_one_another(
             assert abs(far[1].seq_id - far[0].seq_id) == 1
             # cells that did not arrive (llama.cpp refused them): the generation fails, it
             # does not go on from an empty cache
-            from lorad.daemon.errors import CacheLost
-
             apart = [seqs[k] for k in (0, 2, 3, 4)]
             await scheduler._exchange(apart[1], max(q.seq_id for q in apart) + 2)
             steps = [Step(q, [1], []) for q in apart]
@@ -1039,9 +1021,6 @@ async def test_sequences_cheap_to_move_are_put_next_to_one_another(
             lost = [s for s in steps if s not in kept]
             assert lost and all(isinstance(s.error, CacheLost) and s.done.is_set()
                                 and not s.seq.tokens for s in lost)
-    finally:
-        sampler.close()
-        model.close()
 
 
 async def test_prompt_tokens_that_ride_along_do_not_teach_a_prompt_tokens_cost(
@@ -1118,7 +1097,7 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
     import trio
 
     from lorad.daemon import llama
-    from lorad.daemon.batching import SHORT_PROMPT, Step
+    from lorad.daemon.batching import SHORT_PROMPT
     from lorad.daemon.sampling import Pick
 
     llama.init_backend()
@@ -1161,12 +1140,8 @@ async def test_a_long_prompt_is_moved_next_to_the_streams(tiny_model: Path) -> N
             assert (seqs[2].seq_id, seqs[1].seq_id) == (1, 2)
             assert sorted(scheduler.sequences) == [0, 1, 2]
             assert scheduler.sequences[2] is seqs[1] and seqs[1].tokens == cached
-            again = Step(seqs[1], short[1] + alone[2][:5], [], prompt=True, logits=pick)
-            scheduler.join(seqs[1])
-            produced = await scheduler.run(again)
-            scheduler.leave(seqs[1])
-            assert again.reused == len(short[1]) + 5 - 1  # its cache, at its new id
-            assert produced[0][0] == alone[2][5]
+            # its cache, at its new id
+            await next_request_reuses_its_cache(scheduler, seqs[1], short[1], alone[2], pick)
 
             # ids 1 and 2 between requests, two long prompts at 3 and 4 start together
             seqs += [scheduler.attach(128) for _ in range(2)]
