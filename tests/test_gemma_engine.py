@@ -121,3 +121,33 @@ def test_the_same_request_again_is_drafted_from_memory(gemma_daemon: DaemonProce
     assert m2["memory_drafted_tokens"] >= min(10, shared), (shared, m2)
     if shared >= 32:  # a repeated stretch of the answer is drafted and accepted
         assert m2["accepted_tokens"] >= shared // 2, (shared, m2)
+
+
+async def test_a_sequence_exchanged_mid_generation_goes_on_as_unmoved(gemma: Path) -> None:
+    """``SlabScheduler._exchange`` of a generating sequence (what ``_rotate`` does between two
+    steps): gemma's cells, its sliding-window cache too, arrive at the new id, and the greedy
+    output is the one it gives unmoved (one sequence a step both ways, so the same kernels)."""
+    from test_batching import greedy_model, scheduling
+
+    from lorad.daemon.batching import ROTATE_CELLS, Step
+
+    async def generate(scheduler, seq, text: list[int], pick, move_at: int | None) -> list[int]:
+        scheduler.join(seq)
+        produced = await scheduler.run(Step(seq, text, [], prompt=True, logits=pick))
+        out = []
+        for i in range(30):
+            out.append(produced[0][0])
+            if i == move_at:
+                assert await scheduler._exchange(seq, 5) == [] and seq.seq_id == 5
+            produced = await scheduler.run(Step(seq, [out[-1]], [], logits=pick))
+        scheduler.leave(seq)
+        return out
+
+    with greedy_model(gemma) as (model, texts, pick):
+        text = texts[0] * 3
+        assert len(text) + 30 <= ROTATE_CELLS
+        async with scheduling(model, 8) as scheduler:
+            unmoved = await generate(scheduler, scheduler.attach(128), text, pick, None)
+        async with scheduling(model, 8) as scheduler:
+            seqs = [scheduler.attach(128) for _ in range(3)]
+            assert await generate(scheduler, seqs[2], text, pick, 10) == unmoved
