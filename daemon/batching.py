@@ -136,6 +136,12 @@ class Step:
         self.pairs = self.pre_stack if position < self.split else self.stack
 
 
+def to_fill(low: int, high: int, n: int, at: int) -> int:
+    """The ids a step of one token each would fill (:meth:`SlabScheduler._fillers`) if a
+    sequence at ``at`` joined ``n`` others whose ids run from ``low`` to ``high``."""
+    return max(high, at) - min(low, at) - n
+
+
 def whole(tokens: int) -> bool:
     """Whether a step of ``tokens`` tokens is on the grid drafts are sized to: a power of two
     or three times one (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, ...). Step costs are not
@@ -838,10 +844,8 @@ class SlabScheduler:
             waiting = {s.seq.seq_id for s in self._waiting}
             low, high = min(others), max(others)
 
-            def gaps(at: int, others: set[int] = others, low: int = low,
-                     high: int = high) -> int:
-                return sum(i not in others and i != at
-                           for i in range(min(low, at), max(high, at) + 1))
+            def gaps(at: int, low: int = low, high: int = high, n: int = len(others)) -> int:
+                return to_fill(low, high, n, at)
 
             def movable(at: int, seq: llama.Sequence = seq, waiting: set[int] = waiting
                         ) -> bool:
@@ -871,23 +875,20 @@ class SlabScheduler:
         ids = {s.seq.seq_id for s in batch}
         small = [s.seq for s in batch if len(s.seq.tokens) < ROTATE_CELLS]
         for _ in range(len(small)):  # each pass moves one at most: until none helps
+            if max(ids) - min(ids) < len(ids):
+                break  # one run already (the common case: nothing to weigh)
             moves = []
             for seq in small:
                 rest = ids - {seq.seq_id}
-
-                def gaps(at: int, rest: set[int] = rest) -> int:  # ids to fill with it at
-                    return max(rest | {at}) - min(rest | {at}) - len(rest)
-
-                def movable(at: int, seq: llama.Sequence = seq) -> bool:
+                low, high, now = min(rest), max(rest), seq.seq_id
+                here = to_fill(low, high, len(rest), now)
+                for at in range(max(0, low - 1), min(self.slab.n_seq, high + 2)):
                     other = self.sequences.get(at)
-                    cells = len(seq.tokens) + (len(other.tokens) if other is not None else 0)
-                    return cells <= ROTATE_CELLS
-
-                places = [at for at in range(max(0, min(rest) - 1),
-                                             min(self.slab.n_seq, max(rest) + 2))
-                          if at not in rest and movable(at)]
-                moves += [(gaps(at) - gaps(seq.seq_id), abs(at - seq.seq_id), seq.seq_id, at)
-                          for at in places]
+                    if at in rest or len(seq.tokens) + (
+                            len(other.tokens) if other is not None else 0) > ROTATE_CELLS:
+                        continue
+                    moves.append((to_fill(low, high, len(rest), at) - here, abs(at - now),
+                                  now, at))
             if not moves or (best := min(moves))[0] >= 0:
                 break
             seq, at = self.sequences[best[2]], best[3]
