@@ -522,6 +522,55 @@ def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_in
         model.close()
 
 
+def test_a_burst_of_new_clients_joins_the_streams_at_once(tiny_model: Path) -> None:
+    """Short prompts beside other clients' streams are fed together up to the usual room
+    (``SHORT_PROMPT`` tokens or the share) times the clients waiting for their first token per
+    client streaming: 32 clients arriving together waited 3.7-5.0 s for the last first token,
+    fed three a step (llama-server: 2.0-2.1 s). One new client, many prompts of one client, and
+    prompts beside the streams of another slab only keep the usual room."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import SHORT_PROMPT, Cores, SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slab = llama.Slab(model, n_seq=12, n_ctx_seq=256, n_batch=512, n_threads=1)
+    try:
+        cores = Cores(prompt_share=0.5)
+        sched = SlabScheduler(slab, budget=512, cores=cores)
+        for _ in range(3):  # a 10 ms step, a prompt token 2 ms: the share is 2 tokens
+            sched.cost.observe(1, 0.010)
+            sched.cost.observe(2, 0.011)
+            sched.cost.prompt_samples.append(0.002)
+        streams = [Step(sched.attach(256), [5], [], client=f"streamer{i}") for i in range(2)]
+        seqs = [sched.attach(256) for _ in range(8)]
+        n = SHORT_PROMPT // 2 + 1  # two of them do not fit the usual room together
+
+        def prompt(i: int, client: str) -> Step:
+            return Step(seqs[i], list(range(5, 5 + n)), [], prompt=True, client=client)
+
+        def fed(*steps: Step) -> int:
+            """How many of the prompts are fed whole."""
+            sched._waiting = list(steps)
+            batch = sched._pick()
+            quotas = sched._prompt_quotas(batch, batch[0].key)
+            return sum(quotas.get(id(s)) == n for s in steps if s.prompt)
+
+        def newcomers(k: int) -> list[Step]:
+            return [prompt(i, f"new{i}") for i in range(k)]
+
+        assert fed(streams[0], *newcomers(8)) == 8  # 8 waiting per one streaming: all at once
+        assert fed(*streams, *newcomers(4)) == 3  # 2 per streaming: twice the room
+        assert fed(*streams, *newcomers(3)) == 2  # 1.5 times
+        assert fed(*streams, *newcomers(2)) == 1  # as many as stream: the usual room
+        assert fed(streams[0], *[prompt(i, "door") for i in range(8)]) == 1  # one client's
+        other_slab = SlabScheduler(slab, budget=512, cores=cores)  # whose clients are not
+        cores.streaming(other_slab, 0.010)  # counted here
+        assert fed(*newcomers(8)) == 1
+    finally:
+        slab.close()
+        model.close()
+
+
 def test_what_a_prompt_may_add_beside_one_token_steps_of_other_clients(
         tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beside another client's streams, a prompt's share is of *their* step: its client's own
