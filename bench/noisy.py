@@ -5,7 +5,8 @@ Usage::
 
     .venv/bin/python bench/noisy.py [--model PATH | --tiny] [--phase-seconds 15] [--rounds 2]
                                     [--floods validate,prompts,contexts,credit,http]
-                                    [--retries 1] [--json-out PATH]
+                                    [--retries 1] [--daemon-arg=--config=FILE]
+                                    [--json-out PATH]
     .venv/bin/python bench/noisy.py --tiny --phase-seconds 3 --rounds 1 --retries 0 \
         --wait-idle 0                                                    # a smoke run, ~1 min
 
@@ -13,7 +14,8 @@ Issue 24's target: the streaming client's inter-token p99 during any flood <= 1.
 
 The daemon is a real ``lorad serve`` subprocess with the settings a user gets (``--model PATH``,
 which preloads the model and makes the persistent ``default`` context, ``--repack auto``, the
-default ``[batching]`` and ``[limits]``), on a private ipc socket, plus the HTTP door on a free
+default ``[batching]`` and ``[limits]``; ``--daemon-arg`` adds arguments, e.g. a config file
+to compare settings), on a private ipc socket, plus the HTTP door on a free
 loopback port (``--http 127.0.0.1:PORT``) for the whole run. The model is the default gemma 3
 270M (``lorad default-model``), ``--model PATH``, or with ``--tiny`` the tiny generated llama of
 ``tests/tinymodels.py`` (a smoke run: it says nothing about llama.cpp's speed).
@@ -588,7 +590,7 @@ class Bench:
         self.http_port = free_port()
         self.log_path = workdir / "daemon.log"
         self.daemon_args = ["--repack", "auto", "--model", model,
-                            "--http", f"127.0.0.1:{self.http_port}"]
+                            "--http", f"127.0.0.1:{self.http_port}", *args.daemon_arg]
         started = time.perf_counter()
         self.proc = start_daemon(self.endpoint, [Path(model).parent, workdir], self.log_path,
                                  cwd=workdir, ready_timeout=300, extra_args=self.daemon_args)
@@ -1025,6 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-concurrency", type=int, default=8)
     p.add_argument("--flooder-nice", type=int, default=0,
                    help="niceness of the flooder process (0: as a hostile client would run)")
+    p.add_argument("--daemon-arg", action="append", default=[],
+                   help="extra argument for the daemon, e.g. --daemon-arg=--config=FILE "
+                   "(repeatable; default none: lorad's defaults)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work directory (the daemon's log, the adapters)")
     p.add_argument("--json-out", help="default: bench/results/noisy-<timestamp>.json")
