@@ -827,8 +827,8 @@ class SlabScheduler:
         """How many times the usual room short prompts get together: the clients waiting for
         their first token (their short prompts, none of them streaming) per client streaming,
         at least 1. A burst of new clients joins the streams at once, as llama-server batches
-        all of their prompts: fed a few a step, 32 clients arriving together waited 3.7-5.0 s
-        for their last first token against llama-server's 2.0-2.1 s, in 11 steps each 1.5-2x
+        all of their prompts: fed a few a step, 32 clients arriving together waited 4.1-6.0 s
+        for their last first token against llama-server's 1.6-2.1 s, in 11 steps each 1.5-2x
         as long as the streams' own (gemma 3 270M, AMD EPYC, 2 cores). One new client beside
         streams, a client whose requests run side by side (one client, however many of its
         prompts wait), and prompts beside the streams of another slab only (whose clients this
