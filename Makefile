@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PYTHON ?= python3
 
-.PHONY: serve test test-slow fuzz bench bench-lora bench-speculative bench-control bench-concurrency bench-noisy bench-litert soak train-adapters demo lint clean
+.PHONY: serve test test-slow fuzz llama-server bench bench-lora bench-speculative bench-control bench-concurrency bench-noisy bench-litert soak train-adapters demo lint clean
 
 # Which llama.cpp backend llama-cpp-python is built with: GPU=auto (CUDA where nvcc and an
 # NVIDIA driver are there, for that GPU's architecture only; else the CPU), GPU=cuda or GPU=cpu.
@@ -77,6 +77,12 @@ bench-target: $(INSTALLED)
 # Control round trips (ping, adapter scale change) against a raw pyzmq floor (~2 minutes).
 bench-control: $(INSTALLED)
 	$(PY) bench/control_latency.py
+
+# llama.cpp's llama-server, the peer of the benchmarks, from the llama.cpp that the pinned
+# llama-cpp-python vendors, built for this CPU into ~/.cache/lorad/llama-server (4-8 minutes
+# on 2 cores; again only when the CPU differs from the one it was built for).
+llama-server:
+	bench/build_llama_server.sh
 
 # N concurrent client processes, lorad's batching versus llama-server, and adapter stacks
 # (~10-15 minutes on 2 cores; llama-server from ~/.cache/lorad/llama-server, else skipped).
