@@ -27,8 +27,9 @@ MODEL_BOUND = {
     "test_double_messages_conversation",
     # The 270M base model picks wrong arguments (asked to add 1 and 2, it passes 10**15).
     "test_tool_calling[model0]", "test_tool_calling[model1]", "test_tool_calling_async",
-    # Held to JSON, the base model does not close it within max_tokens.
-    "test_json_mode",
+    # Held to JSON, the base model does not close it within max_tokens (the optional-param
+    # schema too, with the greedy text of an AMD EPYC: 200 tokens, finish_reason "length").
+    "test_json_mode", "test_structured_output_optional_param",
 }
 """Standard tests the default model fails by itself: what it generates, not what lorad does
 (each checked by hand on the run that set this list)."""
