@@ -315,6 +315,7 @@ def test_sigterm_right_after_ready_exits_cleanly(tmp_path: Path, models_dir: Pat
         codes.append(d.proc.wait(30))
         if codes[-1] != 0:
             logs.append(d.log())
+            print(logs[-1])  # whole, in the captured output (an assertion message is cut)
     assert codes == [0] * 20, logs
 
 
