@@ -64,27 +64,36 @@ async def _body(request: Request, limit: int) -> Any:
         text = data.decode("utf-8-sig")  # JSON is UTF-8 (RFC 8259; a BOM is ignored)
     except UnicodeDecodeError as exc:
         raise openai.bad(f"the body is not UTF-8 ({str(exc)[:100]})") from None
+    long_numbers = False
+
+    def parse_int(digits: str) -> int:
+        nonlocal long_numbers
+        number = int(digits)
+        long_numbers = long_numbers or number not in _INT_RANGE
+        return number
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_int=parse_int)
     except (ValueError, RecursionError) as exc:
         raise openai.bad(f"the body is not valid JSON ({str(exc)[:100]})") from None
-    _check_values(text, value)
+    _check_values(text, value, long_numbers)
     return value
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_LONG_NUMBER = re.compile(r"[0-9]{20}")
 _INT_RANGE = range(-(2**63), 2**64)
 """The integers a lorad message can carry (msgpack's)."""
 
 
-def _check_values(text: str, value: Any) -> None:
+def _check_values(text: str, value: Any, long_numbers: bool) -> None:
     """Refuse what JSON can say but a lorad message cannot: a lone surrogate (a \\uD800-\\uDFFF
     escape without its pair: pairs decode to one character) in a string or key, or an integer
-    past 64 bits. The text is searched first, so a body with neither is not walked."""
+    past 64 bits (``long_numbers``: the parser met one). The text is searched for the escape
+    first, so a body with neither is not walked. (Searching it for 20 digits in a row took
+    3.3 ms of the event loop for a 300 KB prompt, the GIL held: the parser's integers are
+    checked as they are made instead.)"""
     surrogates = _SURROGATE_ESCAPE.search(text) is not None
-    long_numbers = _LONG_NUMBER.search(text) is not None
     stack: list[tuple[Any, str | None]] = [(value, None)]
     while stack and (surrogates or long_numbers):
         item, top = stack.pop()
