@@ -197,7 +197,7 @@ class Engine:
         held = [self.adapters.hold(e.adapter) for e in actor.stack] if actor else []
         stack = [(e.adapter.adapter, e.scale) for e in actor.stack] if actor else []
 
-        def work() -> tuple[list[list[float]], list[int]]:
+        def tokenize() -> list[list[int]]:
             tokenized = []
             for i, text in enumerate(inputs):
                 try:
@@ -209,28 +209,36 @@ class Engine:
                         f"than the embedding context's {embedder.n_ctx}", field="input",
                         index=i, prompt_tokens=exc.n, n_ctx=embedder.n_ctx,
                         **({"at_least": True} if exc.at_least else {})) from None
-            vectors = []
+            return tokenized
+
+        def pooled(tokens: list[int]) -> list[float]:
+            vector = embedder.embed(tokens).astype(np.float64)
+            norm = float(np.linalg.norm(vector))
+            if args.normalize and norm > 0:
+                vector /= norm
+            return vector.tolist()
+
+        def work(tokenized: list[list[int]]) -> list[list[float]]:
             embedder.set_adapters(stack)
             try:
+                vectors = []
                 for tokens in tokenized:
                     if cancelled():
                         raise ProtocolError(ErrorCode.CANCELLED, "cancelled")
-                    vector = embedder.embed(tokens).astype(np.float64)
-                    norm = float(np.linalg.norm(vector))
-                    if args.normalize and norm > 0:
-                        vector /= norm
-                    vectors.append(vector.tolist())
+                    vectors.append(pooled(tokens))
+                return vectors
             finally:  # the context must not keep adapters that may be freed after this
                 embedder.set_adapters([])
-            return vectors, [len(t) for t in tokenized]
 
         try:
+            tokenized = await self.text.run(tokenize)
             async with found.lock:
                 if self._embedders.get(entry.id) is not found:  # unloaded while we waited
                     raise unloaded(entry)
-                vectors, counts = await trio.to_thread.run_sync(work)
+                vectors = await trio.to_thread.run_sync(work, tokenized)
         finally:
             await self.stacks.release(held)
+        counts = [len(t) for t in tokenized]
         return {"model": entry.id, "context": actor.id if actor else None,
                 "embeddings": vectors, "dimensions": model.n_embd, "pooling": embedder.pooling,
                 "normalized": args.normalize, "prompt_tokens": sum(counts),
