@@ -85,19 +85,21 @@ streamed chunk share its timestamp). Per configuration run:
   "weights + N KV caches"). Other processes that map the model file meanwhile are recorded;
 * **the Python share of a step** (lorad, speculation off). In the run's *steady window*, from
   the last first token of any stream to the first last token (every stream generating, every
-  prompt done), each step gives each stream one token, so the gap between two tokens of a
-  stream is the wall time of a step: its median over the window's gaps is the *wall ms/step*
-  (the window / the most tokens a stream received in it, the mean, is in the JSON). What the
-  decode itself took is the daemon's own figure: ``status()["batching"][i]["step_ms"]`` at size
-  N (*step ms*), the median of the slab's last steps of N tokens, timed around the worker
-  thread's ``llama_decode`` and the in-place sampling after it, read at the end of the run.
-  Python share = 1 - step_ms(N) / wall ms/step: what the
-  scheduler, the context actors, the emission and the transport add to a step outside the
-  timed call. It is a lower bound of the daemon's Python (the sampling glue inside the timed
-  call counts as decode) and is not computed with speculation on (steps then differ in size and
-  give a stream several tokens). Also reported: the CPU time of the daemon's trio thread (the
-  scheduler, actors and transport; ``/proc/PID/task/PID/schedstat``) per step over the run,
-  some of which overlaps the decode;
+  prompt done), each step gives each stream one token. The slab's own timeline
+  (``status()["batching"][i]["timeline"]``: when each of its last 256 steps began, on the
+  machine's monotonic clock that the clients stamp tokens with, and what its decode took,
+  timed around the worker thread's ``llama_decode`` and the in-place sampling after it) gives
+  the steps that began in that window: Python share = 1 - their decode time / the time from
+  the first one's start to the last one's: what the scheduler, the context actors, the
+  emission and the transport add to a step outside the timed call, measured on the same steps
+  (the median-based figure of earlier versions, 1 - the median N-token ``step_ms`` over the
+  whole run / the median gap in the window, compared two windows and went negative on a
+  machine whose speed moves within a run; it is kept in the JSON as ``share_of_medians``). It
+  is a lower bound of the daemon's Python (the sampling glue inside the timed call counts as
+  decode) and is not computed with speculation on (steps then differ in size and give a stream
+  several tokens). Also reported: the CPU time of the daemon's trio thread (the scheduler,
+  actors and transport; ``/proc/PID/task/PID/schedstat``) per step over the run, some of
+  which overlaps the decode;
 * the tokens each client got: llama-server ignores end-of-generation (``ignore_eos``) and always
   gives ``--tokens``; lorad has no such option and stops at an end-of-generation token, so the
   prompts were chosen to make the model write long answers and the token counts are reported
@@ -617,6 +619,7 @@ def _slab_delta(before: list[dict[str, Any]], after: list[dict[str, Any]], n: in
             d = {k: match[0][k] - shared[0][k] for k in ("steps", "tokens", "stack_switches")}
             d["tokens_per_step"] = _r(d["tokens"] / d["steps"], 2) if d["steps"] else None
             d["step_ms_after"] = match[0].get("step_ms")
+            d["timeline_after"] = match[0].get("timeline")
             out.update(d)
     return out
 
@@ -637,7 +640,7 @@ def steady_window(reqs: list[dict[str, Any]]) -> dict[str, Any] | None:
     gaps = [(b - a) * 1000 for s in stamps for a, b in itertools.pairwise(s)
             if t_a <= a and b <= t_b]
     return {"window_s": _r(t_b - t_a, 4), "steps": steps, "ms_per_step": _r(median(gaps)),
-            "mean_ms_per_step": _r((t_b - t_a) * 1000 / steps)}
+            "mean_ms_per_step": _r((t_b - t_a) * 1000 / steps), "t_a": t_a, "t_b": t_b}
 
 
 def summarise_run(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -701,6 +704,22 @@ def _memory(pid: int, model: str, n: int, status: dict[str, Any] | None) -> dict
                        pss_over_formula=_r(m["Pss"] / (weights + n * per_context)),
                        memory_held=held)
     return out
+
+
+def window_share(timeline: list[list[float]] | None, t_a: float, t_b: float
+                 ) -> dict[str, Any]:
+    """The Python share of the steps that began in the steady window ``[t_a, t_b]``, from the
+    slab's own ``timeline`` (when each step began on the machine's monotonic clock, what its
+    decode took): 1 - their decode time / the time from the first one's start to the last
+    one's (the last one's decode is not in it)."""
+    steps = sorted((t, ms) for t, ms, _ in timeline or [] if t_a <= t <= t_b)
+    if len(steps) < 4:
+        return {"share": None, "window_steps": len(steps)}
+    wall = (steps[-1][0] - steps[0][0]) * 1000
+    decode = sum(ms for _, ms in steps[:-1])
+    return {"share": _r(1 - decode / wall, 4), "window_steps": len(steps) - 1,
+            "window_ms_per_step": _r(wall / (len(steps) - 1)),
+            "window_decode_ms_per_step": _r(decode / (len(steps) - 1))}
 
 
 def _step_ms(table: list[list[float]] | None, n: int) -> float | None:
@@ -892,7 +911,8 @@ class Bench:
         step_ms = _step_ms(slab.get("step_ms_after"), cfg.n)
         wall = steady["ms_per_step"]
         out.update(step_ms=step_ms, wall_ms_per_step=wall,
-                   share=_r(1 - step_ms / wall, 4) if step_ms and wall else None)
+                   share_of_medians=_r(1 - step_ms / wall, 4) if step_ms and wall else None)
+        out.update(window_share(slab.get("timeline_after"), steady["t_a"], steady["t_b"]))
         return out
 
 
@@ -915,7 +935,7 @@ def report_run(run: dict[str, Any], label: str) -> None:
             note += "  WARNING: slabs left after the contexts closed"
     py = run.get("python") or {}
     if py.get("share") is not None:
-        note += f"  [python {py['share']:.1%} of {py['wall_ms_per_step']:.1f} ms/step]"
+        note += f"  [python {py['share']:.1%} of {py['window_ms_per_step']:.1f} ms/step]"
     if run.get("drafted") is not None:
         note += f"  [drafted {run['drafted']}, accepted {run['accepted']}]"
     mem = run.get("memory") or {}
@@ -962,7 +982,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "ms_per_step": _r(median([(r.get("steady") or {}).get("ms_per_step")
                                       for r in rs])),
             "step_ms": _r(median([p.get("step_ms") for p in py])),
+            "window_decode_ms_per_step": _r(median([p.get("window_decode_ms_per_step")
+                                                    for p in py])),
+            "window_ms_per_step": _r(median([p.get("window_ms_per_step") for p in py])),
             "python_share": _r(median([p.get("share") for p in py]), 4),
+            "python_share_of_medians": _r(median([p.get("share_of_medians") for p in py]), 4),
             "trio_thread_ms_per_step": _r(median([p.get("trio_thread_ms_per_step")
                                                   for p in py])),
             "pss_mib": _r(median([m["pss"] / MIB if m.get("pss") else None for m in mem]), 1),
@@ -1086,9 +1110,9 @@ def print_report(summary: dict[str, Any], result: dict[str, Any], clients: list[
         _table(tuple(head), rows)
 
     print("\nlorad per N (speculation off): the batch, the Python share of a step, memory. "
-          "step ms: the daemon's median decode step of N tokens; wall ms/step: the steady "
-          "window's; Python = 1 - step / wall; trio ms/step: the daemon's trio thread CPU per "
-          "step; PSS at the end of the run with N contexts:\n")
+          "Of the steps that began in the steady window (the slab's timeline): step ms, their "
+          "decode; wall ms/step, start to start; Python = 1 - step / wall; trio ms/step: the "
+          "daemon's trio thread CPU per step; PSS at the end of the run with N contexts:\n")
     first = variants[0] if variants else None
     rows = []
     for phase in PHASES:
@@ -1099,8 +1123,9 @@ def print_report(summary: dict[str, Any], result: dict[str, Any], clients: list[
             se = summary.get(Config(SERVER, n, variant=first).key(phase)) if first else None
             rows.append((f"N = {n}, {phase}",
                          "/".join(map(str, x["slab_sequences"])) or "n/a",
-                         _f(x["tokens_per_step"], ".2f"), _f(x["step_ms"], ".2f"),
-                         _f(x["ms_per_step"], ".2f"),
+                         _f(x["tokens_per_step"], ".2f"),
+                         _f(x["window_decode_ms_per_step"], ".2f"),
+                         _f(x["window_ms_per_step"], ".2f"),
                          _f(x["python_share"] * 100 if x["python_share"] is not None else None,
                             ".1f"),
                          _f(x["trio_thread_ms_per_step"], ".2f"),

@@ -61,6 +61,8 @@ QUANTUM = 4
 """Steps a stack is served in a row while others wait: changing the adapters of a llama
 context makes its next decode re-reserve the graph (6-9 ms on gemma 270M here, a fifth of a
 step), so turns of a few steps amortise it; the wait of the others stays a few steps."""
+TIMELINE_STEPS = 256
+"""How many of a slab's last steps ``status()["batching"][i]["timeline"]`` shows."""
 
 
 @dataclass(eq=False)
@@ -393,6 +395,9 @@ class SlabScheduler:
         """What its steps cost (shared by the slabs of a kind: it outlives a slab)."""
         self.steps = 0
         self.tokens = 0
+        self.timeline: deque[tuple[float, float, int]] = deque(maxlen=TIMELINE_STEPS)
+        """The last steps: when each began (``time.monotonic``, one clock for every process
+        of the machine), what its decode took (seconds) and its tokens (``status``)."""
         self.stack_switches = 0
         self.moves = 0
         """Long prompts moved next to the generating sequences (:meth:`_place`)."""
@@ -590,11 +595,14 @@ class SlabScheduler:
             async with self._stepping, self.cores.lock:
                 await self._place()
                 batch = await self._rotate(self._pick())
+                began, tokens = time.monotonic(), self.tokens
                 started = time.perf_counter()
                 with self.cores.ingress.decoding():
                     await self.cores.thread.run(self.cores.team.run, self.slab.n_threads,
                                                 self._decode, batch)
             elapsed = time.perf_counter() - started
+            if self.tokens > tokens:
+                self.timeline.append((began, elapsed, self.tokens - tokens))
             if batch:
                 decodes, prompts = self._shape
                 steps = [s for s in batch if not s.prompt]
@@ -1319,7 +1327,8 @@ class Batcher:
                  "n_threads": k.n_threads, "sequences": s.slab.n_seq, "used": len(s.sequences),
                  "steps": s.steps, "tokens": s.tokens, "stack_switches": s.stack_switches,
                  "moves": s.moves, "starts": s.starts, "held": s.held, "capped": s.capped,
-                 "step_ms": s.cost.table(), "idle": id(s) in self._idle}
+                 "step_ms": s.cost.table(), "idle": id(s) in self._idle,
+                 "timeline": [[round(t, 6), round(dt * 1000, 3), n] for t, dt, n in s.timeline]}
                 for k, slabs in self.slabs.items() for s, _ in slabs]
 
 

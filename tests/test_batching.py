@@ -3,7 +3,9 @@ shared batches, and each keeps its promises (output, prefix cache, n_ctx, cancel
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -79,12 +81,19 @@ def test_contexts_decode_together_and_give_their_output_alone(
         [slab] = slabs(client)
         assert slab["used"] == 4 and slab["sequences"] == 4
         before = slab["steps"], slab["tokens"]
+        began = time.monotonic()
         got = concurrently(batch_daemon, {p: (c.id, p) for c, p in zip(ctxs, PROMPTS, strict=True)})
+        ended = time.monotonic()
         assert got == alone
         [slab] = slabs(client)
         steps, tokens = slab["steps"] - before[0], slab["tokens"] - before[1]
         assert tokens >= 4 * (N - 1)
         assert steps < tokens / 2, (steps, tokens)  # several sequences in most batches
+        # the last steps, on this process's monotonic clock: these, one after the other
+        timeline = [t for t in slab["timeline"] if t[0] >= began]
+        assert len(timeline) <= steps and sum(n for _, _, n in timeline) == tokens
+        assert all(a[0] + a[1] / 1000 <= b[0] for a, b in itertools.pairwise(timeline))
+        assert timeline[-1][0] + timeline[-1][1] / 1000 <= ended
     finally:
         for c in ctxs:
             c.close()
