@@ -231,7 +231,8 @@ class Engine:
                 embedder.set_adapters([])
 
         try:
-            tokenized = await self.text.run(tokenize)
+            async with entry.using():  # an unload waits for the text thread
+                tokenized = await self.text.run(tokenize)
             async with found.lock:
                 if self._embedders.get(entry.id) is not found:  # unloaded while we waited
                     raise unloaded(entry)

@@ -145,6 +145,68 @@ async def test_embed_racing_an_unload_is_not_found_never_a_freed_context(
                 for task in ((embed, unload) if first == "embed" else (unload, embed)):
                     racers.start_soon(task)
                     await trio.testing.wait_all_tasks_blocked()
+                    with trio.fail_after(10):  # tokenized (a text thread): it waits for it
+                        while task is embed and "embed" not in outcomes and \
+                                not busy.lock.statistics().tasks_waiting:
+                            await trio.sleep(0.001)
         assert outcomes == {"embed": "not_found", "unload": True}
         assert not engine._embedders and not list(engine.models)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unload_waits_for_an_embeddings_tokenizing(tmp_path: Path,
+                                                           tiny_model: Path) -> None:
+    """An embedding's inputs are tokenized on the text workers before it takes the embedding
+    context: an unload that begins meanwhile waits for that thread before it frees the
+    vocabulary (the embedding then gets its vectors or ``not_found``)."""
+    import threading
+
+    import trio
+    import trio.testing
+
+    from lorad.daemon.config import DaemonConfig
+    from lorad.daemon.engine import Engine
+    from lorad.daemon.metrics import Metrics
+    from lorad.protocol import ProtocolError
+    from lorad.protocol.args import parse_args
+
+    config = DaemonConfig(endpoint="inproc://unused", allowed_dirs=[str(tiny_model.parent)],
+                          adapter_dirs=[str(tmp_path)], peft_cache_dir=str(tmp_path / "peft"))
+    engine = Engine(config, Metrics())
+    release = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    async def block() -> None:  # a text thread, busy until released
+        await engine.text.run(release.wait, 30)
+
+    async def embed() -> None:
+        try:
+            result = await engine.embed(
+                parse_args("embed", {"model": entry.id, "input": ["hello"]}), None,
+                lambda: False)
+            outcomes["embed"] = len(result["embeddings"])
+        except ProtocolError as exc:
+            outcomes["embed"] = exc.code.value
+
+    async def unload() -> None:
+        outcomes["unload"] = (await engine.unload_model(entry.id, force=True))["unloaded"]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        entry = await engine.models.load(str(tiny_model))
+        await engine._embedder(entry)
+        async with trio.open_nursery() as racers:
+            for _ in range(engine.text.threads):
+                racers.start_soon(block)
+            await trio.testing.wait_all_tasks_blocked()
+            racers.start_soon(embed)  # its tokenizing waits for a text thread
+            await trio.testing.wait_all_tasks_blocked()
+            try:  # it holds the weights (an unload's wait_unused waits for it)
+                assert entry.in_use
+            finally:
+                racers.start_soon(unload)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        assert outcomes["unload"] is True and outcomes["embed"] in (1, "not_found"), outcomes
+        assert not list(engine.models)
         nursery.cancel_scope.cancel()
