@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -106,6 +107,39 @@ async def test_async_client_and_cli_embed(daemon: DaemonProcess, tiny_model: Pat
     assert np.allclose(printed["embeddings"], result["embeddings"])
 
 
+class _EmbedRace:
+    """An engine in this process (the tiny model allowed), and an embedding and a forced unload
+    of ``entry`` (set once it is loaded) whose outcomes are recorded: the number of vectors or
+    the error code, and whether the model was unloaded."""
+
+    def __init__(self, tmp_path: Path, tiny_model: Path) -> None:
+        from lorad.daemon.config import DaemonConfig
+        from lorad.daemon.engine import Engine
+        from lorad.daemon.metrics import Metrics
+
+        self.engine = Engine(DaemonConfig(
+            endpoint="inproc://unused", allowed_dirs=[str(tiny_model.parent)],
+            adapter_dirs=[str(tmp_path)], peft_cache_dir=str(tmp_path / "peft")), Metrics())
+        self.entry: Any = None
+        self.outcomes: dict[str, object] = {}
+
+    async def embed(self) -> None:
+        from lorad.protocol import ProtocolError
+        from lorad.protocol.args import parse_args
+
+        try:
+            result = await self.engine.embed(
+                parse_args("embed", {"model": self.entry.id, "input": ["hello"]}), None,
+                lambda: False)
+            self.outcomes["embed"] = len(result["embeddings"])
+        except ProtocolError as exc:
+            self.outcomes["embed"] = exc.code.value
+
+    async def unload(self) -> None:
+        unloaded = await self.engine.unload_model(self.entry.id, force=True)
+        self.outcomes["unload"] = unloaded["unloaded"]
+
+
 @pytest.mark.parametrize("first", ["embed", "unload"])
 async def test_embed_racing_an_unload_is_not_found_never_a_freed_context(
         tmp_path: Path, tiny_model: Path, first: str) -> None:
@@ -114,32 +148,12 @@ async def test_embed_racing_an_unload_is_not_found_never_a_freed_context(
     import trio
     import trio.testing
 
-    from lorad.daemon.config import DaemonConfig
-    from lorad.daemon.engine import Engine
-    from lorad.daemon.metrics import Metrics
-    from lorad.protocol import ProtocolError
-    from lorad.protocol.args import parse_args
-
-    config = DaemonConfig(endpoint="inproc://unused", allowed_dirs=[str(tiny_model.parent)],
-                          adapter_dirs=[str(tmp_path)], peft_cache_dir=str(tmp_path / "peft"))
-    engine = Engine(config, Metrics())
-    outcomes: dict[str, object] = {}
-
-    async def embed() -> None:
-        try:
-            outcomes["embed"] = await engine.embed(
-                parse_args("embed", {"model": entry.id, "input": ["hello"]}), None,
-                lambda: False)
-        except ProtocolError as exc:
-            outcomes["embed"] = exc.code.value
-
-    async def unload() -> None:
-        outcomes["unload"] = (await engine.unload_model(entry.id, force=True))["unloaded"]
-
+    race = _EmbedRace(tmp_path, tiny_model)
+    engine, outcomes, embed, unload = race.engine, race.outcomes, race.embed, race.unload
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        entry = await engine.models.load(str(tiny_model))
-        busy = await engine._embedder(entry)
+        race.entry = await engine.models.load(str(tiny_model))
+        busy = await engine._embedder(race.entry)
         async with trio.open_nursery() as racers:
             async with busy.lock:  # an embedding in progress holds the context
                 for task in ((embed, unload) if first == "embed" else (unload, embed)):
@@ -164,47 +178,27 @@ async def test_an_unload_waits_for_an_embeddings_tokenizing(tmp_path: Path,
     import trio
     import trio.testing
 
-    from lorad.daemon.config import DaemonConfig
-    from lorad.daemon.engine import Engine
-    from lorad.daemon.metrics import Metrics
-    from lorad.protocol import ProtocolError
-    from lorad.protocol.args import parse_args
-
-    config = DaemonConfig(endpoint="inproc://unused", allowed_dirs=[str(tiny_model.parent)],
-                          adapter_dirs=[str(tmp_path)], peft_cache_dir=str(tmp_path / "peft"))
-    engine = Engine(config, Metrics())
+    race = _EmbedRace(tmp_path, tiny_model)
+    engine, outcomes = race.engine, race.outcomes
     release = threading.Event()
-    outcomes: dict[str, object] = {}
 
     async def block() -> None:  # a text thread, busy until released
         await engine.text.run(release.wait, 30)
 
-    async def embed() -> None:
-        try:
-            result = await engine.embed(
-                parse_args("embed", {"model": entry.id, "input": ["hello"]}), None,
-                lambda: False)
-            outcomes["embed"] = len(result["embeddings"])
-        except ProtocolError as exc:
-            outcomes["embed"] = exc.code.value
-
-    async def unload() -> None:
-        outcomes["unload"] = (await engine.unload_model(entry.id, force=True))["unloaded"]
-
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)
-        entry = await engine.models.load(str(tiny_model))
+        entry = race.entry = await engine.models.load(str(tiny_model))
         await engine._embedder(entry)
         async with trio.open_nursery() as racers:
             for _ in range(engine.text.threads):
                 racers.start_soon(block)
             await trio.testing.wait_all_tasks_blocked()
-            racers.start_soon(embed)  # its tokenizing waits for a text thread
+            racers.start_soon(race.embed)  # its tokenizing waits for a text thread
             await trio.testing.wait_all_tasks_blocked()
             try:  # it holds the weights (an unload's wait_unused waits for it)
                 assert entry.in_use
             finally:
-                racers.start_soon(unload)
+                racers.start_soon(race.unload)
                 await trio.testing.wait_all_tasks_blocked()
                 release.set()
         assert outcomes["unload"] is True and outcomes["embed"] in (1, "not_found"), outcomes
