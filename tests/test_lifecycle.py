@@ -408,15 +408,26 @@ def test_contexts_share_the_weights(fresh_daemon: DaemonProcess, models_dir: Pat
 
 
 LEAN_SCRIPT = """
-import importlib.metadata, sys
+import sys
 from lorad.daemon.lean_imports import keep_imports_lean
 keep_imports_lean()
-import lorad.daemon.server, lorad.daemon.llama, lorad.daemon.logs
+import lorad.daemon.server, lorad.daemon.llama, lorad.daemon.logs, lorad.daemon.peft
 loaded = sorted(m for m in sys.modules if sys.modules[m] is not None and
-                m.split(".")[0] in ("jinja2", "diskcache", "sqlite3", "rich", "pygments")
-                or m == "llama_cpp.llama")
+                m.split(".")[0] in ("jinja2", "diskcache", "sqlite3", "rich", "pygments", "yaml")
+                or m in ("llama_cpp.llama", "gguf.gguf_writer", "gguf.gguf_reader",
+                         "importlib.metadata"))
 assert not loaded, loaded
-import llama_cpp
+import gguf, gguf.constants
+assert gguf.GGML_QUANT_SIZES is gguf.constants.GGML_QUANT_SIZES
+assert gguf.GGUFWriter.__module__ == "gguf.gguf_writer"  # the whole package, on first use
+assert gguf.GGUFReader and gguf.get_tensor_name_map and "yaml" in sys.modules
+try:
+    gguf.no_such_name
+except AttributeError as exc:
+    assert "no_such_name" in str(exc)
+else:
+    raise AssertionError("a missing name resolved")
+import importlib.metadata, llama_cpp
 assert llama_cpp.__version__ == importlib.metadata.version("llama_cpp_python")
 assert llama_cpp.llama_backend_init is sys.modules["llama_cpp.llama_cpp"].llama_backend_init
 from llama_cpp import Llama  # the high-level API still resolves, imported on first use
@@ -432,7 +443,8 @@ else:
 
 def test_the_daemon_process_imports_only_what_it_uses(daemon: DaemonProcess,
                                                       client: Client, tiny_model: Path) -> None:
-    # keep_imports_lean, in a fresh interpreter: llama_cpp's high-level API and rich stay out.
+    # keep_imports_lean, in a fresh interpreter: llama_cpp's high-level API, rich, gguf's
+    # reader and writer stay out.
     subprocess.run([sys.executable, "-c", LEAN_SCRIPT], check=True, timeout=60)
     # ... and the daemon process applies it: diskcache (llama_cpp.llama's) would map _sqlite3.
     ctx = client.create_context(tiny_model, n_ctx=64)
