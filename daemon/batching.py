@@ -15,6 +15,7 @@ of ``QUANTUM`` steps, so none starves: with k stacks waiting, each waits at most
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from collections import Counter, deque
@@ -63,6 +64,12 @@ context makes its next decode re-reserve the graph (6-9 ms on gemma 270M here, a
 step), so turns of a few steps amortise it; the wait of the others stays a few steps."""
 TIMELINE_STEPS = 256
 """How many of a slab's last steps ``status()["batching"][i]["timeline"]`` shows."""
+STREAM_GRACE_S = 0.25
+"""A slab where a generation ended this recently holds a step of long prompts as if that
+generation still streamed: a client that streams request after request sends its next one at
+once, and a step of prompts alone taken meanwhile (512 tokens of another client's long prompt:
+1.3-1.7 s on gemma 3 270M, 2 cores) was its next first token's wait (``bench/noisy.py``'s
+prompts flood)."""
 
 
 @dataclass(eq=False)
@@ -305,17 +312,23 @@ class Cores:
         self.team = team if team is not None else Team(enabled=False)
         """Where that team runs (:mod:`lorad.daemon.affinity`)."""
         self._streams: dict[int, float] = {}
+        self._ended: dict[int, tuple[float, float]] = {}
+        """Slabs whose streams ended: their step's seconds and when (``time.monotonic``)."""
 
     def close(self) -> None:
         """The decode thread ends once its step is done."""
         self.thread.close()
 
     def streaming(self, scheduler: SlabScheduler, step_seconds: float | None) -> None:
-        """``scheduler``'s contexts stream with steps of ``step_seconds`` (None: they do not)."""
+        """``scheduler``'s contexts stream with steps of ``step_seconds`` (None: they do not;
+        for ``STREAM_GRACE_S`` they count as streaming still)."""
         if step_seconds is None:
-            self._streams.pop(id(scheduler), None)
+            last = self._streams.pop(id(scheduler), None)
+            if last is not None:
+                self._ended[id(scheduler)] = (last, time.monotonic())
         else:
             self._streams[id(scheduler)] = step_seconds
+            self._ended.pop(id(scheduler), None)
 
     def may_start(self, client: object, now: float) -> bool:
         """Whether ``client`` may have a short prompt fed whole past the share beside another
@@ -348,8 +361,12 @@ class Cores:
         return times
 
     def stream_seconds(self, scheduler: SlabScheduler) -> float | None:
-        """The longest step of another slab's streams (None: no other slab streams)."""
+        """The longest step of another slab's streams, those that ended within
+        ``STREAM_GRACE_S`` included (None: no other slab streams)."""
+        now = time.monotonic()
+        self._ended = {k: e for k, e in self._ended.items() if now - e[1] < STREAM_GRACE_S}
         others = [t for k, t in self._streams.items() if k != id(scheduler)]
+        others += [t for k, (t, _) in self._ended.items() if k != id(scheduler)]
         return max(others) if others else None
 
 
@@ -391,6 +408,9 @@ class SlabScheduler:
         self._wake = trio.Event()
         self.active: set[int] = set()
         """Sequences in the middle of a generation: their next step is coming."""
+        self.ended_at = -math.inf
+        """When one of them last left (``time.monotonic``): for ``STREAM_GRACE_S`` after, a
+        step of long prompts is held as if it still streamed (:meth:`_prompt_room`)."""
         self.cost = cost if cost is not None else StepCost()
         """What its steps cost (shared by the slabs of a kind: it outlives a slab)."""
         self.steps = 0
@@ -507,6 +527,7 @@ class SlabScheduler:
         has no credit left): batches go on without waiting for it."""
         if seq.seq_id in self.active:
             self.active.discard(seq.seq_id)
+            self.ended_at = time.monotonic()
             self._wake.set()
             if not self.active:
                 self.cores.streaming(self, None)
@@ -733,13 +754,17 @@ class SlabScheduler:
         of the room once every short one is in, at least one token. A short prompt beside
         long ones counts as a stream about to start (a one-token step) when nothing streams:
         a new request is not held behind a whole budget of another's prompt (1.1-1.5 s on
-        gemma 3 270M, 2 cores). Beside the streams of another client on this slab
-        (``streaming``: the clients whose sequences generate), a short prompt past the share is
-        fed whole if its client runs requests one at a time, or has not had one so fed within
-        ``Cores.start_interval`` (:meth:`Cores.may_start`); else it is held to the share as a
-        long one. The share is then of the step of the
-        clients whose decodes are in it without a prompt (``theirs``: their decode tokens): a
-        client's own rows do not widen what its prompts may add to another's step.
+        gemma 3 270M, 2 cores); so do long prompts for ``STREAM_GRACE_S`` after a generation
+        of this slab ended (or another slab's streams: :meth:`Cores.stream_seconds`), so that
+        the next request of a client that streams request after request finds no such step
+        under way.
+        Beside the streams of another client on this slab (``streaming``: the clients whose
+        sequences generate), a short prompt past the share is fed whole if its client runs
+        requests one at a time, or has not had one so fed within ``Cores.start_interval``
+        (:meth:`Cores.may_start`); else it is held to the share as a long one. The share is
+        then of the step of the clients whose decodes are in it without a prompt (``theirs``:
+        their decode tokens): a client's own rows do not widen what its prompts may add to
+        another's step.
 
         With a KV pool per sequence, llama.cpp computes a step in ubatches of as many tokens
         of each sequence (``split_equal``): beside one-token decodes (``ride``: their sequence
@@ -758,9 +783,12 @@ class SlabScheduler:
         others = self.cores.stream_seconds(self) if self.cost.samples else None
         lefts = [len(s.pending) if s.started else len(s.tokens) for s in prompts]
         # a short prompt beside long ones is a request about to stream: its first step is
-        # held to the share as a stream's would be, not filled up with the long prompts
-        starting = (not streams and bool(self.cost.samples)
-                    and 0 < sum(n <= SHORT_PROMPT for n in lefts) < len(lefts))
+        # held to the share as a stream's would be, not filled up with the long prompts; so
+        # is a step of long prompts just after a stream ended (its client's next request is
+        # most likely on its way)
+        n_short = sum(n <= SHORT_PROMPT for n in lefts)
+        starting = (not streams and bool(self.cost.samples) and n_short < len(lefts)
+                    and (n_short > 0 or time.monotonic() - self.ended_at < STREAM_GRACE_S))
         self._held, self._starts = set(), {}
         if not streams and others is None and not starting:
             return self.budget

@@ -418,6 +418,8 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         assert picked(prompt) == ([prompt], 7)
         assert picked(decode, prompt)[1] == 7  # the longer of the two waits: (15 - 0.5) / 2
         cores.streaming(there, None)
+        assert picked(prompt)[1] == 7  # for STREAM_GRACE_S still (the next test)
+        cores._ended.clear()  # that moment over
         assert picked(prompt)[1] == 512
 
         # a KV pool per sequence: a prompt chunk of more than one token beside one-token
@@ -449,6 +451,56 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         drafted = Step(streaming, [5, 6, 7], [], outputs=3, client=APP)
         assert picked(drafted, prompt)[1] == 3  # the linear rule: 0.5 x 12 ms / 2 ms
         assert picked(prompt)[1] == 512  # prompts alone: the whole budget
+    finally:
+        for s in slabs_:
+            s.close()
+        model.close()
+
+
+def test_long_prompts_are_held_for_a_moment_after_a_stream_ended(tiny_model: Path) -> None:
+    """For ``STREAM_GRACE_S`` after a generation of a slab ended, a step of long prompts is
+    held to the share as if it still streamed, so that the next request of a client that streams
+    request after request finds no step of a whole budget under way (512 tokens of another
+    client's prompt: its first token 1.7-2.1 s late on gemma 3 270M, ``bench/noisy.py``'s
+    prompts flood); after that, prompts alone take the whole budget again. A stream of another
+    slab of the model that ended holds them alike; short prompts alone are not held."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import STREAM_GRACE_S, Cores, SlabScheduler, Step
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slabs_ = [llama.Slab(model, n_seq=3, n_ctx_seq=512, n_batch=512, n_threads=1)
+              for _ in range(2)]
+    cores = Cores(prompt_share=0.5)
+    try:
+        here, there = (SlabScheduler(s, budget=512, cores=cores) for s in slabs_)
+        for _ in range(3):  # a 10 ms one-token step; a prompt token adds 2 ms
+            here.cost.observe(1, 0.010)
+            here.cost.prompt_samples.append(0.002)
+        streamer = here.attach(512)
+        prompt = Step(here.attach(512), list(range(5, 405)), [], prompt=True, client="other")
+        short = Step(here.attach(512), list(range(5, 15)), [], prompt=True, client="other")
+
+        def picked(*steps: Step) -> int:
+            here._waiting = list(steps)
+            assert here._pick() == list(steps)
+            return here._room
+
+        assert picked(prompt) == 512  # nothing has streamed
+        here.join(prompt.seq)  # the long prompt's generation (its steps are prompt chunks)
+        here.join(streamer)
+        here.leave(streamer)  # the other's generation ended just now
+        assert picked(prompt) == 2  # as beside a one-token step: 0.5 x 10 ms / 2 ms
+        assert picked(short) == 512  # short prompts alone: as before
+        here.ended_at -= STREAM_GRACE_S  # the moment is over
+        assert picked(prompt) == 512
+        cores.streaming(there, 0.030)  # another slab streams with 30 ms steps, then ends
+        cores.streaming(there, None)
+        assert picked(prompt) == 7  # as beside its stream: 0.5 x 30 ms / 2 ms
+        ended, at = cores._ended[id(there)]
+        cores._ended[id(there)] = (ended, at - STREAM_GRACE_S)
+        assert picked(prompt) == 512
+        assert not cores._ended  # forgotten once over
     finally:
         for s in slabs_:
             s.close()
