@@ -3,7 +3,8 @@
 Run as a script (``python -I template_worker.py MEMORY_BYTES OUTPUT_CHARS DAEMON_PID``) by
 :mod:`lorad.daemon.templates`, never imported by the daemon: it imports only the standard
 library, jinja2 and msgpack, so that it starts fast. Requests and replies are msgpack maps,
-each preceded by its length (4 bytes, big-endian), on stdin and stdout.
+each preceded by its length (4 bytes, big-endian), on stdin and stdout; the first reply,
+``{"ready": true}``, says that it has started.
 
 Whatever a template does, it cannot reach the daemon: it runs in Jinja's immutable sandbox, in
 its own process, under an address-space limit; its output is cut at ``OUTPUT_CHARS``; the
@@ -123,6 +124,9 @@ def main(argv: list[str]) -> int:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     renderer = Renderer(max_output)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    ready = msgpack.packb({"ready": True})  # its start is not a render's time
+    stdout.write(struct.pack(">I", len(ready)) + ready)
+    stdout.flush()
     while True:
         head = _read_exactly(stdin, 4)
         if head is None:

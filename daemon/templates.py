@@ -2,9 +2,13 @@
 
 Jinja chat templates come from clients and from GGUF files of any origin, so they are untrusted
 code. Each render runs in a worker process (``template_worker.py``) under Jinja's immutable
-sandbox and an address-space limit; the daemon waits for it without blocking its event loop, and
-kills a worker that takes longer than ``limits.template_timeout_ms``. A killed or broken worker is
-replaced on the next render; at most ``limits.template_workers`` renders run at once.
+sandbox and an address-space limit, at nice 19; the daemon waits for it without blocking its
+event loop, and kills a worker whose render has used ``limits.template_timeout_ms`` of CPU time
+(its own, read from ``/proc``: a worker at nice 19 beside busy decode threads gets a few percent
+of a core, so the wall time of a render says little about what it costs), or has waited
+``WAIT_FACTOR`` times that for the CPU. A worker's start (its imports) is not a render's time.
+A killed or broken worker is replaced on the next render; at most ``limits.template_workers``
+renders run at once.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import os
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,22 @@ from .logs import log
 
 WORKER = Path(__file__).with_name("template_worker.py")
 _BROKEN = object()
+START_S = 30.0
+"""How long a new worker may take to start (Python and jinja2's imports, on a busy machine)."""
+WAIT_FACTOR = 20
+"""A render is refused too once it has waited this many times ``template_timeout_ms`` (wall
+time) without using that much CPU: the machine gave it too little of its cores."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """The CPU time process ``pid`` has used (user + system; None once it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class _Worker:
@@ -32,22 +54,37 @@ class _Worker:
         self.process = process
         self.buffer = b""
 
-    async def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def send(self, request: dict[str, Any]) -> None:
         body = msgpack.packb(request)
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
         await self.process.stdin.send_all(struct.pack(">I", len(body)) + body)
-        size = struct.unpack(">I", await self._read(4))[0]
-        return msgpack.unpackb(await self._read(size))
 
-    async def _read(self, n: int) -> bytes:
+    async def receive(self) -> dict[str, Any]:
+        """The next reply (a cancelled wait loses nothing: what was read stays buffered)."""
+        await self._fill(4)
+        size = struct.unpack(">I", self.buffer[:4])[0]
+        await self._fill(4 + size)
+        data, self.buffer = self.buffer[4:4 + size], self.buffer[4 + size:]
+        return msgpack.unpackb(data)
+
+    def spent(self) -> Callable[[], float]:
+        """From now on, what the worker spends: its CPU time (its wall time where ``/proc``
+        cannot be read)."""
+        cpu, wall = _cpu_seconds(self.process.pid), time.monotonic()
+
+        def since() -> float:
+            now = _cpu_seconds(self.process.pid) if cpu is not None else None
+            return now - cpu if now is not None and cpu is not None else time.monotonic() - wall
+
+        return since
+
+    async def _fill(self, n: int) -> None:
         assert self.process.stdout is not None
         while len(self.buffer) < n:
             chunk = await self.process.stdout.receive_some(max(65536, n - len(self.buffer)))
             if not chunk:
                 raise EOFError("the template worker ended")
             self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
 
     async def kill(self) -> None:
         with trio.CancelScope(shield=True):
@@ -67,12 +104,27 @@ class TemplateRenderer:
         self._slots = trio.Semaphore(limits.template_workers)
 
     async def _spawn(self) -> _Worker:
+        """A new worker, once it has said it is ready (within ``START_S``; else ``OSError``)."""
         process = await trio.lowlevel.open_process(
             [sys.executable, "-I", str(WORKER), str(self.limits.template_memory_bytes),
              str(self.limits.max_template_output), str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         )
-        return _Worker(process)
+        worker = _Worker(process)
+        try:
+            with trio.fail_after(START_S):
+                ready = await worker.receive()
+            if ready != {"ready": True}:
+                raise OSError(f"the template worker said {ready!r} instead of being ready")
+        except (trio.TooSlowError, EOFError, struct.error, ValueError,
+                msgpack.UnpackException) as exc:
+            await worker.kill()
+            raise OSError(f"the template worker did not start: {type(exc).__name__}: {exc}"
+                          ) from None
+        except BaseException:
+            await worker.kill()
+            raise
+        return worker
 
     async def warm_up(self) -> None:
         """Start one worker ahead of the first chat request (a failure is logged: the first
@@ -96,8 +148,9 @@ class TemplateRenderer:
             if not isinstance(reply, dict):
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
-                    f"chat template: rendering took longer than {self.limits.template_timeout_ms}"
-                    " ms (limits.template_timeout_ms) or ended its worker",
+                    f"chat template: rendering took more than {self.limits.template_timeout_ms}"
+                    " ms of CPU time (limits.template_timeout_ms), or waited "
+                    f"{WAIT_FACTOR} times that for the CPU, or ended its worker",
                     field="template", limit="template_timeout_ms",
                     value=self.limits.template_timeout_ms,
                 )
@@ -123,8 +176,9 @@ class TemplateRenderer:
     async def _call(self, request: dict[str, Any], timeout: float, *, reuse: bool
                     ) -> dict[str, Any] | object | None:
         """One render on a worker (an idle one when ``reuse``, else a new one): its reply,
-        None when it took longer than ``timeout`` (the worker is killed), or ``_BROKEN`` when
-        the worker failed (it had ended, or its reply was not one)."""
+        None when it used more than ``timeout`` of CPU time or waited ``WAIT_FACTOR`` times
+        that (the worker is killed), or ``_BROKEN`` when the worker failed (it had ended, or
+        its reply was not one)."""
         try:
             worker = self._idle.pop() if reuse and self._idle else await self._spawn()
         except OSError as exc:
@@ -132,8 +186,16 @@ class TemplateRenderer:
                                 f"worker process: {exc}") from None
         reply: dict[str, Any] | None = None
         try:
-            with trio.move_on_after(timeout):
-                reply = await worker.call(request)
+            spent, until = worker.spent(), trio.current_time() + WAIT_FACTOR * timeout
+            await worker.send(request)
+            while reply is None:
+                now, left = trio.current_time(), timeout - spent()
+                if left <= 0 or now >= until:
+                    break
+                # a render uses no more CPU time than the time that passes: it is not over its
+                # budget before ``left`` has passed
+                with trio.move_on_after(min(max(left, 0.01), until - now)):
+                    reply = await worker.receive()
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError,
                 struct.error, ValueError, msgpack.UnpackException) as exc:
             log.warning("template_worker_failed", error=f"{type(exc).__name__}: {exc}")

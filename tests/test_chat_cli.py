@@ -30,13 +30,9 @@ def adapter(models_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, tiny_model: Path,
            adapter: Path) -> Iterator[DaemonProcess]:
-    """This module's daemon (overrides conftest's): with an adapter directory, and time for
-    the template workers of a loaded machine (2 cores, other test runs) past the default 1 s."""
+    """This module's daemon (overrides conftest's): with an adapter directory."""
     workdir = tmp_path_factory.mktemp("chat-daemon")
-    config = workdir / "lorad.toml"
-    config.write_text("[limits]\ntemplate_timeout_ms = 10000\n")
-    d = start_daemon(workdir, [models_dir], "--config", str(config), "--adapter-dir",
-                     str(adapter.parent))
+    d = start_daemon(workdir, [models_dir], "--adapter-dir", str(adapter.parent))
     yield d
     assert d.stop() == 0, d.log()
     assert '"level": "error"' not in d.log(), d.log()

@@ -7,7 +7,10 @@ parser), and a template of two nested ``range(100000)`` loops used to freeze its
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -191,6 +194,29 @@ def test_a_runaway_template_neither_freezes_the_daemon_nor_holds_the_context(
                               temperature=0)
             stream.collect()
             assert stream.metrics["prompt_tokens"] > 0
+
+
+def test_a_template_is_timed_by_the_cpu_it_uses_not_by_a_busy_machine(
+        client: Client, tiny_model: Path) -> None:
+    """A render is refused once it has used ``template_timeout_ms`` of CPU time, not because a
+    busy machine kept it waiting: beside a process spinning on every core, the worker (nice
+    19) got a few percent of one, a render of 60-80 ms of CPU took 2-4 s, and a valid chat
+    was refused at 1 s (``bad_request``, ``template_timeout_ms``)."""
+    template = ("{% for i in range(8000) %}{% for j in range(100) %}{% endfor %}{% endfor %}"
+                "{{ messages[0].content }}")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 2)]
+    try:
+        with client.create_context(tiny_model, n_ctx=128) as ctx:
+            started = time.perf_counter()
+            stream = ctx.chat(MESSAGES, template=template, max_tokens=2, temperature=0)
+            stream.collect()
+            print(f"\nrender of the busy machine: {time.perf_counter() - started:.2f} s")
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert stream.metrics["prompt_tokens"] > 0
 
 
 @pytest.mark.parametrize(("template", "limit"), [

@@ -915,12 +915,9 @@ class Fuzzer:
         workdir = self.workdir / f"daemon-{n}"
         workdir.mkdir()
         config = workdir / "lorad.toml"
-        # A loaded machine (2 cores, other test runs) can starve the nice-19 template workers
-        # past the default 1 s: a valid chat would then be a 400.
         # Tool prompts (the generic convention lists the tools) need more than the tiny
         # model's default context.
-        config.write_text("[http]\ncontexts = 2\nn_ctx = 2048\n"
-                          "[limits]\ntemplate_timeout_ms = 5000\n")
+        config.write_text("[http]\ncontexts = 2\nn_ctx = 2048\n")
         self.daemon = start_daemon(
             workdir, [self.files.dir], "--config", str(config), "--model",
             str(self.files.model), "--alias", "tiny", "--n-ctx", "128", "--adapter-dir",
