@@ -33,9 +33,10 @@ WORKER = Path(__file__).with_name("template_worker.py")
 _BROKEN = object()
 START_S = 30.0
 """How long a new worker may take to start (Python and jinja2's imports, on a busy machine)."""
-WAIT_FACTOR = 20
+WAIT_FACTOR = 10
 """A render is refused too once it has waited this many times ``template_timeout_ms`` (wall
-time) without using that much CPU: the machine gave it too little of its cores."""
+time) without using that much CPU: the machine gave it too little of its cores (a runaway
+template on a busy machine holds its worker that long)."""
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
