@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import threading
 from typing import Any
 
 __all__ = ["keep_imports_lean"]
@@ -80,17 +81,20 @@ def _constants_only_gguf() -> None:
         raise
     # as the package's own `from .constants import *`
     package.__dict__.update((k, v) for k, v in vars(constants).items() if not k.startswith("_"))
-    loader, state = spec.loader, {"init": "not run"}
+    loader, state, lock = spec.loader, {"init": "not run"}, threading.RLock()
 
     def __getattr__(name: str) -> Any:  # PEP 562: the whole package, on first use of another name
-        if state["init"] == "not run":
-            state["init"] = "running"  # a name asked for meanwhile is not there yet
-            try:
-                loader.exec_module(package)  # its __init__, in this module's namespace
-                state["init"] = "run"
-            except BaseException:
-                state["init"] = "not run"
-                raise
+        # as an import's module lock: another thread waits for the __init__ (PEFT conversions
+        # run on two file threads); the thread running it sees what is there so far
+        with lock:
+            if state["init"] == "not run":
+                state["init"] = "running"
+                try:
+                    loader.exec_module(package)  # its __init__, in this module's namespace
+                    state["init"] = "run"
+                except BaseException:
+                    state["init"] = "not run"  # the next use tries again
+                    raise
         try:
             return package.__dict__[name]
         except KeyError:

@@ -441,6 +441,33 @@ else:
 """
 
 
+GGUF_THREADS_SCRIPT = """
+import threading
+from lorad.daemon.lean_imports import keep_imports_lean
+keep_imports_lean()
+import gguf
+errors, names = [], ("GGUFWriter", "get_tensor_name_map", "GGUFReader", "MODEL_ARCH_NAMES")
+barrier = threading.Barrier(len(names))
+def use(name):
+    barrier.wait()
+    try:
+        getattr(gguf, name)
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=use, args=(n,)) for n in names]
+[t.start() for t in threads]
+[t.join() for t in threads]
+assert not errors, errors
+"""
+
+
+def test_the_lean_gguf_package_is_whole_for_every_thread_at_once() -> None:
+    """Two PEFT conversions (two file threads) may be the process's first use of ``gguf``'s
+    other names at once: each waits for the package's ``__init__`` instead of seeing a half
+    one (``AttributeError`` for names it has not reached yet, without the lock)."""
+    subprocess.run([sys.executable, "-c", GGUF_THREADS_SCRIPT], check=True, timeout=60)
+
+
 def test_the_daemon_process_imports_only_what_it_uses(daemon: DaemonProcess,
                                                       client: Client, tiny_model: Path) -> None:
     # keep_imports_lean, in a fresh interpreter: llama_cpp's high-level API, rich, gguf's
