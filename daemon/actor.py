@@ -354,7 +354,9 @@ class ContextActor(Actor):
                 if tail is not None:
                     await h.send_item(tail)
         finally:
-            self.scheduler.leave(self.seq)
+            # its client (a context of none: itself, as its steps' owner)
+            self.scheduler.leave(self.seq, ended=self.creator if self.creator is not None
+                                 else id(self.seq))
             self.memory.add(prompt, out.tokens)
             await trio.to_thread.run_sync(sampler.close)
             if drafter is not None and drafter.source is not None and drafter.draft_seconds:

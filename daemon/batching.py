@@ -409,8 +409,11 @@ class SlabScheduler:
         self.active: set[int] = set()
         """Sequences in the middle of a generation: their next step is coming."""
         self.ended_at = -math.inf
-        """When one of them last left (``time.monotonic``): for ``STREAM_GRACE_S`` after, a
-        step of long prompts is held as if it still streamed (:meth:`_prompt_room`)."""
+        """When a generation last ended (``time.monotonic``): for ``STREAM_GRACE_S`` after, a
+        step of long prompts of other clients is held as if it still streamed
+        (:meth:`_prompt_room`)."""
+        self.ended_by: object = None
+        """The client of that generation (its own next prompt is not held)."""
         self.cost = cost if cost is not None else StepCost()
         """What its steps cost (shared by the slabs of a kind: it outlives a slab)."""
         self.steps = 0
@@ -522,12 +525,13 @@ class SlabScheduler:
         base = max(1, len(self.active))
         return whole(1 + extra) if base == 1 else whole(extra)
 
-    def leave(self, seq: llama.Sequence) -> None:
-        """``seq`` stops handing in steps for a while (its generation ended, or its client
-        has no credit left): batches go on without waiting for it."""
+    def leave(self, seq: llama.Sequence, *, ended: object = None) -> None:
+        """``seq`` stops handing in steps for a while (its generation ended: ``ended`` is its
+        client; or its client has no credit left): batches go on without waiting for it."""
         if seq.seq_id in self.active:
             self.active.discard(seq.seq_id)
-            self.ended_at = time.monotonic()
+            if ended is not None:
+                self.ended_at, self.ended_by = time.monotonic(), ended
             self._wake.set()
             if not self.active:
                 self.cores.streaming(self, None)
@@ -754,10 +758,10 @@ class SlabScheduler:
         of the room once every short one is in, at least one token. A short prompt beside
         long ones counts as a stream about to start (a one-token step) when nothing streams:
         a new request is not held behind a whole budget of another's prompt (1.1-1.5 s on
-        gemma 3 270M, 2 cores); so do long prompts for ``STREAM_GRACE_S`` after a generation
-        of this slab ended (or another slab's streams: :meth:`Cores.stream_seconds`), so that
-        the next request of a client that streams request after request finds no such step
-        under way.
+        gemma 3 270M, 2 cores); so do another client's long prompts for ``STREAM_GRACE_S``
+        after a generation of this slab ended (or another slab's streams:
+        :meth:`Cores.stream_seconds`), so that the next request of a client that streams
+        request after request finds no such step under way.
         Beside the streams of another client on this slab (``streaming``: the clients whose
         sequences generate), a short prompt past the share is fed whole if its client runs
         requests one at a time, or has not had one so fed within ``Cores.start_interval``
@@ -788,7 +792,8 @@ class SlabScheduler:
         # most likely on its way)
         n_short = sum(n <= SHORT_PROMPT for n in lefts)
         starting = (not streams and bool(self.cost.samples) and n_short < len(lefts)
-                    and (n_short > 0 or time.monotonic() - self.ended_at < STREAM_GRACE_S))
+                    and (n_short > 0 or (time.monotonic() - self.ended_at < STREAM_GRACE_S
+                                         and any(s.owner != self.ended_by for s in prompts))))
         self._held, self._starts = set(), {}
         if not streams and others is None and not starting:
             return self.budget

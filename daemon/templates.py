@@ -117,8 +117,8 @@ class TemplateRenderer:
                 ready = await worker.receive()
             if ready != {"ready": True}:
                 raise OSError(f"the template worker said {ready!r} instead of being ready")
-        except (trio.TooSlowError, EOFError, struct.error, ValueError,
-                msgpack.UnpackException) as exc:
+        except (trio.TooSlowError, EOFError, struct.error, ValueError, msgpack.UnpackException,
+                trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await worker.kill()
             raise OSError(f"the template worker did not start: {type(exc).__name__}: {exc}"
                           ) from None

@@ -463,7 +463,9 @@ def test_long_prompts_are_held_for_a_moment_after_a_stream_ended(tiny_model: Pat
     request after request finds no step of a whole budget under way (512 tokens of another
     client's prompt: its first token 1.7-2.1 s late on gemma 3 270M, ``bench/noisy.py``'s
     prompts flood); after that, prompts alone take the whole budget again. A stream of another
-    slab of the model that ended holds them alike; short prompts alone are not held."""
+    slab of the model that ended holds them alike; short prompts alone are not held, nor the
+    prompts of the client whose generation ended, nor anything after a stream that only ran
+    out of credit."""
     from lorad.daemon import llama
     from lorad.daemon.batching import STREAM_GRACE_S, Cores, SlabScheduler, Step
 
@@ -489,9 +491,17 @@ def test_long_prompts_are_held_for_a_moment_after_a_stream_ended(tiny_model: Pat
         assert picked(prompt) == 512  # nothing has streamed
         here.join(prompt.seq)  # the long prompt's generation (its steps are prompt chunks)
         here.join(streamer)
-        here.leave(streamer)  # the other's generation ended just now
+        here.leave(streamer)  # out of credit: not the end of its generation
+        assert picked(prompt) == 512
+        here.join(streamer)
+        here.leave(streamer, ended="streamer")  # the other's generation ended just now
         assert picked(prompt) == 2  # as beside a one-token step: 0.5 x 10 ms / 2 ms
         assert picked(short) == 512  # short prompts alone: as before
+        here.join(streamer)
+        here.leave(streamer, ended="other")  # the prompt's own client's: its next prompt
+        assert picked(prompt) == 512  # is not held
+        here.join(streamer)
+        here.leave(streamer, ended="streamer")
         here.ended_at -= STREAM_GRACE_S  # the moment is over
         assert picked(prompt) == 512
         cores.streaming(there, 0.030)  # another slab streams with 30 ms steps, then ends

@@ -214,7 +214,7 @@ def test_a_template_is_timed_by_the_cpu_it_uses_not_by_a_busy_machine(
         with d.client() as c, c.create_context(tiny_model, n_ctx=128) as ctx:
             ctx.chat(MESSAGES, template="{{ messages[0].content }}", max_tokens=1).collect()
             spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                        for _ in range(os.cpu_count() or 2)]
+                        for _ in range(min(4, len(os.sched_getaffinity(0))))]
             try:
                 started = time.perf_counter()
                 stream = ctx.chat(MESSAGES, template=template, max_tokens=2, temperature=0)
@@ -227,6 +227,19 @@ def test_a_template_is_timed_by_the_cpu_it_uses_not_by_a_busy_machine(
             assert stream.metrics["prompt_tokens"] > 0
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_a_workers_cpu_time_is_read_as_the_process_counts_it() -> None:
+    """What a render's budget is measured with (``/proc/PID/stat``'s user and system time)."""
+    from lorad.daemon.templates import _cpu_seconds
+
+    before, started = _cpu_seconds(os.getpid()), time.process_time()
+    while time.process_time() - started < 0.3:
+        pass
+    after, spun = _cpu_seconds(os.getpid()), time.process_time() - started
+    assert before is not None and after is not None
+    assert after - before == pytest.approx(spun, abs=0.05)  # clock ticks of 10 ms
+    assert _cpu_seconds(2**22 + 1) is None  # no such process
 
 
 @pytest.mark.parametrize(("template", "limit"), [
