@@ -22,6 +22,8 @@ import importlib.util
 import re
 import sys
 import threading
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
 __all__ = ["keep_imports_lean"]
@@ -43,19 +45,29 @@ def keep_imports_lean() -> None:
         _constants_only_gguf()
 
 
-def _bindings_only_llama_cpp() -> None:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.submodule_search_locations is None:
-        return  # not installed: the daemon's own import says so
+def _bare_package(name: str, first: str) -> tuple[ModuleType, ModuleSpec] | None:
+    """Package ``name`` in ``sys.modules`` with its ``__init__`` not run, holding the public
+    names of its module ``first`` (as the package's own ``from .first import *``), and its
+    spec; None where it is not installed (the daemon's own import then says so)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return None
     package = importlib.util.module_from_spec(spec)  # __path__ and __spec__, __init__ not run
-    sys.modules["llama_cpp"] = package
+    sys.modules[name] = package
     try:
-        bindings = importlib.import_module("llama_cpp.llama_cpp")
+        module = importlib.import_module(f"{name}.{first}")
     except BaseException:
-        del sys.modules["llama_cpp"]
+        del sys.modules[name]
         raise
-    # as the package's own `from .llama_cpp import *`
-    package.__dict__.update((k, v) for k, v in vars(bindings).items() if not k.startswith("_"))
+    package.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
+    return package, spec
+
+
+def _bindings_only_llama_cpp() -> None:
+    bare = _bare_package("llama_cpp", "llama_cpp")
+    if bare is None:
+        return
+    package = bare[0]
     package.__version__ = _version(package)  # type: ignore[attr-defined]
 
     def __getattr__(name: str) -> Any:  # PEP 562: the rest of the package, on first use
@@ -69,18 +81,11 @@ def _bindings_only_llama_cpp() -> None:
 
 
 def _constants_only_gguf() -> None:
-    spec = importlib.util.find_spec("gguf")
-    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
-        return  # not installed: the daemon's own import says so
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["gguf"] = package
-    try:
-        constants = importlib.import_module("gguf.constants")
-    except BaseException:
-        del sys.modules["gguf"]
-        raise
-    # as the package's own `from .constants import *`
-    package.__dict__.update((k, v) for k, v in vars(constants).items() if not k.startswith("_"))
+    bare = _bare_package("gguf", "constants")
+    if bare is None:
+        return
+    package, spec = bare
+    assert spec.loader is not None  # (_bare_package checked it)
     loader, state, lock = spec.loader, {"init": "not run"}, threading.RLock()
 
     def __getattr__(name: str) -> Any:  # PEP 562: the whole package, on first use of another name
