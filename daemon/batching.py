@@ -65,11 +65,11 @@ step), so turns of a few steps amortise it; the wait of the others stays a few s
 TIMELINE_STEPS = 256
 """How many of a slab's last steps ``status()["batching"][i]["timeline"]`` shows."""
 STREAM_GRACE_S = 0.25
-"""A slab where a generation ended this recently holds a step of long prompts as if that
-generation still streamed: a client that streams request after request sends its next one at
-once, and a step of prompts alone taken meanwhile (512 tokens of another client's long prompt:
-1.3-1.7 s on gemma 3 270M, 2 cores) was its next first token's wait (``bench/noisy.py``'s
-prompts flood)."""
+"""A slab where a generation ended this recently holds a step of other clients' long prompts
+as if that generation still streamed (another slab's ended streams hold every prompt): a
+client that streams request after request sends its next one at once, and a step of prompts
+alone taken meanwhile (512 tokens of another client's long prompt: 1.3-1.7 s on gemma 3 270M,
+2 cores) was its next first token's wait (``bench/noisy.py``'s prompts flood)."""
 
 
 @dataclass(eq=False)
