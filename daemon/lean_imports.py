@@ -22,9 +22,11 @@ import importlib.util
 import re
 import sys
 import threading
-from importlib.machinery import ModuleSpec
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
 
 __all__ = ["keep_imports_lean"]
 
@@ -45,10 +47,11 @@ def keep_imports_lean() -> None:
         _constants_only_gguf()
 
 
-def _bare_package(name: str, first: str) -> tuple[ModuleType, ModuleSpec] | None:
+def _bare_package(name: str, first: str) -> tuple[ModuleType, Loader] | None:
     """Package ``name`` in ``sys.modules`` with its ``__init__`` not run, holding the public
-    names of its module ``first`` (as the package's own ``from .first import *``), and its
-    spec; None where it is not installed (the daemon's own import then says so)."""
+    names of its module ``first`` (as the package's own ``from .first import *``), and the
+    loader that runs that ``__init__``; None where it is not installed (the daemon's own
+    import then says so)."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or spec.submodule_search_locations is None:
         return None
@@ -60,7 +63,7 @@ def _bare_package(name: str, first: str) -> tuple[ModuleType, ModuleSpec] | None
         del sys.modules[name]
         raise
     package.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
-    return package, spec
+    return package, spec.loader
 
 
 def _bindings_only_llama_cpp() -> None:
@@ -84,9 +87,7 @@ def _constants_only_gguf() -> None:
     bare = _bare_package("gguf", "constants")
     if bare is None:
         return
-    package, spec = bare
-    assert spec.loader is not None  # (_bare_package checked it)
-    loader, state, lock = spec.loader, {"init": "not run"}, threading.RLock()
+    (package, loader), state, lock = bare, {"init": "not run"}, threading.RLock()
 
     def __getattr__(name: str) -> Any:  # PEP 562: the whole package, on first use of another name
         # as an import's module lock: another thread waits for the __init__ (PEFT conversions

@@ -360,24 +360,39 @@ def test_a_prompt_tokens_cost_is_learnt_beyond_what_the_step_costs_without_it() 
 APP = "one client"
 
 
+@contextmanager
+def _two_slabs(tiny_model: Path, n_seq: int) -> Iterator[tuple[Any, Any, Any]]:
+    """Two slabs of the tiny model sharing their cores (prompt share 0.5), as schedulers: the
+    first one's steps cost 10 ms for one token, and a prompt token adds 2 ms."""
+    from lorad.daemon import llama
+    from lorad.daemon.batching import Cores, SlabScheduler
+
+    llama.init_backend()
+    model = llama.Model(str(tiny_model))
+    slabs_ = [llama.Slab(model, n_seq=n_seq, n_ctx_seq=512, n_batch=512, n_threads=1)
+              for _ in range(2)]
+    cores = Cores(prompt_share=0.5)
+    try:
+        here, there = (SlabScheduler(s, budget=512, cores=cores) for s in slabs_)
+        for _ in range(3):
+            here.cost.observe(1, 0.010)
+            here.cost.prompt_samples.append(0.002)
+        yield here, there, cores
+    finally:
+        for s in slabs_:
+            s.close()
+        model.close()
+
+
 def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) -> None:
     """While contexts stream, a step's prompt tokens may add at most ``prompt_share`` to the
     step (a long prompt never slows a stream by more than half); alone, prompts take the whole
     budget; a stream of another slab of the model limits them too (its step waits for this
     one). All its work is one client's (other clients' streams: the next test)."""
-    from lorad.daemon import llama
-    from lorad.daemon.batching import Cores, SlabScheduler, Step
+    from lorad.daemon.batching import Step
 
-    llama.init_backend()
-    model = llama.Model(str(tiny_model))
-    slabs_ = [llama.Slab(model, n_seq=5, n_ctx_seq=512, n_batch=512, n_threads=1)
-              for _ in range(2)]
-    cores = Cores(prompt_share=0.5)
-    try:
-        here, there = (SlabScheduler(s, budget=512, cores=cores) for s in slabs_)
-        for _ in range(3):  # a 10 ms one-token step; a prompt token adds 2 ms
-            here.cost.observe(1, 0.010)
-            here.cost.prompt_samples.append(0.002)
+    # a 10 ms one-token step; a prompt token adds 2 ms
+    with _two_slabs(tiny_model, n_seq=5) as (here, there, cores):
         streaming, prompting = here.attach(512), here.attach(512)
         decode = Step(streaming, [5], [], client=APP)
         prompt = Step(prompting, list(range(5, 405)), [], prompt=True, client=APP)
@@ -451,10 +466,6 @@ def test_a_prompt_takes_what_keeps_streams_within_their_share(tiny_model: Path) 
         drafted = Step(streaming, [5, 6, 7], [], outputs=3, client=APP)
         assert picked(drafted, prompt)[1] == 3  # the linear rule: 0.5 x 12 ms / 2 ms
         assert picked(prompt)[1] == 512  # prompts alone: the whole budget
-    finally:
-        for s in slabs_:
-            s.close()
-        model.close()
 
 
 def test_long_prompts_are_held_for_a_moment_after_a_stream_ended(tiny_model: Path) -> None:
@@ -466,19 +477,10 @@ def test_long_prompts_are_held_for_a_moment_after_a_stream_ended(tiny_model: Pat
     slab of the model that ended holds them alike; short prompts alone are not held, nor the
     prompts of the client whose generation ended, nor anything after a stream that only ran
     out of credit."""
-    from lorad.daemon import llama
-    from lorad.daemon.batching import STREAM_GRACE_S, Cores, SlabScheduler, Step
+    from lorad.daemon.batching import STREAM_GRACE_S, Step
 
-    llama.init_backend()
-    model = llama.Model(str(tiny_model))
-    slabs_ = [llama.Slab(model, n_seq=3, n_ctx_seq=512, n_batch=512, n_threads=1)
-              for _ in range(2)]
-    cores = Cores(prompt_share=0.5)
-    try:
-        here, there = (SlabScheduler(s, budget=512, cores=cores) for s in slabs_)
-        for _ in range(3):  # a 10 ms one-token step; a prompt token adds 2 ms
-            here.cost.observe(1, 0.010)
-            here.cost.prompt_samples.append(0.002)
+    # a 10 ms one-token step; a prompt token adds 2 ms
+    with _two_slabs(tiny_model, n_seq=3) as (here, there, cores):
         streamer = here.attach(512)
         prompt = Step(here.attach(512), list(range(5, 405)), [], prompt=True, client="other")
         short = Step(here.attach(512), list(range(5, 15)), [], prompt=True, client="other")
@@ -511,10 +513,6 @@ def test_long_prompts_are_held_for_a_moment_after_a_stream_ended(tiny_model: Pat
         cores._ended[id(there)] = (ended, at - STREAM_GRACE_S)
         assert picked(prompt) == 512
         assert not cores._ended  # forgotten once over
-    finally:
-        for s in slabs_:
-            s.close()
-        model.close()
 
 
 def test_a_client_side_by_side_starts_at_once_beside_anothers_streams_once_an_interval(

@@ -411,6 +411,13 @@ LEAN_SCRIPT = """
 import sys
 from lorad.daemon.lean_imports import keep_imports_lean
 keep_imports_lean()
+def refuses_a_missing_name(module):
+    try:
+        module.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("a missing name resolved")
 import lorad.daemon.server, lorad.daemon.llama, lorad.daemon.logs, lorad.daemon.peft
 loaded = sorted(m for m in sys.modules if sys.modules[m] is not None and
                 m.split(".")[0] in ("jinja2", "diskcache", "sqlite3", "rich", "pygments", "yaml")
@@ -421,23 +428,13 @@ import gguf, gguf.constants
 assert gguf.GGML_QUANT_SIZES is gguf.constants.GGML_QUANT_SIZES
 assert gguf.GGUFWriter.__module__ == "gguf.gguf_writer"  # the whole package, on first use
 assert gguf.GGUFReader and gguf.get_tensor_name_map and "yaml" in sys.modules
-try:
-    gguf.no_such_name
-except AttributeError as exc:
-    assert "no_such_name" in str(exc)
-else:
-    raise AssertionError("a missing name resolved")
+refuses_a_missing_name(gguf)
 import importlib.metadata, llama_cpp
 assert llama_cpp.__version__ == importlib.metadata.version("llama_cpp_python")
 assert llama_cpp.llama_backend_init is sys.modules["llama_cpp.llama_cpp"].llama_backend_init
 from llama_cpp import Llama  # the high-level API still resolves, imported on first use
 assert Llama.__module__ == "llama_cpp.llama", Llama
-try:
-    llama_cpp.no_such_name
-except AttributeError as exc:
-    assert "no_such_name" in str(exc)
-else:
-    raise AssertionError("a missing name resolved")
+refuses_a_missing_name(llama_cpp)
 """
 
 
