@@ -69,6 +69,17 @@ def configure_dealer(sock: zmq.Socket, curve: CurveKeys | None = None) -> None:
 
 
 MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+def open_monitor(sock: zmq.Socket) -> zmq.Socket:
+    """The monitor of ``sock`` for :data:`MONITOR_EVENTS`, retried when a signal interrupts
+    it: pyzmq retries its other calls on ``EINTR`` but not ``zmq_socket_monitor`` (a client
+    that handles a signal, SIGCHLD or SIGWINCH say, would fail to connect)."""
+    while True:
+        try:
+            return sock.get_monitor_socket(MONITOR_EVENTS)
+        except zmq.error.InterruptedSystemCall:
+            continue
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
@@ -81,7 +92,7 @@ class ZmqTransport:
         self.endpoint = endpoint
         self._sock = zmq.Context.instance().socket(zmq.DEALER)
         configure_dealer(self._sock, curve)
-        self._monitor = self._sock.get_monitor_socket(MONITOR_EVENTS)
+        self._monitor = open_monitor(self._sock)
         self._sock.connect(endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)

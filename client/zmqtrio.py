@@ -17,7 +17,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .core import CONNECTION_LOST, CurveKeys, Incoming
-from .transport import MONITOR_EVENTS, configure_dealer
+from .transport import configure_dealer, open_monitor
 
 
 class ZmqPump:
@@ -98,7 +98,7 @@ class TrioZmqTransport:
         self.endpoint = endpoint
         sock = zmq.Context.instance().socket(zmq.DEALER)
         configure_dealer(sock, curve)
-        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+        monitor = open_monitor(sock)
         sock.connect(endpoint)
         self._pump = ZmqPump(sock)
         self._monitor_pump = ZmqPump(monitor)

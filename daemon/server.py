@@ -75,7 +75,7 @@ class Daemon:
                 await nursery.start(self._watch_signals)  # handled before READY=1 is sent
                 await nursery.start(self.engine.run)
                 dispatcher = Dispatcher(self.services, self.transport.send, nursery)
-                nursery.start_soon(self.transport.run, dispatcher)
+                await nursery.start(self.transport.run, dispatcher)
                 interval = watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(self._watchdog, interval)

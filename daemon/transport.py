@@ -34,7 +34,7 @@ from lorad.protocol import (
 
 from .errors import BindError
 from .logs import log
-from .pump import ZmqPump
+from .pump import ZmqPump, monitor_socket
 
 PROBE_DELAYS = (0.0, 0.05, 0.25, 1.0)
 """Seconds between the liveness probes sent after a disconnect event."""
@@ -178,13 +178,16 @@ class ZmqTransport:
         self._ipc_path = path
 
     # -- moving bytes -------------------------------------------------------------------------
-    async def run(self, receiver: Receiver) -> None:
-        """Pump the socket (and its disconnect monitor) until cancelled."""
+    async def run(self, receiver: Receiver, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Pump the socket (and its disconnect monitor) until cancelled; started once the
+        monitor is open."""
         assert self.sock is not None, "bind() first"
         self._receiver = receiver
-        monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = monitor_socket(self.sock, zmq.EVENT_DISCONNECTED)
         self.pump = ZmqPump(self.sock, on_unroutable=self._on_unroutable)
         monitor_pump = ZmqPump(monitor)
+        task_status.started()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

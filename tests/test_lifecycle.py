@@ -335,6 +335,7 @@ def test_signals_during_the_drain_are_handled_not_fatal(tmp_path: Path,
         codes.append(d.proc.wait(30))
         if codes[-1] != 0:
             logs.append(d.log())
+            print(logs[-1])  # whole, in the captured output (an assertion message is cut)
     assert codes == [0] * 10, logs
 
 

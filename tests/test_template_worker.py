@@ -34,6 +34,15 @@ def _call(proc: subprocess.Popen, request: dict) -> dict:
     return msgpack.unpackb(proc.stdout.read(size))
 
 
+def _start_worker() -> subprocess.Popen:
+    """A worker process, once it has said it is ready (its first message)."""
+    proc = subprocess.Popen([sys.executable, "-I", str(templates.WORKER), str(1 << 30), "1000",
+                             str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    size = struct.unpack(">I", proc.stdout.read(4))[0]
+    assert msgpack.unpackb(proc.stdout.read(size)) == {"ready": True}
+    return proc
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -44,19 +53,18 @@ def _alive(pid: int) -> bool:
 
 def test_a_worker_outlives_the_thread_that_started_it() -> None:
     started: list[subprocess.Popen] = []
+    answers: list[dict] = []
 
     def start() -> None:
-        proc = subprocess.Popen([sys.executable, "-I", str(templates.WORKER), str(1 << 30),
-                                 "1000", str(os.getpid())],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        started.append(proc)
-        assert _call(proc, REQUEST) == {"text": "hi!"}  # up and running before the thread ends
+        started.append(_start_worker())
+        answers.append(_call(started[0], REQUEST))  # up and running before the thread ends
 
     thread = threading.Thread(target=start)
     thread.start()
     thread.join()  # trio's worker threads end after 10 s idle: the daemon's workers saw this
     proc = started[0]
     try:
+        assert answers == [{"text": "hi!"}]
         assert _call(proc, REQUEST) == {"text": "hi!"}
     finally:
         proc.kill()
@@ -68,7 +76,8 @@ def test_a_worker_ends_with_its_daemon() -> None:
         import os, subprocess, sys
         import msgpack, struct
         w = subprocess.Popen([sys.executable, "-I", {str(templates.WORKER)!r}, "1073741824",
-                              "1000", str(os.getpid())], stdin=subprocess.PIPE)
+                              "1000", str(os.getpid())], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)  # its messages, "ready" first, unread
         body = msgpack.packb({{**{REQUEST!r}, "source": {SPIN!r}}})
         w.stdin.write(struct.pack(">I", len(body)) + body)
         w.stdin.flush()  # a render that does not end: the worker reads nothing more
