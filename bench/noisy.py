@@ -68,6 +68,9 @@ stops by itself:
     unknown and wrongly typed fields, huge numbers, an over-long prompt, and valid small
     requests (``/v1/models``, ``/health``, completions and chat of 4 tokens, plain and
     streamed).
+``http-refused``, ``http-valid`` (not in the default list)
+    the ``http`` flood's two halves apart: only its 23 requests the door refuses, or only
+    its 5 valid ones, to tell which half costs the streamer what.
 
 Order: a warm-up (``--warmup-seconds``), then per round each flood as a pair *quiet, flood*
 (the floods' order rotating from round to round). The ratio of a flood is its gaps' p99 over
@@ -126,6 +129,7 @@ from throughput import (
 
 REPO = Path(__file__).resolve().parent.parent
 FLOODS = ("validate", "prompts", "contexts", "credit", "http")
+HTTP_HALVES = ("http-refused", "http-valid")  # opt-in: the http flood's cases split in two
 TARGET = 1.5
 SETUP_TIMEOUT = 180.0  # seconds for a client process to set itself up
 WORDS = ("the sea river stone light house window garden winter summer market music letter "
@@ -237,8 +241,9 @@ def flooder_main(kind: str, spec: dict[str, Any], ready: Any, go: Any, deadline:
         if spec.get("nice"):
             os.nice(spec["nice"])
         runner = {"validate": flood_validate, "prompts": flood_prompts,
-                  "contexts": flood_contexts, "credit": flood_credit, "http": flood_http}[kind]
-        out = runner(spec, ready, go, deadline)
+                  "contexts": flood_contexts, "credit": flood_credit, "http": flood_http,
+                  "http-refused": flood_http, "http-valid": flood_http}[kind]
+        out = runner({**spec, "http_cases": kind}, ready, go, deadline)
         out["cpu_s"] = round(time.process_time(), 3)
         results.put(out)
     except BaseException:
@@ -499,8 +504,12 @@ def flood_credit(spec: dict[str, Any], ready: Any, go: Any, deadline: Any) -> di
     return out
 
 
+VALID_HTTP_CASES = 5  # the first cases of _http_cases are answered 200; the door refuses the rest
+
+
 def _http_cases(model: str) -> list[tuple[str, str, dict[str, str], bytes]]:
-    """(method, path, headers, body) of the fuzz; the valid ones are a small share."""
+    """(method, path, headers, body) of the fuzz; the valid ones (the first
+    ``VALID_HTTP_CASES``) are a small share."""
     j = {"Content-Type": "application/json"}
 
     def body(obj: Any) -> bytes:
@@ -546,6 +555,10 @@ def flood_http(spec: dict[str, Any], ready: Any, go: Any, deadline: Any) -> dict
     import httpx
 
     cases = _http_cases(spec["model_id"])
+    if spec.get("http_cases") == "http-refused":
+        cases = cases[VALID_HTTP_CASES:]
+    elif spec.get("http_cases") == "http-valid":
+        cases = cases[:VALID_HTTP_CASES]
 
     async def setup(stack: contextlib.AsyncExitStack) -> dict[str, Any]:
         client = await stack.enter_async_context(httpx.AsyncClient(
@@ -1035,8 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", help="default: bench/results/noisy-<timestamp>.json")
     args = p.parse_args(argv)
     floods = [f.strip() for f in args.floods.split(",") if f.strip()]
-    if not floods or any(f not in FLOODS for f in floods):
-        p.error(f"--floods takes some of {','.join(FLOODS)}")
+    if not floods or any(f not in FLOODS + HTTP_HALVES for f in floods):
+        p.error(f"--floods takes some of {','.join(FLOODS + HTTP_HALVES)}")
     if args.tiny and args.model:
         p.error("--tiny and --model exclude each other")
     if args.phase_seconds <= 0 or args.rounds < 1:
