@@ -504,12 +504,12 @@ def flood_credit(spec: dict[str, Any], ready: Any, go: Any, deadline: Any) -> di
     return out
 
 
-VALID_HTTP_CASES = 5  # the first cases of _http_cases are answered 200; the door refuses the rest
+HttpCase = tuple[str, str, dict[str, str], bytes]
 
 
-def _http_cases(model: str) -> list[tuple[str, str, dict[str, str], bytes]]:
-    """(method, path, headers, body) of the fuzz; the valid ones (the first
-    ``VALID_HTTP_CASES``) are a small share."""
+def _http_cases(model: str) -> tuple[list[HttpCase], list[HttpCase]]:
+    """(method, path, headers, body) of the fuzz: the valid ones (a small share) and those the
+    door refuses."""
     j = {"Content-Type": "application/json"}
 
     def body(obj: Any) -> bytes:
@@ -519,12 +519,14 @@ def _http_cases(model: str) -> list[tuple[str, str, dict[str, str], bytes]]:
     chat = {"model": model, "chat_template": "chatml", "max_tokens": 4,
             "messages": [{"role": "user", "content": "Hi"}]}
     deep = ("[" * 20000 + "]" * 20000).encode()
-    return [
+    valid = [
         ("GET", "/v1/models", {}, b""),
         ("GET", "/health", {}, b""),
         ("POST", "/v1/completions", j, body(comp)),
         ("POST", "/v1/completions", j, body({**comp, "stream": True})),
         ("POST", "/v1/chat/completions", j, body(chat)),
+    ]
+    refused = [
         ("POST", "/v1/completions", j, b'{"model": "' + model.encode() + b'", "prompt": '),
         ("POST", "/v1/completions", j, b"\xff\xfe\x00garbage"),
         ("POST", "/v1/completions", j, b'{"model": "\xff\xfe", "prompt": "\xc3\x28"}'),
@@ -549,16 +551,15 @@ def _http_cases(model: str) -> list[tuple[str, str, dict[str, str], bytes]]:
         ("POST", "/v1/embeddings", j, body({"model": model, "input": [[1, 2, 3]] * 3})),
         ("POST", "/v1/completions", j, body({**comp, "prompt": "word " * 60_000})),
     ]
+    return valid, refused
 
 
 def flood_http(spec: dict[str, Any], ready: Any, go: Any, deadline: Any) -> dict[str, Any]:
     import httpx
 
-    cases = _http_cases(spec["model_id"])
-    if spec.get("http_cases") == "http-refused":
-        cases = cases[VALID_HTTP_CASES:]
-    elif spec.get("http_cases") == "http-valid":
-        cases = cases[:VALID_HTTP_CASES]
+    valid, refused = _http_cases(spec["model_id"])
+    cases = {"http-refused": refused, "http-valid": valid}.get(spec.get("http_cases", ""),
+                                                               valid + refused)
 
     async def setup(stack: contextlib.AsyncExitStack) -> dict[str, Any]:
         client = await stack.enter_async_context(httpx.AsyncClient(
@@ -1102,12 +1103,12 @@ def main(argv: list[str] | None = None) -> int:
                     except FloodSetupError as exc:
                         if bench.proc.poll() is not None:
                             raise
-                        print(f"  round {rnd} {kind:9s} skipped: {exc}", flush=True)
+                        print(f"  round {rnd} {kind:12s} skipped: {exc}", flush=True)
                         phases.append({"flood": kind, "round": rnd, "attempt": attempt,
                                        "phase": "failed", "error": str(exc)})
                         break
                     contended = any(x.get("contended") for x in got)
-                    print(f"  round {rnd} {kind:9s} quiet/flood done"
+                    print(f"  round {rnd} {kind:12s} quiet/flood done"
                           f"{' (contended)' if contended else ''}; flooder sent "
                           f"{got[1]['flooder'].get('sent')}: "
                           f"{_outcomes(got[1]['flooder'].get('outcomes', {}), 6)}"

@@ -73,8 +73,9 @@ MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 def open_monitor(sock: zmq.Socket) -> zmq.Socket:
     """The monitor of ``sock`` for :data:`MONITOR_EVENTS`, retried when a signal interrupts
-    it: pyzmq retries its other calls on ``EINTR`` but not ``zmq_socket_monitor`` (a client
-    that handles a signal, SIGCHLD or SIGWINCH say, would fail to connect)."""
+    it: pyzmq retries sends, receives, polls, options and connects on ``EINTR``, not
+    ``zmq_socket_monitor`` (a client that handles a signal, SIGCHLD or SIGWINCH say, would
+    fail to connect). The daemon has its own copy (the client imports nothing of it)."""
     while True:
         try:
             return sock.get_monitor_socket(MONITOR_EVENTS)

@@ -23,9 +23,9 @@ _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK
 def monitor_socket(sock: zmq.Socket, events: int) -> zmq.Socket:
     """``sock.get_monitor_socket(events)``, retried when a signal interrupts it.
 
-    pyzmq retries its other calls on ``EINTR`` but not ``zmq_socket_monitor``, which binds an
-    inproc socket; a SIGTERM arriving then ended the daemon with exit 1. The failed call bound
-    nothing, so trying again is safe."""
+    pyzmq retries sends, receives, polls, options, binds and connects on ``EINTR``, not
+    ``zmq_socket_monitor``, which binds an inproc socket; a SIGTERM arriving then ended the
+    daemon with exit 1. The failed call bound nothing, so trying again is safe."""
     while True:
         try:
             return sock.get_monitor_socket(events)

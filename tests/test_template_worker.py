@@ -38,8 +38,13 @@ def _start_worker() -> subprocess.Popen:
     """A worker process, once it has said it is ready (its first message)."""
     proc = subprocess.Popen([sys.executable, "-I", str(templates.WORKER), str(1 << 30), "1000",
                              str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    size = struct.unpack(">I", proc.stdout.read(4))[0]
-    assert msgpack.unpackb(proc.stdout.read(size)) == {"ready": True}
+    try:
+        size = struct.unpack(">I", proc.stdout.read(4))[0]
+        assert msgpack.unpackb(proc.stdout.read(size)) == {"ready": True}
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 
