@@ -69,6 +69,8 @@ def configure_dealer(sock: zmq.Socket, curve: CurveKeys | None = None) -> None:
 
 
 MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+# Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 def open_monitor(sock: zmq.Socket) -> zmq.Socket:
@@ -81,8 +83,6 @@ def open_monitor(sock: zmq.Socket) -> zmq.Socket:
             return sock.get_monitor_socket(MONITOR_EVENTS)
         except zmq.error.InterruptedSystemCall:
             continue
-# Plain ints: pyzmq's enum flags cost microseconds per operation on the hot path.
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class ZmqTransport:
